@@ -1,0 +1,101 @@
+"""One error tree for all of rexec, so callers can catch exactly what they mean.
+
+Every error carries a human message that names the cause; front ends print it on one line.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Codes carried by ERROR frames (see docs/PROTOCOL.md, section "ERROR")."""
+
+    PROTOCOL = 1  # peer violated the protocol; connection closes
+    AUTH = 2  # authentication failed
+    BAD_REQUEST = 3  # EXEC body invalid (schema, env not allowed, bad timeout)
+    EXEC_FAILED = 4  # the command could not be started (not found, bad cwd)
+    LIMIT = 5  # a server limit was hit (channels, connections)
+    SHUTDOWN = 6  # server is shutting down
+    IDLE_TIMEOUT = 7  # connection idle for too long
+    INTERNAL = 8  # unexpected server-side failure
+
+
+class RexecError(Exception):
+    """Base of every error rexec raises on purpose."""
+
+
+class ProtocolError(RexecError):
+    """The rexec/1 rules were broken; the connection cannot continue."""
+
+    code: ErrorCode = ErrorCode.PROTOCOL
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol state does not allow (a bug in the caller)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that break the protocol (malformed, oversized, out of order)."""
+
+
+class DecryptError(RemoteProtocolError):
+    """A frame failed AEAD authentication: tampered, replayed, reordered or wrong key."""
+
+
+class AuthError(RexecError):
+    """Authentication failed: wrong or unknown token, or a bad AUTH proof."""
+
+    code = ErrorCode.AUTH
+
+
+class ConnectionLost(RexecError):
+    """The connection failed or closed while we still needed it."""
+
+
+class ConnectTimeout(ConnectionLost):
+    """Connecting or the handshake did not finish within the client's deadline."""
+
+
+class TruncatedError(ConnectionLost):
+    """The peer's byte stream ended before the protocol said it was complete.
+
+    A TCP EOF before CLOSE, or before EXIT on an open channel, is never a success.
+    """
+
+
+class RemoteError(RexecError):
+    """The server reported an error in an ERROR frame."""
+
+    def __init__(self, code: int, message: str) -> None:
+        try:
+            name = ErrorCode(code).name.lower()
+        except ValueError:
+            name = f"code {code}"
+        super().__init__(f"server error ({name}): {message}")
+        self.code = code
+        self.message = message
+
+
+class CommandError(RexecError):
+    """A command finished unsuccessfully and the caller asked for that to raise."""
+
+
+class CommandFailed(CommandError):
+    """Result.check(): non-zero exit status or killed by a signal."""
+
+
+class CommandTimeout(CommandError):
+    """Result.check(): the server killed the command at its deadline."""
+
+
+class ExecError(RexecError):
+    """The server could not start the command (not found, not executable, bad cwd)."""
+
+
+class ConfigError(RexecError):
+    """A config, token or token-store file is invalid, unsafe or missing."""
+
+
+class TokenError(ConfigError):
+    """A token string is malformed."""
