@@ -1,0 +1,365 @@
+"""Client side: turn what the user typed (alias or address) into an endpoint and a token.
+
+This module sits on the `rexec run` start-up path, where every import is latency, so it uses
+the standard library only (no pydantic: the client config is small and validated by hand)
+and imports `tomllib` only when a config file actually exists. Every error is a
+`ConfigError` whose message names the file and the key; no message ever holds a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from rexec.errors import ConfigError, TokenError
+from rexec.protocol.token import Token, parse_token
+
+DEFAULT_PORT = 8222
+DEFAULT_CONNECT_TIMEOUT = 10.0
+CONFIG_ENV = "REXEC_CONFIG"
+TOKEN_ENV = "REXEC_TOKEN"  # noqa: S105 - a variable name, not a secret
+TOKEN_FILE_ENV = "REXEC_TOKEN_FILE"  # noqa: S105
+_MAX_TOKEN_FILE = 4096  # a token line is ~75 bytes; anything huge is not a token file
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+_IPV6 = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.-]+)?$")
+_ALIAS = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to connect or listen: a TCP (host, port) or a unix socket path, never both."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        tcp = self.host is not None and self.port is not None
+        unix = self.path is not None
+        if tcp == unix or (not tcp and (self.host is not None or self.port is not None)):
+            raise ValueError("Endpoint needs exactly one of (host, port) or path")
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if self.host is not None and ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def _parse_port(text: str, port_text: str, allow_zero: bool) -> int:
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ConfigError(f"invalid address {text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > 65535 or (port == 0 and not allow_zero):
+        low = 0 if allow_zero else 1
+        raise ConfigError(f"invalid address {text!r}: port must be {low}..65535, got {port}")
+    return port
+
+
+def parse_address(
+    text: str, default_port: int = DEFAULT_PORT, *, allow_zero_port: bool = False
+) -> Endpoint:
+    """Parse `host`, `host:port`, `[v6]`, `[v6]:port` or `unix:/path`.
+
+    Bare IPv6 (`::1`) is refused: `::1:8222` would be ambiguous, so brackets are required.
+    `allow_zero_port` is for listen addresses, where port 0 means "pick a free port".
+    """
+    if not isinstance(text, str) or not text:
+        raise ConfigError("invalid address '': expected host[:port], [v6addr][:port] or unix:/path")
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path or "\0" in path:
+            raise ConfigError(f"invalid address {text!r}: unix socket path is empty or invalid")
+        return Endpoint(path=path)
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ConfigError(f"invalid address {text!r}: missing ']' after IPv6 address")
+        host, rest = text[1:close], text[close + 1 :]
+        if not host or not _IPV6.match(host):
+            raise ConfigError(f"invalid address {text!r}: {host!r} is not an IPv6 address")
+        if not rest:
+            return Endpoint(host=host, port=default_port)
+        if not rest.startswith(":"):
+            raise ConfigError(f"invalid address {text!r}: expected ':port' after ']'")
+        return Endpoint(host=host, port=_parse_port(text, rest[1:], allow_zero_port))
+    if text.count(":") > 1:
+        raise ConfigError(
+            f"invalid address {text!r}: write IPv6 addresses in brackets, "
+            f"e.g. '[::1]:{default_port}'"
+        )
+    host, sep, port_text = text.partition(":")
+    if not _HOSTNAME.match(host):
+        raise ConfigError(
+            f"invalid address {text!r}: expected host[:port], [v6addr][:port] or unix:/path"
+        )
+    port = _parse_port(text, port_text, allow_zero_port) if sep else default_port
+    return Endpoint(host=host, port=port)
+
+
+class HostEntry(NamedTuple):
+    """One `[hosts.NAME]` table of the client config (a NamedTuple: cheaper to define)."""
+
+    address: Endpoint
+    token_file: Path | None = None
+    connect_timeout: float | None = None
+
+
+class ClientConfig(NamedTuple):
+    """The client config file, validated. `path` is None when no file was read."""
+
+    path: Path | None = None
+    token_file: Path | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    hosts: Mapping[str, HostEntry] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """Everything `rexec run` needs to connect: endpoint, token and deadline."""
+
+    name: str
+    endpoint: Endpoint
+    token: Token
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    token_source: str = ""  # where the token came from, for error messages (never the secret)
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    home = env.get("HOME")
+    return Path(home) if home else Path(os.path.expanduser("~"))
+
+
+def _expand(text: str, env: Mapping[str, str], base: Path | None = None) -> Path:
+    """Expand a leading `~` (using env's HOME) and anchor relative paths at `base`."""
+    if text == "~" or text.startswith("~/"):
+        path = _home(env) / text[2:]
+    else:
+        path = Path(os.path.expanduser(text))
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return path
+
+
+def config_dir(env: Mapping[str, str]) -> Path:
+    """`$XDG_CONFIG_HOME/rexec`, else `~/.config/rexec`."""
+    xdg = env.get("XDG_CONFIG_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says relative values are to be ignored
+        return Path(xdg) / "rexec"
+    return _home(env) / ".config" / "rexec"
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    return config_dir(os.environ if env is None else env) / "client.toml"
+
+
+def _check_keys(
+    where: str, table: Mapping[str, Any], allowed: tuple[str, ...], prefix: str
+) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'")
+
+
+def _timeout(where: str, key: str, value: object) -> float:
+    # bool is an int subclass; `true` is not a number of seconds.
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise ConfigError(f"{where}: {key}: must be a positive number of seconds, got {value!r}")
+
+
+def _path_value(where: str, key: str, value: object, env: Mapping[str, str], base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: {key}: must be a non-empty string path")
+    return _expand(value, env, base)
+
+
+def load_client_config(
+    path: Path | None = None, env: Mapping[str, str] | None = None
+) -> ClientConfig:
+    """Load the client config: `path`, else `$REXEC_CONFIG`, else the XDG default.
+
+    A missing default file means "no config"; a missing file the user named is an error.
+    Relative paths inside the file are relative to the file's directory.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get(CONFIG_ENV))
+    if path is None:
+        path = _expand(env[CONFIG_ENV], env) if env.get(CONFIG_ENV) else default_config_path(env)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: client config file not found") from None
+        return ClientConfig()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read client config: {exc.strerror}") from None
+    import tomllib  # only when a config exists: ~10 ms we do not pay otherwise
+
+    where = str(path)
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+    return _validate_client_config(doc, path, env)
+
+
+def _validate_client_config(
+    doc: dict[str, Any], path: Path, env: Mapping[str, str]
+) -> ClientConfig:
+    where, base = str(path), path.parent
+    _check_keys(where, doc, ("defaults", "hosts"), "")
+    defaults = doc.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{where}: defaults: must be a table")
+    _check_keys(where, defaults, ("token_file", "connect_timeout"), "defaults.")
+    token_file = None
+    if "token_file" in defaults:
+        token_file = _path_value(where, "defaults.token_file", defaults["token_file"], env, base)
+    timeout = DEFAULT_CONNECT_TIMEOUT
+    if "connect_timeout" in defaults:
+        timeout = _timeout(where, "defaults.connect_timeout", defaults["connect_timeout"])
+    hosts_doc = doc.get("hosts", {})
+    if not isinstance(hosts_doc, dict):
+        raise ConfigError(f"{where}: hosts: must be a table of [hosts.NAME] tables")
+    hosts: dict[str, HostEntry] = {}
+    for name, table in hosts_doc.items():
+        key = f"hosts.{name}"
+        if not _ALIAS.match(name):
+            raise ConfigError(f"{where}: {key}: alias names may use only A-Z a-z 0-9 . _ -")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {key}: must be a table")
+        _check_keys(where, table, ("address", "token_file", "connect_timeout"), f"{key}.")
+        if "address" not in table:
+            raise ConfigError(f"{where}: {key}.address: missing key")
+        address = table["address"]
+        if not isinstance(address, str):
+            raise ConfigError(f"{where}: {key}.address: must be a string")
+        try:
+            endpoint = parse_address(address)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {key}.address: {exc}") from None
+        if endpoint.path is not None:
+            endpoint = Endpoint(path=str(_expand(endpoint.path, env, base)))
+        host_token = None
+        if "token_file" in table:
+            host_token = _path_value(where, f"{key}.token_file", table["token_file"], env, base)
+        host_timeout = None
+        if "connect_timeout" in table:
+            host_timeout = _timeout(where, f"{key}.connect_timeout", table["connect_timeout"])
+        hosts[name] = HostEntry(endpoint, host_token, host_timeout)
+    return ClientConfig(path, token_file, timeout, MappingProxyType(hosts))
+
+
+def read_token_file(path: str | os.PathLike[str]) -> Token:
+    """Read a token file, refusing one that group or others could read or write.
+
+    The mode is checked on the opened descriptor (fstat), so there is no window between
+    the check and the read.
+    """
+    shown = os.fspath(path)
+    try:
+        fd = os.open(shown, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"token file not found: {shown}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read token file {shown}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"token file {shown} is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                f"token file {shown} has mode {mode:04o}: group and others must have no "
+                f"access; fix it with: chmod 600 {shown}"
+            )
+        data = os.read(fd, _MAX_TOKEN_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_TOKEN_FILE:
+        raise ConfigError(f"token file {shown}: too large to be a token file")
+    try:
+        return parse_token(data.decode("ascii"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"token file {shown}: malformed token: not ASCII text") from None
+    except TokenError as exc:
+        raise TokenError(f"token file {shown}: {exc}") from None
+
+
+def resolve_target(
+    target: str,
+    *,
+    token_file: str | None = None,
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ResolvedTarget:
+    """Resolve an alias or address to (endpoint, token, connect timeout).
+
+    Token precedence: `token_file` argument > $REXEC_TOKEN (the token text) >
+    $REXEC_TOKEN_FILE > the alias's token_file > [defaults].token_file >
+    `<config dir>/token` if it exists.
+    """
+    env = os.environ if env is None else env
+    config = load_client_config(config_path, env)
+    host = config.hosts.get(target)
+    if host is not None:
+        endpoint = host.address
+    else:
+        try:
+            endpoint = parse_address(target)
+        except ConfigError as exc:
+            where = f" in {config.path}" if config.path else ""
+            raise ConfigError(f"{exc} (and no host alias {target!r}{where})") from None
+    token, source = _resolve_token(target, token_file, config, host, env)
+    timeout = config.connect_timeout
+    if host is not None and host.connect_timeout is not None:
+        timeout = host.connect_timeout
+    return ResolvedTarget(target, endpoint, token, timeout, source)
+
+
+def _resolve_token(
+    target: str,
+    token_file: str | None,
+    config: ClientConfig,
+    host: HostEntry | None,
+    env: Mapping[str, str],
+) -> tuple[Token, str]:
+    if token_file:
+        path = _expand(token_file, env)
+        return read_token_file(path), str(path)
+    if env.get(TOKEN_ENV):
+        try:
+            return parse_token(env[TOKEN_ENV]), f"${TOKEN_ENV}"
+        except TokenError as exc:
+            raise TokenError(f"${TOKEN_ENV}: {exc}") from None
+    if env.get(TOKEN_FILE_ENV):
+        path = _expand(env[TOKEN_FILE_ENV], env)
+        return read_token_file(path), str(path)
+    if host is not None and host.token_file is not None:
+        return read_token_file(host.token_file), str(host.token_file)
+    if config.token_file is not None:
+        return read_token_file(config.token_file), str(config.token_file)
+    default = config_dir(env) / "token"
+    if default.exists():
+        return read_token_file(default), str(default)
+    where = config.path or default_config_path(env)
+    raise ConfigError(
+        f"no token for {target!r}: use --token-file FILE, set ${TOKEN_ENV} or "
+        f"${TOKEN_FILE_ENV}, set token_file for the host in {where}, "
+        f"or save the token to {default} (chmod 600)"
+    )
