@@ -49,6 +49,13 @@ class AuthError(RexecError):
     code = ErrorCode.AUTH
 
 
+class AuthFailed(AuthError, RemoteProtocolError):
+    """A handshake message failed authentication: the peer does not hold our token.
+
+    It is both an auth failure and bad peer bytes, so code that handles either catches it.
+    """
+
+
 class ConnectionLost(RexecError):
     """The connection failed or closed while we still needed it."""
 

@@ -1,0 +1,203 @@
+"""Payload layouts of rexec/1 frames: fixed binary structs, and JSON where it is extensible.
+
+Kept free of pydantic: the client's start-up path imports this module, and pydantic costs
+~100 ms of import time there. EXEC is validated with pydantic on the server
+(`rexec.protocol.models`); SERVER INFO is validated here by hand, just as strictly
+(unknown keys refused, every type checked), because the client is where it is received.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rexec.errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_NAME = "rexec/1"
+AUTH_LABEL = b"rexec/1 client-auth"
+AUTH_LEN = 32
+EXIT = struct.Struct(">iBBHQ")  # exit_code | signal | flags | reserved | duration_us
+EXIT_TIMED_OUT = 0x01
+SIGNAL = struct.Struct(">I")
+WINDOW = struct.Struct(">HH")
+ERROR_HEAD = struct.Struct(">H")
+MAX_ERROR_TEXT = 1024
+MAX_PING = 64
+
+
+def auth_proof(secret: bytes, handshake_hash: bytes) -> bytes:
+    """The AUTH payload: proves the client holds the token secret for this very handshake."""
+    return hmac.digest(secret, AUTH_LABEL + handshake_hash, "sha256")
+
+
+def verify_auth_proof(secret: bytes, handshake_hash: bytes, proof: bytes) -> bool:
+    return hmac.compare_digest(auth_proof(secret, handshake_hash), proof)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a command ended. exit_code is None when a signal killed it."""
+
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    duration: float = 0.0
+
+    def pack(self) -> bytes:
+        code = -1 if self.exit_code is None else self.exit_code
+        if not -1 <= code <= 255:
+            raise LocalProtocolError(f"exit code {code} out of range 0..255")
+        sig = self.signal or 0
+        if not 0 <= sig <= 255:
+            raise LocalProtocolError(f"signal {sig} out of range")
+        if self.exit_code is None and not sig:
+            raise LocalProtocolError("an EXIT needs an exit code or a signal")
+        flags = EXIT_TIMED_OUT if self.timed_out else 0
+        micros = max(0, round(self.duration * 1e6))
+        return EXIT.pack(code, sig, flags, 0, micros)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> ExitStatus:
+        if len(payload) != EXIT.size:
+            raise RemoteProtocolError(f"EXIT payload must be {EXIT.size} bytes, got {len(payload)}")
+        code, sig, flags, reserved, micros = EXIT.unpack(payload)
+        if reserved or flags & ~EXIT_TIMED_OUT:
+            raise RemoteProtocolError("EXIT reserved bits must be zero")
+        if not -1 <= code <= 255:
+            raise RemoteProtocolError(f"EXIT code {code} out of range")
+        if code == -1 and not sig:
+            raise RemoteProtocolError("EXIT carries neither an exit code nor a signal")
+        return cls(
+            exit_code=None if code == -1 else code,
+            signal=sig or None,
+            timed_out=bool(flags & EXIT_TIMED_OUT),
+            duration=micros / 1e6,
+        )
+
+
+def pack_signal(signum: int) -> bytes:
+    if not 1 <= signum <= 64:
+        raise LocalProtocolError(f"signal number {signum} out of range 1..64")
+    return SIGNAL.pack(signum)
+
+
+def unpack_signal(payload: bytes) -> int:
+    if len(payload) != SIGNAL.size:
+        raise RemoteProtocolError(f"SIGNAL payload must be 4 bytes, got {len(payload)}")
+    (signum,) = SIGNAL.unpack(payload)
+    if not 1 <= signum <= 64:
+        raise RemoteProtocolError(f"SIGNAL number {signum} out of range 1..64")
+    return int(signum)
+
+
+def pack_error(code: int, message: str) -> bytes:
+    text = message.encode("utf-8", "replace")[:MAX_ERROR_TEXT]
+    return ERROR_HEAD.pack(code) + text
+
+
+def unpack_error(payload: bytes) -> tuple[int, str]:
+    if len(payload) < 2 or len(payload) > 2 + MAX_ERROR_TEXT:
+        raise RemoteProtocolError(f"ERROR payload of {len(payload)} bytes is malformed")
+    (code,) = ERROR_HEAD.unpack_from(payload)
+    return int(code), payload[2:].decode("utf-8", "replace")
+
+
+def pack_window(rows: int, cols: int) -> bytes:
+    if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
+        raise LocalProtocolError("window size out of range")
+    return WINDOW.pack(rows, cols)
+
+
+def unpack_window(payload: bytes) -> tuple[int, int]:
+    if len(payload) != WINDOW.size:
+        raise RemoteProtocolError(f"WINDOW payload must be 4 bytes, got {len(payload)}")
+    rows, cols = WINDOW.unpack(payload)
+    return int(rows), int(cols)
+
+
+def exec_request_json(
+    command: str | Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float | None = None,
+    stdin: bool = False,
+) -> bytes:
+    """The EXEC body the client sends: a str runs under /bin/sh -c, a sequence is argv."""
+    body: dict[str, Any] = {}
+    if isinstance(command, str):
+        body["command"] = command
+    else:
+        argv = list(command)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise LocalProtocolError("argv must be a non-empty sequence of str")
+        body["argv"] = argv
+    if env:
+        body["env"] = {str(k): str(v) for k, v in env.items()}
+    if cwd is not None:
+        body["cwd"] = cwd
+    if timeout is not None:
+        if not timeout > 0:
+            raise LocalProtocolError("timeout must be positive")
+        body["timeout"] = float(timeout)
+    if stdin:
+        body["stdin"] = True
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+_INFO_FIELDS: dict[str, tuple[type, ...]] = {
+    "protocol": (str,),
+    "server": (str,),
+    "user": (str,),
+    "host": (str,),
+    "max_payload": (int,),
+    "max_channels": (int,),
+    "default_timeout": (int, float, type(None)),
+    "max_timeout": (int, float, type(None)),
+}
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The payload of Noise message 2: who the server is and the limits it enforces."""
+
+    server: str
+    user: str
+    host: str
+    max_payload: int
+    max_channels: int
+    default_timeout: float | None = None
+    max_timeout: float | None = None
+    protocol: str = PROTOCOL_NAME
+
+    def to_json(self) -> bytes:
+        data = {name: getattr(self, name) for name in _INFO_FIELDS}
+        return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ServerInfo:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RemoteProtocolError(f"server info is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RemoteProtocolError("server info must be a JSON object")
+        extra = sorted(set(data) - set(_INFO_FIELDS))
+        if extra:
+            raise RemoteProtocolError(f"server info has unknown fields: {', '.join(extra)}")
+        missing = sorted(set(_INFO_FIELDS) - set(data))
+        if missing:
+            raise RemoteProtocolError(f"server info lacks fields: {', '.join(missing)}")
+        for name, types in _INFO_FIELDS.items():
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise RemoteProtocolError(f"server info field {name!r} has the wrong type")
+        if data["protocol"] != PROTOCOL_NAME:
+            raise RemoteProtocolError(f"server speaks {data['protocol']!r}, not {PROTOCOL_NAME}")
+        if data["max_payload"] < 1 or data["max_channels"] < 1:
+            raise RemoteProtocolError("server info limits must be positive")
+        return cls(**data)
