@@ -1,0 +1,297 @@
+"""Server configuration: TOML validated by pydantic, every mistake named by file and key.
+
+The server is long-lived, so pydantic's import cost does not matter here (the client reads
+its own config by hand in `rexec.target`). Models are frozen and refuse unknown keys: a
+typo in a limit must fail loudly at start-up, never silently keep a default.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from rexec.errors import ConfigError
+from rexec.target import DEFAULT_PORT, Endpoint, parse_address
+
+if TYPE_CHECKING:
+    from rexec.protocol.noise import Suite
+
+DEFAULT_STATE_DIR = "~/.local/state/rexec-server"
+_MAX_UNIX_PATH = 107  # sizeof(sun_path) - 1 on Linux
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# TOML is typed, so take its types at their word: `true` is not 1 and "10" is not 10.
+PosInt = Annotated[int, Strict(), Field(gt=0)]
+PosFloat = Annotated[float, Strict(), Field(gt=0)]
+NonNegFloat = Annotated[float, Strict(), Field(ge=0)]
+StrictBool = Annotated[bool, Strict()]
+StrictStr = Annotated[str, Strict()]
+
+
+def _expand_path(value: Any, info: ValidationInfo) -> Any:
+    """`~` expanded, relative paths anchored at the config file's directory, then resolved."""
+    if not isinstance(value, str | Path) or not str(value):
+        return value  # let the Path type report the error
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_absolute():
+        ctx = info.context if isinstance(info.context, dict) else {}
+        path = Path(ctx.get("base_dir") or Path.cwd()) / path
+    return path.resolve()
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_expand_path)]
+Suite_ = Literal["AESGCM", "ChaChaPoly"]
+SUITE_NAMES: tuple[Suite_, ...] = ("AESGCM", "ChaChaPoly")  # Suite.label of the protocol core
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSection(_Model):
+    """`[server]`: where to listen, where state lives, which suites, how to log."""
+
+    listen: tuple[StrictStr, ...] = ("127.0.0.1:8222",)
+    unix: tuple[ConfigPath, ...] = ()
+    state_dir: ConfigPath = Field(default_factory=lambda: Path(DEFAULT_STATE_DIR).expanduser())
+    tokens: ConfigPath  # default derived from state_dir (see _derive_paths)
+    audit_log: ConfigPath
+    suites: tuple[Suite_, ...] = Field(default=SUITE_NAMES, min_length=1)
+    log_level: LogLevel = "info"
+    log_format: Literal["auto", "console", "json"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_paths(cls, data: Any) -> Any:
+        """tokens and audit_log default to files inside state_dir."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        state = data.get("state_dir", DEFAULT_STATE_DIR)
+        if isinstance(state, str | Path):
+            data.setdefault("tokens", str(Path(state) / "tokens.json"))
+            data.setdefault("audit_log", str(Path(state) / "audit.jsonl"))
+        return data
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Normalise each address (parsed by the same code as the client's) and refuse dups."""
+        out: list[str] = []
+        for i, text in enumerate(value):
+            try:
+                ep = parse_address(text, DEFAULT_PORT, allow_zero_port=True)
+            except ConfigError as exc:
+                raise ValueError(f"[{i}]: {exc}") from None
+            if ep.is_unix:
+                raise ValueError(f"[{i}]: {text!r}: put unix sockets in server.unix, not listen")
+            if str(ep) in out and ep.port != 0:
+                raise ValueError(f"[{i}]: {text!r} is listed twice")
+            out.append(str(ep))
+        return tuple(out)
+
+    @field_validator("suites")
+    @classmethod
+    def _check_suites(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("a suite is listed twice")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _needs_a_listener(self) -> ServerSection:
+        if not self.listen and not self.unix:
+            raise ValueError("no listener: set server.listen or server.unix")
+        if len(set(self.unix)) != len(self.unix):
+            raise ValueError("unix: a socket path is listed twice")
+        for path in self.unix:
+            if len(os.fsencode(path)) > _MAX_UNIX_PATH:  # bind() would fail much later
+                raise ValueError(f"unix: {str(path)!r} is longer than {_MAX_UNIX_PATH} bytes")
+        return self
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """Every listener: TCP addresses first, then unix sockets."""
+        tcp = tuple(parse_address(a, allow_zero_port=True) for a in self.listen)
+        return tcp + tuple(Endpoint(path=str(p)) for p in self.unix)
+
+    def allowed_suites(self) -> tuple[Suite, ...]:
+        """The suites as protocol enum values (imports the protocol core only when asked)."""
+        from rexec.protocol.noise import Suite
+
+        by_label = {s.label: s for s in Suite}
+        return tuple(by_label[name] for name in self.suites)
+
+
+class LimitsSection(_Model):
+    """`[limits]`: resource and time bounds. 0 means "none" where the comment says so."""
+
+    max_connections: PosInt = 256
+    max_unauthenticated: PosInt = 32
+    handshake_timeout: PosFloat = 10.0
+    idle_timeout: NonNegFloat = 3600.0  # 0 disables
+    max_channels: PosInt = 64
+    default_timeout: NonNegFloat = 0.0  # 0 = no deadline unless the client asks
+    max_timeout: NonNegFloat = 0.0  # 0 = no cap
+    kill_grace: NonNegFloat = 2.0
+    shutdown_grace: NonNegFloat = 10.0
+    auth_failures: PosInt = 10
+    auth_window: PosFloat = 60.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LimitsSection:
+        if self.max_timeout and self.default_timeout > self.max_timeout:
+            raise ValueError(
+                f"default_timeout ({self.default_timeout:g}) must not exceed "
+                f"max_timeout ({self.max_timeout:g})"
+            )
+        if self.max_unauthenticated > self.max_connections:
+            raise ValueError(
+                f"max_unauthenticated ({self.max_unauthenticated}) must not exceed "
+                f"max_connections ({self.max_connections})"
+            )
+        return self
+
+    def effective_timeout(self, requested: float | None) -> float | None:
+        """The deadline for one command: the client's (or the default), capped by max_timeout.
+
+        None/0 from the client means "no deadline asked"; with a cap set, the cap applies.
+        """
+        timeout = requested if requested else (self.default_timeout or None)
+        if self.max_timeout and (timeout is None or timeout > self.max_timeout):
+            return self.max_timeout
+        return timeout
+
+
+class ExecSection(_Model):
+    """`[exec]`: how commands are started and which client environment may reach them."""
+
+    shell: StrictStr = "/bin/sh"
+    env_allowlist: tuple[StrictStr, ...] = ("LANG", "LC_*", "TZ", "TERM", "REXEC_*")
+    base_env: dict[StrictStr, StrictStr] = Field(
+        default_factory=lambda: {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+    )
+    keep_orphans: StrictBool = False
+
+    @field_validator("shell")
+    @classmethod
+    def _absolute_shell(cls, value: str) -> str:
+        if not os.path.isabs(value):
+            raise ValueError(f"must be an absolute path, got {value!r}")
+        return value
+
+    @field_validator("env_allowlist")
+    @classmethod
+    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, pattern in enumerate(value):
+            if not pattern or "=" in pattern or "\0" in pattern:
+                raise ValueError(f"[{i}]: {pattern!r} is not an environment name pattern")
+        return value
+
+    @field_validator("base_env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, val in value.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            if "\0" in val:
+                raise ValueError(f"{name}: value contains a NUL byte")
+        return value
+
+
+class ServerConfig(_Model):
+    """The whole server config file."""
+
+    server: ServerSection = Field(default_factory=lambda: ServerSection.model_validate({}))
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    exec: ExecSection = Field(default_factory=ExecSection)
+
+    @classmethod
+    def default(cls, state_dir: str | Path | None = None) -> ServerConfig:
+        """Defaults, optionally with another state dir (tokens and audit log follow it)."""
+        server: dict[str, Any] = {} if state_dir is None else {"state_dir": str(state_dir)}
+        return cls.model_validate({"server": server})
+
+
+def env_allowed(name: str, allowlist: Iterable[str]) -> bool:
+    """May the client set variable `name`? Case-sensitive fnmatch, as env names are."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in allowlist)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def format_validation_error(where: str, exc: ValidationError) -> str:
+    """One line: `file: key: problem; key: problem`, with pydantic's noise removed."""
+    parts: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = _loc(err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        elif err["type"] == "missing":
+            parts.append(f"{loc}: missing key")
+        elif loc and msg.startswith("["):  # our list-item errors: "listen[0]: ..."
+            parts.append(f"{loc}{msg}")
+        else:
+            parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{where}: " + "; ".join(parts)
+
+
+def parse_server_config(doc: dict[str, Any], path: Path | None = None) -> ServerConfig:
+    """Validate an already-parsed TOML document; relative paths anchor at path's dir."""
+    where = str(path) if path is not None else "<config>"
+    base = path.resolve().parent if path is not None else Path.cwd()
+    try:
+        return ServerConfig.model_validate(doc, context={"base_dir": base})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(where, exc)) from None
+
+
+def load_server_config(path: Path | str | None) -> ServerConfig:
+    """Load and validate a server config file; None gives the defaults."""
+    if path is None:
+        return ServerConfig.default()
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: server config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read server config: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_server_config(doc, path)
