@@ -65,9 +65,9 @@ def parse_token(text: str) -> Token:
     prefix, key_hex, secret_b64 = parts
     if prefix != PREFIX:
         raise TokenError(f"malformed token: unknown prefix {prefix[:16]!r} (expected 'rexec1')")
-    if not _HEX.match(key_hex):
+    if not _HEX.fullmatch(key_hex):
         raise TokenError("malformed token: key id must be 16 lowercase hex digits")
-    if not _B64URL.match(secret_b64):
+    if not _B64URL.fullmatch(secret_b64):
         raise TokenError("malformed token: secret must be 43 base64url characters (32 bytes)")
     try:
         secret = base64.urlsafe_b64decode(secret_b64.rstrip("=") + "=")
