@@ -1,0 +1,567 @@
+"""Process lifetime for one command: spawn, pump pipes, deadline, signals, group kill, reap.
+
+This layer knows nothing of frames or sockets. The session layer hands in an ExecSpec and an
+async OutputSink, feeds stdin, and gets one ExecOutcome back. The sink's slowness is the
+backpressure: a pipe is read only while its sink is ready, so a slow client blocks the child on
+a full pipe instead of growing our memory.
+
+The command runs in its own session and process group; every kill acts on the whole group, and
+nothing in the group outlives the command. Linux only: pidfd_open (kernel 5.3+) tells us the
+leader exited without reaping it, and /proc tells live group members from zombies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from signal import SIGCONT, SIGKILL, SIGTERM
+from typing import Protocol
+
+from rexec.errors import ExecError
+
+__all__ = ["ExecOutcome", "ExecSpec", "Execution", "OutputSink"]
+
+# Once the group is dead, how long we still wait for pipe EOF. Only a process that escaped the
+# group (setsid) can hold a pipe that long; after this we close our ends and finish.
+_DRAIN_BOUND = 1.0
+# After SIGKILL, how long we wait for group members to disappear (uninterruptible sleep).
+_KILL_BOUND = 2.0
+# Kernel pipe buffer we ask for: bigger than the 64 KiB default lets one read() return a whole
+# chunk and lets the child keep writing while the sink is busy. Memory stays bounded by it.
+_PIPE_SIZE = 256 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """What to run and how; validated by the session layer, checked for sanity here."""
+
+    argv: tuple[str, ...]  # exact argv; a shell command line arrives as ("/bin/sh", "-c", cmd)
+    env: Mapping[str, str]  # the complete environment of the child
+    cwd: str | None = None
+    stdin: bool = False  # False: the child gets EOF at once (stdin from /dev/null)
+    timeout: float | None = None  # server-enforced deadline in seconds, from start
+    kill_grace: float = 2.0  # seconds between SIGTERM and SIGKILL
+    chunk_size: int = 256 * 1024  # max bytes handed to the sink at once
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, not {self.chunk_size}")
+        if self.kill_grace < 0:
+            raise ValueError(f"kill_grace must be >= 0, not {self.kill_grace}")
+        if self.timeout is not None and self.timeout < 0:
+            raise ValueError(f"timeout must be >= 0, not {self.timeout}")
+
+
+@dataclass(frozen=True)
+class ExecOutcome:
+    """How the command ended; everything the EXIT frame and the audit record need."""
+
+    exit_code: int | None  # 0..255 when the leader exited; None when killed by a signal
+    signal: int | None  # the signal that killed the leader, else None
+    timed_out: bool  # the deadline fired (then signal is normally SIGTERM or SIGKILL)
+    duration: float  # seconds, monotonic, start to reap
+    stdout_bytes: int
+    stderr_bytes: int
+
+
+class OutputSink(Protocol):
+    """Receives output; returning means "ready for more" (backpressure: see module doc)."""
+
+    async def __call__(self, stream: int, data: bytes) -> None: ...
+
+
+class _Pump:
+    """State of one output pipe; shared by its pump task and the supervisor."""
+
+    __slots__ = ("fd", "nbytes", "owed", "stream", "task", "waiter")
+
+    def __init__(self, stream: int, fd: int) -> None:
+        self.stream = stream
+        self.fd = fd
+        self.nbytes = 0  # bytes the sink accepted
+        self.owed = 0  # bytes in the pipe when the group died: delivered whatever the time
+        self.waiter: asyncio.Future[None] | None = None  # set while waiting for readability
+        self.task: asyncio.Task[None] | None = None
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _pipe() -> tuple[int, int]:
+    """A close-on-exec pipe with a larger buffer when the kernel allows it."""
+    r, w = os.pipe()
+    # Over the per-user pipe quota this fails, and the default size still works.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE_SIZE)
+    return r, w
+
+
+def _pending_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    try:
+        buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def _live_members(pgid: int) -> bool:
+    """Whether a non-zombie process is in group pgid.
+
+    kill(-pgid, 0) also succeeds for zombies, and orphans wait for their reaper (PID 1, which
+    can be slow in containers); a zombie runs nothing and holds no pipe, so it counts as gone.
+    """
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return True
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:  # exited while we looked
+                continue
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+            fields = stat[stat.rfind(b")") + 2 :].split(b" ", 3)
+            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+    return False
+
+
+def _spawn_error(spec: ExecSpec, exc: OSError) -> ExecError:
+    """Turn Popen's OSError into a message that names the program or the directory."""
+    prog = spec.argv[0]
+    code = exc.errno
+    if (
+        spec.cwd is not None
+        and exc.filename == spec.cwd
+        and (exc.filename != prog or not os.path.isdir(spec.cwd))
+    ):
+        if code == errno.ENOENT:
+            return ExecError(f"no such directory: {spec.cwd}")
+        if code == errno.ENOTDIR:
+            return ExecError(f"not a directory: {spec.cwd}")
+        if code == errno.EACCES:
+            return ExecError(f"permission denied: {spec.cwd}")
+        return ExecError(f"cannot change directory to {spec.cwd}: {exc.strerror}")
+    if code == errno.ENOENT:
+        if "/" in prog and os.path.exists(os.path.join(spec.cwd or "", prog)):
+            return ExecError(f"bad interpreter: {prog}")
+        return ExecError(f"command not found: {prog}")
+    if code == errno.EACCES:
+        return ExecError(f"permission denied: {prog}")
+    if code == errno.ENOEXEC:
+        return ExecError(f"exec format error: {prog}")
+    if code == errno.ENOTDIR:
+        return ExecError(f"not a directory: {prog}")
+    return ExecError(f"cannot execute {prog}: {exc.strerror or exc}")
+
+
+class Execution:
+    """One running command; start() it, then wait() for its outcome (or kill() it).
+
+    Background tasks: one pump per output pipe and a supervisor that owns the deadline, the
+    group kill, the reap and the final drain. All are finished when wait() or kill() returns.
+    If the sink raises, the output has nowhere to go: the command is killed as on a disconnect
+    and wait() re-raises the sink's exception (the outcome stays readable in `outcome`).
+    """
+
+    def __init__(self, spec: ExecSpec, sink: OutputSink, proc: subprocess.Popen[bytes]) -> None:
+        self._spec = spec
+        self._sink = sink
+        self._proc = proc
+        self._pid = proc.pid
+        self._loop = asyncio.get_running_loop()
+        self._t0 = time.monotonic()
+        self._t_reaped: float | None = None
+        self._returncode: int | None = None
+        self._group_gone = False  # observed empty: from now on never signal the pgid
+        self._exited: asyncio.Future[None] = self._loop.create_future()
+        self._kill_req: asyncio.Future[None] = self._loop.create_future()
+        self._pumps: list[_Pump] = []
+        self._stdin_fd = -1
+        self._stdin_lock = asyncio.Lock()
+        self._stdin_waiter: asyncio.Future[None] | None = None
+        self._pidfd = -1
+        self._drain_deadline: float | None = None
+        self._sink_error: BaseException | None = None
+        self._outcome: ExecOutcome | None = None
+        self._supervisor: asyncio.Task[ExecOutcome] | None = None
+
+    # ---------------------------------------------------------------- start
+
+    @classmethod
+    async def start(cls, spec: ExecSpec, sink: OutputSink) -> Execution:
+        """Spawn the command in its own session and start pumping; raise ExecError if it can't."""
+        if not spec.argv:
+            raise ExecError("empty command")
+        t0 = time.monotonic()
+        parent_fds: list[int] = []
+        child_fds: list[int] = []
+        try:
+            if spec.stdin:
+                stdin_r, stdin_w = _pipe()
+                child_fds.append(stdin_r)
+                parent_fds.append(stdin_w)
+            out_r, out_w = _pipe()
+            parent_fds.append(out_r)
+            child_fds.append(out_w)
+            err_r, err_w = _pipe()
+            parent_fds.append(err_r)
+            child_fds.append(err_w)
+            try:
+                proc = subprocess.Popen(
+                    spec.argv,
+                    stdin=stdin_r if spec.stdin else subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=err_w,
+                    env=dict(spec.env),
+                    cwd=spec.cwd,
+                    close_fds=True,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise _spawn_error(spec, exc) from exc
+            except ValueError as exc:  # NUL byte in argv/env, "=" in an env name
+                raise ExecError(f"invalid command: {exc}") from exc
+        except BaseException:
+            for fd in parent_fds:
+                os.close(fd)
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+
+        self = cls(spec, sink, proc)
+        self._t0 = t0
+        try:
+            self._pidfd = os.pidfd_open(proc.pid)
+        except OSError:  # cannot happen for our unreaped child, short of fd exhaustion
+            proc.kill()
+            proc.wait()
+            for fd in parent_fds:
+                os.close(fd)
+            raise
+        self._loop.add_reader(self._pidfd, self._on_exit)
+        if spec.stdin:
+            self._stdin_fd = stdin_w
+            os.set_blocking(stdin_w, False)
+        for stream, fd in ((1, out_r), (2, err_r)):
+            os.set_blocking(fd, False)
+            pump = _Pump(stream, fd)
+            pump.task = self._loop.create_task(self._pump(pump))
+            self._pumps.append(pump)
+        self._supervisor = self._loop.create_task(self._supervise())
+        return self
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def pid(self) -> int:
+        """The leader's pid, which is also the process group id and the session id."""
+        return self._pid
+
+    @property
+    def outcome(self) -> ExecOutcome | None:
+        """The outcome once the command is fully finished, else None."""
+        return self._outcome
+
+    async def write_stdin(self, data: bytes) -> None:
+        """Write all of data, waiting while the pipe is full (backpressure towards the client).
+
+        Dropped silently when the child closed its stdin, stdin was not requested, or the
+        command has finished: the client may race such writes and they are not errors.
+        """
+        async with self._stdin_lock:
+            view = memoryview(data)
+            while view:
+                fd = self._stdin_fd
+                if fd < 0:
+                    return
+                try:
+                    n = os.write(fd, view)
+                except BlockingIOError:
+                    await self._writable(fd)
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    self._close_stdin_now()
+                    return
+                view = view[n:]
+
+    async def close_stdin(self) -> None:
+        """EOF to the child, after any write in progress; idempotent."""
+        async with self._stdin_lock:
+            self._close_stdin_now()
+
+    def signal(self, signum: int) -> None:
+        """Send signum to the whole process group; a no-op once the group is gone."""
+        self._killpg(signum)
+
+    async def kill(self) -> None:
+        """Disconnect/shutdown: SIGTERM the group, kill_grace, SIGKILL, reap; idempotent.
+
+        Output still in the pipes is discarded (nobody is left to receive it).
+        """
+        _wake(self._kill_req)
+        assert self._supervisor is not None
+        with contextlib.suppress(Exception):  # a sink failure is wait()'s to report
+            await asyncio.shield(self._supervisor)
+
+    async def wait(self) -> ExecOutcome:
+        """The outcome, once the leader is reaped and all its output went to the sink.
+
+        Idempotent. Cancelling wait() does not stop the command: use kill() for that.
+        """
+        assert self._supervisor is not None
+        outcome = await asyncio.shield(self._supervisor)
+        if self._sink_error is not None:
+            raise self._sink_error
+        return outcome
+
+    # ---------------------------------------------------------------- pumps
+
+    async def _pump(self, p: _Pump) -> None:
+        """Read one pipe into the sink; the next read happens only once the sink returned."""
+        loop = self._loop
+        size = self._spec.chunk_size
+        sink = self._sink
+        try:
+            while True:
+                deadline = self._drain_deadline
+                if deadline is not None and p.owed <= 0 and loop.time() >= deadline:
+                    return
+                try:
+                    data = os.read(p.fd, size)
+                except BlockingIOError:
+                    if deadline is None:
+                        await self._readable(p, None)
+                    else:
+                        remaining = deadline - loop.time()
+                        if remaining <= 0:
+                            return
+                        await self._readable(p, remaining)
+                    continue
+                if not data:
+                    return
+                p.owed -= len(data)
+                await sink(p.stream, data)
+                p.nbytes += len(data)
+                # A sink that never suspends would let a fast child starve the loop (deadline,
+                # the other pipe): yield once per chunk, a negligible cost at 256 KiB.
+                await asyncio.sleep(0)
+        except Exception as exc:  # the sink failed: the output has nowhere to go
+            if self._sink_error is None:
+                self._sink_error = exc
+            _wake(self._kill_req)
+        finally:
+            self._close_pump(p)
+
+    async def _readable(self, p: _Pump, timeout: float | None) -> None:
+        """Wait until p.fd is readable, the timeout passes, or the supervisor wakes us."""
+        fut = self._loop.create_future()
+        self._loop.add_reader(p.fd, _wake, fut)
+        timer = None if timeout is None else self._loop.call_later(timeout, _wake, fut)
+        p.waiter = fut
+        try:
+            await fut
+        finally:
+            p.waiter = None
+            if timer is not None:
+                timer.cancel()
+            self._loop.remove_reader(p.fd)
+
+    def _close_pump(self, p: _Pump) -> None:
+        if p.fd >= 0:
+            self._loop.remove_reader(p.fd)
+            os.close(p.fd)
+            p.fd = -1
+
+    # ---------------------------------------------------------------- stdin
+
+    async def _writable(self, fd: int) -> None:
+        fut = self._loop.create_future()
+        self._loop.add_writer(fd, _wake, fut)
+        self._stdin_waiter = fut
+        try:
+            await fut
+        finally:
+            self._stdin_waiter = None
+            if self._stdin_fd == fd:
+                self._loop.remove_writer(fd)
+
+    def _close_stdin_now(self) -> None:
+        """Close our end of stdin, waking a writer blocked on a full pipe (it then drops)."""
+        fd = self._stdin_fd
+        if fd < 0:
+            return
+        self._stdin_fd = -1
+        self._loop.remove_writer(fd)
+        if self._stdin_waiter is not None:
+            _wake(self._stdin_waiter)
+        os.close(fd)
+
+    # ---------------------------------------------------------------- supervisor
+
+    def _on_exit(self) -> None:
+        """The pidfd is readable: the leader exited (it stays a zombie until _reap)."""
+        self._loop.remove_reader(self._pidfd)
+        _wake(self._exited)
+
+    def _reap(self) -> None:
+        if self._returncode is None:
+            self._returncode = self._proc.wait()  # a zombie: returns at once
+            self._t_reaped = time.monotonic()
+
+    def _killpg(self, signum: int) -> None:
+        """Signal the group unless it is known to be gone.
+
+        pid reuse: while the leader is unreaped, its zombie holds the pid, so the pgid cannot
+        name another group. After the reap, remaining members still hold the pgid and we stop
+        signalling as soon as we see the group empty. The residual race: the last member dies
+        and the kernel hands the same number to a new group leader between our check and our
+        kill() -- that needs the pid space (pid_max) to wrap within that instant.
+        """
+        if self._group_gone or self._outcome is not None:
+            return
+        try:
+            os.killpg(self._pid, signum)
+        except ProcessLookupError:
+            if self._returncode is not None:
+                self._group_gone = True
+        except PermissionError:  # a member we may not signal (setuid); nothing we can do
+            pass
+
+    def _group_alive(self) -> bool:
+        """After the reap: does a live (non-zombie) member of the group remain?"""
+        if self._group_gone:
+            return False
+        try:
+            os.killpg(self._pid, 0)
+        except ProcessLookupError:
+            self._group_gone = True
+            return False
+        except PermissionError:
+            pass
+        if not _live_members(self._pid):
+            self._group_gone = True  # only zombies left: nothing runs, nothing to signal
+            return False
+        return True
+
+    async def _group_gone_by(self, deadline: float) -> bool:
+        """Poll (the kernel cannot notify us) until the group is gone or the deadline passes."""
+        delay = 0.002
+        while self._group_alive():
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+        return True
+
+    async def _terminate(self) -> None:
+        """SIGTERM (and SIGCONT, for stopped members) the group, kill_grace, SIGKILL, reap."""
+        grace = self._spec.kill_grace
+        kill_at = self._loop.time() + grace
+        self._killpg(SIGTERM)
+        self._killpg(SIGCONT)
+        if self._returncode is None:
+            await asyncio.wait({self._exited}, timeout=grace)
+            if self._exited.done():
+                self._reap()
+        if self._returncode is not None and await self._group_gone_by(kill_at):
+            return
+        self._killpg(SIGKILL)
+        if self._returncode is None:
+            await self._exited  # SIGKILL cannot be caught
+            self._reap()
+        await self._group_gone_by(self._loop.time() + _KILL_BOUND)
+
+    async def _drain(self) -> None:
+        """Deliver what is left in the pipes: all bytes present now, then EOF or the bound."""
+        live = [p for p in self._pumps if p.task is not None and not p.task.done()]
+        if not self._kill_req.done():
+            for p in live:
+                if p.fd >= 0:
+                    p.owed = _pending_bytes(p.fd)
+            self._drain_deadline = self._loop.time() + _DRAIN_BOUND
+            for p in live:
+                if p.waiter is not None:  # re-check the pipe, now with the deadline
+                    _wake(p.waiter)
+        tasks = {p.task for p in live if p.task is not None}
+        while tasks and not self._kill_req.done():
+            await asyncio.wait(tasks | {self._kill_req}, return_when=asyncio.FIRST_COMPLETED)
+            tasks = {t for t in tasks if not t.done()}
+        if tasks:  # kill(): nobody is left to receive the output
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+
+    async def _supervise(self) -> ExecOutcome:
+        """Own the command's end: deadline or kill, the group's death, the reap, the drain."""
+        spec = self._spec
+        timed_out = False
+        try:
+            timeout = None
+            if spec.timeout is not None:
+                timeout = max(0.0, self._t0 + spec.timeout - time.monotonic())
+            await asyncio.wait(
+                {self._exited, self._kill_req}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if self._exited.done():
+                self._reap()
+                if self._group_alive():  # e.g. `sleep 1000 &` left behind by a shell
+                    await self._terminate()
+            else:
+                timed_out = not self._kill_req.done()
+                await self._terminate()
+            await self._drain()
+        finally:
+            await self._cleanup()
+        rc = self._returncode
+        if rc is None:  # SIGKILLed but stuck in the kernel (D state); Popen reaps it later
+            rc = -SIGKILL
+        assert self._t_reaped is not None
+        self._outcome = ExecOutcome(
+            exit_code=rc if rc >= 0 else None,
+            signal=-rc if rc < 0 else None,
+            timed_out=timed_out,
+            duration=self._t_reaped - self._t0,
+            stdout_bytes=self._pumps[0].nbytes,
+            stderr_bytes=self._pumps[1].nbytes,
+        )
+        return self._outcome
+
+    async def _cleanup(self) -> None:
+        """Leave nothing behind, even if the supervisor was cancelled or failed."""
+        if self._returncode is None:  # only on cancellation or a bug: no grace, no hang
+            self._killpg(SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._returncode = self._proc.wait(timeout=5)
+            self._t_reaped = time.monotonic()
+        pending = [p.task for p in self._pumps if p.task is not None and not p.task.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for p in self._pumps:
+            self._close_pump(p)
+        self._close_stdin_now()
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
