@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from rexec import auth
 from rexec.auth import AuthRateLimiter, TokenStore, auth_proof, verify_auth_proof
 from rexec.errors import ConfigError
 from rexec.protocol.token import format_token
@@ -302,7 +301,7 @@ def test_write_is_atomic_old_or_new_never_partial(
     def boom(src: object, dst: object) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(auth.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk on fire"):
         store.add("b")
     assert path.read_bytes() == before  # the old file is untouched

@@ -132,7 +132,7 @@ keep_orphans = true
 def test_models_are_frozen() -> None:
     cfg = ServerConfig.default()
     with pytest.raises(ValueError, match="frozen"):
-        cfg.limits.max_connections = 1  # type: ignore[misc]
+        cfg.limits.max_connections = 1
 
 
 @pytest.mark.parametrize(

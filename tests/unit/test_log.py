@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import os
 import stat
 import threading
 from collections.abc import Iterator
@@ -292,7 +291,7 @@ def _process_writer(path: str, p: int) -> None:
 
 def test_audit_concurrent_processes_never_tear(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
-    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_process_writer, args=(str(path), p)) for p in range(6)]
     for pr in procs:
         pr.start()
