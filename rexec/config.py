@@ -277,10 +277,19 @@ def parse_server_config(doc: dict[str, Any], path: Path | None = None) -> Server
         raise ConfigError(format_validation_error(where, exc)) from None
 
 
-def load_server_config(path: Path | str | None) -> ServerConfig:
-    """Load and validate a server config file; None gives the defaults."""
+def load_server_config(
+    path: Path | str | None, overrides: dict[str, Any] | None = None
+) -> ServerConfig:
+    """Load and validate a server config file; None gives the defaults.
+
+    `overrides` are [server] keys from the command line (listen, unix, tokens, state_dir);
+    they are merged before validation so derived paths and checks apply to them too.
+    """
     if path is None:
-        return ServerConfig.default()
+        doc: dict[str, Any] = {}
+        if overrides:
+            doc["server"] = dict(overrides)
+        return parse_server_config(doc, None) if overrides else ServerConfig.default()
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -294,4 +303,9 @@ def load_server_config(path: Path | str | None) -> ServerConfig:
         raise ConfigError(f"{path}: not valid UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    if overrides:
+        server = doc.get("server", {})
+        if not isinstance(server, dict):
+            raise ConfigError(f"{path}: server: must be a table")
+        doc["server"] = {**server, **overrides}
     return parse_server_config(doc, path)
