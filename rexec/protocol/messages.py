@@ -48,9 +48,9 @@ class ExitStatus:
     duration: float = 0.0
 
     def pack(self) -> bytes:
+        if self.exit_code is not None and not 0 <= self.exit_code <= 255:
+            raise LocalProtocolError(f"exit code {self.exit_code} out of range 0..255")
         code = -1 if self.exit_code is None else self.exit_code
-        if not -1 <= code <= 255:
-            raise LocalProtocolError(f"exit code {code} out of range 0..255")
         sig = self.signal or 0
         if not 0 <= sig <= 255:
             raise LocalProtocolError(f"signal {sig} out of range")
@@ -182,7 +182,7 @@ class ServerInfo:
     def from_json(cls, raw: bytes) -> ServerInfo:
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # deep nesting fits in 4 KiB
             raise RemoteProtocolError(f"server info is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise RemoteProtocolError("server info must be a JSON object")

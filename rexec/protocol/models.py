@@ -29,7 +29,10 @@ class ExecRequest(BaseModel):
     def _timeout_number(cls, value: object) -> object:
         # JSON has one number type; accept ints for timeout even in strict mode.
         if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # a 400-digit integer: not a ValueError, pydantic would leak it
+                raise ValueError("'timeout' is too large") from None
         return value
 
     @model_validator(mode="after")
