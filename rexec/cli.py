@@ -1,14 +1,24 @@
 """The `rexec` command: a thin dispatcher over the public client API.
 
 Start-up is latency for `rexec run` (a process per command), so this module imports only
-argparse-free essentials at the top and each subcommand imports what it needs.
+what each subcommand needs, inside that subcommand: `run` never loads asyncio or pydantic.
+Exit codes for `run`: the remote code; 128+N when killed by signal N; 124 when the server's
+deadline killed it; 255 for connection, auth, protocol or usage failures (as ssh does).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from rexec.protocol.frames import FrameType
+
+EXIT_FAILURE = 255
 USAGE = """\
 usage: rexec run TARGET [options] CMD...    run one command (exit code = remote exit code)
        rexec shell TARGET                   interactive shell on TARGET
@@ -17,10 +27,16 @@ usage: rexec run TARGET [options] CMD...    run one command (exit code = remote 
        rexec token new|list [options]       manage the server's token store
        rexec demo [truncation|sticky|empty|all] [--show-frames]
                                             why framing matters, with real bytes
+TARGET is host[:port], [v6addr]:port, unix:/path, or an alias from the client config.
 Run `rexec SUBCOMMAND --help` for the options of each.
 """
 
 SUBCOMMANDS = ("run", "shell", "serve", "token", "demo")
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"rexec: {message}\n")
+    sys.stderr.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,9 +45,387 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0 if args else 2
     cmd, rest = args[0], args[1:]
+    if cmd == "--version":
+        from rexec import __version__
+
+        print(f"rexec {__version__}")
+        return 0
+    if cmd == "run":
+        return cmd_run(rest)
+    if cmd == "shell":
+        return cmd_shell(rest)
+    if cmd == "serve":
+        return cmd_serve(rest)
+    if cmd == "token":
+        return cmd_token(rest)
     if cmd == "demo":
         from rexec.demo import main as demo_main
 
         return demo_main(rest)
-    sys.stderr.write(f"rexec: unknown command {cmd!r}\n{USAGE}")
-    return 2
+    if cmd.startswith("-"):
+        _err(f"unknown option {cmd!r}")
+        sys.stderr.write(USAGE)
+        return 2
+    # `rexec TARGET` (shell) and `rexec TARGET CMD...` (run), as with ssh
+    return cmd_run(args) if len(args) > 1 else cmd_shell(args)
+
+
+# ---- run ---------------------------------------------------------------------------
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rexec run",
+        description="Run one command on TARGET. One CMD argument is a shell command line "
+        "(run by /bin/sh -c, as with ssh); several are an exact argv (no shell).",
+    )
+    p.add_argument("target", help="host[:port], unix:/path, or a client-config alias")
+    p.add_argument("--token-file", help="file holding the client token (mode 0600)")
+    p.add_argument(
+        "-e",
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set a remote environment variable (repeatable)",
+    )
+    p.add_argument("-C", "--cwd", metavar="DIR", help="remote working directory")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECS",
+        help="server-enforced deadline; exit status 124 when it fires",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="SECS",
+        help="deadline for connecting and the handshake",
+    )
+    p.add_argument(
+        "-n",
+        "--no-stdin",
+        action="store_true",
+        help="do not forward stdin (the command gets EOF at once)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON result object instead of streaming output",
+    )
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="print every frame's type, channel and length to stderr",
+    )
+    p.add_argument(
+        "--suite",
+        choices=("aesgcm", "chachapoly"),
+        default="aesgcm",
+        help="Noise cipher suite (default aesgcm)",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+    return p
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"-e expects K=V, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def _writer(fd: int) -> Any:
+    """A sink writing raw bytes to fd; a closed reader (EPIPE) silences it, never crashes."""
+    state = {"open": True}
+
+    def write(data: bytes) -> None:
+        if not state["open"]:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except BrokenPipeError:
+            state["open"] = False
+        except BlockingIOError:  # a non-blocking terminal: fall back to a blocking write
+            os.set_blocking(fd, True)
+            write(bytes(view))
+
+    return write
+
+
+def _trace_fn() -> Any:
+    def trace(direction: str, ftype: FrameType, channel: int, length: int) -> None:
+        arrow = ">" if direction == "send" else "<"
+        sys.stderr.write(f"rexec: {arrow} {ftype.name} ch={channel} len={length}\n")
+
+    return trace
+
+
+class _Interrupts:
+    """Ctrl-C forwarding: the first SIGINT goes to the remote command, later ones SIGKILL."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self._signal = signal
+        self.count = 0
+        self.sent = 0
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        self._old_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self._old_handler = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.count += 1
+
+    def poll(self) -> int | None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.read_fd, 512)
+        if self.count > self.sent:
+            self.sent = self.count
+            return int(self._signal.SIGINT if self.sent == 1 else self._signal.SIGKILL)
+        return None
+
+    def close(self) -> None:
+        self._signal.set_wakeup_fd(self._old_wakeup)
+        self._signal.signal(self._signal.SIGINT, self._old_handler)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    command: list[str] = args.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        _err("no command given (use `rexec shell TARGET` for an interactive shell)")
+        return 2
+    from rexec.errors import (
+        AuthError,
+        ConfigError,
+        ExecError,
+        RexecError,
+    )
+
+    try:
+        env = _parse_env(args.env)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    interrupts: _Interrupts | None = None
+    conn = None
+    try:
+        from rexec.blocking import BlockingConnection
+        from rexec.protocol.noise import Suite
+        from rexec.target import resolve_target
+
+        resolved = resolve_target(args.target, token_file=args.token_file)
+        conn = BlockingConnection(
+            resolved.endpoint,
+            resolved.token,
+            connect_timeout=args.connect_timeout or resolved.connect_timeout,
+            suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
+            trace=_trace_fn() if args.trace else None,
+        )
+        conn.connect()
+        stdin: int | None = None
+        if not args.no_stdin and not os.isatty(0):
+            try:
+                os.fstat(0)
+                stdin = 0
+            except OSError:
+                stdin = None
+        interrupts = _Interrupts()
+        result = conn.run(
+            command[0] if len(command) == 1 else command,
+            env=env or None,
+            cwd=args.cwd,
+            timeout=args.timeout,
+            stdin=stdin,
+            stdout=None if args.json else _writer(1),
+            stderr=None if args.json else _writer(2),
+            poll=interrupts.poll,
+            wakeup_fd=interrupts.read_fd,
+        )
+        conn.close()
+    except ExecError as exc:
+        _err(str(exc))
+        return exc.exit_code or 127
+    except AuthError as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    except RexecError as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    finally:
+        if interrupts is not None:
+            interrupts.close()
+        if conn is not None:
+            conn._abort()
+    if args.json:
+        import json
+
+        print(json.dumps(result.to_json_dict(args.target)))
+    elif result.timed_out:
+        _err(f"command timed out after {result.duration:.1f}s (killed by the server)")
+    return result.shell_status
+
+
+# ---- shell -------------------------------------------------------------------------
+
+
+def cmd_shell(argv: list[str]) -> int:
+    from rexec.repl import main as repl_main
+
+    return repl_main(argv)
+
+
+# ---- serve -------------------------------------------------------------------------
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rexec serve", description="Run the rexec server.")
+    p.add_argument("--config", help="server config file (TOML); see configs/")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="TCP address to listen on (repeatable; port 0 picks a free port)",
+    )
+    p.add_argument("--unix", action="append", metavar="PATH", help="unix socket to listen on")
+    p.add_argument("--tokens", metavar="PATH", help="token store file")
+    p.add_argument("--state-dir", metavar="DIR", help="state directory (tokens, audit log)")
+    p.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="write the bound addresses here once the server accepts",
+    )
+    p.add_argument("--log-format", choices=("auto", "console", "json"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def cmd_serve(argv: list[str]) -> int:
+    args = _serve_parser().parse_args(argv)
+    from pathlib import Path
+
+    from rexec.errors import ConfigError
+
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["listen"] = args.listen
+        overrides.setdefault("unix", args.unix or [])
+    if args.unix:
+        overrides["unix"] = args.unix
+        overrides.setdefault("listen", args.listen or [])
+    if args.tokens:
+        overrides["tokens"] = args.tokens
+    if args.state_dir:
+        overrides["state_dir"] = args.state_dir
+    if args.log_format:
+        overrides["log_format"] = args.log_format
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    try:
+        import asyncio
+
+        from rexec.auth import TokenStore
+        from rexec.config import load_server_config
+        from rexec.log import configure_logging
+        from rexec.server import serve
+
+        config = load_server_config(args.config, overrides or None)
+        configure_logging(config.server.log_level, config.server.log_format)
+        state = Path(config.server.state_dir)
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = TokenStore.load(config.server.tokens)
+        first = _first_token(store, state) if not len(store) and args.config is None else None
+
+        def on_ready(addresses: list[str]) -> None:
+            if first is not None:
+                _print_first_token(first, state, config.server.tokens, addresses[0])
+
+        return asyncio.run(
+            serve(
+                config,
+                ready_file=Path(args.ready_file) if args.ready_file else None,
+                on_ready=on_ready,
+            )
+        )
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
+    except OSError as exc:
+        _err(f"cannot start the server: {exc}")
+        return 1
+
+
+def _first_token(store: Any, state: Any) -> Any:
+    """A fresh machine: make a token and save the client's copy (mode 0600)."""
+    token = store.add("default")
+    fd = os.open(state / "client.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token.format() + "\n")
+    return token
+
+
+def _print_first_token(token: Any, state: Any, store_path: Any, address: str) -> None:
+    """Print what to paste, with the address actually bound (port 0 resolved)."""
+    client_file = state / "client.token"
+    sys.stdout.write(
+        f"rexec: created the first token 'default' in {store_path}\n"
+        f"rexec: the client's copy is in {client_file} (mode 0600); run commands with:\n\n"
+        f"    REXEC_TOKEN_FILE={client_file} rexec run {address} uname -a\n\n"
+        f"rexec: on another machine, put this token line in a file of mode 0600 and point\n"
+        f"rexec: REXEC_TOKEN_FILE (or --token-file) at it:\n\n    {token.format()}\n\n"
+    )
+    sys.stdout.flush()
+
+
+# ---- token -------------------------------------------------------------------------
+
+
+def cmd_token(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rexec token", description="Manage the token store.")
+    sub = p.add_subparsers(dest="action", required=True)
+    new = sub.add_parser("new", help="add a token and print the client's token line")
+    new.add_argument("--id", required=True, metavar="NAME", help="a name for the token")
+    lst = sub.add_parser("list", help="list token names and key ids (never secrets)")
+    for sp in (new, lst):
+        sp.add_argument("--store", metavar="PATH", help="token store file")
+        sp.add_argument("--config", help="server config file naming the store")
+        sp.add_argument("--state-dir", metavar="DIR", help="state directory holding the store")
+    args = p.parse_args(argv)
+    from rexec.errors import ConfigError
+
+    try:
+        from rexec.auth import TokenStore
+        from rexec.config import load_server_config
+
+        path = args.store
+        if path is None:
+            overrides = {"state_dir": args.state_dir} if args.state_dir else None
+            path = load_server_config(args.config, overrides).server.tokens
+        store = TokenStore.load(path)
+        if args.action == "new":
+            token = store.add(args.id)
+            print(token.format())
+            sys.stderr.write(f"rexec: added token {args.id!r} to {path}\n")
+        else:
+            for entry in store.entries():
+                print(f"{entry.name}\t{entry.key_id}\t{entry.created}")
+        return 0
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2

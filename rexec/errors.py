@@ -97,7 +97,13 @@ class CommandTimeout(CommandError):
 
 
 class ExecError(RexecError):
-    """The server could not start the command (not found, not executable, bad cwd)."""
+    """The server could not start the command (not found, not executable, bad cwd).
+
+    exit_code is the status the server reported for it (127 not found, 126 otherwise),
+    when the error came over the wire.
+    """
+
+    exit_code: int | None = None
 
 
 class ConfigError(RexecError):

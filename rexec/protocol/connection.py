@@ -70,8 +70,10 @@ class Connection:
         self._out = []
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _queue_frame(self, ftype: FrameType, channel: int, payload: bytes = b"") -> None:
-        if self._error is not None:
+    def _queue_frame(
+        self, ftype: FrameType, channel: int, payload: bytes = b"", *, force: bool = False
+    ) -> None:
+        if self._error is not None and not force:
             raise self._error
         if self._send is None:
             raise LocalProtocolError(f"cannot send {ftype.name} before the handshake is done")
@@ -105,6 +107,18 @@ class Connection:
         if not self.close_sent and self._error is None and self._send is not None:
             self._queue_frame(FrameType.CLOSE, 0)
             self.close_sent = True
+
+    def farewell(self, code: int, message: str) -> None:
+        """Queue a last ERROR (channel 0) and CLOSE, even after the peer broke the protocol.
+
+        Our sending direction is unaffected by the peer's bad bytes, so we can still say why
+        we are closing. Does nothing before the handshake or after CLOSE.
+        """
+        if self._send is None or self.close_sent:
+            return
+        self._queue_frame(FrameType.ERROR, 0, m.pack_error(code, message), force=True)
+        self._queue_frame(FrameType.CLOSE, 0, force=True)
+        self.close_sent = True
 
     @property
     def handshake_done(self) -> bool:

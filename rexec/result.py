@@ -1,0 +1,98 @@
+"""The outcome of one remote command, shared by the sync, async and CLI clients.
+
+Lean on purpose (no asyncio): `rexec run` imports it on its start-up path.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+from rexec.errors import CommandFailed, CommandTimeout
+from rexec.protocol.messages import ExitStatus
+
+EXIT_TIMEOUT = 124  # as coreutils `timeout`
+EXIT_FAILURE = 255  # as ssh: connection, auth or protocol failure
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command did. stdout/stderr are bytes: decode for display only."""
+
+    command: str | tuple[str, ...]
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    duration: float = 0.0
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+    @classmethod
+    def from_status(
+        cls,
+        command: str | tuple[str, ...],
+        status: ExitStatus,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+    ) -> Result:
+        return cls(
+            command=command,
+            exit_code=status.exit_code,
+            signal=status.signal,
+            timed_out=status.timed_out,
+            duration=status.duration,
+            stdout=stdout,
+            stderr=stderr,
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    @property
+    def shell_status(self) -> int:
+        """The status a shell would report: code, 128+N for signal N, 124 for a timeout."""
+        if self.timed_out:
+            return EXIT_TIMEOUT
+        if self.exit_code is not None:
+            return self.exit_code
+        return 128 + (self.signal or 0)
+
+    def check(self) -> Result:
+        """Return self when ok; raise CommandTimeout or CommandFailed otherwise."""
+        if self.timed_out:
+            raise CommandTimeout(f"command timed out after {self.duration:.1f}s: {self._name()}")
+        if self.exit_code != 0:
+            how = (
+                f"exit status {self.exit_code}"
+                if self.exit_code is not None
+                else f"signal {self.signal}"
+            )
+            raise CommandFailed(f"command failed with {how}: {self._name()}")
+        return self
+
+    def _name(self) -> str:
+        text = self.command if isinstance(self.command, str) else " ".join(self.command)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    def to_json_dict(self, target: str | None = None) -> dict[str, Any]:
+        """One machine-readable object; output as text when valid UTF-8, else base64."""
+        out: dict[str, Any] = {}
+        if target is not None:
+            out["target"] = target
+        out.update(
+            command=self.command if isinstance(self.command, str) else list(self.command),
+            exit_code=self.exit_code,
+            signal=self.signal,
+            timed_out=self.timed_out,
+            duration=round(self.duration, 6),
+        )
+        for name, data in (("stdout", self.stdout), ("stderr", self.stderr)):
+            try:
+                out[name] = data.decode("utf-8")
+                out[f"{name}_encoding"] = "utf-8"
+            except UnicodeDecodeError:
+                out[name] = base64.b64encode(data).decode("ascii")
+                out[f"{name}_encoding"] = "base64"
+        return out

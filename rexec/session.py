@@ -1,0 +1,421 @@
+"""One client connection on the server: its channel table, each channel bound to a process.
+
+The session turns protocol events into exec-layer calls and process output into frames.
+It owes every channel an EXIT (and the audit log a record) whatever happens: a command that
+cannot start gets ERROR + EXIT, a shutdown or a vanished client gets its processes killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from rexec.config import env_allowed
+from rexec.errors import AuthError, ErrorCode, ExecError, ProtocolError, RexecError
+from rexec.exec import ExecOutcome, ExecSpec, Execution
+from rexec.log import AuditRecord
+from rexec.protocol.events import (
+    Authenticated,
+    CloseReceived,
+    ErrorReceived,
+    Event,
+    ExecReceived,
+    ExecRejected,
+    SignalReceived,
+    StdinClosed,
+    StdinReceived,
+)
+from rexec.protocol.messages import ExitStatus
+from rexec.protocol.models import ExecRequest
+from rexec.protocol.server import ServerConnection
+from rexec.transport import FramedProtocol
+
+if TYPE_CHECKING:
+    from rexec.server import ServerContext
+
+STDIN_HIGH = 4 * 1024 * 1024  # pending stdin bytes per connection before we stop reading
+STDIN_LOW = 1024 * 1024
+EXIT_NOT_STARTED = 255
+_conn_ids = itertools.count(1)
+
+
+@dataclass
+class ChannelRun:
+    """A command in flight: its request, its process once started, its stdin queue."""
+
+    channel: int
+    request: ExecRequest | None
+    execution: Execution | None = None
+    stdin: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+    stdin_task: asyncio.Task[None] | None = None
+
+
+class _Protocol(FramedProtocol):
+    def __init__(self, session: Session) -> None:
+        super().__init__(session.conn, session.on_events, session.on_lost)
+        self._session = session
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._session.started()
+
+
+class Session:
+    """Per-connection state; `protocol` is what asyncio's server drives."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.id = f"c{next(_conn_ids)}"
+        self.conn = ServerConnection(ctx.store.lookup, ctx.info, suites=ctx.suites, trace=None)
+        self.protocol = _Protocol(self)
+        self.runs: dict[int, ChannelRun] = {}
+        self.log = ctx.log.bind(conn=self.id)
+        self.key_id = ""
+        self.key_name: str | None = None
+        self.authenticated = False
+        self.lost = False
+        self.closing = False
+        self._pending_stdin = 0
+        self._held = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_rx = 0.0
+        self.done = asyncio.Event()
+
+    @property
+    def peer(self) -> str:
+        return self.protocol.peer
+
+    @property
+    def peer_host(self) -> str:
+        peer = self.peer
+        if peer.startswith("["):
+            return peer[1 : peer.index("]")]
+        return peer.rsplit(":", 1)[0] if ":" in peer else peer
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def started(self) -> None:
+        ctx = self.ctx
+        self.log = self.log.bind(peer=self.peer)
+        loop = asyncio.get_running_loop()
+        self._last_rx = loop.time()
+        ctx.sessions.add(self)
+        refuse = ctx.admit(self)
+        if refuse is not None:
+            self.log.warning("connection refused", reason=refuse)
+            self.protocol.abort()
+            return
+        self._timer = loop.call_later(ctx.config.limits.handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        if not self.authenticated and not self.lost:
+            self.log.warning(
+                "handshake deadline hit; dropping connection",
+                timeout=self.ctx.config.limits.handshake_timeout,
+            )
+            self.protocol.abort()
+
+    def _arm_idle(self) -> None:
+        idle = self.ctx.config.limits.idle_timeout
+        if self._timer is not None:
+            self._timer.cancel()
+        if idle > 0 and not self.lost:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(self._last_rx + idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        idle = self.ctx.config.limits.idle_timeout
+        now = asyncio.get_running_loop().time()
+        if self.runs:  # a running command is activity, however quiet
+            self._last_rx = now
+        if now - self._last_rx < idle:
+            self._arm_idle()
+            return
+        self.log.info("idle timeout; closing connection", idle_timeout=idle)
+        self.conn.farewell(ErrorCode.IDLE_TIMEOUT, f"idle for {idle:g}s")
+        self.protocol.flush()
+        self.protocol.close()
+
+    def on_lost(self, error: RexecError | None) -> None:
+        self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+        ctx = self.ctx
+        if isinstance(error, AuthError):
+            ctx.limiter.record_failure(self.peer_host, time.monotonic())
+            self.log.warning("authentication failed", reason=str(error))
+        elif error is not None and self.runs:
+            self.log.warning(
+                "connection lost; killing its commands", reason=str(error), running=len(self.runs)
+            )
+        elif error is not None and not isinstance(error, ProtocolError):
+            self.log.info("connection ended", reason=str(error))
+        else:
+            self.log.info("connection closed")
+        for run in list(self.runs.values()):
+            if run.execution is not None and not ctx.config.exec.keep_orphans:
+                ctx.spawn(run.execution.kill())
+            run.stdin.put_nowait(None)
+        ctx.unadmit(self)
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.lost and not self.runs:
+            self.ctx.sessions.discard(self)
+            self.done.set()
+
+    # ---- events --------------------------------------------------------------------
+
+    def on_events(self, events: list[Event]) -> None:
+        self._last_rx = asyncio.get_running_loop().time()
+        for event in events:
+            if isinstance(event, StdinReceived):
+                self._stdin(event.channel, event.data)
+            elif isinstance(event, ExecReceived):
+                self._exec(event.channel, event.request)
+            elif isinstance(event, StdinClosed):
+                run = self.runs.get(event.channel)
+                if run is not None:
+                    run.stdin.put_nowait(None)
+            elif isinstance(event, SignalReceived):
+                run = self.runs.get(event.channel)
+                if run is not None and run.execution is not None:
+                    self.log.info("signal", channel=event.channel, signum=event.signum)
+                    run.execution.signal(event.signum)
+            elif isinstance(event, ExecRejected):
+                self._refuse(event.channel, ErrorCode.BAD_REQUEST, event.reason, None)
+            elif isinstance(event, Authenticated):
+                self._authenticated(event.key_id)
+            elif isinstance(event, CloseReceived):
+                self._client_closed()
+            elif isinstance(event, ErrorReceived):
+                self.log.info("client error", code=event.code, message=event.message[:200])
+        self.protocol.flush()
+
+    def _authenticated(self, key_id: bytes) -> None:
+        self.authenticated = True
+        self.key_id = key_id.hex()
+        self.key_name = self.ctx.store.name_for(key_id)
+        self.log = self.log.bind(key_id=self.key_id)
+        self.log.info("authenticated", key_name=self.key_name)
+        self.ctx.authenticated(self)
+        self._arm_idle()
+
+    def _client_closed(self) -> None:
+        """The client said CLOSE: it wants nothing more, so stop its commands and close."""
+        self.closing = True
+        for run in self.runs.values():
+            if run.execution is not None:
+                self.ctx.spawn(run.execution.kill())
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self.closing and not self.runs and not self.lost:
+            self.conn.send_close()
+            self.protocol.flush()
+            self.protocol.close()
+
+    def shutdown_close(self) -> None:
+        """Server shutdown, after every command here has its EXIT: say so and close."""
+        if not self.lost:
+            if self.authenticated:
+                self.conn.farewell(ErrorCode.SHUTDOWN, "server is shutting down")
+                self.protocol.flush()
+                self.protocol.close()
+            else:
+                self.protocol.abort()
+
+    # ---- stdin ---------------------------------------------------------------------
+
+    def _stdin(self, channel: int, data: bytes) -> None:
+        run = self.runs.get(channel)
+        if run is None or run.request is None:
+            return
+        run.stdin.put_nowait(data)
+        self._pending_stdin += len(data)
+        if self._pending_stdin > STDIN_HIGH and not self._held:
+            self._held = True
+            self.protocol.hold()
+
+    def _stdin_done(self, n: int) -> None:
+        self._pending_stdin -= n
+        if self._held and self._pending_stdin < STDIN_LOW:
+            self._held = False
+            self.protocol.release()
+
+    async def _feed_stdin(self, run: ChannelRun, execution: Execution) -> None:
+        while True:
+            data = await run.stdin.get()
+            if data is None:
+                break
+            try:
+                await execution.write_stdin(data)
+            finally:
+                self._stdin_done(len(data))
+        await execution.close_stdin()
+        # Anything queued after EOF (nothing, by protocol) still counts as consumed.
+        while not run.stdin.empty():
+            rest = run.stdin.get_nowait()
+            if rest:
+                self._stdin_done(len(rest))
+
+    # ---- exec ----------------------------------------------------------------------
+
+    def _refuse(self, channel: int, code: ErrorCode, reason: str, req: ExecRequest | None) -> None:
+        self.log.warning("command refused", channel=channel, code=code.name, reason=reason)
+        self.conn.send_channel_error(channel, code, reason)
+        self.conn.send_exit(channel, ExitStatus(EXIT_NOT_STARTED))
+        self._audit(channel, req, time.time(), None, error=f"{code.name.lower()}: {reason}")
+
+    def _exec(self, channel: int, req: ExecRequest) -> None:
+        ctx = self.ctx
+        limits = ctx.config.limits
+        if ctx.shutting_down:
+            self._refuse(channel, ErrorCode.SHUTDOWN, "server is shutting down", req)
+            return
+        if len(self.runs) >= limits.max_channels:
+            self._refuse(
+                channel,
+                ErrorCode.LIMIT,
+                f"too many commands on this connection (max_channels={limits.max_channels})",
+                req,
+            )
+            self.log.warning("limit hit: max_channels", max_channels=limits.max_channels)
+            return
+        denied = sorted(k for k in req.env if not env_allowed(k, ctx.config.exec.env_allowlist))
+        if denied:
+            self._refuse(
+                channel,
+                ErrorCode.BAD_REQUEST,
+                f"environment variable(s) not allowed by the server: {', '.join(denied)}",
+                req,
+            )
+            return
+        run = ChannelRun(channel, req)
+        self.runs[channel] = run
+        run.task = ctx.spawn(self._run(run))
+
+    def _spec(self, req: ExecRequest) -> ExecSpec:
+        ctx = self.ctx
+        limits = ctx.config.limits
+        timeout = req.timeout or (limits.default_timeout or None)
+        if limits.max_timeout > 0:
+            timeout = min(timeout or limits.max_timeout, limits.max_timeout)
+        argv = (
+            req.argv if req.argv is not None else (ctx.config.exec.shell, "-c", req.command or "")
+        )
+        env = dict(ctx.base_env)
+        env.update(req.env)
+        return ExecSpec(
+            argv=tuple(argv),
+            env=env,
+            cwd=req.cwd or env.get("HOME"),
+            stdin=req.stdin,
+            timeout=timeout,
+            kill_grace=limits.kill_grace,
+        )
+
+    async def _run(self, run: ChannelRun) -> None:
+        req = run.request
+        assert req is not None
+        channel = run.channel
+        start = time.time()
+        outcome: ExecOutcome | None = None
+        error: str | None = None
+        try:
+            spec = self._spec(req)
+
+            async def sink(stream: int, data: bytes) -> None:
+                if self.lost:
+                    return
+                self.conn.send_output(channel, stream, data)
+                self.protocol.flush()
+                try:
+                    await self.protocol.drain()
+                except RexecError:
+                    return
+
+            try:
+                execution = await Execution.start(spec, sink)
+            except ExecError as exc:
+                error = str(exc)
+                code = 127 if "not found" in error else 126
+                if not self.lost:
+                    self.conn.send_channel_error(channel, ErrorCode.EXEC_FAILED, error)
+                    self.conn.send_exit(channel, ExitStatus(code))
+                    self.protocol.flush()
+                self.log.info("command failed to start", channel=channel, reason=error)
+                return
+            run.execution = execution
+            self.log.info("command started", channel=channel, pid=execution.pid)
+            if self.lost:
+                await execution.kill()
+            if req.stdin:
+                run.stdin_task = self.ctx.spawn(self._feed_stdin(run, execution))
+            outcome = await execution.wait()
+            if run.stdin_task is not None:
+                run.stdin.put_nowait(None)
+            status = ExitStatus(
+                outcome.exit_code, outcome.signal, outcome.timed_out, outcome.duration
+            )
+            if not self.lost:
+                self.conn.send_exit(channel, status)
+                self.protocol.flush()
+            self.log.info(
+                "command finished",
+                channel=channel,
+                exit_code=outcome.exit_code,
+                signal=outcome.signal,
+                timed_out=outcome.timed_out,
+                duration=round(outcome.duration, 6),
+            )
+        except Exception as exc:  # never lose the EXIT we owe, even on a bug
+            error = f"internal error: {exc!r}"
+            self.log.exception("command crashed", channel=channel)
+            if not self.lost and channel in self.conn.channels:
+                self.conn.send_channel_error(channel, ErrorCode.INTERNAL, error)
+                self.conn.send_exit(channel, ExitStatus(EXIT_NOT_STARTED))
+                self.protocol.flush()
+        finally:
+            self._audit(channel, req, start, outcome, error=error)
+            if run.stdin_task is not None:
+                run.stdin.put_nowait(None)
+                await asyncio.gather(run.stdin_task, return_exceptions=True)
+            self.runs.pop(channel, None)
+            self._close_if_idle()
+            self._maybe_done()
+            self.ctx.channel_finished()
+
+    def _audit(
+        self,
+        channel: int,
+        req: ExecRequest | None,
+        start: float,
+        outcome: ExecOutcome | None,
+        *,
+        error: str | None = None,
+    ) -> None:
+        record = AuditRecord(
+            conn=self.id,
+            peer=self.peer,
+            key_id=self.key_id,
+            key_name=self.key_name,
+            channel=channel,
+            argv=req.argv if req is not None else None,
+            command=req.command if req is not None else None,
+            cwd=req.cwd if req is not None else None,
+            env=tuple(req.env) if req is not None else (),
+            start=start,
+            duration=outcome.duration if outcome else time.time() - start,
+            exit_code=outcome.exit_code if outcome else None,
+            signal=outcome.signal if outcome else None,
+            timed_out=outcome.timed_out if outcome else False,
+            bytes_out=outcome.stdout_bytes if outcome else 0,
+            bytes_err=outcome.stderr_bytes if outcome else 0,
+            error=error,
+        )
+        self.ctx.audit_write(record)

@@ -1,0 +1,147 @@
+"""asyncio glue: bytes between a socket and a sans-I/O Connection, with flow control.
+
+Writes: every call flushes the connection's queue in one transport.write (header and body
+together, never split across writes). `drain()` waits while the socket is not draining,
+which is how the exec layer's pipe reading is paused for a slow peer.
+Reads: a consumer that falls behind pauses socket reading (`hold`/`release`), so memory
+stays bounded in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from rexec.errors import ConnectionLost, ProtocolError, RexecError, TruncatedError
+from rexec.protocol.connection import Connection
+from rexec.protocol.events import Event
+
+WRITE_HIGH = 1024 * 1024
+WRITE_LOW = 256 * 1024
+
+EventHandler = Callable[[list[Event]], None]
+LostHandler = Callable[[RexecError | None], None]
+
+
+class FramedProtocol(asyncio.Protocol):
+    """One socket bound to one Connection. Errors end the connection and reach `on_lost`."""
+
+    def __init__(self, conn: Connection, on_events: EventHandler, on_lost: LostHandler) -> None:
+        self.conn = conn
+        self._on_events = on_events
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._holds = 0
+        self._error: RexecError | None = None
+        self.closed = False
+        self.peer = "?"
+
+    # ---- asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = str(peer[0])
+            self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        else:
+            self.peer = "unix"
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except (ProtocolError, RexecError) as exc:
+            self.fail(exc)
+            return
+        self.flush()
+        if events:
+            self._on_events(events)
+
+    def eof_received(self) -> bool:
+        try:
+            self.conn.receive_eof()
+        except TruncatedError as exc:
+            self._error = exc
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._error is None and exc is not None:
+            self._error = ConnectionLost(f"connection lost: {exc}")
+        if self._error is None and not self.conn.close_received:
+            self._error = TruncatedError("connection closed without CLOSE")
+        self._wake_drainers()
+        self._on_lost(self._error)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drainers()
+
+    # ---- for the owner -------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write whatever the connection has queued, in one write."""
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the socket's write buffer is below its low-water mark."""
+        if self.closed:
+            raise self._error or ConnectionLost("connection closed")
+        if not self._paused:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(fut)
+        await fut
+        if self.closed:
+            raise self._error or ConnectionLost("connection closed")
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def hold(self) -> None:
+        """A consumer is behind: stop reading the socket until release()."""
+        self._holds += 1
+        if self._holds == 1 and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0 and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def fail(self, exc: RexecError) -> None:
+        """End the connection because of `exc` (a protocol or auth error)."""
+        self._error = exc
+        self.flush()  # the conn may have queued an ERROR before failing
+        self.abort()
+
+    def close(self) -> None:
+        """Close after the write buffer is flushed."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def error(self) -> RexecError | None:
+        return self._error
