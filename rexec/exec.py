@@ -213,17 +213,21 @@ class Execution:
         t0 = time.monotonic()
         parent_fds: list[int] = []
         child_fds: list[int] = []
+        proc: subprocess.Popen[bytes] | None = None
         try:
-            if spec.stdin:
-                stdin_r, stdin_w = _pipe()
-                child_fds.append(stdin_r)
-                parent_fds.append(stdin_w)
-            out_r, out_w = _pipe()
-            parent_fds.append(out_r)
-            child_fds.append(out_w)
-            err_r, err_w = _pipe()
-            parent_fds.append(err_r)
-            child_fds.append(err_w)
+            try:
+                if spec.stdin:
+                    stdin_r, stdin_w = _pipe()
+                    child_fds.append(stdin_r)
+                    parent_fds.append(stdin_w)
+                out_r, out_w = _pipe()
+                parent_fds.append(out_r)
+                child_fds.append(out_w)
+                err_r, err_w = _pipe()
+                parent_fds.append(err_r)
+                child_fds.append(err_w)
+            except OSError as exc:  # out of file descriptors
+                raise ExecError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
             try:
                 proc = subprocess.Popen(
                     spec.argv,
@@ -239,7 +243,14 @@ class Execution:
                 raise _spawn_error(spec, exc) from exc
             except ValueError as exc:  # NUL byte in argv/env, "=" in an env name
                 raise ExecError(f"invalid command: {exc}") from exc
+            try:
+                pidfd = os.pidfd_open(proc.pid)  # our unreaped child: only EMFILE can fail
+            except OSError as exc:
+                raise ExecError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
         except BaseException:
+            if proc is not None:  # unreaped, so its pgid is still ours to signal
+                os.killpg(proc.pid, SIGKILL)
+                proc.wait()
             for fd in parent_fds:
                 os.close(fd)
             raise
@@ -249,14 +260,7 @@ class Execution:
 
         self = cls(spec, sink, proc)
         self._t0 = t0
-        try:
-            self._pidfd = os.pidfd_open(proc.pid)
-        except OSError:  # cannot happen for our unreaped child, short of fd exhaustion
-            proc.kill()
-            proc.wait()
-            for fd in parent_fds:
-                os.close(fd)
-            raise
+        self._pidfd = pidfd
         self._loop.add_reader(self._pidfd, self._on_exit)
         if spec.stdin:
             self._stdin_fd = stdin_w

@@ -214,6 +214,27 @@ def test_slow_sink_blocks_the_child() -> None:
     run(main())
 
 
+def test_output_left_in_pipe_is_delivered_to_a_slow_sink() -> None:
+    """The child exits at once with 200 KB in the pipe; the sink needs longer than the
+    bound on waiting for EOF, yet every byte is delivered before wait() returns."""
+
+    async def main() -> None:
+        got = bytearray()
+
+        async def sink(stream: int, data: bytes) -> None:
+            await asyncio.sleep(0.15)
+            got.extend(data)
+
+        s = spec("head", "-c", "200000", "/dev/urandom", chunk_size=20000)
+        ex = await Execution.start(s, sink)
+        out = await ex.wait()
+        assert out.exit_code == 0
+        assert len(got) == out.stdout_bytes == 200000
+        assert out.duration < 1.0  # the reap is early; the delivery took ~1.5 s
+
+    run(main())
+
+
 # ---------------------------------------------------------------- stdin
 
 
@@ -304,6 +325,14 @@ def test_timeout_sigkill_when_sigterm_ignored() -> None:
     run(main())
 
 
+def test_timeout_continues_stopped_processes() -> None:
+    """A stopped process would sit on SIGTERM until SIGKILL; SIGCONT lets it act on it."""
+    out, _ = run(execute(sh("kill -STOP $$", timeout=0.3, kill_grace=5)))
+    assert out.timed_out
+    assert out.signal == signal.SIGTERM
+    assert out.duration < 3
+
+
 def test_kill_kills_grandchildren() -> None:
     async def main() -> None:
         sink = Collect()
@@ -367,16 +396,26 @@ def test_escaped_process_holding_pipe_does_not_hang() -> None:
     run(main())
 
 
+INT_CHILD = """
+import os, signal, time
+signal.signal(signal.SIGINT, lambda *a: (os.write(1, b"got INT\\n"), os._exit(0)))
+os.write(1, b"ready\\n")
+time.sleep(100)
+"""
+
+
 def test_signal_delivers_sigint_to_group() -> None:
+    """Both the shell (the leader) and its child python get the SIGINT."""
+
     async def main() -> None:
         sink = Collect()
-        s = sh("trap 'echo INT; exit 7' INT; echo ready; sleep 1000")
-        ex = await Execution.start(s, sink)
-        await sink.line()
-        ex.signal(signal.SIGINT)  # the foreground sleep must die too, or sh waits 1000 s
+        cmd = 'trap \'echo sh-INT\' INT; "$0" -c "$1"; echo after $?; exit 7'
+        ex = await Execution.start(spec("/bin/sh", "-c", cmd, PY, INT_CHILD), sink)
+        await sink.line()  # the child's handler is in place
+        ex.signal(signal.SIGINT)
         out = await asyncio.wait_for(ex.wait(), 5)
         assert out.exit_code == 7
-        assert sink.out == b"ready\nINT\n"
+        assert sink.out == b"ready\ngot INT\nsh-INT\nafter 0\n"
         ex.signal(signal.SIGINT)  # the group is gone: no error
 
     run(main())
