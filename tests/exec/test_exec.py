@@ -516,7 +516,6 @@ def test_no_fd_or_task_leak(tmp_path: Path) -> None:
     run(main())
 
 
-@pytest.mark.slow
 def test_many_concurrent_commands() -> None:
     async def main() -> None:
         async def one(i: int) -> None:
@@ -529,3 +528,23 @@ def test_many_concurrent_commands() -> None:
         assert open_fds() == before
 
     run(main(), timeout=120)
+
+
+@pytest.mark.slow
+def test_throughput_512mib(capsys: pytest.CaptureFixture[str]) -> None:
+    """`head -c 512M /dev/zero` into a discarding sink; well above 500 MB/s on an idle box."""
+
+    async def discard(stream: int, data: bytes) -> None:
+        pass
+
+    async def main() -> float:
+        t = time.perf_counter()
+        ex = await Execution.start(spec("head", "-c", "512M", "/dev/zero"), discard)
+        out = await ex.wait()
+        assert out.stdout_bytes == 512 * MiB
+        return out.stdout_bytes / (time.perf_counter() - t) / 1e6
+
+    rate = run(main(), timeout=60)
+    with capsys.disabled():
+        print(f"\nexec throughput: {rate:.0f} MB/s")
+    assert rate > 200  # lenient: CI machines are loaded
