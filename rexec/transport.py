@@ -13,7 +13,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from rexec.errors import ConnectionLost, ProtocolError, RexecError, TruncatedError
+from rexec.errors import AuthError, ConnectionLost, ProtocolError, RexecError, TruncatedError
 from rexec.protocol.connection import Connection
 from rexec.protocol.events import Event
 
@@ -128,10 +128,20 @@ class FramedProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def fail(self, exc: RexecError) -> None:
-        """End the connection because of `exc` (a protocol or auth error)."""
+        """End the connection because of `exc` (a protocol or auth error).
+
+        A peer that proved its identity and then broke the protocol is told why (ERROR +
+        CLOSE); one that never authenticated gets nothing but the closed socket.
+        """
         self._error = exc
-        self.flush()  # the conn may have queued an ERROR before failing
-        self.abort()
+        if (
+            isinstance(exc, ProtocolError)
+            and not isinstance(exc, AuthError)
+            and getattr(self.conn, "authenticated", True)
+        ):
+            self.conn.farewell(exc.code, str(exc))
+        self.flush()
+        self.close()
 
     def close(self) -> None:
         """Close after the write buffer is flushed."""

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from rexec.errors import AuthFailed, DecryptError, LocalProtocolError, RemoteProtocolError
+from rexec.errors import (
+    AuthFailed,
+    DecryptError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TruncatedError,
+)
 from rexec.protocol import messages as m
 from rexec.protocol.connection import ChannelState, Connection, TraceFn
 from rexec.protocol.events import Event, ExitReceived, HandshakeComplete, OutputReceived
@@ -138,6 +144,15 @@ class ClientConnection(Connection):
         self._queue_frame(FrameType.WINDOW, channel, m.pack_window(rows, cols))
 
     # ---- receiving ----------------------------------------------------------------
+
+    def receive_eof(self) -> None:
+        """As the base, and a CLOSE that left our commands without an EXIT is truncation."""
+        super().receive_eof()
+        if self._error is None and self.channels:
+            raise TruncatedError(
+                f"server closed the connection with {len(self.channels)} command(s) "
+                "still lacking an exit status"
+            )
 
     def _channel_error(self, channel: int) -> None:
         if channel not in self.channels:

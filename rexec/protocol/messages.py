@@ -54,8 +54,8 @@ class ExitStatus:
         sig = self.signal or 0
         if not 0 <= sig <= 255:
             raise LocalProtocolError(f"signal {sig} out of range")
-        if self.exit_code is None and not sig:
-            raise LocalProtocolError("an EXIT needs an exit code or a signal")
+        if (self.exit_code is None) != bool(sig):
+            raise LocalProtocolError("an EXIT carries exactly one of an exit code or a signal")
         flags = EXIT_TIMED_OUT if self.timed_out else 0
         micros = max(0, round(self.duration * 1e6))
         return EXIT.pack(code, sig, flags, 0, micros)
@@ -69,8 +69,8 @@ class ExitStatus:
             raise RemoteProtocolError("EXIT reserved bits must be zero")
         if not -1 <= code <= 255:
             raise RemoteProtocolError(f"EXIT code {code} out of range")
-        if code == -1 and not sig:
-            raise RemoteProtocolError("EXIT carries neither an exit code nor a signal")
+        if (code == -1) != bool(sig):
+            raise RemoteProtocolError("EXIT must carry exactly one of an exit code or a signal")
         return cls(
             exit_code=None if code == -1 else code,
             signal=sig or None,
@@ -161,6 +161,10 @@ _INFO_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     """The payload of Noise message 2: who the server is and the limits it enforces."""
@@ -181,7 +185,7 @@ class ServerInfo:
     @classmethod
     def from_json(cls, raw: bytes) -> ServerInfo:
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_constant=_no_constant)
         except (ValueError, RecursionError) as exc:  # deep nesting fits in 4 KiB
             raise RemoteProtocolError(f"server info is not valid JSON: {exc}") from None
         if not isinstance(data, dict):

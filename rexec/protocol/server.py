@@ -25,6 +25,7 @@ from rexec.protocol.events import (
 )
 from rexec.protocol.frames import (
     HELLO_LEN,
+    MAX_SERVER_INFO,
     MAX_TRANSPORT_BODY,
     MIN_TRANSPORT_BODY,
     MSG1_LEN,
@@ -58,6 +59,8 @@ class ServerConnection(Connection):
         super().__init__(trace)
         self._lookup = lookup
         self._info = info.to_json()
+        if len(self._info) > MAX_SERVER_INFO:
+            raise LocalProtocolError(f"server info is over {MAX_SERVER_INFO} bytes")
         self._suites = frozenset(suites)
         self._ephemeral = ephemeral
         self._buf = FrameBuffer(MSG1_LEN, MSG1_LEN, "handshake message 1")
@@ -199,6 +202,8 @@ class ServerConnection(Connection):
     def send_output(self, channel: int, stream: int, data: bytes) -> None:
         """STDOUT (stream 1) or STDERR (stream 2); split into frames as needed."""
         self._open(channel, "output")
+        if stream not in (1, 2):
+            raise LocalProtocolError(f"output stream must be 1 or 2, not {stream}")
         if data:
             ftype = FrameType.STDOUT if stream == 1 else FrameType.STDERR
             self._queue_chunks(ftype, channel, data)

@@ -75,4 +75,7 @@ def parse_token(text: str) -> Token:
         raise TokenError("malformed token: secret is not valid base64url") from exc
     if len(secret) != SECRET_LEN:  # pragma: no cover - regex already guards
         raise TokenError("malformed token: secret must decode to 32 bytes")
+    if base64.urlsafe_b64encode(secret).decode("ascii").rstrip("=") != secret_b64.rstrip("="):
+        # the last character's two spare bits are set: not the canonical encoding
+        raise TokenError("malformed token: secret is not canonical base64url")
     return Token(bytes.fromhex(key_hex), secret)

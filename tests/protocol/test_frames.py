@@ -187,7 +187,8 @@ def test_exit_status_layout() -> None:
         (struct.pack(">iBBHQ", 256, 0, 0, 0, 0), "EXIT code 256 out of range"),
         (struct.pack(">iBBHQ", -2, 9, 0, 0, 0), "EXIT code -2 out of range"),
         (struct.pack(">iBBHQ", -(2**31), 0, 0, 0, 0), "out of range"),
-        (struct.pack(">iBBHQ", -1, 0, 0, 0, 0), "neither an exit code nor a signal"),
+        (struct.pack(">iBBHQ", -1, 0, 0, 0, 0), "exactly one of an exit code or a signal"),
+        (struct.pack(">iBBHQ", 0, 9, 0, 0, 0), "exactly one of an exit code or a signal"),
     ],
 )
 def test_exit_status_rejects_bad_layouts(raw: bytes, words: str) -> None:
@@ -204,7 +205,8 @@ def test_exit_status_rejects_bad_layouts(raw: bytes, words: str) -> None:
         (m.ExitStatus(-7), "exit code -7 out of range"),
         (m.ExitStatus(0, 256), "signal 256 out of range"),
         (m.ExitStatus(0, -1), "signal -1 out of range"),
-        (m.ExitStatus(None), "needs an exit code or a signal"),
+        (m.ExitStatus(None), "exactly one of an exit code or a signal"),
+        (m.ExitStatus(0, 9), "exactly one of an exit code or a signal"),
     ],
 )
 def test_exit_status_pack_refuses_what_the_peer_would_reject(
