@@ -1153,6 +1153,21 @@ def test_eof_without_close_is_truncation() -> None:
         p.client.receive_eof()
 
 
+def test_close_before_exit_on_an_open_channel_is_truncation() -> None:
+    p = ready()
+    done, running = p.exec_(), p.exec_("sleep 9")
+    p.server.send_exit(done, ExitStatus(0))
+    p.server.send_close()
+    assert p.s2c() == [ExitReceived(done, ExitStatus(0)), CloseReceived()]
+    with pytest.raises(TruncatedError, match=r"1 command\(s\) still lacking an exit status"):
+        p.client.receive_eof()
+    assert running in p.client.channels
+    # the server side: a client CLOSE with commands still running is a normal hang-up
+    p.client.send_close()
+    p.c2s()
+    p.server.receive_eof()
+
+
 def test_eof_inside_a_frame_is_truncation() -> None:
     p = ready()
     p.server.send_ping(b"abc")

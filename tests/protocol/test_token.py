@@ -129,6 +129,15 @@ def test_rejects_bad_secret(secret: str) -> None:
     _reject(f"rexec1:0123456789abcdef:{secret}", "secret", "43 base64url characters", "32 bytes")
 
 
+def test_rejects_non_canonical_secret() -> None:
+    # 43 characters carry 258 bits: the last character's two spare bits must be zero
+    last = SECRET_B64[-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = alphabet[alphabet.index(last) ^ 1]
+    assert base64.urlsafe_b64decode(SECRET_B64[:-1] + twin + "=") == SECRET
+    _reject(f"rexec1:0123456789abcdef:{SECRET_B64[:-1]}{twin}", "secret", "canonical")
+
+
 def test_error_messages_never_echo_the_secret() -> None:
     for text in (
         f"rexec9:0123456789abcdef:{SECRET_B64}",
