@@ -22,7 +22,7 @@ from rexec.demo.codec import FrameTooLarge
 HOST = "127.0.0.1"
 IO_TIMEOUT = 5.0  # the longest any single wait may take; scenarios need far less
 DEADLINE = 15.0  # hard limit on the life of a server thread
-SILENCE = 0.5  # how long we wait to show that an answer is never coming
+SILENCE = 0.3  # how long we wait to show that an answer is never coming
 POLL = 0.002
 MAX_ACCEPTS = 4  # strangers refused before we give up waiting for our own client
 
@@ -92,6 +92,16 @@ def wait_buffered(sock: socket.socket, want: int, timeout: float = IO_TIMEOUT) -
     finally:
         sock.settimeout(old)
     return 0 if data is None else len(data)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = IO_TIMEOUT) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / POLL) + 1):
+        if predicate() or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL)
+    return predicate()
 
 
 def recv_or_silence(sock: socket.socket, size: int, silence: float = SILENCE) -> bytes | None:

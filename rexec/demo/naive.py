@@ -3,6 +3,16 @@
 Nothing here marks where a message ends. TCP delivers a byte stream, so a reply longer
 than the buffer is cut, two sends can arrive as one recv, and an empty send puts nothing
 at all on the wire. The scenarios show each of these with real bytes.
+
+The tutorial, in short (this module is the same code, with timeouts and a log added):
+
+    # server                                # client
+    while True:                             while True:
+        cmd = conn.recv(1024)                   cmd = input("> ")
+        if not cmd:                             s.send(cmd.encode())
+            break                               print(s.recv(1024).decode())
+        out = subprocess.run(cmd, shell=True, capture_output=True)
+        conn.send(out.stdout + out.stderr)
 """
 
 from __future__ import annotations

@@ -17,12 +17,14 @@ from rexec.demo import framed, naive
 from rexec.demo.codec import HEADER_SIZE, MAX_BODY, encode, hex_bytes
 from rexec.demo.framed import FramedConnection, FramedServe, FrameLog, FrameRecord
 from rexec.demo.loopback import (
+    IO_TIMEOUT,
     SILENCE,
     ServerLog,
     recv_or_silence,
     run_pair,
     wait_buffered,
     wait_replies,
+    wait_until,
 )
 
 SEQ_COMMAND = b"seq 1 2000"
@@ -187,8 +189,8 @@ def framed_oversize() -> Transcript:
         wire = OVERSIZE_HEADER + b"x" * 16  # the start of a body that would never end
         sock.sendall(wire)
         t.wire.append(wire)
-        try:
-            t.client_received.append(recv_or_silence(sock, framed.RECV_SIZE))
+        try:  # the close is coming, so wait as long as any I/O may take
+            t.client_received.append(recv_or_silence(sock, framed.RECV_SIZE, IO_TIMEOUT))
         except ConnectionResetError:
             t.client_received.append(b"")  # closed with our bytes unread: still closed
         return t
@@ -428,7 +430,8 @@ def naive_empty() -> Transcript:
         t.client_sent.append(b"")
         t.send_returned.append(naive.send(sock, b""))
         t.client_received.append(recv_or_silence(sock, naive.RECV_SIZE))
-        t.server_waiting = log.waiting_in_recv and not log.received
+        # The server thread is (or, on a very busy machine, is about to be) in recv().
+        t.server_waiting = wait_until(lambda: log.waiting_in_recv) and not log.received
         return t
 
     transcript, _ = run_pair(naive.serve, talk)

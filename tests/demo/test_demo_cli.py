@@ -57,3 +57,13 @@ def test_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert "--show-frames" in capsys.readouterr().out
+
+
+def test_every_run_prints_the_same_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = []
+    for _ in range(2):
+        assert main(["all", "--show-frames"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert outputs[0].count("[ok]") == 30
+    assert "[FAIL]" not in outputs[0]
