@@ -1,0 +1,264 @@
+"""Admission control and start-up checks: failed-auth rate limiting per source, connection
+and channel limits, a token store others can read, and a config with a mistyped key."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rexec.errors import ErrorCode, RemoteError
+from rexec.protocol.client import ClientConnection
+from rexec.protocol.events import ExitReceived, HandshakeComplete, OutputReceived
+from rexec.protocol.token import Token, parse_token
+
+
+def _closed_within(sock: socket.socket, timeout: float) -> bool:
+    """Did the peer close (EOF or reset) within timeout, without sending us anything?"""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        ready, _, _ = select.select([sock], [], [], remaining)
+        if not ready:
+            continue
+        try:
+            data = sock.recv(4096)
+        except ConnectionResetError:
+            return True
+        assert data == b"", f"the server sent {data!r} to a connection it should close"
+        return True
+
+
+def _connect_from(source: str, address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=5, source_address=(source, 0))
+
+
+def _raw_run(sock: socket.socket, token: Token, command: str) -> tuple[int | None, bytes]:
+    """A minimal client over an already connected socket: handshake, one command, its exit."""
+    conn = ClientConnection(token)
+    conn.initiate()
+    sock.sendall(conn.data_to_send())
+    out = b""
+    deadline = time.monotonic() + 10
+    sent_exec = False
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = sock.recv(65536)
+        assert data, "server closed the connection"
+        for event in conn.receive_data(data):
+            if isinstance(event, HandshakeComplete) and not sent_exec:
+                conn.send_exec(command)
+                sent_exec = True
+            elif isinstance(event, OutputReceived):
+                out += event.data
+            elif isinstance(event, ExitReceived):
+                return event.status.exit_code, out
+        sock.sendall(conn.data_to_send())
+    raise AssertionError("no EXIT within 10s")
+
+
+# ---- failed-auth rate limiting ------------------------------------------------------
+
+
+def test_auth_failures_lock_out_the_source(server_factory: Any, e2e: Any) -> None:
+    srv = server_factory("[limits]\nauth_failures = 3\nauth_window = 60.0\n")
+    good = parse_token(srv.token)
+    wrong = Token(good.key_id, bytes(32)).format()
+    for attempt in range(3):
+        proc = e2e.run_cli(["run", srv.address, "echo no"], token=wrong)
+        assert proc.returncode == 255, attempt
+        assert proc.stdout == b""
+        assert proc.stderr.startswith(b"rexec: authentication failed"), proc.stderr
+    assert e2e.wait_until(lambda: len(srv.log_events("authentication failed")) == 3, 3)
+    # the 4th connection from 127.0.0.1 is closed at once, before any byte is exchanged
+    with _connect_from("127.0.0.1", srv.address) as s:
+        t0 = time.monotonic()
+        assert _closed_within(s, 1.0), "4th connection from 127.0.0.1 was not closed"
+        assert time.monotonic() - t0 < 0.5
+    # ... even with the right token
+    t0 = time.monotonic()
+    proc = e2e.run_cli(["run", srv.address, "echo yes"], token=srv.token)
+    assert proc.returncode == 255
+    assert proc.stdout == b""
+    assert proc.stderr.startswith(b"rexec: ") and proc.stderr.count(b"\n") == 1
+    assert time.monotonic() - t0 < 5
+    refusals = [
+        r
+        for r in srv.log_events("connection refused")
+        if r.get("reason") == "too many failed authentications from 127.0.0.1"
+    ]
+    assert len(refusals) == 2
+    # per source: another loopback address is not locked out
+    try:
+        other = _connect_from("127.0.0.2", srv.address)
+    except OSError as exc:  # pragma: no cover - 127.0.0.0/8 is loopback on Linux
+        pytest.skip(f"cannot bind 127.0.0.2: {exc}")
+    with other:
+        assert _raw_run(other, good, "echo from-127.0.0.2") == (0, b"from-127.0.0.2\n")
+    records = srv.wait_audit(1)
+    assert len(records) == 1  # nothing from the refused or failed attempts
+    assert records[0]["peer"].startswith("127.0.0.2:")
+
+
+# ---- connection limits --------------------------------------------------------------
+
+
+def test_max_connections_and_max_unauthenticated(server_factory: Any, e2e: Any) -> None:
+    srv = server_factory(
+        "[limits]\nmax_connections = 4\nmax_unauthenticated = 2\nhandshake_timeout = 30.0\n"
+    )
+    a1, a2 = srv.connect(), srv.connect()
+    raws: list[socket.socket] = []
+    try:
+        for conn in (a1, a2):
+            assert conn.run("echo in").stdout == b"in\n"  # authenticated for sure
+        raws = [_connect_from("127.0.0.1", srv.address) for _ in range(2)]  # unauthenticated
+        time.sleep(0.3)
+        # 4 admitted (2 authenticated, 2 in the handshake): a 5th is refused at once
+        with _connect_from("127.0.0.1", srv.address) as extra:
+            assert _closed_within(extra, 1.0)
+        assert e2e.wait_until(lambda: srv.log_events("limit hit: max_connections"), 3)
+        proc = e2e.run_cli(["run", srv.address, "echo no"], token=srv.token)
+        assert proc.returncode == 255
+        assert proc.stderr.startswith(b"rexec: ") and proc.stderr.count(b"\n") == 1
+        # one authenticated connection leaves: 3 admitted, but 2 still in the handshake
+        a1.close()
+        assert e2e.wait_until(lambda: len(srv.log_events("connection closed")) >= 1, 3)
+        with _connect_from("127.0.0.1", srv.address) as extra:
+            assert _closed_within(extra, 1.0)
+        hits = e2e.wait_until(lambda: srv.log_events("limit hit: max_unauthenticated"), 3)
+        assert hits and hits[0]["max_unauthenticated"] == 2
+        # the admitted ones were not disturbed
+        for s in raws:
+            assert not _closed_within(s, 0.05)
+        assert a2.run("echo still").stdout == b"still\n"
+        # a handshake slot frees up: a new client gets in
+        raws.pop().close()
+        a3 = e2e.wait_until(lambda: _try_connect(srv), 3)
+        assert a3, "no slot after an unauthenticated connection left"
+        try:
+            assert a3.run("echo a3").stdout == b"a3\n"
+        finally:
+            a3.close()
+    finally:
+        for s in raws:
+            s.close()
+        a1.close()
+        a2.close()
+    refused = [r["reason"] for r in srv.log_events("connection refused")]
+    assert "max_connections reached" in refused
+    assert "max_unauthenticated reached" in refused
+
+
+def _try_connect(srv: Any) -> Any:
+    try:
+        return srv.connect()
+    except Exception:
+        return None
+
+
+def test_max_channels_per_connection(server_factory: Any, e2e: Any) -> None:
+    srv = server_factory("[limits]\nmax_channels = 2\n")
+    conn = srv.connect()
+    other = srv.connect()
+    try:
+        conn._conn.send_exec("sleep 0.6; echo one")
+        conn._conn.send_exec("sleep 0.6; echo two")
+        conn._flush_queue()
+        assert e2e.wait_until(lambda: len(srv.log_events("command started")) == 2, 5)
+        with pytest.raises(RemoteError) as info:
+            conn.run("echo three")
+        assert info.value.code == ErrorCode.LIMIT
+        assert info.value.message == "too many commands on this connection (max_channels=2)"
+        # the limit is per connection
+        assert other.run("echo other").stdout == b"other\n"
+        # once the two finish, the connection runs commands again
+        time.sleep(0.8)
+        assert conn.run("echo four").stdout == b"four\n"
+    finally:
+        conn.close()
+        other.close()
+    hits = srv.log_events("limit hit: max_channels")
+    assert len(hits) == 1 and hits[0]["max_channels"] == 2
+    errors = [r.get("error") for r in srv.wait_audit(5)]
+    assert errors.count("limit: too many commands on this connection (max_channels=2)") == 1
+
+
+# ---- start-up checks ----------------------------------------------------------------
+
+
+def _serve(e2e: Any, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    ready = tmp_path / "ready"
+    proc = subprocess.run(
+        [
+            e2e.REXEC,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--ready-file",
+            str(ready),
+            "--log-format",
+            "json",
+            *extra,
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=e2e.clean_env(),
+        timeout=20,
+        check=False,
+    )
+    assert not ready.exists(), "the server started"
+    return proc
+
+
+def test_token_store_readable_by_others_refused(e2e: Any, tmp_path: Path) -> None:
+    store = tmp_path / "tokens.json"
+    e2e.new_token(store, "t")
+    assert (store.stat().st_mode & 0o777) == 0o600
+    os.chmod(store, 0o644)
+    proc = _serve(e2e, tmp_path, "--tokens", str(store))
+    assert proc.returncode == 2
+    assert proc.stdout == b""
+    assert (
+        proc.stderr
+        == (
+            f"rexec: token store {store} has mode 0644: group and others must have no access; "
+            f"fix it with: chmod 600 {store}\n"
+        ).encode()
+    )
+    os.chmod(store, 0o640)
+    proc = _serve(e2e, tmp_path, "--tokens", str(store))
+    assert proc.returncode == 2 and b"has mode 0640" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[limits]\nmax_conections = 3\n", "unknown key 'limits.max_conections'"),
+        ("[limitz]\nmax_connections = 3\n", "unknown key 'limitz'"),
+        ('[limits]\nmax_connections = "3"\n', "limits.max_connections: "),
+        ("[exec]\nshell = 'sh'\n", "exec.shell: must be an absolute path, got 'sh'"),
+    ],
+)
+def test_bad_config_refused(e2e: Any, tmp_path: Path, toml: str, message: str) -> None:
+    store = tmp_path / "tokens.json"
+    e2e.new_token(store, "t")
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(toml)
+    proc = _serve(e2e, tmp_path, "--tokens", str(store), "--config", str(cfg))
+    assert proc.returncode == 2
+    assert proc.stdout == b""
+    text = proc.stderr.decode()
+    assert text.startswith(f"rexec: {cfg}: ") and text.count("\n") == 1, text
+    assert message in text
