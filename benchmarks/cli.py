@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import shlex
 import sys
 import time
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config.make(args.quick, args.verbose)
     procs.install()
     started = time.monotonic()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     rows: list[Row] = []
     groups: list[Group] = []
     env: Env | None = None
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "machine": machine(),
             "quick": cfg.quick,
+            "loadavg_start": load_start,
             "stream_bytes": cfg.stream_bytes,
             "concurrency": cfg.conc_n,
             "command": "python -m benchmarks" + (" " + shlex.join(argv or sys.argv[1:])).rstrip(),

@@ -54,6 +54,7 @@ def machine() -> dict[str, Any]:
         "python_executable": sys.executable,
         "kernel": platform.release(),
         "commit": commit or None,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -74,6 +75,8 @@ def text_tables(
         title,
         f"machine: {m['nproc']} CPU(s) {m['cpu']}, {m['memory']}, Python {m['python']}, "
         f"Linux {m['kernel']}, commit {m['commit']}",
+        f"load average at start {meta.get('loadavg_start')}, at end {m['loadavg_end']} "
+        "(others' work on the machine adds noise; ratios are interleaved to cancel drift)",
         f"peers: {meta.get('openssh', '?')}; asyncssh {meta.get('asyncssh', '?')}; "
         f"paramiko {meta.get('paramiko', '?')}",
         "",
@@ -118,7 +121,8 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], ratios: Sequence[dict[st
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, Python {m['python']}, "
         f"Linux {m['kernel']}. Peers: {meta.get('openssh', '?')}, asyncssh "
-        f"{meta.get('asyncssh', '?')}, paramiko {meta.get('paramiko', '?')}.",
+        f"{meta.get('asyncssh', '?')}, paramiko {meta.get('paramiko', '?')}. "
+        f"Load average {meta.get('loadavg_start')} at start, {m['loadavg_end']} at end.",
         "",
         "| measure | contender | median | p25..p75 | n |",
         "|---|---|---:|---:|---:|",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from benchmarks import procs
@@ -22,6 +23,19 @@ from benchmarks.peers import CHUNK, ZEROS
 from benchmarks.runtime import REXEC_BIN, Loop, tail, wait_file
 
 START_TIMEOUT = 10.0
+
+# Like the private sshd (MaxStartups/MaxSessions 1000, LogLevel ERROR): limits high enough
+# for the concurrency measure, and no per-connection log lines. Tried first; if the server
+# refuses it (the schema may change), it runs with its defaults and the JSON says so.
+SERVER_CONFIG = """\
+[server]
+log_level = "warning"
+
+[limits]
+max_connections = 1024
+max_unauthenticated = 1024
+max_channels = 1024
+"""
 
 
 def _first_line(data: bytes) -> str:
@@ -63,6 +77,7 @@ class Rexec:
         self.cli_error: str | None = None
         self.mod: Any = None
         self.version = ""
+        self.note = ""
 
     # ---- server -------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,19 +110,37 @@ class Rexec:
             err = _first_line(res.stderr) or _first_line(res.stdout)
             raise Unavailable(f"`rexec token new` exit {res.returncode}: {err}"[:160])
         self.token = token
+        procs.on_cleanup("rexec server", self.stop)
+        config = self.dir / "server.toml"
+        config.write_text(SERVER_CONFIG)
+        try:
+            text = self._serve(store, ["--config", str(config)])
+            self.note = "limits raised to 1024 (as sshd's MaxStartups/MaxSessions), log warning"
+        except Unavailable as exc:
+            log(f"rexec serve --config failed ({exc}); retrying with the default limits")
+            self.stop()
+            text = self._serve(store, [])
+            self.note = "default server limits (--config was refused)"
+        addrs = [a.strip() for a in text.splitlines() if a.strip().startswith("127.0.0.1:")]
+        if not addrs:
+            raise Unavailable(f"`rexec serve` ready file holds no 127.0.0.1 address: {text!r}")
+        self.addr = addrs[0]
+
+    def _serve(self, store: Path, extra: list[str]) -> str:
         ready = self.dir / "ready"
-        state = self.dir / "state"
+        ready.unlink(missing_ok=True)
         logf = (self.dir / "server.log").open("ab")
         self.proc = subprocess.Popen(
             [
                 str(REXEC_BIN),
                 "serve",
+                *extra,
                 "--listen",
                 "127.0.0.1:0",
                 "--tokens",
                 str(store),
                 "--state-dir",
-                str(state),
+                str(self.dir / "state"),
                 "--ready-file",
                 str(ready),
             ],
@@ -117,15 +150,10 @@ class Rexec:
             start_new_session=True,
         )
         logf.close()
-        procs.on_cleanup("rexec server", self.stop)
         try:
-            text = wait_file(ready, self.proc, START_TIMEOUT, "`rexec serve`")
+            return wait_file(ready, self.proc, START_TIMEOUT, "`rexec serve`")
         except Unavailable as exc:
             raise Unavailable(f"{exc}: {tail(self.dir / 'server.log', 1)}") from exc
-        addrs = [a.strip() for a in text.splitlines() if a.strip().startswith("127.0.0.1:")]
-        if not addrs:
-            raise Unavailable(f"`rexec serve` ready file holds no 127.0.0.1 address: {text!r}")
-        self.addr = addrs[0]
 
     def stop(self) -> None:
         if self.proc is not None:
