@@ -1,11 +1,595 @@
-"""The interactive shell (`rexec shell TARGET`): placeholder until the REPL lands."""
+"""The interactive shell (`rexec shell TARGET`): one authenticated connection, a command per line.
+
+Every line is one EXEC on a new channel (`/bin/sh -c LINE` on the server), so session state
+lives here: `cd` and `export` are checked on the server, then sent as `cwd=`/`env=` with every
+later command. Built-ins start with `:`; `cd`, `export`, `unset`, `pwd` and `exit` are handled
+only when they are a simple command (no `;`, `|`, `&&`...); anything else goes to the server.
+"""
 
 from __future__ import annotations
 
+import argparse
+import codecs
+import contextlib
+import os
+import re
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rexec.blocking import BlockingConnection
+from rexec.errors import (
+    ConnectionLost,
+    ErrorCode,
+    ExecError,
+    ProtocolError,
+    RemoteError,
+    RexecError,
+)
+from rexec.protocol.noise import Suite
+from rexec.result import EXIT_FAILURE, Result
+
+if TYPE_CHECKING:
+    from rexec.protocol.frames import FrameType
+    from rexec.protocol.token import Token
+    from rexec.target import Endpoint
+
+HISTORY_KEEP = 5000  # lines kept in the history file (trimmed at start-up)
+RED, RESET = "\x1b[31m", "\x1b[0m"
+BUILTINS = (":help", ":timeout", ":env", ":trace", ":exit", "cd", "export", "unset", "pwd", "exit")
+BUILTIN_ARGS = {":trace": ("on", "off"), ":timeout": ("off",)}
+# codes an ERROR frame carries for one command; any other code ends the connection
+CHANNEL_CODES = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.EXEC_FAILED, ErrorCode.LIMIT})
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+HELP = """\
+Each line runs as `/bin/sh -c LINE` on the server, on a new channel of one connection.
+  cd [DIR|-]        change the remote directory (checked on the server; kept)
+  export K=V ...    set variables for later commands (the server's allowlist applies)
+  unset K ...       drop exported variables
+  pwd               print the tracked remote directory
+  exit [N], Ctrl-D  leave
+  :timeout SECS|off server-enforced deadline for later commands (status 124)
+  :env              list the exported variables
+  :trace on|off     print frame headers to stderr
+  :help, :exit
+Ctrl-C sends SIGINT to the running command (twice: SIGKILL); at the prompt it clears the line.
+"""
+
+
+class _Leave(Exception):
+    """Raised by `exit`/`:exit`/Ctrl-D to end the loop with a status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Lost(Exception):
+    """The connection is gone; carries the one-line reason."""
+
+
+def _write(fd: int, data: bytes) -> None:
+    """Write all of data; a closed reader or a non-blocking terminal never crashes the shell."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            os.set_blocking(fd, True)
+        except BrokenPipeError:
+            return
+
+
+def _say(message: str) -> None:
+    """One line of our own on stderr, as the CLI writes them."""
+    _write(2, f"rexec: {message}\n".encode(errors="replace"))
+
+
+def _printable(text: str) -> str:
+    """A remote path or value made safe to show in the prompt (no control characters)."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def history_path(env: Mapping[str, str] | None = None) -> Path:
+    """$XDG_STATE_HOME/rexec/history, else ~/.local/state/rexec/history (XDG ignores relative)."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state"
+    return root / "rexec" / "history"
+
+
+class Output:
+    """Live sinks for stdout and stderr: per-stream incremental UTF-8 decoding (a character
+    split across chunks survives; bad bytes become U+FFFD), optional red stderr, and
+    whether the cursor ended mid-line (so the prompt starts on a fresh one)."""
+
+    def __init__(self, red_stderr: bool) -> None:
+        self._decoders = {n: codecs.getincrementaldecoder("utf-8")("replace") for n in (1, 2)}
+        self._red = red_stderr
+        self.mid_line = False
+
+    def sink(self, fd: int) -> Callable[[bytes], None]:
+        return lambda data: self._emit(fd, self._decoders[fd].decode(data))
+
+    def _emit(self, fd: int, text: str) -> None:
+        if not text:
+            return
+        self.mid_line = not text.endswith("\n")
+        if fd == 2 and self._red:  # reset before the newline: the prompt line stays plain
+            body = text.removesuffix("\n")
+            text = RED + body + RESET + text[len(body) :]
+        _write(fd, text.encode("utf-8"))
+
+    def finish(self) -> None:
+        """End of a command: flush half characters and put the cursor on a new line."""
+        for fd, decoder in self._decoders.items():
+            self._emit(fd, decoder.decode(b"", final=True))
+            decoder.reset()
+        if self.mid_line:
+            _write(1, b"\n")
+            self.mid_line = False
+
+
+class Shell:
+    """The REPL: session state (cwd, env, timeout) kept locally and sent with every EXEC."""
+
+    def __init__(
+        self,
+        name: str,
+        endpoint: Endpoint,
+        token: Token,
+        *,
+        connect_timeout: float,
+        suite: Suite = Suite.AESGCM,
+        interactive: bool = True,
+        trace: bool = False,
+    ) -> None:
+        self.name = name
+        self._endpoint = endpoint
+        self._token = token
+        self._connect_timeout = connect_timeout
+        self._suite = suite
+        self.interactive = interactive
+        self.tracing = trace
+        self.conn: BlockingConnection | None = None
+        self.user = self.host = "?"
+        self.home: str | None = None
+        self.cwd: str | None = None  # None: the server's default (the remote home)
+        self.oldcwd: str | None = None
+        self.env: dict[str, str] = {}
+        self.timeout: float | None = None
+        self.status = 0
+        self.refused: RexecError | None = None  # why the last remote() returned None
+        color = interactive and os.isatty(2) and "NO_COLOR" not in os.environ
+        self.output = Output(red_stderr=color)
+
+    # ---- connection ----------------------------------------------------------------
+
+    def _trace(self, direction: str, ftype: FrameType, channel: int, length: int) -> None:
+        """Always installed; prints only while `:trace on`, so toggling needs no reconnect."""
+        if self.tracing:
+            arrow = ">" if direction == "send" else "<"
+            _say(f"{arrow} {ftype.name} ch={channel} len={length}")
+
+    def connect(self) -> None:
+        """Open and authenticate a connection; the first time, learn the remote home."""
+        conn = BlockingConnection(
+            self._endpoint,
+            self._token,
+            connect_timeout=self._connect_timeout,
+            suite=self._suite,
+            trace=self._trace,
+        )
+        try:
+            info = conn.connect()
+        except BaseException:
+            self._drop(conn)
+            raise
+        self.conn, self.user, self.host = conn, info.user, info.host
+        if self.home is None:
+            result = self.remote("pwd -P", capture=True)
+            if result is not None and result.exit_code == 0:
+                self.home = self.cwd = _last_line(result.stdout)
+
+    @staticmethod
+    def _drop(conn: BlockingConnection | None) -> None:
+        """Close a connection that may already be dead, quietly."""
+        if conn is not None:
+            with contextlib.suppress(Exception):  # gone either way; close() aborts the socket
+                conn.close()
+
+    def close(self) -> None:
+        self._drop(self.conn)
+        self.conn = None
+
+    def remote(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        capture: bool = False,
+        timeout: float | None = None,
+        from_home: bool = False,
+    ) -> Result | None:
+        """Run one command with Ctrl-C forwarding. None when the server refused it (the reason
+        is printed and the status set); raises _Lost when the connection is gone.
+
+        capture: keep stdout in the Result (stderr still streams, so errors show live).
+        """
+        from rexec.cli import _Interrupts
+
+        if self.conn is None:
+            raise _Lost("not connected")
+        interrupts = _Interrupts()
+        self.refused = None
+        try:
+            result = self.conn.run(
+                command,
+                env=self.env if env is None else env,
+                cwd=None if from_home else self.cwd,
+                timeout=timeout,
+                stdout=None if capture else self.output.sink(1),
+                stderr=self.output.sink(2),
+                poll=interrupts.poll,
+                wakeup_fd=interrupts.read_fd,
+            )
+        except ExecError as exc:
+            self.output.finish()
+            _say(str(exc))
+            self.status, self.refused = exc.exit_code or 127, exc
+            return None
+        except RemoteError as exc:
+            self.output.finish()
+            if exc.code not in CHANNEL_CODES:
+                raise _Lost(str(exc)) from None
+            _say(str(exc))
+            self.status, self.refused = 1, exc
+            return None
+        except (ConnectionLost, ProtocolError, OSError) as exc:
+            self.output.finish()
+            raise _Lost(str(exc)) from None
+        finally:
+            interrupts.close()
+        self.output.finish()
+        if interrupts.count and not capture:
+            _write(1, b"\n")  # the terminal echoed ^C mid-line
+        self.status = result.shell_status
+        if result.timed_out:
+            _say(f"command timed out after {result.duration:.1f}s (killed by the server)")
+        return result
+
+    # ---- the loop ------------------------------------------------------------------
+
+    def prompt(self) -> str:
+        where = "?" if self.cwd is None else self.cwd
+        if self.home is not None and where == self.home:
+            where = "~"
+        elif self.home not in (None, "/") and where.startswith(f"{self.home}/"):
+            where = "~" + where[len(self.home or "") :]
+        status = f" [{self.status}]" if self.status else ""
+        sign = "#" if self.user == "root" else "$"
+        return _printable(f"{self.user}@{self.host}:{where}{status}{sign} ")
+
+    def loop(self, read: Callable[[str], str]) -> int:
+        """Read, dispatch, repeat; returns the exit status of the whole session."""
+        while True:
+            try:
+                line = read(self.prompt() if self.interactive else "")
+            except EOFError:
+                if self.interactive:
+                    _write(1, b"\n")
+                return 0
+            except KeyboardInterrupt:
+                _write(1, b"\n")  # the line is dropped; readline starts a fresh one
+                continue
+            try:
+                self.dispatch(line)
+            except _Leave as leave:
+                return leave.status
+            except KeyboardInterrupt:
+                _write(1, b"\n")
+            except _Lost as lost:
+                if not self.reconnect(str(lost), read):
+                    return EXIT_FAILURE
+
+    def reconnect(self, reason: str, read: Callable[[str], str]) -> bool:
+        """Say the connection is gone (one line) and offer to reconnect; False to leave."""
+        self.close()
+        prefix = f"connection to {self._endpoint} lost: "
+        reason = reason.removeprefix(prefix)
+        _say(f"connection to {self.name} lost: {reason}")
+        if not self.interactive:
+            return False
+        while True:
+            try:
+                answer = read("reconnect? [Y/n] ").strip().lower()
+            except (EOFError, KeyboardInterrupt):
+                _write(1, b"\n")
+                return False
+            if answer in ("n", "no"):
+                return False
+            if answer not in ("", "y", "yes"):
+                continue
+            try:
+                self.connect()
+                _say(f"reconnected to {self.user}@{self.host}")
+                return True
+            except KeyboardInterrupt:
+                _write(1, b"\n")
+            except RexecError as exc:
+                _say(str(exc))
+
+    def dispatch(self, line: str) -> None:
+        """One line: nothing when blank, a built-in when it is one, else a remote command."""
+        text = line.strip()
+        if not text:
+            return
+        if text.startswith(":"):
+            self.builtin(text.split())
+            return
+        words = _simple_words(text)
+        head = text.split(None, 1)[0]
+        if words and words[0] in ("cd", "export", "unset", "pwd", "exit"):
+            getattr(self, f"do_{words[0]}")(words[1:], text)
+            return
+        if words is None and head in ("cd", "export", "unset"):
+            _say(f"note: {head} in a compound command lasts for that line only")
+        self.remote(text, timeout=self.timeout)
+
+    # ---- built-ins -----------------------------------------------------------------
+
+    def builtin(self, words: list[str]) -> None:
+        cmd, args = words[0], words[1:]
+        if cmd in (":exit", ":quit", ":q"):
+            raise _Leave(0)
+        if cmd == ":help":
+            _write(1, HELP.encode())
+        elif cmd == ":env":
+            self._show_env()
+        elif cmd == ":trace" and args in (["on"], ["off"]):
+            self.tracing = args == ["on"]
+        elif cmd == ":trace":
+            _say(f":trace is {'on' if self.tracing else 'off'} (use :trace on|off)")
+        elif cmd == ":timeout" and not args:
+            shown = "off" if self.timeout is None else f"{self.timeout:g}s"
+            _say(f":timeout is {shown} (use :timeout SECS|off)")
+        elif cmd == ":timeout" and len(args) == 1:
+            self._set_timeout(args[0])
+        else:
+            _say(f"unknown built-in {' '.join(words)!r} (try :help)")
+
+    def _set_timeout(self, arg: str) -> None:
+        if arg.lower() in ("off", "none", "0"):
+            self.timeout = None
+            return
+        try:
+            value = float(arg)
+        except ValueError:
+            value = -1.0
+        if not 0 < value < 1e9:
+            _say(f":timeout expects seconds > 0 or 'off', got {arg!r}")
+            return
+        self.timeout = value
+
+    def _show_env(self) -> None:
+        lines = "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(self.env.items()))
+        _write(1, lines.encode(errors="replace"))
+
+    def do_exit(self, args: list[str], line: str) -> None:
+        if not args:
+            raise _Leave(0)
+        if len(args) == 1 and args[0].isdigit():
+            raise _Leave(int(args[0]) & 0xFF)
+        _say("exit: usage: exit [N]")
+
+    def do_pwd(self, args: list[str], line: str) -> None:
+        if args:  # options: let the remote pwd handle them
+            self.remote(line, timeout=self.timeout)
+        elif self.cwd is None:
+            _say("pwd: the remote directory is unknown")
+        else:
+            _write(1, f"{self.cwd}\n".encode(errors="replace"))
+
+    def do_cd(self, args: list[str], line: str) -> None:
+        """Let the server's shell resolve DIR (~, $VAR, quotes) from our cwd; adopt its pwd -P."""
+        if len(args) > 1:
+            _say("cd: too many arguments")
+            self.status = 1
+            return
+        raw = line.split(None, 1)[1] if args else ""
+        if args == ["-"]:
+            if self.oldcwd is None:
+                _say("cd: no previous directory")
+                self.status = 1
+                return
+            raw = shlex.quote(self.oldcwd)
+        command = f"cd -- {raw} && pwd -P" if raw else "cd && pwd -P"
+        result = self.remote(command, capture=True)
+        if result is None and isinstance(self.refused, ExecError) and self.cwd is not None:
+            _say("cd: the current directory is gone; trying from the remote home")
+            result = self.remote(command, capture=True, from_home=True)
+        if result is None or result.exit_code != 0:
+            return
+        try:
+            path = _last_line(result.stdout, strict=True)
+        except UnicodeDecodeError:
+            _say("cd: the directory's name is not UTF-8; staying here")
+            self.status = 1
+            return
+        if path.startswith("/"):
+            self.oldcwd, self.cwd = self.cwd, path
+            if args == ["-"]:
+                _write(1, f"{path}\n".encode())
+
+    def do_export(self, args: list[str], line: str) -> None:
+        """Evaluate the assignments in the server's shell with the new names in env= (which
+        puts them through the allowlist); keep the values only if the server agreed."""
+        if not args or args == ["-p"]:
+            self._show_env()
+            return
+        names: list[str] = []
+        for word in args:
+            name = word.split("=", 1)[0]
+            if not _NAME.fullmatch(name):
+                _say(f"export: {name!r} is not a valid variable name")
+                self.status = 1
+                return
+            if "=" not in word and name not in self.env:
+                _say(f"export: {name} has no value here (use export {name}=VALUE)")
+                self.status = 1
+                return
+            names.append(name)
+        env = {**self.env, **{n: self.env.get(n, "") for n in names}}
+        dump = " ".join(f'"${{{n}}}"' for n in names)
+        result = self.remote(f"{line}\nprintf '%s\\0' {dump}", env=env, capture=True)
+        if result is None or result.exit_code != 0:
+            return
+        values = result.stdout.split(b"\0")[: len(names)]
+        try:
+            decoded = [v.decode("utf-8") for v in values]
+        except UnicodeDecodeError:
+            _say("export: the value is not UTF-8; not kept")
+            self.status = 1
+            return
+        self.env.update(zip(names, decoded, strict=True))
+
+    def do_unset(self, args: list[str], line: str) -> None:
+        for name in args:
+            self.env.pop(name, None)
+
+
+def _last_line(data: bytes, strict: bool = False) -> str:
+    """The last line of a command's output (cd prints the directory again when CDPATH hits)."""
+    text = data.decode("utf-8", "strict" if strict else "replace")
+    lines = text.rstrip("\n").split("\n")
+    return lines[-1]
+
+
+def _simple_words(line: str) -> list[str] | None:
+    """The words of a simple command, unquoted; None if it has operators or bad quoting."""
+    lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    lex.commenters = ""
+    try:
+        words = list(lex)
+    except ValueError:
+        return None
+    if any(w and all(c in lex.punctuation_chars for c in w) for w in words):
+        return None
+    return words
+
+
+# ---- line editing --------------------------------------------------------------------
+
+
+class LineEditor:
+    """stdlib readline: editing, tab-completion of built-ins, history appended line by line
+    (a killed shell loses nothing; concurrent shells interleave instead of overwriting)."""
+
+    def __init__(self, path: Path) -> None:
+        import readline
+
+        self.rl = readline
+        self.path: Path | None = path
+        readline.set_auto_history(False)
+        readline.set_completer(self.complete)
+        readline.set_completer_delims(" \t\n")
+        if "libedit" in (readline.__doc__ or ""):
+            readline.parse_and_bind("bind ^I rl_complete")
+        else:
+            readline.parse_and_bind("tab: complete")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+            os.chmod(path, 0o600)
+            readline.read_history_file(path)
+            if readline.get_current_history_length() > 2 * HISTORY_KEEP:
+                readline.set_history_length(HISTORY_KEEP)
+                readline.write_history_file(path)
+                readline.set_history_length(-1)
+        except OSError as exc:
+            _say(f"history disabled: {path}: {exc.strerror or exc}")
+            self.path = None
+
+    def read(self, prompt: str) -> str:
+        line = input(prompt)
+        rl = self.rl
+        n = rl.get_current_history_length()
+        if line.strip() and (n == 0 or rl.get_history_item(n) != line):
+            rl.add_history(line)
+            if self.path is not None:
+                try:
+                    rl.append_history_file(1, self.path)
+                except OSError:
+                    self.path = None
+        return line
+
+    def complete(self, text: str, state: int) -> str | None:
+        rl = self.rl
+        before = rl.get_line_buffer()[: rl.get_begidx()].split()
+        if not before:
+            options = [b for b in BUILTINS if b.startswith(text)]
+        elif len(before) == 1 and before[0] in BUILTIN_ARGS:
+            options = [a for a in BUILTIN_ARGS[before[0]] if a.startswith(text)]
+        else:
+            options = []
+        # Python's readline appends nothing to a completion, so add the space ourselves
+        return options[state] + " " if state < len(options) else None
+
+
+# ---- entry point ---------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rexec shell",
+        description="Interactive shell on TARGET: one connection, each line a remote command.",
+    )
+    p.add_argument("target", help="host[:port], unix:/path, or a client-config alias")
+    p.add_argument("--token-file", help="file holding the client token (mode 0600)")
+    p.add_argument("--connect-timeout", type=float, metavar="SECS", help="connect deadline")
+    p.add_argument("--trace", action="store_true", help="start with :trace on")
+    p.add_argument("--suite", choices=("aesgcm", "chachapoly"), help="Noise cipher suite")
+    return p
 
 
 def main(argv: Sequence[str]) -> int:
-    sys.stderr.write("rexec: the interactive shell is not implemented yet\n")
-    return 2
+    args = _parser().parse_args(list(argv))
+    from rexec.target import resolve_target
+
+    interactive = os.isatty(0)
+    shell: Shell | None = None
+    try:
+        resolved = resolve_target(args.target, token_file=args.token_file)
+        suite = Suite.CHACHAPOLY if args.suite == "chachapoly" else Suite.AESGCM
+        shell = Shell(
+            resolved.name,
+            resolved.endpoint,
+            resolved.token,
+            connect_timeout=args.connect_timeout or resolved.connect_timeout,
+            suite=suite,
+            interactive=interactive,
+            trace=args.trace,
+        )
+        shell.connect()
+        if interactive:
+            _say(f"connected to {shell.user}@{shell.host} ({resolved.endpoint}); :help, Ctrl-D")
+        read: Callable[[str], str] = input
+        if interactive:
+            read = LineEditor(history_path()).read
+        return shell.loop(read)
+    except _Lost as lost:
+        _say(f"connection to {args.target} lost: {lost}")
+        return EXIT_FAILURE
+    except RexecError as exc:
+        _say(str(exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        _write(2, b"\n")
+        return 130
+    finally:
+        if shell is not None:
+            shell.close()
+        sys.stdout.flush()

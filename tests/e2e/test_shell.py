@@ -1,0 +1,254 @@
+"""`rexec shell` as a person uses it: the real CLI in a pseudo-terminal (pexpect) against a
+real `rexec serve`. Every expect is bounded, so a hung shell fails the test instead of CI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+
+TIMEOUT = 10
+# user@host:CWD [STATUS]$ (or # for root); readline may wrap it in bracketed-paste codes
+PROMPT = re.compile(r"\S+@\S+:(\S+?)(?: \[(\d+)\])?[#$] ")
+
+Spawn = Callable[..., pexpect.spawn]
+
+
+@pytest.fixture
+def spawn(e2e: Any, tmp_path: Path) -> Iterator[Spawn]:
+    """Start `rexec shell ADDRESS` in a pty; every child is closed at teardown."""
+    children: list[pexpect.spawn] = []
+
+    def start(server: Any, *args: str, **env: str) -> pexpect.spawn:
+        environ = e2e.clean_env(
+            {"REXEC_TOKEN": server.token, "XDG_STATE_HOME": str(tmp_path / "state")}
+        )
+        environ.pop("NO_COLOR", None)
+        environ.update(TERM="xterm", **env)
+        child = pexpect.spawn(
+            e2e.REXEC,
+            ["shell", server.address, *args],
+            env=environ,
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=TIMEOUT,
+            dimensions=(40, 200),
+            maxread=65536,
+        )
+        children.append(child)
+        if os.environ.get("SHELL_TEST_LOG"):
+            child.logfile_read = open(os.environ["SHELL_TEST_LOG"], "a")  # noqa: SIM115
+        return child
+
+    yield start
+    for child in children:
+        child.close(force=True)
+
+
+def prompt(child: pexpect.spawn) -> tuple[str, int]:
+    """Wait for the next prompt; returns (shown cwd, shown status)."""
+    child.expect(PROMPT)
+    match = child.match
+    assert match is not None
+    return match.group(1), int(match.group(2) or 0)
+
+
+def run(child: pexpect.spawn, line: str) -> tuple[str, str, int]:
+    """Send a line; return what came back before the next prompt, the prompt's cwd and status.
+
+    The output starts after the echo of the line itself.
+    """
+    child.sendline(line)
+    child.expect_exact(line)
+    cwd, status = prompt(child)
+    out = (child.before or "").replace("\x1b[?2004l", "").replace("\r\n", "\n").lstrip("\r\n")
+    return out, cwd, status
+
+
+def ready(child: pexpect.spawn) -> None:
+    child.expect_exact("rexec: connected to ")
+    prompt(child)
+
+
+def test_cd_and_pwd_persist(server: Any, spawn: Spawn) -> None:
+    child = spawn(server)
+    ready(child)
+    assert run(child, "cd /tmp")[1:] == ("/tmp", 0)
+    assert run(child, "pwd") == ("/tmp\n", "/tmp", 0)
+    assert run(child, "/bin/pwd")[0] == "/tmp\n"  # sent as cwd= with every command
+    # a failed cd shows the remote error and keeps the old directory
+    out, cwd, status = run(child, "cd /nonexistent-rexec-dir")
+    assert "can't cd" in out or "No such file" in out
+    assert (cwd, status) == ("/tmp", 2)
+    assert run(child, "cd /usr/../etc")[1:] == ("/etc", 0)
+    assert run(child, "cd -")[:2] == ("/tmp\n", "/tmp")
+    assert run(child, "cd")[1] == "~"
+    assert run(child, "cd /tmp; true")[1] == "~"  # compound: that line only
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_export_persists_and_allowlist_refusal(server: Any, spawn: Spawn) -> None:
+    child = spawn(server)
+    ready(child)
+    assert run(child, "export REXEC_X=hello")[1:] == ("~", 0)
+    assert run(child, "echo $REXEC_X")[0] == "hello\n"
+    assert run(child, 'export REXEC_Y="$REXEC_X world"')[2] == 0  # evaluated by the server
+    out, _, status = run(child, "export FOO_X=1")
+    assert "not allowed" in out and "FOO_X" in out
+    assert status != 0
+    assert run(child, "echo [${FOO_X-unset}] $REXEC_Y")[0] == "[unset] hello world\n"
+    assert run(child, ":env")[0] == "REXEC_X=hello\nREXEC_Y='hello world'\n"
+    run(child, "unset REXEC_X")
+    assert run(child, "echo [${REXEC_X-unset}]")[0] == "[unset]\n"
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_interrupts_the_remote_command(server: Any, spawn: Spawn, e2e: Any) -> None:
+    marker = f"sleep 100.{uuid.uuid4().int % 10**9}"
+    child = spawn(server)
+    ready(child)
+    child.sendline(marker)
+    assert e2e.wait_until(lambda: e2e.cmdline_pids(marker), TIMEOUT)
+    start = time.monotonic()
+    child.sendintr()
+    assert prompt(child)[1] == 130
+    assert time.monotonic() - start < 1.0
+    assert e2e.wait_until(lambda: not e2e.cmdline_pids(marker), 2.0)
+    # Ctrl-C at the prompt drops the line and sends nothing
+    # (wait for readline to echo it: a SIGINT just before readline's select() is only seen
+    # at the next key press, a CPython limitation)
+    child.send("echo never-sent")
+    child.expect_exact("never-sent")
+    child.sendintr()
+    assert prompt(child)[1] == 130
+    assert run(child, "echo ok")[0] == "ok\n"
+    assert "never-sent" not in server.audit_path.read_text()
+
+
+def test_large_output_arrives_complete(server: Any, spawn: Spawn) -> None:
+    child = spawn(server)
+    ready(child)
+    child.sendline("seq 1 170000; echo EN''D")
+    child.expect_exact("\r\nEND\r\n", timeout=30, searchwindowsize=64)
+    text = (child.before or "").replace("\r\n", "\n")
+    body = text[text.index("\n1\n") + 1 :] + "\n"
+    expected = "".join(f"{i}\n" for i in range(1, 170001))
+    assert len(expected) > 1_000_000
+    assert body == expected
+    assert prompt(child)[1] == 0
+
+
+def test_empty_lines_send_nothing(server: Any, spawn: Spawn, e2e: Any) -> None:
+    child = spawn(server)
+    ready(child)
+    run(child, "echo one")
+    before = e2e.wait_until(lambda: len(server.audit_lines()), 2.0)
+    for line in ("", "   ", "\t"):
+        child.sendline(line)
+        prompt(child)
+    run(child, "echo two")
+    assert e2e.wait_until(lambda: len(server.audit_lines()) == before + 1, 2.0)
+    time.sleep(0.2)
+    assert len(server.audit_lines()) == before + 1
+    assert server.audit_records()[-1]["command"] == "echo two"
+
+
+def test_ctrl_d_exits_0_and_history_is_kept(server: Any, spawn: Spawn, tmp_path: Path) -> None:
+    child = spawn(server)
+    ready(child)
+    run(child, "echo remembered-line")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    history = tmp_path / "state" / "rexec" / "history"
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
+    assert history.read_text().splitlines()[-1] == "echo remembered-line"
+    # a new session recalls it with the up arrow
+    child = spawn(server)
+    ready(child)
+    child.send("\x1b[A\r")
+    child.expect_exact("remembered-line\r\n")
+    prompt(child)
+
+
+def test_builtins_timeout_trace_completion(server: Any, spawn: Spawn) -> None:
+    child = spawn(server)
+    ready(child)
+    out, _, status = run(child, ":help")
+    assert ":timeout" in out and status == 0
+    run(child, ":timeout 0.5")
+    out, _, status = run(child, "sleep 5")
+    assert "timed out" in out and status == 124
+    run(child, ":timeout off")
+    child.send(":tr\t")  # tab-completes the built-in
+    child.expect_exact(":trace ")
+    child.sendline("on")
+    prompt(child)
+    out = run(child, "echo traced")[0]
+    assert "rexec: > EXEC ch=" in out and "rexec: < EXIT ch=" in out
+    run(child, ":trace off")
+    assert run(child, "echo quiet")[0] == "quiet\n"
+
+
+def test_output_decoding_and_colour(server: Any, spawn: Spawn) -> None:
+    child = spawn(server)
+    ready(child)
+    # bad bytes become U+FFFD; a character split across two chunks survives
+    out = run(child, r"printf 'a\377b\n'; printf '\342\202'; sleep 0.2; printf '\254\n'")[0]
+    assert out == "a\ufffdb\n\u20ac\n"
+    assert run(child, "echo oops >&2")[0] == "\x1b[31moops\x1b[0m\n"
+    plain = spawn(server, NO_COLOR="1")
+    ready(plain)
+    assert run(plain, "echo oops >&2")[0] == "oops\n"
+
+
+def test_server_killed_mid_session(server_factory: Any, spawn: Spawn) -> None:
+    srv = server_factory()
+    child = spawn(srv)
+    ready(child)
+    child.sendline("echo started; sleep 3")
+    child.expect_exact("started")
+    os.kill(srv.pid, signal.SIGKILL)
+    child.expect(r"rexec: connection to \S+ lost: [^\r\n]+\r\n")
+    child.expect_exact("reconnect? [Y/n] ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 255
+    assert "Traceback" not in (child.before or "")
+
+
+def test_reconnect_keeps_session_state(server_factory: Any, spawn: Spawn, e2e: Any) -> None:
+    srv = server_factory()
+    child = spawn(srv)
+    ready(child)
+    run(child, "cd /tmp")
+    run(child, "export REXEC_K=kept")
+    srv.stop()
+    child.sendline("echo $REXEC_K")
+    child.expect(r"connection to \S+ lost: [^\r\n]+\r\n")
+    child.expect_exact("reconnect? [Y/n] ")
+    (srv.base / "ready").unlink()
+    again = e2e.start_server(srv.base, listen=[srv.address], token_name="t2")
+    try:
+        child.sendline("y")
+        child.expect_exact("rexec: reconnected to ")
+        assert prompt(child)[0] == "/tmp"
+        assert run(child, "echo $REXEC_K; pwd")[0] == "kept\n/tmp\n"
+    finally:
+        again.stop()
+    assert "Traceback" not in (child.before or "")
