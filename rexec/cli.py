@@ -139,7 +139,8 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
 
 
 def _writer(fd: int) -> Any:
-    """A sink writing raw bytes to fd; a closed reader (EPIPE) silences it, never crashes."""
+    """A sink writing raw bytes to fd. A closed reader (EPIPE) raises BrokenPipeError, which
+    ends the command as SIGPIPE would end a local writer (`rexec run H yes | head -1`)."""
     state = {"open": True}
 
     def write(data: bytes) -> None:
@@ -152,6 +153,7 @@ def _writer(fd: int) -> Any:
                 view = view[n:]
         except BrokenPipeError:
             state["open"] = False
+            raise
         except BlockingIOError:  # a non-blocking terminal: fall back to a blocking write
             os.set_blocking(fd, True)
             write(bytes(view))
@@ -268,6 +270,8 @@ def cmd_run(argv: list[str]) -> int:
     except RexecError as exc:
         _err(str(exc))
         return EXIT_FAILURE
+    except BrokenPipeError:  # our reader went away: end quietly, as a SIGPIPE death would
+        return 128 + 13  # closing the connection makes the server kill the command
     finally:
         if interrupts is not None:
             interrupts.close()

@@ -485,6 +485,36 @@ def test_no_trace_by_default(server: Any, e2e: Any) -> None:
     assert (proc.stdout, proc.stderr) == (b"hi\n", b"")
 
 
+# ---- the local reader goes away ------------------------------------------------------
+
+
+def test_stdout_reader_gone_ends_the_command(server: Any, e2e: Any) -> None:
+    # `rexec run HOST yes | head -1` must end, as `yes | head -1` does (SIGPIPE: 141),
+    # and the remote command must not run on forever
+    marker = "e2e-epipe-marker"
+    env = e2e.clean_env({"REXEC_TOKEN": server.token})
+    client = subprocess.Popen(
+        [e2e.REXEC, "run", server.address, "yes", marker],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert client.stdout is not None and client.stderr is not None
+        assert client.stdout.readline() == f"{marker}\n".encode()
+        client.stdout.close()  # the reader is gone
+        rc = client.wait(10)
+        err = client.stderr.read()
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(5)
+    assert rc == 128 + signal.SIGPIPE
+    assert err == b""
+    assert e2e.wait_until(lambda: not e2e.cmdline_pids(marker), 3), "remote yes still runs"
+
+
 # ---- a client killed mid-stream -----------------------------------------------------
 
 

@@ -106,7 +106,7 @@ def test_binary_stdin_200mib_exact(server: Any, e2e: Any, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_remote_random_200mib_hashed_on_both_sides(server: Any, e2e: Any, tmp_path: Path) -> None:
     # the remote side makes the data and hashes what it sent (to stderr); we hash what came
-    script = "head -c 209715200 /dev/urandom | tee /dev/fd/3 3>&1 | sha256sum >&2"
+    script = "{ head -c 209715200 /dev/urandom | tee /dev/fd/3 | sha256sum >&2; } 3>&1"
     dst = tmp_path / "dst.bin"
     with open(dst, "wb") as out:
         proc = e2e.run_cli(
