@@ -4,6 +4,7 @@ authentication, bad targets, unix sockets, tracing, and a client killed mid-stre
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -513,6 +514,114 @@ def test_stdout_reader_gone_ends_the_command(server: Any, e2e: Any) -> None:
     assert rc == 128 + signal.SIGPIPE
     assert err == b""
     assert e2e.wait_until(lambda: not e2e.cmdline_pids(marker), 3), "remote yes still runs"
+
+
+# ---- Ctrl-C, stdin left open, a server that dies --------------------------------------
+
+
+def _start_client(e2e: Any, server: Any, *args: str, stdin: Any = subprocess.DEVNULL) -> Any:
+    return subprocess.Popen(
+        [e2e.REXEC, "run", server.address, *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=e2e.clean_env({"REXEC_TOKEN": server.token}),
+    )
+
+
+def _finish(client: Any, timeout: float = 10) -> tuple[int, bytes, bytes]:
+    try:
+        out, err = client.communicate(timeout=timeout)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(5)
+    return client.returncode, out, err
+
+
+@pytest.mark.parametrize(
+    ("script", "interrupts", "status"),
+    [("sleep 1000.555", 1, 130), ("trap '' INT; echo ready; sleep 1000.556", 2, 137)],
+)
+def test_ctrl_c_forwards_sigint_then_sigkill(
+    server: Any, e2e: Any, script: str, interrupts: int, status: int
+) -> None:
+    marker = script.split()[-1]
+    client = _start_client(e2e, server, f"{script}; echo not-reached")
+    try:
+        assert e2e.wait_until(lambda: set(e2e.cmdline_pids(marker)) - {client.pid}, 10)
+        for _ in range(interrupts):
+            time.sleep(0.3)
+            client.send_signal(signal.SIGINT)
+        rc, out, err = _finish(client)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(5)
+    assert rc == status, err
+    assert b"not-reached" not in out
+    assert err == b""
+    assert e2e.cmdline_pids(marker) == []
+
+
+def test_command_exit_ends_the_client_while_stdin_stays_open(server: Any, e2e: Any) -> None:
+    client = _start_client(e2e, server, "echo hi; exit 3", stdin=subprocess.PIPE)
+    try:
+        assert client.stdout is not None
+        t0 = time.monotonic()
+        out = _read_all(client)
+        rc = client.wait(5)
+        elapsed = time.monotonic() - t0
+    finally:
+        client.kill()
+        client.wait(5)
+    assert (rc, out) == (3, b"hi\n")
+    assert elapsed < 3
+
+
+def test_server_killed_mid_command(server_factory: Any, e2e: Any) -> None:
+    srv = server_factory()
+    marker = "sleep 1000.888"
+    client = _start_client(e2e, srv, f"echo begun; {marker}")
+    try:
+        remote = e2e.wait_until(
+            lambda: [p for p in e2e.cmdline_pids(marker) if p != client.pid], 10
+        )
+        assert remote
+        srv.proc.kill()  # no goodbye: the connection just drops
+        srv.proc.wait(5)
+        t0 = time.monotonic()
+        rc, out, err = _finish(client)
+        elapsed = time.monotonic() - t0
+    finally:
+        for pid in e2e.cmdline_pids(marker):  # orphans of the killed server: ours to clean
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    assert rc == 255
+    assert out == b"begun\n"
+    assert err.startswith(b"rexec: ") and err.count(b"\n") == 1, err
+    assert elapsed < 5
+
+
+# ---- cipher suites ------------------------------------------------------------------
+
+
+def test_both_suites(server: Any, e2e: Any) -> None:
+    for suite in ("aesgcm", "chachapoly"):
+        proc = e2e.run_cli(
+            ["run", "--suite", suite, server.address, f"echo {suite}"], token=server.token
+        )
+        assert (proc.returncode, proc.stdout) == (0, f"{suite}\n".encode())
+
+
+def test_suite_refused_by_server(server_factory: Any, e2e: Any) -> None:
+    srv = server_factory('[server]\nsuites = ["AESGCM"]\n')
+    proc = e2e.run_cli(["run", "--suite", "chachapoly", srv.address, "true"], token=srv.token)
+    assert proc.returncode == 255
+    assert proc.stdout == b""
+    assert proc.stderr.startswith(b"rexec: ") and proc.stderr.count(b"\n") == 1
+    ok = e2e.run_cli(["run", "--suite", "aesgcm", srv.address, "echo ok"], token=srv.token)
+    assert (ok.returncode, ok.stdout) == (0, b"ok\n")
 
 
 # ---- a client killed mid-stream -----------------------------------------------------

@@ -262,3 +262,56 @@ def test_bad_config_refused(e2e: Any, tmp_path: Path, toml: str, message: str) -
     text = proc.stderr.decode()
     assert text.startswith(f"rexec: {cfg}: ") and text.count("\n") == 1, text
     assert message in text
+
+
+# ---- time limits --------------------------------------------------------------------
+
+
+def test_max_timeout_caps_every_command(server_factory: Any, e2e: Any) -> None:
+    srv = server_factory("[limits]\ndefault_timeout = 0.3\nmax_timeout = 0.6\n")
+    cases = [([], 0.3), (["--timeout", "100"], 0.6), (["--timeout", "0.4"], 0.4)]
+    for n, (opts, limit) in enumerate(cases):
+        t0 = time.monotonic()
+        proc = e2e.run_cli(["run", *opts, srv.address, f"sleep 1000.60{n}"], token=srv.token)
+        elapsed = time.monotonic() - t0
+        assert proc.returncode == 124, (opts, proc.stderr)
+        assert limit < elapsed < limit + 3, (opts, elapsed)
+    records = srv.wait_audit(3)
+    for (opts, limit), r in zip(cases, records, strict=True):
+        assert r["timed_out"] is True
+        assert limit - 0.05 < r["duration"] < limit + 1.0, (opts, r["duration"])
+    assert e2e.cmdline_pids("sleep 1000.60") == []
+
+
+def _seconds_until_eof(sock: socket.socket, timeout: float) -> float | None:
+    """Read (and drop) whatever arrives until EOF; seconds until then, or None."""
+    t0 = time.monotonic()
+    while True:
+        remaining = t0 + timeout - time.monotonic()
+        if remaining <= 0:
+            return None
+        ready, _, _ = select.select([sock], [], [], remaining)
+        if ready:
+            try:
+                if not sock.recv(65536):
+                    return time.monotonic() - t0
+            except ConnectionResetError:
+                return time.monotonic() - t0
+
+
+def test_idle_timeout_spares_running_commands(server_factory: Any, e2e: Any) -> None:
+    srv = server_factory("[limits]\nidle_timeout = 1.0\n")
+    idle, busy = srv.connect(), srv.connect()
+    try:
+        assert idle.run("echo x").stdout == b"x\n"
+        # a command quieter than the idle timeout is activity all the same
+        result = busy.run("sleep 1.6; echo still-connected")
+        assert (result.exit_code, result.stdout) == (0, b"still-connected\n")
+        assert idle._sock is not None
+        closed_after = _seconds_until_eof(idle._sock, 3.0)
+        assert closed_after is not None, "the idle connection was never closed"
+    finally:
+        idle._abort()
+        busy.close()
+    events = srv.log_events("idle timeout; closing connection")
+    assert len(events) == 1 and events[0]["idle_timeout"] == 1.0
