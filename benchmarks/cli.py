@@ -60,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             group = MEASURES[name](env)
             groups.append(group)
             log(f"{group.title} ({group.rounds} round(s)) ...")
-            interleave(group.contenders, group.rounds, group.budget_s, verbose=cfg.verbose)
+            interleave(
+                group.contenders,
+                group.rounds,
+                group.budget_s,
+                min_rounds=min(2, group.rounds),
+                verbose=cfg.verbose,
+                deadline=started + cfg.total_budget_s,
+            )
             rows.extend(c.row for c in group.contenders)
     except KeyboardInterrupt:
         log("interrupted; stopping everything")

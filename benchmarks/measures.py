@@ -35,13 +35,14 @@ class Config:
     stream_rounds: int
     conc_n: int
     conc_rounds: int
+    total_budget_s: float  # no new rounds after this (the run stays under 10 minutes)
     verbose: bool = False
 
     @classmethod
     def make(cls, quick: bool, verbose: bool = False) -> Config:
         if quick:
-            return cls(True, 64 * MiB, 5, 3, 10, 2, 50, 1, verbose)
-        return cls(False, 512 * MiB, 15, 10, 20, 3, 200, 3, verbose)
+            return cls(True, 64 * MiB, 7, 3, 10, 2, 50, 2, 60.0, verbose)
+        return cls(False, 512 * MiB, 20, 10, 20, 5, 200, 5, 480.0, verbose)
 
     @property
     def size_label(self) -> str:
@@ -277,7 +278,7 @@ def cold_cli(env: Env) -> Group:
         "cold: a new process per command",
         cs,
         env.cfg.cold_rounds,
-        60 if env.cfg.quick else 120,
+        30 if env.cfg.quick else 90,
         [
             Comparison("cold_cli.rexec", "cold_cli.ssh_curve25519", "<=", 0.5, "<= 0.5x"),
             Comparison("cold_cli.rexec", "cold_cli.ssh_default"),
@@ -349,7 +350,7 @@ def cold_api(env: Env) -> Group:
         "cold: connect + auth + run + exit, in process",
         cs,
         env.cfg.cold_rounds,
-        45 if env.cfg.quick else 90,
+        20 if env.cfg.quick else 60,
         [
             Comparison("cold_api.rexec", "cold_api.asyncssh", "<=", 0.4, "<= 0.4x"),
             Comparison("cold_api.rexec", "cold_api.paramiko"),
@@ -479,18 +480,34 @@ def warm(env: Env) -> Group:
             lambda: [_ms(s) for s in loop.run(floors.spawn_true(k), 60)],
             None,
         ),
+        contender(
+            row(
+                "floor.spawn_true_pidfd",
+                m,
+                "floor: Popen + pidfd `true` (info)",
+                "ms",
+                "lower",
+                "floor",
+                "subprocess.Popen, exit awaited via pidfd in the loop, local",
+            ),
+            lambda: [_ms(s) for s in loop.run(floors.spawn_true_pidfd(k), 60)],
+            None,
+        ),
     ]
     cmps = [Comparison("warm.rexec", "floor.spawn_true", "<=", 2.0, "<= 2x floor")]
     cmps += [
         Comparison("warm.rexec", f"warm.{p}", "<", 1.0, "faster")
         for p in ("ssh_mux", "asyncssh", "paramiko")
     ]
-    cmps += [Comparison("warm.rexec_sync", "floor.spawn_true")]
+    cmps += [
+        Comparison("warm.rexec", "floor.spawn_true_pidfd"),
+        Comparison("warm.rexec_sync", "floor.spawn_true"),
+    ]
     return Group(
         "warm: one command on an open connection",
         cs,
         env.cfg.warm_rounds,
-        40 if env.cfg.quick else 90,
+        20 if env.cfg.quick else 60,
         cmps,
     )
 
@@ -645,7 +662,7 @@ def stream_down(env: Env) -> Group:
         f"stream: {env.cfg.size_label} of zeros, remote -> client (MB = 10^6 bytes)",
         cs,
         env.cfg.stream_rounds,
-        60 if env.cfg.quick else 200,
+        30 if env.cfg.quick else 180,
         cmps,
     )
 
@@ -724,7 +741,7 @@ def stream_up(env: Env) -> Group:
         f"stream: {env.cfg.size_label} client stdin -> remote `wc -c`",
         cs,
         env.cfg.stream_rounds,
-        60 if env.cfg.quick else 200,
+        30 if env.cfg.quick else 150,
         cmps,
     )
 
@@ -873,10 +890,26 @@ def concurrency(env: Env) -> Group:
             lambda: [loop.run(floors.spawn_many(n), tmo)],
             None,
         ),
+        contender(
+            row(
+                "floor.spawn_many_pidfd",
+                f"{n} cmds, local",
+                f"floor: Popen + pidfd {n} x sh -c (info)",
+                "s",
+                "lower",
+                "floor",
+            ),
+            lambda: [loop.run(floors.spawn_many_pidfd(n), tmo)],
+            None,
+        ),
     ]
     cmps = [
         Comparison("conc1.rexec", "floor.spawn_many", "<=", 1.3, "<= 1.3x floor"),
         Comparison("concn.rexec", "floor.spawn_many", "<=", 1.3, "<= 1.3x floor"),
+    ]
+    cmps += [
+        Comparison("conc1.rexec", "floor.spawn_many_pidfd"),
+        Comparison("concn.rexec", "floor.spawn_many_pidfd"),
     ]
     cmps += [Comparison("conc1.rexec", f"conc1.{p}") for p in ("ssh_mux", "asyncssh", "paramiko")]
     cmps += [Comparison("concn.rexec", f"concn.{p}") for p in ("ssh", "asyncssh", "paramiko")]
@@ -884,7 +917,7 @@ def concurrency(env: Env) -> Group:
         f"concurrency: {n} x sh -c '{SLEEP_CMD}', all at once",
         cs,
         env.cfg.conc_rounds,
-        60 if env.cfg.quick else 200,
+        30 if env.cfg.quick else 150,
         cmps,
     )
 

@@ -141,10 +141,12 @@ def interleave(
     budget_s: float,
     min_rounds: int = 2,
     verbose: bool = False,
+    deadline: float | None = None,
 ) -> None:
     """Run the contenders round-robin (A B C A B C ...) so drift hits them all alike.
 
-    Bounded by `rounds` and by `budget_s` (checked between rounds, after `min_rounds`).
+    Bounded by `rounds`, by `budget_s` for this group and by the whole run's `deadline`
+    (time.monotonic(); both checked between rounds, after `min_rounds`).
     A contender that raises is marked unavailable with the reason and skipped from then on.
     The order is rotated every round so no contender always runs right after another.
     """
@@ -153,6 +155,9 @@ def interleave(
     for r in range(max(1, rounds)):
         if r >= min_rounds and time.monotonic() - start > budget_s:
             log(f"  time budget ({budget_s:.0f}s) reached after {r} round(s)")
+            break
+        if r >= min_rounds and deadline is not None and time.monotonic() > deadline:
+            log(f"  whole-run time budget reached after {r} round(s)")
             break
         order = live[r % len(live) :] + live[: r % len(live)] if live else []
         for c in order:
