@@ -6,13 +6,16 @@ STAMP := $(VENV)/.installed-stamp
 STATE ?= $(CURDIR)/.state
 LISTEN ?= 127.0.0.1:8222
 PYTEST_ARGS ?=
+# A compat editable install is a plain .pth path entry. The default (a meta-path finder
+# imported from site at every start-up) costs `rexec run` 15-25 ms: DESIGN.md section 2a.
+EDITABLE := --config-settings editable_mode=compat
 
 .PHONY: venv serve test test-slow test-all lint bench demo clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' $(EDITABLE)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -37,7 +40,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy --strict rexec
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]' $(EDITABLE)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 demo: $(STAMP)
