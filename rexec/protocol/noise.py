@@ -15,7 +15,6 @@ from enum import IntEnum
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from rexec.errors import DecryptError, LocalProtocolError, RemoteProtocolError
 
@@ -147,7 +146,9 @@ class SymmetricState:
 
 
 def _public_bytes(key: X25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    # public_bytes_raw(), not public_bytes(Encoding.Raw, PublicFormat.Raw): importing
+    # cryptography's serialization module costs `rexec run` ~6-9 ms (DESIGN.md 2a)
+    return key.public_key().public_bytes_raw()
 
 
 class NNpsk0Handshake:
