@@ -12,6 +12,7 @@ import errno
 import os
 import selectors
 import socket
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -48,6 +49,7 @@ OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # stop reading local stdin while this much is 
 KEEPALIVE_IDLE = 15.0  # seconds of server silence before we PING
 KEEPALIVE_DEAD = 30.0  # seconds of server silence before we give up
 CLOSE_WAIT = 2.0
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s (close sends a reset)
 
 Sink = Callable[[bytes], None]
 PollHook = Callable[[], "int | None"]  # returns a signal number to forward, or None
@@ -356,6 +358,11 @@ class BlockingConnection:
         if sock is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(sock)
+            if not self._conn.close_received:
+                # An abnormal end: reset rather than FIN, which would queue behind unsent
+                # stdin that a stalled server may never read (it could not see us leave).
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             sock.close()
         self._sel.close()
 

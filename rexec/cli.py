@@ -8,7 +8,6 @@ deadline killed it; 255 for connection, auth, protocol or usage failures (as ssh
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -16,6 +15,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import argparse
+
     from rexec.protocol.frames import FrameType
 
 EXIT_FAILURE = 255
@@ -73,59 +74,189 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---- run ---------------------------------------------------------------------------
 
 
-def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rexec run",
-        description="Run one command on TARGET. One CMD argument is a shell command line "
-        "(run by /bin/sh -c, as with ssh); several are an exact argv (no shell).",
-    )
-    p.add_argument("target", help="host[:port], unix:/path, or a client-config alias")
-    p.add_argument("--token-file", help="file holding the client token (mode 0600)")
-    p.add_argument(
-        "-e",
-        "--env",
-        action="append",
-        default=[],
-        metavar="K=V",
-        help="set a remote environment variable (repeatable)",
-    )
-    p.add_argument("-C", "--cwd", metavar="DIR", help="remote working directory")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        metavar="SECS",
-        help="server-enforced deadline; exit status 124 when it fires",
-    )
-    p.add_argument(
-        "--connect-timeout",
-        type=float,
-        metavar="SECS",
-        help="deadline for connecting and the handshake",
-    )
-    p.add_argument(
-        "-n",
-        "--no-stdin",
-        action="store_true",
-        help="do not forward stdin (the command gets EOF at once)",
-    )
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON result object instead of streaming output",
-    )
-    p.add_argument(
-        "--trace",
-        action="store_true",
-        help="print every frame's type, channel and length to stderr",
-    )
-    p.add_argument(
-        "--suite",
-        choices=("aesgcm", "chachapoly"),
-        default="aesgcm",
-        help="Noise cipher suite (default aesgcm)",
-    )
-    p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
-    return p
+RUN_HELP = """\
+usage: rexec run [-h] [--token-file FILE] [-e K=V] [-C DIR] [--timeout SECS]
+                 [--connect-timeout SECS] [-n] [--json] [--trace] [--suite {aesgcm,chachapoly}]
+                 TARGET [options] CMD...
+
+Run one command on TARGET. One CMD argument is a shell command line (run by /bin/sh -c, as
+with ssh); several are an exact argv (no shell). Options go before or after TARGET: the first
+argument after TARGET that is not an option starts CMD, and `--` ends the options.
+
+positional arguments:
+  TARGET                host[:port], unix:/path, or a client-config alias
+  CMD...                the command to run
+
+options:
+  -h, --help            show this help message and exit
+  --token-file FILE     file holding the client token (mode 0600)
+  -e K=V, --env K=V     set a remote environment variable (repeatable)
+  -C DIR, --cwd DIR     remote working directory
+  --timeout SECS        server-enforced deadline; exit status 124 when it fires
+  --connect-timeout SECS
+                        deadline for connecting and the handshake
+  -n, --no-stdin        do not forward stdin (the command gets EOF at once)
+  --json                print one JSON result object instead of streaming output
+  --trace               print every frame's type, channel and length to stderr
+  --suite {aesgcm,chachapoly}
+                        Noise cipher suite (default aesgcm)
+"""
+
+# (long, short, attribute), in --help order. A hand-written parser, not argparse: `rexec run`
+# is a process per command and argparse (+gettext, shutil) costs it ~4-10 ms (DESIGN.md 2a).
+# Its rules and messages follow argparse's: unique prefixes of long options, `--opt=value`,
+# `-Cvalue`, `-C=value`, clustered flags (`-nC DIR`), and exit status 2 on errors.
+_RUN_OPTIONS = (
+    ("--help", "-h", "help"),
+    ("--token-file", "", "token_file"),
+    ("--env", "-e", "env"),
+    ("--cwd", "-C", "cwd"),
+    ("--timeout", "", "timeout"),
+    ("--connect-timeout", "", "connect_timeout"),
+    ("--no-stdin", "-n", "no_stdin"),
+    ("--json", "", "json"),
+    ("--trace", "", "trace"),
+    ("--suite", "", "suite"),
+)
+_RUN_FLAGS = frozenset({"help", "no_stdin", "json", "trace"})
+_SUITES = ("aesgcm", "chachapoly")
+
+
+class UsageError(Exception):
+    """A bad `rexec run` command line (exit status 2)."""
+
+
+class RunArgs:
+    """The parsed `rexec run` command line."""
+
+    def __init__(self) -> None:
+        self.target: str | None = None
+        self.command: list[str] = []
+        self.token_file: str | None = None
+        self.env: list[str] = []
+        self.cwd: str | None = None
+        self.timeout: float | None = None
+        self.connect_timeout: float | None = None
+        self.no_stdin = False
+        self.json = False
+        self.trace = False
+        self.suite = "aesgcm"
+        self.help = False
+
+
+def _is_negative_number(arg: str) -> bool:
+    """`-5` or `-.5`: argparse's rule for a dash argument that is a value, not an option."""
+    whole, dot, frac = arg[1:].partition(".")
+    if dot:
+        return (not whole or whole.isdecimal()) and frac.isdecimal()
+    return whole.isdecimal()
+
+
+def _is_option(arg: str) -> bool:
+    return arg.startswith("-") and arg != "-" and not _is_negative_number(arg)
+
+
+def _long_option(arg: str, name: str) -> tuple[str, str, str]:
+    """The option `name` (`--x` of `--x=v`) names: exact, else a unique prefix."""
+    matches = [opt for opt in _RUN_OPTIONS if opt[0] == name]
+    if not matches:
+        matches = [opt for opt in _RUN_OPTIONS if opt[0].startswith(name)]
+    if len(matches) > 1:
+        names = ", ".join(opt[0] for opt in matches)
+        raise UsageError(f"ambiguous option: {arg} could match {names}")
+    if not matches:
+        raise UsageError(f"unrecognized arguments: {arg}")
+    return matches[0]
+
+
+def _set_option(
+    args: RunArgs, opt: tuple[str, str, str], value: str | None, rest: list[str]
+) -> None:
+    """Apply one option; `value` is its attached value, else it takes rest[0]."""
+    long, short, attr = opt
+    shown = f"{short}/{long}" if short else long
+    if attr in _RUN_FLAGS:
+        if value is not None:
+            raise UsageError(f"argument {shown}: ignored explicit argument {value!r}")
+        setattr(args, attr, True)
+        return
+    if value is None:
+        # as argparse: a following argument that looks like an option is not a value
+        if not rest or (_is_option(rest[0]) and " " not in rest[0]):
+            raise UsageError(f"argument {shown}: expected one argument")
+        value = rest.pop(0)
+    if attr == "env":
+        args.env.append(value)
+    elif attr in ("timeout", "connect_timeout"):
+        try:
+            setattr(args, attr, float(value))
+        except ValueError:
+            raise UsageError(f"argument {shown}: invalid float value: {value!r}") from None
+    elif attr == "suite":
+        if value not in _SUITES:
+            choices = ", ".join(repr(s) for s in _SUITES)
+            raise UsageError(f"argument {shown}: invalid choice: {value!r} (choose from {choices})")
+        args.suite = value
+    else:
+        setattr(args, attr, value)
+
+
+def _short_options(args: RunArgs, arg: str, rest: list[str]) -> None:
+    """`-n`, `-C DIR`, `-CDIR`, `-C=DIR`, and clusters such as `-nC DIR`."""
+    by_short = {opt[1]: opt for opt in _RUN_OPTIONS if opt[1]}
+    head, eq, value = arg.partition("=")
+    if eq and head in by_short:
+        _set_option(args, by_short[head], value, rest)
+        return
+    pos = 1
+    while pos < len(arg):
+        opt = by_short.get("-" + arg[pos])
+        if opt is None:
+            if pos == 1:
+                raise UsageError(f"unrecognized arguments: {arg}")
+            prev = by_short["-" + arg[pos - 1]]
+            raise UsageError(
+                f"argument {prev[1]}/{prev[0]}: ignored explicit argument {arg[pos:]!r}"
+            )
+        pos += 1
+        if opt[2] in _RUN_FLAGS:
+            _set_option(args, opt, None, rest)
+            if args.help:
+                return
+        else:  # an option taking a value takes the rest of the cluster, if any
+            _set_option(args, opt, arg[pos:] or None, rest)
+            return
+
+
+def parse_run_args(argv: Sequence[str]) -> RunArgs:
+    """Parse `rexec run [options] TARGET [options] CMD...`; raises UsageError.
+
+    Options may come before and after TARGET; the first argument after TARGET that is not an
+    option starts CMD (the rest is CMD, options or not), and `--` ends the options.
+    """
+    args = RunArgs()
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--" or not _is_option(arg):
+            positionals = rest if arg == "--" else [arg, *rest]
+            if args.target is None and positionals:
+                args.target = positionals.pop(0)
+                if arg != "--":
+                    rest = positionals
+                    continue
+            args.command = positionals
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            _set_option(args, _long_option(arg, name), value if eq else None, rest)
+        else:
+            _short_options(args, arg, rest)
+        if args.help:
+            return args
+    if args.target is None:
+        raise UsageError("the following arguments are required: target, command")
+    return args
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:
@@ -170,7 +301,12 @@ def _trace_fn() -> Any:
 
 
 class _Interrupts:
-    """Ctrl-C forwarding: the first SIGINT goes to the remote command, later ones SIGKILL."""
+    """Ctrl-C forwarding: the first SIGINT goes to the remote command, the second SIGKILL.
+
+    A third one gives up on the server: when stdin backpressure stalls the connection (a
+    command that does not read its stdin), no SIGNAL frame can get through, so the CLI
+    closes the connection instead (and the server kills the command on disconnect).
+    """
 
     def __init__(self) -> None:
         import signal
@@ -190,6 +326,8 @@ class _Interrupts:
     def poll(self) -> int | None:
         with contextlib.suppress(BlockingIOError):
             os.read(self.read_fd, 512)
+        if self.count >= 3:
+            raise KeyboardInterrupt
         if self.count > self.sent:
             self.sent = self.count
             return int(self._signal.SIGINT if self.sent == 1 else self._signal.SIGKILL)
@@ -203,10 +341,15 @@ class _Interrupts:
 
 
 def cmd_run(argv: list[str]) -> int:
-    args = _run_parser().parse_args(argv)
-    command: list[str] = args.command
-    if command and command[0] == "--":
-        command = command[1:]
+    try:
+        args = parse_run_args(argv)
+    except UsageError as exc:
+        sys.stderr.write(f"rexec run: error: {exc}\n")
+        return 2
+    if args.help or args.target is None:  # no TARGET only with --help
+        sys.stdout.write(RUN_HELP)
+        return 0
+    command = args.command
     if not command:
         _err("no command given (use `rexec shell TARGET` for an interactive shell)")
         return 2
@@ -272,6 +415,9 @@ def cmd_run(argv: list[str]) -> int:
         return EXIT_FAILURE
     except BrokenPipeError:  # our reader went away: end quietly, as a SIGPIPE death would
         return 128 + 13  # closing the connection makes the server kill the command
+    except KeyboardInterrupt:
+        _err("interrupted: closing the connection (the server stops the command)")
+        return 128 + 2
     finally:
         if interrupts is not None:
             interrupts.close()
@@ -299,6 +445,8 @@ def cmd_shell(argv: list[str]) -> int:
 
 
 def _serve_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(prog="rexec serve", description="Run the rexec server.")
     p.add_argument("--config", help="server config file (TOML); see configs/")
     p.add_argument(
@@ -401,6 +549,8 @@ def _print_first_token(token: Any, state: Any, store_path: Any, address: str) ->
 
 
 def cmd_token(argv: list[str]) -> int:
+    import argparse
+
     p = argparse.ArgumentParser(prog="rexec token", description="Manage the token store.")
     sub = p.add_subparsers(dest="action", required=True)
     new = sub.add_parser("new", help="add a token and print the client's token line")

@@ -10,6 +10,7 @@ stays bounded in both directions.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from rexec.protocol.events import Event
 
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
+HUP_CHECK = 0.5  # while reading is held, how often we look for a peer that went away
 
 EventHandler = Callable[[list[Event]], None]
 LostHandler = Callable[[RexecError | None], None]
@@ -121,6 +123,25 @@ class FramedProtocol(asyncio.Protocol):
         self._holds += 1
         if self._holds == 1 and self.transport is not None and not self.closed:
             self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(HUP_CHECK, self._check_hup)
+
+    def _check_hup(self) -> None:
+        """While reading is paused asyncio cannot see the peer leave (its FIN waits behind
+        unread data), so ask the kernel; a vanished peer ends the connection as usual."""
+        if self.closed or self._holds == 0 or self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLRDHUP)
+            if any(
+                ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                for _, ev in poller.poll(0)
+            ):
+                self._error = ConnectionLost("peer went away while its input was held")
+                self.abort()
+                return
+        asyncio.get_running_loop().call_later(HUP_CHECK, self._check_hup)
 
     def release(self) -> None:
         self._holds -= 1

@@ -564,6 +564,34 @@ def test_ctrl_c_forwards_sigint_then_sigkill(
     assert e2e.cmdline_pids(marker) == []
 
 
+def test_third_ctrl_c_gives_up_when_stdin_backpressure_stalls(
+    server: Any, e2e: Any, tmp_path: Path
+) -> None:
+    # the command never reads its stdin, so the server stops reading the connection and no
+    # SIGNAL frame gets through: the third Ctrl-C closes the connection instead
+    big = tmp_path / "sparse"
+    with open(big, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    marker = "sleep 1000.559"
+    with open(big, "rb") as stdin:
+        client = _start_client(e2e, server, marker, stdin=stdin)
+    try:
+        assert e2e.wait_until(lambda: set(e2e.cmdline_pids(marker)) - {client.pid}, 10)
+        time.sleep(0.5)  # let stdin fill every buffer on the way
+        for _ in range(3):
+            client.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+        rc, out, err = _finish(client, timeout=5)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(5)
+    assert rc == 130
+    assert out == b""
+    assert err == b"rexec: interrupted: closing the connection (the server stops the command)\n"
+    assert e2e.wait_until(lambda: not e2e.cmdline_pids(marker), 4), "remote command survived"
+
+
 def test_command_exit_ends_the_client_while_stdin_stays_open(server: Any, e2e: Any) -> None:
     client = _start_client(e2e, server, "echo hi; exit 3", stdin=subprocess.PIPE)
     try:
