@@ -1,14 +1,15 @@
 """The outcome of one remote command, shared by the sync, async and CLI clients.
 
-Lean on purpose (no asyncio): `rexec run` imports it on its start-up path.
+Lean on purpose (no asyncio, no dataclasses): `rexec run` imports it on its start-up path,
+where every import is latency (DESIGN.md 2a).
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
 from typing import Any
 
+from rexec._record import FrozenRecord, setfield
 from rexec.errors import CommandFailed, CommandTimeout
 from rexec.protocol.messages import ExitStatus
 
@@ -16,17 +17,39 @@ EXIT_TIMEOUT = 124  # as coreutils `timeout`
 EXIT_FAILURE = 255  # as ssh: connection, auth or protocol failure
 
 
-@dataclass(frozen=True)
-class Result:
-    """What a command did. stdout/stderr are bytes: decode for display only."""
+class Result(FrozenRecord):
+    """What a command did. stdout/stderr are bytes: decode for display only.
 
+    Immutable, comparable and hashable, like the frozen dataclass it replaces.
+    """
+
+    __match_args__ = ("command", "exit_code", "signal", "timed_out", "duration", "stdout", "stderr")
+    __slots__ = __match_args__
     command: str | tuple[str, ...]
     exit_code: int | None
-    signal: int | None = None
-    timed_out: bool = False
-    duration: float = 0.0
-    stdout: bytes = b""
-    stderr: bytes = b""
+    signal: int | None
+    timed_out: bool
+    duration: float
+    stdout: bytes
+    stderr: bytes
+
+    def __init__(
+        self,
+        command: str | tuple[str, ...],
+        exit_code: int | None,
+        signal: int | None = None,
+        timed_out: bool = False,
+        duration: float = 0.0,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+    ) -> None:
+        setfield(self, "command", command)
+        setfield(self, "exit_code", exit_code)
+        setfield(self, "signal", signal)
+        setfield(self, "timed_out", timed_out)
+        setfield(self, "duration", duration)
+        setfield(self, "stdout", stdout)
+        setfield(self, "stderr", stderr)
 
     @classmethod
     def from_status(

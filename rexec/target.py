@@ -1,24 +1,28 @@
 """Client side: turn what the user typed (alias or address) into an endpoint and a token.
 
-This module sits on the `rexec run` start-up path, where every import is latency, so it uses
-the standard library only (no pydantic: the client config is small and validated by hand)
-and imports `tomllib` only when a config file actually exists. Every error is a
-`ConfigError` whose message names the file and the key; no message ever holds a secret.
+This module sits on the `rexec run` start-up path, where every import is latency (DESIGN.md
+2a), so it uses the standard library only (no pydantic: the client config is small and
+validated by hand), no dataclasses, no regular expressions (str checks) and no pathlib (paths
+are str inside; os.path does the work), and imports `tomllib` and `pathlib` only when a
+config file actually exists. Every error is a `ConfigError` whose message names the file and
+the key; no message ever holds a secret.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from rexec._record import FrozenRecord, setfield
 from rexec.errors import ConfigError, TokenError
 from rexec.protocol.token import Token, parse_token
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DEFAULT_PORT = 8222
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -27,24 +31,48 @@ TOKEN_ENV = "REXEC_TOKEN"  # noqa: S105 - a variable name, not a secret
 TOKEN_FILE_ENV = "REXEC_TOKEN_FILE"  # noqa: S105
 _MAX_TOKEN_FILE = 4096  # a token line is ~75 bytes; anything huge is not a token file
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
-_IPV6 = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.-]+)?$")
-_ALIAS = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+)  # host names, aliases and IPv6 zone ids
+_IPV6_CHARS = frozenset("0123456789ABCDEFabcdef:.")
 
 
-@dataclass(frozen=True)
-class Endpoint:
+def _is_hostname(host: str) -> bool:
+    """[A-Za-z0-9_] then [A-Za-z0-9_.-]*, not ending in '-'."""
+    return bool(host) and _NAME_CHARS.issuperset(host) and host[0] not in ".-" and host[-1] != "-"
+
+
+def _is_ipv6(host: str) -> bool:
+    """Hex digits, ':' and '.' with at least one ':', then an optional %zone."""
+    addr, pct, zone = host.partition("%")
+    if ":" not in addr or not _IPV6_CHARS.issuperset(addr):
+        return False
+    return not pct or (bool(zone) and _NAME_CHARS.issuperset(zone))
+
+
+def _is_alias(name: str) -> bool:
+    return 1 <= len(name) <= 64 and _NAME_CHARS.issuperset(name)
+
+
+class Endpoint(FrozenRecord):
     """Where to connect or listen: a TCP (host, port) or a unix socket path, never both."""
 
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
+    __match_args__ = ("host", "port", "path")
+    __slots__ = __match_args__
+    host: str | None
+    port: int | None
+    path: str | None
 
-    def __post_init__(self) -> None:
-        tcp = self.host is not None and self.port is not None
-        unix = self.path is not None
-        if tcp == unix or (not tcp and (self.host is not None or self.port is not None)):
+    def __init__(
+        self, host: str | None = None, port: int | None = None, path: str | None = None
+    ) -> None:
+        tcp = host is not None and port is not None
+        unix = path is not None
+        if tcp == unix or (not tcp and (host is not None or port is not None)):
             raise ValueError("Endpoint needs exactly one of (host, port) or path")
+        setfield(self, "host", host)
+        setfield(self, "port", port)
+        setfield(self, "path", path)
 
     @property
     def is_unix(self) -> bool:
@@ -88,7 +116,7 @@ def parse_address(
         if close < 0:
             raise ConfigError(f"invalid address {text!r}: missing ']' after IPv6 address")
         host, rest = text[1:close], text[close + 1 :]
-        if not host or not _IPV6.match(host):
+        if not host or not _is_ipv6(host):
             raise ConfigError(f"invalid address {text!r}: {host!r} is not an IPv6 address")
         if not rest:
             return Endpoint(host=host, port=default_port)
@@ -101,7 +129,7 @@ def parse_address(
             f"e.g. '[::1]:{default_port}'"
         )
     host, sep, port_text = text.partition(":")
-    if not _HOSTNAME.match(host):
+    if not _is_hostname(host):
         raise ConfigError(
             f"invalid address {text!r}: expected host[:port], [v6addr][:port] or unix:/path"
         )
@@ -126,43 +154,74 @@ class ClientConfig(NamedTuple):
     hosts: Mapping[str, HostEntry] = MappingProxyType({})
 
 
-@dataclass(frozen=True)
-class ResolvedTarget:
+class ResolvedTarget(FrozenRecord):
     """Everything `rexec run` needs to connect: endpoint, token and deadline."""
 
+    __match_args__ = ("name", "endpoint", "token", "connect_timeout", "token_source")
+    __slots__ = __match_args__
     name: str
     endpoint: Endpoint
     token: Token
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    token_source: str = ""  # where the token came from, for error messages (never the secret)
+    connect_timeout: float
+    token_source: str  # where the token came from, for error messages (never the secret)
+
+    def __init__(
+        self,
+        name: str,
+        endpoint: Endpoint,
+        token: Token,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        token_source: str = "",
+    ) -> None:
+        setfield(self, "name", name)
+        setfield(self, "endpoint", endpoint)
+        setfield(self, "token", token)
+        setfield(self, "connect_timeout", connect_timeout)
+        setfield(self, "token_source", token_source)
 
 
-def _home(env: Mapping[str, str]) -> Path:
-    home = env.get("HOME")
-    return Path(home) if home else Path(os.path.expanduser("~"))
+def _norm(text: str) -> str:
+    """The path spelled as str(pathlib.PurePosixPath(text)) spells it, without pathlib."""
+    root = ""
+    if text.startswith("/"):
+        root = "//" if text.startswith("//") and not text.startswith("///") else "/"
+    parts = [part for part in text.split("/") if part and part != "."]
+    return root + "/".join(parts) if root or parts else "."
 
 
-def _expand(text: str, env: Mapping[str, str], base: Path | None = None) -> Path:
+def _home(env: Mapping[str, str]) -> str:
+    return env.get("HOME") or os.path.expanduser("~")
+
+
+def _expand(text: str, env: Mapping[str, str], base: str | None = None) -> str:
     """Expand a leading `~` (using env's HOME) and anchor relative paths at `base`."""
     if text == "~" or text.startswith("~/"):
-        path = _home(env) / text[2:]
+        path = os.path.join(_home(env), text[2:])
     else:
-        path = Path(os.path.expanduser(text))
-    if not path.is_absolute() and base is not None:
-        path = base / path
-    return path
+        path = os.path.expanduser(text)
+    if not path.startswith("/") and base is not None:
+        path = os.path.join(base, path)
+    return _norm(path)
+
+
+def _config_dir(env: Mapping[str, str]) -> str:
+    xdg = env.get("XDG_CONFIG_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says relative values are to be ignored
+        return _norm(xdg + "/rexec")
+    return _norm(_home(env) + "/.config/rexec")
 
 
 def config_dir(env: Mapping[str, str]) -> Path:
     """`$XDG_CONFIG_HOME/rexec`, else `~/.config/rexec`."""
-    xdg = env.get("XDG_CONFIG_HOME")
-    if xdg and os.path.isabs(xdg):  # the XDG spec says relative values are to be ignored
-        return Path(xdg) / "rexec"
-    return _home(env) / ".config" / "rexec"
+    from pathlib import Path
+
+    return Path(_config_dir(env))
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:
-    return config_dir(os.environ if env is None else env) / "client.toml"
+    from pathlib import Path
+
+    return Path(_config_dir(os.environ if env is None else env) + "/client.toml")
 
 
 def _check_keys(
@@ -180,14 +239,16 @@ def _timeout(where: str, key: str, value: object) -> float:
     raise ConfigError(f"{where}: {key}: must be a positive number of seconds, got {value!r}")
 
 
-def _path_value(where: str, key: str, value: object, env: Mapping[str, str], base: Path) -> Path:
+def _path_value(where: str, key: str, value: object, env: Mapping[str, str], base: str) -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: {key}: must be a non-empty string path")
-    return _expand(value, env, base)
+    from pathlib import Path  # only when a config exists
+
+    return Path(_expand(value, env, base))
 
 
 def load_client_config(
-    path: Path | None = None, env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> ClientConfig:
     """Load the client config: `path`, else `$REXEC_CONFIG`, else the XDG default.
 
@@ -196,32 +257,38 @@ def load_client_config(
     """
     env = os.environ if env is None else env
     explicit = path is not None or bool(env.get(CONFIG_ENV))
-    if path is None:
-        path = _expand(env[CONFIG_ENV], env) if env.get(CONFIG_ENV) else default_config_path(env)
+    if path is not None:
+        where = _norm(os.fspath(path))
+    elif env.get(CONFIG_ENV):
+        where = _expand(env[CONFIG_ENV], env)
+    else:
+        where = _config_dir(env) + "/client.toml"
     try:
-        data = path.read_bytes()
+        with open(where, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         if explicit:
-            raise ConfigError(f"{path}: client config file not found") from None
+            raise ConfigError(f"{where}: client config file not found") from None
         return ClientConfig()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read client config: {exc.strerror}") from None
-    import tomllib  # only when a config exists: ~10 ms we do not pay otherwise
+        raise ConfigError(f"{where}: cannot read client config: {exc.strerror}") from None
+    # only when a config exists: ~10 ms we do not pay otherwise
+    import tomllib
+    from pathlib import Path
 
-    where = str(path)
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: not valid UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: invalid TOML: {exc}") from None
-    return _validate_client_config(doc, path, env)
+    return _validate_client_config(doc, Path(where), env)
 
 
 def _validate_client_config(
     doc: dict[str, Any], path: Path, env: Mapping[str, str]
 ) -> ClientConfig:
-    where, base = str(path), path.parent
+    where, base = str(path), str(path.parent)
     _check_keys(where, doc, ("defaults", "hosts"), "")
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
@@ -239,7 +306,7 @@ def _validate_client_config(
     hosts: dict[str, HostEntry] = {}
     for name, table in hosts_doc.items():
         key = f"hosts.{name}"
-        if not _ALIAS.match(name):
+        if not _is_alias(name):
             raise ConfigError(f"{where}: {key}: alias names may use only A-Z a-z 0-9 . _ -")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: {key}: must be a table")
@@ -254,7 +321,7 @@ def _validate_client_config(
         except ConfigError as exc:
             raise ConfigError(f"{where}: {key}.address: {exc}") from None
         if endpoint.path is not None:
-            endpoint = Endpoint(path=str(_expand(endpoint.path, env, base)))
+            endpoint = Endpoint(path=_expand(endpoint.path, env, base))
         host_token = None
         if "token_file" in table:
             host_token = _path_value(where, f"{key}.token_file", table["token_file"], env, base)
@@ -305,7 +372,7 @@ def resolve_target(
     target: str,
     *,
     token_file: str | None = None,
-    config_path: Path | None = None,
+    config_path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> ResolvedTarget:
     """Resolve an alias or address to (endpoint, token, connect timeout).
@@ -341,7 +408,7 @@ def _resolve_token(
 ) -> tuple[Token, str]:
     if token_file:
         path = _expand(token_file, env)
-        return read_token_file(path), str(path)
+        return read_token_file(path), path
     if env.get(TOKEN_ENV):
         try:
             return parse_token(env[TOKEN_ENV]), f"${TOKEN_ENV}"
@@ -349,15 +416,15 @@ def _resolve_token(
             raise TokenError(f"${TOKEN_ENV}: {exc}") from None
     if env.get(TOKEN_FILE_ENV):
         path = _expand(env[TOKEN_FILE_ENV], env)
-        return read_token_file(path), str(path)
+        return read_token_file(path), path
     if host is not None and host.token_file is not None:
         return read_token_file(host.token_file), str(host.token_file)
     if config.token_file is not None:
         return read_token_file(config.token_file), str(config.token_file)
-    default = config_dir(env) / "token"
-    if default.exists():
-        return read_token_file(default), str(default)
-    where = config.path or default_config_path(env)
+    default = _config_dir(env) + "/token"
+    if os.path.exists(default):
+        return read_token_file(default), default
+    where = config.path or _config_dir(env) + "/client.toml"
     raise ConfigError(
         f"no token for {target!r}: use --token-file FILE, set ${TOKEN_ENV} or "
         f"${TOKEN_FILE_ENV}, set token_file for the host in {where}, "

@@ -8,7 +8,6 @@ frames wrongly. A protocol error poisons the connection: every later call raises
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from rexec.errors import (
     LocalProtocolError,
@@ -35,11 +34,24 @@ from rexec.protocol.noise import CipherState
 TraceFn = Callable[[str, FrameType, int, int], None]
 
 
-@dataclass
 class ChannelState:
     """One command's channel as this end sees it."""
 
-    stdin_open: bool
+    __slots__ = ("stdin_open",)
+
+    def __init__(self, stdin_open: bool) -> None:
+        self.stdin_open = stdin_open
+
+    def __repr__(self) -> str:
+        return f"ChannelState(stdin_open={self.stdin_open!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not ChannelState:
+            return NotImplemented
+        assert isinstance(other, ChannelState)
+        return self.stdin_open == other.stdin_open
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as with @dataclass
 
 
 class Connection:

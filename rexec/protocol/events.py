@@ -1,17 +1,20 @@
-"""Events that `receive_data` returns: what the peer said, decoded and checked."""
+"""Events that `receive_data` returns: what the peer said, decoded and checked.
+
+Plain __slots__ classes, not dataclasses: the client imports this module on the `rexec run`
+start-up path (DESIGN.md 2a). Events are values: compare them, never modify them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from rexec._record import Record
 
-from rexec.protocol.messages import ExitStatus, ServerInfo
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from rexec.protocol.messages import ExitStatus, ServerInfo
     from rexec.protocol.models import ExecRequest
 
 
-class Event:
+class Event(Record):
     """Base class of every protocol event."""
 
     __slots__ = ()
@@ -20,49 +23,72 @@ class Event:
 # --- client side -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class HandshakeComplete(Event):
     """Message 2 verified: the server knows our token. AUTH is already queued to send."""
 
+    __match_args__ = ("info",)
+    __slots__ = __match_args__
     info: ServerInfo
 
+    def __init__(self, info: ServerInfo) -> None:
+        self.info = info
 
-@dataclass(frozen=True, slots=True)
+
 class OutputReceived(Event):
     """STDOUT (stream 1) or STDERR (stream 2) bytes of a channel."""
 
+    __match_args__ = ("channel", "stream", "data")
+    __slots__ = __match_args__
     channel: int
     stream: int
     data: bytes
 
+    def __init__(self, channel: int, stream: int, data: bytes) -> None:
+        self.channel = channel
+        self.stream = stream
+        self.data = data
 
-@dataclass(frozen=True, slots=True)
+
 class ExitReceived(Event):
     """The channel's last frame: the command ended."""
 
+    __match_args__ = ("channel", "status")
+    __slots__ = __match_args__
     channel: int
     status: ExitStatus
+
+    def __init__(self, channel: int, status: ExitStatus) -> None:
+        self.channel = channel
+        self.status = status
 
 
 # --- server side -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class Authenticated(Event):
     """A valid AUTH proof arrived: commands may run from now on."""
 
+    __match_args__ = ("key_id",)
+    __slots__ = __match_args__
     key_id: bytes
 
+    def __init__(self, key_id: bytes) -> None:
+        self.key_id = key_id
 
-@dataclass(frozen=True, slots=True)
+
 class ExecReceived(Event):
     """A valid EXEC opened a channel."""
 
+    __match_args__ = ("channel", "request")
+    __slots__ = __match_args__
     channel: int
     request: ExecRequest
 
+    def __init__(self, channel: int, request: ExecRequest) -> None:
+        self.channel = channel
+        self.request = request
 
-@dataclass(frozen=True, slots=True)
+
 class ExecRejected(Event):
     """An EXEC whose body failed validation; the channel is open and must be answered.
 
@@ -70,51 +96,88 @@ class ExecRejected(Event):
     connection: one bad request should not cost the client its other commands.
     """
 
+    __match_args__ = ("channel", "reason")
+    __slots__ = __match_args__
     channel: int
     reason: str
 
+    def __init__(self, channel: int, reason: str) -> None:
+        self.channel = channel
+        self.reason = reason
 
-@dataclass(frozen=True, slots=True)
+
 class StdinReceived(Event):
+    __match_args__ = ("channel", "data")
+    __slots__ = __match_args__
     channel: int
     data: bytes
 
+    def __init__(self, channel: int, data: bytes) -> None:
+        self.channel = channel
+        self.data = data
 
-@dataclass(frozen=True, slots=True)
+
 class StdinClosed(Event):
+    __match_args__ = ("channel",)
+    __slots__ = __match_args__
     channel: int
 
+    def __init__(self, channel: int) -> None:
+        self.channel = channel
 
-@dataclass(frozen=True, slots=True)
+
 class SignalReceived(Event):
+    __match_args__ = ("channel", "signum")
+    __slots__ = __match_args__
     channel: int
     signum: int
 
+    def __init__(self, channel: int, signum: int) -> None:
+        self.channel = channel
+        self.signum = signum
 
-@dataclass(frozen=True, slots=True)
+
 class WindowChanged(Event):
+    __match_args__ = ("channel", "rows", "cols")
+    __slots__ = __match_args__
     channel: int
     rows: int
     cols: int
+
+    def __init__(self, channel: int, rows: int, cols: int) -> None:
+        self.channel = channel
+        self.rows = rows
+        self.cols = cols
 
 
 # --- both sides --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class ErrorReceived(Event):
     """An ERROR frame; channel 0 means the whole connection."""
 
+    __match_args__ = ("channel", "code", "message")
+    __slots__ = __match_args__
     channel: int
     code: int
     message: str
 
+    def __init__(self, channel: int, code: int, message: str) -> None:
+        self.channel = channel
+        self.code = code
+        self.message = message
 
-@dataclass(frozen=True, slots=True)
+
 class PongReceived(Event):
+    __match_args__ = ("payload",)
+    __slots__ = __match_args__
     payload: bytes
 
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
 
-@dataclass(frozen=True, slots=True)
+
 class CloseReceived(Event):
     """The peer sent CLOSE: it will send nothing more."""
+
+    __slots__ = ()

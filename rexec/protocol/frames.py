@@ -7,9 +7,9 @@ buffered, so a peer can never make us allocate more than one maximal frame.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 
+from rexec._record import FrozenRecord, setfield
 from rexec.errors import RemoteProtocolError
 from rexec.protocol.noise import DHLEN, TAGLEN, Suite
 
@@ -47,13 +47,19 @@ class FrameType(IntEnum):
     CLOSE = 13
 
 
-@dataclass(frozen=True)
-class Hello:
+class Hello(FrozenRecord):
     """The cleartext HELLO header; it is also the Noise prologue, so it is authenticated."""
 
+    __match_args__ = ("suite", "key_id", "version")
+    __slots__ = __match_args__
     suite: Suite
     key_id: bytes
-    version: int = VERSION
+    version: int
+
+    def __init__(self, suite: Suite, key_id: bytes, version: int = VERSION) -> None:
+        setfield(self, "suite", suite)
+        setfield(self, "key_id", key_id)
+        setfield(self, "version", version)
 
     def pack(self) -> bytes:
         return HELLO.pack(MAGIC, self.version, int(self.suite), 0, self.key_id)

@@ -1,9 +1,9 @@
 """Payload layouts of rexec/1 frames: fixed binary structs, and JSON where it is extensible.
 
-Kept free of pydantic: the client's start-up path imports this module, and pydantic costs
-~100 ms of import time there. EXEC is validated with pydantic on the server
-(`rexec.protocol.models`); SERVER INFO is validated here by hand, just as strictly
-(unknown keys refused, every type checked), because the client is where it is received.
+Kept free of pydantic and dataclasses: the client's start-up path imports this module, and
+pydantic costs ~100 ms of import time there (DESIGN.md 2a). EXEC is validated with pydantic
+on the server (`rexec.protocol.models`); SERVER INFO is validated here by hand, just as
+strictly (unknown keys refused, every type checked), because the client receives it.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import hmac
 import json
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from rexec._record import FrozenRecord, setfield
 from rexec.errors import LocalProtocolError, RemoteProtocolError
 
 PROTOCOL_NAME = "rexec/1"
@@ -38,14 +38,27 @@ def verify_auth_proof(secret: bytes, handshake_hash: bytes, proof: bytes) -> boo
     return hmac.compare_digest(auth_proof(secret, handshake_hash), proof)
 
 
-@dataclass(frozen=True)
-class ExitStatus:
+class ExitStatus(FrozenRecord):
     """How a command ended. exit_code is None when a signal killed it."""
 
+    __match_args__ = ("exit_code", "signal", "timed_out", "duration")
+    __slots__ = __match_args__
     exit_code: int | None
-    signal: int | None = None
-    timed_out: bool = False
-    duration: float = 0.0
+    signal: int | None
+    timed_out: bool
+    duration: float
+
+    def __init__(
+        self,
+        exit_code: int | None,
+        signal: int | None = None,
+        timed_out: bool = False,
+        duration: float = 0.0,
+    ) -> None:
+        setfield(self, "exit_code", exit_code)
+        setfield(self, "signal", signal)
+        setfield(self, "timed_out", timed_out)
+        setfield(self, "duration", duration)
 
     def pack(self) -> bytes:
         if self.exit_code is not None and not 0 <= self.exit_code <= 255:
@@ -165,18 +178,48 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-@dataclass(frozen=True)
-class ServerInfo:
+class ServerInfo(FrozenRecord):
     """The payload of Noise message 2: who the server is and the limits it enforces."""
 
+    __match_args__ = (
+        "server",
+        "user",
+        "host",
+        "max_payload",
+        "max_channels",
+        "default_timeout",
+        "max_timeout",
+        "protocol",
+    )
+    __slots__ = __match_args__
     server: str
     user: str
     host: str
     max_payload: int
     max_channels: int
-    default_timeout: float | None = None
-    max_timeout: float | None = None
-    protocol: str = PROTOCOL_NAME
+    default_timeout: float | None
+    max_timeout: float | None
+    protocol: str
+
+    def __init__(
+        self,
+        server: str,
+        user: str,
+        host: str,
+        max_payload: int,
+        max_channels: int,
+        default_timeout: float | None = None,
+        max_timeout: float | None = None,
+        protocol: str = PROTOCOL_NAME,
+    ) -> None:
+        setfield(self, "server", server)
+        setfield(self, "user", user)
+        setfield(self, "host", host)
+        setfield(self, "max_payload", max_payload)
+        setfield(self, "max_channels", max_channels)
+        setfield(self, "default_timeout", default_timeout)
+        setfield(self, "max_timeout", max_timeout)
+        setfield(self, "protocol", protocol)
 
     def to_json(self) -> bytes:
         data = {name: getattr(self, name) for name in _INFO_FIELDS}

@@ -9,30 +9,32 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import re
-from dataclasses import dataclass
 
+from rexec._record import FrozenRecord, setfield
 from rexec.errors import TokenError
 
 KEY_ID_LEN = 8
 SECRET_LEN = 32
 PREFIX = "rexec1"
-_B64URL = re.compile(r"^[A-Za-z0-9_-]{43}=?$")
-_HEX = re.compile(r"^[0-9a-f]{16}$")
+# str checks, not regular expressions: `rexec run` parses a token at start-up (DESIGN.md 2a)
+_HEX_DIGITS = frozenset("0123456789abcdef")
+_B64URL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-@dataclass(frozen=True, repr=False)
-class Token:
+class Token(FrozenRecord):
     """A key id (public, sent in HELLO) and its 32-byte secret (the Noise PSK)."""
 
+    __slots__ = ("key_id", "secret")
     key_id: bytes
     secret: bytes
 
-    def __post_init__(self) -> None:
-        if len(self.key_id) != KEY_ID_LEN:
-            raise TokenError(f"token key id must be {KEY_ID_LEN} bytes, got {len(self.key_id)}")
-        if len(self.secret) != SECRET_LEN:
-            raise TokenError(f"token secret must be {SECRET_LEN} bytes, got {len(self.secret)}")
+    def __init__(self, key_id: bytes, secret: bytes) -> None:
+        if len(key_id) != KEY_ID_LEN:
+            raise TokenError(f"token key id must be {KEY_ID_LEN} bytes, got {len(key_id)}")
+        if len(secret) != SECRET_LEN:
+            raise TokenError(f"token secret must be {SECRET_LEN} bytes, got {len(secret)}")
+        setfield(self, "key_id", key_id)
+        setfield(self, "secret", secret)
 
     def __repr__(self) -> str:
         # Never let a secret reach a log line or a traceback.
@@ -65,15 +67,16 @@ def parse_token(text: str) -> Token:
     prefix, key_hex, secret_b64 = parts
     if prefix != PREFIX:
         raise TokenError(f"malformed token: unknown prefix {prefix[:16]!r} (expected 'rexec1')")
-    if not _HEX.fullmatch(key_hex):
+    if len(key_hex) != 2 * KEY_ID_LEN or not _HEX_DIGITS.issuperset(key_hex):
         raise TokenError("malformed token: key id must be 16 lowercase hex digits")
-    if not _B64URL.fullmatch(secret_b64):
+    chars = secret_b64[:-1] if len(secret_b64) == 44 and secret_b64[-1] == "=" else secret_b64
+    if len(chars) != 43 or not _B64URL_CHARS.issuperset(chars):
         raise TokenError("malformed token: secret must be 43 base64url characters (32 bytes)")
     try:
         secret = base64.urlsafe_b64decode(secret_b64.rstrip("=") + "=")
-    except (binascii.Error, ValueError) as exc:  # pragma: no cover - regex already guards
+    except (binascii.Error, ValueError) as exc:  # pragma: no cover - checked above
         raise TokenError("malformed token: secret is not valid base64url") from exc
-    if len(secret) != SECRET_LEN:  # pragma: no cover - regex already guards
+    if len(secret) != SECRET_LEN:  # pragma: no cover - checked above
         raise TokenError("malformed token: secret must decode to 32 bytes")
     if base64.urlsafe_b64encode(secret).decode("ascii").rstrip("=") != secret_b64.rstrip("="):
         # the last character's two spare bits are set: not the canonical encoding
