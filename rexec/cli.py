@@ -36,8 +36,20 @@ SUBCOMMANDS = ("run", "shell", "serve", "token", "demo")
 
 
 def _err(message: str) -> None:
+    if sys.stderr is None:  # started with fd 2 closed
+        return
     sys.stderr.write(f"rexec: {message}\n")
     sys.stderr.flush()
+
+
+def _open_std_fds() -> None:
+    """Put /dev/null on any closed fd 0-2, as ssh does: otherwise the socket takes that
+    number, and remote output (or our stdin reads) would go through the connection itself."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,6 +353,7 @@ class _Interrupts:
 
 
 def cmd_run(argv: list[str]) -> int:
+    _open_std_fds()
     try:
         args = parse_run_args(argv)
     except UsageError as exc:

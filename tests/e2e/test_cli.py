@@ -221,6 +221,34 @@ def test_default_cwd_is_home(server: Any, e2e: Any) -> None:
     assert proc.stdout == (os.path.expanduser("~") + "\n").encode()
 
 
+@pytest.mark.parametrize(
+    ("closed", "script", "expect_out", "expect_err"),
+    [
+        ("<&-", "echo hi; cat", b"hi\n", b""),
+        (">&-", "echo out; sleep 0.2; echo err >&2", None, b"err\n"),
+        ("2>&-", "echo err >&2; sleep 0.2; echo out", b"out\n", None),
+    ],
+)
+def test_closed_standard_fds(
+    server: Any, e2e: Any, closed: str, script: str, expect_out: Any, expect_err: Any
+) -> None:
+    # a closed fd 0/1/2 must not become the socket (remote output written into the
+    # connection, or stdin read from it)
+    proc = subprocess.run(
+        ["sh", "-c", f'exec "$0" "$@" {closed}', e2e.REXEC, "run", server.address, script],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=e2e.clean_env({"REXEC_TOKEN": server.token}),
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    if expect_out is not None:
+        assert proc.stdout == expect_out
+    if expect_err is not None:
+        assert proc.stderr == expect_err
+
+
 # ---- --json -------------------------------------------------------------------------
 
 
