@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -310,10 +311,13 @@ class Session:
         )
         env = dict(ctx.base_env)
         env.update(req.env)
+        cwd = req.cwd or env.get("HOME")
+        if cwd and env.get("HOME") and not os.path.isabs(cwd):
+            cwd = os.path.join(env["HOME"], cwd)  # relative to home, as with ssh; never to ours
         return ExecSpec(
             argv=tuple(argv),
             env=env,
-            cwd=req.cwd or env.get("HOME"),
+            cwd=cwd,
             stdin=req.stdin,
             timeout=timeout,
             kill_grace=limits.kill_grace,

@@ -216,9 +216,14 @@ def test_cwd(server: Any, e2e: Any, tmp_path: Path) -> None:
 
 
 def test_default_cwd_is_home(server: Any, e2e: Any) -> None:
+    home = os.path.expanduser("~")
     proc = e2e.run_cli(["run", server.address, "pwd"], token=server.token)
     assert proc.returncode == 0
-    assert proc.stdout == (os.path.expanduser("~") + "\n").encode()
+    assert proc.stdout == f"{home}\n".encode()
+    # a relative -C is relative to home too, never to the server's own working directory
+    for rel, expected in ((".", home), ("..", os.path.dirname(home))):
+        proc = e2e.run_cli(["run", "-C", rel, server.address, "pwd -P"], token=server.token)
+        assert (proc.returncode, proc.stdout) == (0, f"{os.path.realpath(expected)}\n".encode())
 
 
 @pytest.mark.parametrize(
