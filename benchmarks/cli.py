@@ -13,7 +13,15 @@ from pathlib import Path
 from benchmarks import procs
 from benchmarks.measures import MEASURES, Config, Env, Group, setup
 from benchmarks.model import Row, interleave, log
-from benchmarks.report import evaluate, machine, markdown, text_tables, update_doc, write_json
+from benchmarks.report import (
+    evaluate,
+    load_json,
+    machine,
+    markdown,
+    text_tables,
+    update_doc,
+    write_json,
+)
 from benchmarks.runtime import ROOT, Loop
 
 
@@ -35,6 +43,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="rewrite the generated table in docs/BENCHMARKS.md with this run",
     )
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: print (and with --update-docs, write) the tables of OUT/latest.json",
+    )
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     return p.parse_args(argv)
 
@@ -46,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         sys.stderr.write(f"unknown measure(s): {', '.join(unknown)}; have {', '.join(MEASURES)}\n")
         return 2
+    if args.render_only:
+        return render_only(Path(args.out), args.update_docs)
     cfg = Config.make(args.quick, args.verbose)
     procs.install()
     started = time.monotonic()
@@ -102,9 +117,27 @@ def main(argv: list[str] | None = None) -> int:
     (out / "latest.md").write_text(md + "\n")
     log(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
     if args.update_docs:
-        doc = ROOT / "docs" / "BENCHMARKS.md"
-        if update_doc(doc, md):
-            log(f"updated {doc}")
-        else:
-            log(f"{doc}: generated-section markers not found; not updated")
+        _update_docs(md)
+    return 0
+
+
+def _update_docs(md: str) -> None:
+    doc = ROOT / "docs" / "BENCHMARKS.md"
+    if update_doc(doc, md):
+        log(f"updated {doc}")
+    else:
+        log(f"{doc}: generated-section markers not found; not updated")
+
+
+def render_only(out: Path, docs: bool) -> int:
+    path = out / "latest.json"
+    try:
+        meta, rows, ratios = load_json(path)
+    except (OSError, ValueError, KeyError) as exc:
+        sys.stderr.write(f"cannot read {path}: {exc}\n")
+        return 2
+    title = f"rexec benchmarks ({'quick' if meta.get('quick') else 'full'}, from {path})"
+    print(text_tables(title, meta, rows, ratios))
+    if docs:
+        _update_docs(markdown(meta, rows, ratios))
     return 0

@@ -113,6 +113,10 @@ def text_tables(
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def markdown(meta: dict[str, Any], rows: Sequence[Row], ratios: Sequence[dict[str, Any]]) -> str:
     m = meta["machine"]
     out = [
@@ -133,12 +137,14 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], ratios: Sequence[dict[st
             assert q is not None
             spread = f"{fmt_value(q[0], r.unit).split()[0]}..{fmt_value(q[1], r.unit)}"
             out.append(
-                f"| {r.measure} | {r.name} | {fmt_value(r.median, r.unit)} | {spread} | "
+                f"| {r.measure} | {_cell(r.name)} | {fmt_value(r.median, r.unit)} | {spread} | "
                 f"{len(r.samples)} |"
             )
         else:
             status = "pending" if r.role == "rexec" else "unavailable"
-            out.append(f"| {r.measure} | {r.name} | {status}: {r.unavailable} | | |")
+            out.append(
+                f"| {r.measure} | {_cell(r.name)} | {status}: {_cell(str(r.unavailable))} | | |"
+            )
     by_key = {r.key: r for r in rows}
     out += [
         "",
@@ -150,8 +156,8 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], ratios: Sequence[dict[st
         if mine is None or other is None:
             continue
         out.append(
-            f"| {mine.name} | {other.name} | {_ratio_text(c)} | {c['target'] or ''} | "
-            f"{c['status']} |"
+            f"| {_cell(mine.name)} | {_cell(other.name)} | {_ratio_text(c)} | "
+            f"{c['target'] or ''} | {c['status']} |"
         )
     return "\n".join(out)
 
@@ -176,3 +182,23 @@ def update_doc(doc: Path, md: str) -> bool:
     new = text[: start + len(DOC_BEGIN)] + "\n" + md.rstrip() + "\n" + text[end:]
     doc.write_text(new)
     return True
+
+
+def load_json(path: Path) -> tuple[dict[str, Any], list[Row], list[dict[str, Any]]]:
+    """Read a results file back (for --render-only)."""
+    data = json.loads(path.read_text())
+    rows = [
+        Row(
+            key=r["key"],
+            measure=r["measure"],
+            name=r["name"],
+            unit=r["unit"],
+            better=r["better"],
+            role=r["role"],
+            note=r.get("note", ""),
+            samples=list(r["samples"]),
+            unavailable=r["unavailable"],
+        )
+        for r in data["rows"]
+    ]
+    return data["meta"], rows, list(data["ratios"])
