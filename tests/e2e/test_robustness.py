@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import subprocess
 import time
@@ -315,3 +316,83 @@ def test_idle_timeout_spares_running_commands(server_factory: Any, e2e: Any) -> 
         busy.close()
     events = srv.log_events("idle timeout; closing connection")
     assert len(events) == 1 and events[0]["idle_timeout"] == 1.0
+
+
+# ---- server lifecycle ---------------------------------------------------------------
+
+
+def test_second_sigterm_hurries_the_shutdown(server_factory: Any, e2e: Any) -> None:
+    srv = server_factory("[limits]\nshutdown_grace = 60.0\nkill_grace = 1.0\n")
+    conn = srv.connect()
+    try:
+        conn._conn.send_exec("sleep 1000.61")
+        conn._flush_queue()
+        assert e2e.wait_until(lambda: srv.log_events("command started"), 5)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert e2e.wait_until(lambda: srv.log_events("shutting down"), 5)
+        time.sleep(0.3)
+        assert srv.alive()  # still inside its 60 s grace period
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 6
+    finally:
+        conn._abort()
+    assert srv.log_events("second shutdown request: killing commands now")
+    records = srv.audit_records()
+    assert len(records) == 1 and records[0]["signal"] == signal.SIGTERM
+    assert e2e.cmdline_pids("sleep 1000.61") == []
+
+
+def test_idle_server_stops_at_once_and_removes_its_socket(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "life.sock"
+    srv = server_factory(unix=[str(path)])
+    assert path.is_socket()
+    t0 = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - t0 < 3
+    assert not path.exists()
+    assert srv.log_events("stopped")
+
+
+def test_address_in_use(e2e: Any, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        store = tmp_path / "tokens.json"
+        e2e.new_token(store, "t")
+        proc = subprocess.run(
+            [
+                e2e.REXEC,
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--tokens",
+                str(store),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--log-format",
+                "json",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=e2e.clean_env(),
+            timeout=20,
+            check=False,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(b"rexec: cannot start the server: ")
+    assert b"address already in use" in proc.stderr.lower()
+
+
+def test_new_token_works_without_restart(server_factory: Any, e2e: Any) -> None:
+    srv = server_factory()
+    second = e2e.new_token(srv.store, "second")
+    proc = e2e.run_cli(["run", srv.address, "echo hot"], token=second)
+    assert (proc.returncode, proc.stdout) == (0, b"hot\n")
+    records = srv.wait_audit(1)
+    assert records[0]["key_name"] == "second"
+    assert records[0]["key_id"] == parse_token(second).key_id.hex()
