@@ -155,7 +155,12 @@ async def _popen_pidfd(argv: list[str]) -> bytes:
     )
     pidfd = os.pidfd_open(proc.pid)
     exited: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
     try:
         await asyncio.wait_for(exited, 60)
     finally:

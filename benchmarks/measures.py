@@ -252,6 +252,10 @@ def _mux_err(env: Env, name: str) -> str | None:
 
 
 # ---- 1. cold --------------------------------------------------------------------------------
+def _ssh_sampler(cmd: list[str]) -> Callable[[], list[float]]:
+    return lambda: _timed_ms(lambda: _run_cmd(cmd, "ssh"))
+
+
 def cold_cli(env: Env) -> Group:
     m = "cold CLI"
     rx, sshd = env.rexec, env.sshd
@@ -270,7 +274,7 @@ def cold_cli(env: Env) -> Group:
         cs.append(
             contender(
                 row(f"cold_cli.{key}", m, name, "ms", "lower", "peer"),
-                (lambda cmd=cmd: _timed_ms(lambda: _run_cmd(cmd, "ssh"))) if sshd else None,
+                _ssh_sampler(cmd) if sshd else None,
                 None if sshd else env.sshd_error,
             )
         )

@@ -21,7 +21,7 @@ from benchmarks.runtime import PYTHON, ROOT, tail, wait_file
 
 if TYPE_CHECKING:
     import asyncssh
-    import paramiko
+    import paramiko  # type: ignore[import-untyped]
 
 CHUNK = 1 << 20
 ZEROS = bytes(CHUNK)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -161,7 +162,7 @@ def cleanup() -> None:
         return
     _cleaned = True
     # Ignore further SIGINT/SIGTERM while tidying up so a second Ctrl-C cannot leave orphans.
-    saved: dict[int, object] = {}
+    saved: dict[signal.Signals, Any] = {}
     with contextlib.suppress(ValueError):
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             saved[sig] = signal.signal(sig, signal.SIG_IGN)
@@ -180,5 +181,5 @@ def cleanup() -> None:
         shutil.rmtree(path, ignore_errors=True)
     _tempdirs.clear()
     with contextlib.suppress(ValueError, TypeError):
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+        for saved_sig, handler in saved.items():
+            signal.signal(saved_sig, handler)
