@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from rexec.protocol.client import ClientConnection
+from rexec.protocol.events import ExitReceived, OutputReceived
 from rexec.protocol.frames import HELLO, MAGIC
 from rexec.protocol.token import generate_token, parse_token
 
@@ -577,3 +578,40 @@ def test_audit_records_fields_and_no_secrets(server_factory: Any, e2e: Any, tmp_
         ):
             assert needle not in blob
     assert srv.log_events("authentication failed")
+
+
+# ---- many channels on one connection ------------------------------------------------
+
+
+def test_concurrent_channels_on_one_connection_demultiplex_exactly(
+    server: Any, tmp_path: Path
+) -> None:
+    files = []
+    for i in range(8):
+        path = tmp_path / f"f{i}.bin"
+        files.append((path, _random_file(path, 2 * MiB + i)))
+    conn = server.connect()
+    try:
+        channels = {}
+        for i, (path, _) in enumerate(files):
+            stream = "" if i % 2 else " >&2"  # odd ones to stdout, even ones to stderr
+            channels[conn._conn.send_exec(f"cat {path}{stream}; exit {i}")] = i
+        conn._flush_queue()
+        out: dict[int, list[bytes]] = {ch: [] for ch in channels}
+        exits: dict[int, int | None] = {}
+        deadline = time.monotonic() + 60
+        while len(exits) < len(channels):
+            assert time.monotonic() < deadline, f"only {len(exits)} EXITs in 60s"
+            for event in conn._pump(1.0):
+                if isinstance(event, OutputReceived):
+                    assert event.stream == (1 if channels[event.channel] % 2 else 2)
+                    out[event.channel].append(event.data)
+                elif isinstance(event, ExitReceived):
+                    exits[event.channel] = event.status.exit_code
+        assert conn.run("echo after").stdout == b"after\n"
+    finally:
+        conn.close()
+    for ch, i in channels.items():
+        data = b"".join(out[ch])
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (2 * MiB + i, files[i][1])
+        assert exits[ch] == i
