@@ -615,3 +615,44 @@ def test_concurrent_channels_on_one_connection_demultiplex_exactly(
         data = b"".join(out[ch])
         assert (len(data), hashlib.sha256(data).hexdigest()) == (2 * MiB + i, files[i][1])
         assert exits[ch] == i
+
+
+@pytest.mark.slow
+def test_rss_bounded_while_streaming_512mib_stdin_to_a_slow_reader(
+    server: Any, e2e: Any, tmp_path: Path
+) -> None:
+    size = 512 * MiB
+    src = tmp_path / "sparse.bin"
+    with open(src, "wb") as f:
+        f.truncate(size)
+    reader = (
+        "import sys, time\n"
+        "n = 0\n"
+        "while chunk := sys.stdin.buffer.read(8 << 20):\n"
+        "    n += len(chunk)\n"
+        "    time.sleep(0.03)\n"
+        "print(n)\n"
+    )
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(server.rss_kib())
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    conn = server.connect()
+    try:
+        with open(src, "rb") as f:
+            result = conn.run([e2e.PYTHON, "-c", reader], stdin=f.fileno())
+    finally:
+        done.set()
+        sampler.join(5)
+        conn.close()
+    assert (result.exit_code, result.stdout) == (0, f"{size}\n".encode()), result.stderr
+    peak = max(samples)
+    print(f"512 MiB stdin: server RSS peak {peak} KiB over {len(samples)} samples")
+    assert len(samples) > 20
+    assert peak < 100 * 1024, f"server RSS peaked at {peak} KiB"
