@@ -183,7 +183,7 @@ def test_max_channels_per_connection(server_factory: Any, e2e: Any) -> None:
         # the limit is per connection
         assert other.run("echo other").stdout == b"other\n"
         # once the two finish, the connection runs commands again
-        time.sleep(0.8)
+        assert e2e.wait_until(lambda: len(srv.log_events("command finished")) >= 3, 10)
         assert conn.run("echo four").stdout == b"four\n"
     finally:
         conn.close()
@@ -302,10 +302,12 @@ def _seconds_until_eof(sock: socket.socket, timeout: float) -> float | None:
 
 def test_idle_timeout_spares_running_commands(server_factory: Any, e2e: Any) -> None:
     srv = server_factory("[limits]\nidle_timeout = 1.0\n")
-    idle, busy = srv.connect(), srv.connect()
+    idle = srv.connect()
+    busy = None
     try:
         assert idle.run("echo x").stdout == b"x\n"
         # a command quieter than the idle timeout is activity all the same
+        busy = srv.connect()
         result = busy.run("sleep 1.6; echo still-connected")
         assert (result.exit_code, result.stdout) == (0, b"still-connected\n")
         assert idle._sock is not None
@@ -313,7 +315,8 @@ def test_idle_timeout_spares_running_commands(server_factory: Any, e2e: Any) -> 
         assert closed_after is not None, "the idle connection was never closed"
     finally:
         idle._abort()
-        busy.close()
+        if busy is not None:
+            busy.close()
     events = srv.log_events("idle timeout; closing connection")
     assert len(events) == 1 and events[0]["idle_timeout"] == 1.0
 

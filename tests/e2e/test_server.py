@@ -199,7 +199,7 @@ def test_stalled_handshakes_dropped_at_deadline(server_factory: Any, e2e: Any) -
                 closed[label] = time.monotonic() - t0
         for label, when in closed.items():
             assert when is not None, f"{label}: still open after 4s"
-            assert 0.8 < when < 2.0, f"{label}: closed after {when:.2f}s"
+            assert 0.9 < when < 2.5, f"{label}: closed after {when:.2f}s"
         # past the deadline, the authenticated connection still works
         assert conn.run("echo alive").stdout == b"alive\n"
     finally:
