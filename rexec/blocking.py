@@ -44,7 +44,10 @@ from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.target import TOKEN_ENV, Endpoint, ResolvedTarget, resolve_target
 
-RECV_SIZE = 1024 * 1024
+HANDSHAKE_CLOSED = (
+    "authentication failed: the server closed the connection during the handshake "
+    "(wrong or unknown token, or the server refused the connection: see its log)"
+)
 OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # stop reading local stdin while this much is unsent
 KEEPALIVE_IDLE = 15.0  # seconds of server silence before we PING
 KEEPALIVE_DEAD = 30.0  # seconds of server silence before we give up
@@ -189,25 +192,23 @@ class BlockingConnection:
         sock = self._sock
         assert sock is not None
         try:
-            data = sock.recv(RECV_SIZE)
+            with self._conn.get_buffer() as view:
+                nbytes = sock.recv_into(view)
         except (BlockingIOError, InterruptedError):
             return []
         except OSError as exc:
             if exc.errno == errno.ECONNRESET and handshake:
-                data = b""
+                nbytes = 0
             else:
                 raise ConnectionLost(f"connection to {self.endpoint} lost: {exc}") from None
         self._last_rx = time.monotonic()
         self._pinged = False
-        if not data:
+        if not nbytes:
             if handshake and not self._conn.handshake_done:
-                raise AuthError(
-                    "authentication failed: the server closed the connection during the "
-                    "handshake (wrong or unknown token, or a server that does not speak rexec/1)"
-                )
+                raise AuthError(HANDSHAKE_CLOSED)
             self._conn.receive_eof()  # raises TruncatedError unless CLOSE came first
             return [CloseReceived()] if not self._closed else []
-        events = self._conn.receive_data(data)
+        events = self._conn.buffer_updated(nbytes)
         self._flush_queue()
         return events
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from rexec.blocking import channel_error, resolve
+from rexec.blocking import HANDSHAKE_CLOSED, channel_error, resolve
 from rexec.errors import (
     AuthError,
     ConnectionLost,
@@ -241,10 +241,7 @@ class Connection:
     def _on_lost(self, error: RexecError | None) -> None:
         if not self._ready.done():
             if error is None or isinstance(error, TruncatedError):
-                error = AuthError(
-                    "authentication failed: the server closed the connection during the "
-                    "handshake (wrong or unknown token, or a server that does not speak rexec/1)"
-                )
+                error = AuthError(HANDSHAKE_CLOSED)
             self._ready.set_exception(error)
             self._ready.exception()
         if error is None and self._procs:

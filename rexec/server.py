@@ -162,7 +162,7 @@ class Server:
         self.ctx = ctx
         loop = asyncio.get_running_loop()
 
-        def factory() -> asyncio.Protocol:
+        def factory() -> asyncio.BaseProtocol:
             return Session(ctx).protocol
 
         for ep in self.config.server.endpoints:

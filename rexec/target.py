@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import ConfigError, TokenError
@@ -137,21 +137,50 @@ def parse_address(
     return Endpoint(host=host, port=port)
 
 
-class HostEntry(NamedTuple):
-    """One `[hosts.NAME]` table of the client config (a NamedTuple: cheaper to define)."""
+class HostEntry(FrozenRecord):
+    """One `[hosts.NAME]` table of the client config."""
 
+    __match_args__ = ("address", "token_file", "connect_timeout")
+    __slots__ = __match_args__
     address: Endpoint
-    token_file: Path | None = None
-    connect_timeout: float | None = None
+    token_file: Path | None
+    connect_timeout: float | None
+
+    def __init__(
+        self,
+        address: Endpoint,
+        token_file: Path | None = None,
+        connect_timeout: float | None = None,
+    ) -> None:
+        setfield(self, "address", address)
+        setfield(self, "token_file", token_file)
+        setfield(self, "connect_timeout", connect_timeout)
 
 
-class ClientConfig(NamedTuple):
+_NO_HOSTS: Mapping[str, HostEntry] = MappingProxyType({})
+
+
+class ClientConfig(FrozenRecord):
     """The client config file, validated. `path` is None when no file was read."""
 
-    path: Path | None = None
-    token_file: Path | None = None
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    hosts: Mapping[str, HostEntry] = MappingProxyType({})
+    __match_args__ = ("path", "token_file", "connect_timeout", "hosts")
+    __slots__ = __match_args__
+    path: Path | None
+    token_file: Path | None
+    connect_timeout: float
+    hosts: Mapping[str, HostEntry]
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        token_file: Path | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        hosts: Mapping[str, HostEntry] = _NO_HOSTS,
+    ) -> None:
+        setfield(self, "path", path)
+        setfield(self, "token_file", token_file)
+        setfield(self, "connect_timeout", connect_timeout)
+        setfield(self, "hosts", hosts)
 
 
 class ResolvedTarget(FrozenRecord):

@@ -26,8 +26,12 @@ EventHandler = Callable[[list[Event]], None]
 LostHandler = Callable[[RexecError | None], None]
 
 
-class FramedProtocol(asyncio.Protocol):
-    """One socket bound to one Connection. Errors end the connection and reach `on_lost`."""
+class FramedProtocol(asyncio.BufferedProtocol):
+    """One socket bound to one Connection. Errors end the connection and reach `on_lost`.
+
+    A BufferedProtocol: asyncio receives straight into the connection's frame buffer, so
+    the kernel's copy is the only one before decryption.
+    """
 
     def __init__(self, conn: Connection, on_events: EventHandler, on_lost: LostHandler) -> None:
         self.conn = conn
@@ -57,11 +61,17 @@ class FramedProtocol(asyncio.Protocol):
             self.peer = "unix"
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
 
-    def data_received(self, data: bytes) -> None:
-        if self.closed:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        try:
+            return self.conn.get_buffer()
+        except RexecError:  # a poisoned connection: give asyncio somewhere to put bytes
+            return memoryview(bytearray(65536))
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed or self._error is not None:
             return
         try:
-            events = self.conn.receive_data(data)
+            events = self.conn.buffer_updated(nbytes)
         except (ProtocolError, RexecError) as exc:
             self.fail(exc)
             return

@@ -28,7 +28,7 @@ from rexec.protocol.frames import (
     FrameBuffer,
     FrameType,
 )
-from rexec.protocol.noise import CipherState
+from rexec.protocol.noise import TAGLEN, CipherState
 
 # direction ("send"/"recv"), frame type, channel, payload length
 TraceFn = Callable[[str, FrameType, int, int], None]
@@ -60,7 +60,7 @@ class Connection:
     role = "?"
 
     def __init__(self, trace: TraceFn | None = None) -> None:
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
         self._buf = FrameBuffer(MAX_TRANSPORT_BODY, MIN_TRANSPORT_BODY, "frame")
@@ -74,7 +74,7 @@ class Connection:
 
     # ---- output --------------------------------------------------------------------
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self) -> bytes | bytearray:
         """Everything queued since the last call, in wire order."""
         out = self._out
         if not out:
@@ -93,8 +93,12 @@ class Connection:
             raise LocalProtocolError(f"cannot send {ftype.name} after CLOSE")
         if len(payload) > MAX_PAYLOAD:
             raise LocalProtocolError(f"{ftype.name} payload of {len(payload)} bytes is too big")
-        ct = self._send.encrypt(b"", INNER.pack(ftype, 0, 0, channel) + payload)
-        self._out.append(LENGTH.pack(len(ct)) + ct)
+        size = INNER_LEN + len(payload) + TAGLEN
+        frame = bytearray(4 + size)  # length prefix and ciphertext: one buffer, one write
+        LENGTH.pack_into(frame, 0, size)
+        with memoryview(frame) as view:
+            self._send.encrypt_into(b"", INNER.pack(ftype, 0, 0, channel) + payload, view[4:])
+        self._out.append(frame)
         if self._trace is not None:
             self._trace("send", ftype, channel, len(payload))
 
@@ -147,9 +151,25 @@ class Connection:
             raise self._error
         if self.eof_received:
             raise LocalProtocolError("receive_data after receive_eof")
+        if data:
+            self._buf.feed(data)
+        return self._run_process()
+
+    def get_buffer(self) -> memoryview:
+        """Zero-copy input: receive into this view, then call buffer_updated(n)."""
+        if self._error is not None:
+            raise self._error
+        return self._buf.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """`nbytes` were received into the last get_buffer() view; as receive_data."""
+        if self._error is not None:
+            raise self._error
+        self._buf.buffer_updated(nbytes)
+        return self._run_process()
+
+    def _run_process(self) -> list[Event]:
         try:
-            if data:
-                self._buf.feed(data)
             return self._process()
         except ProtocolError as exc:
             self._error = exc
@@ -177,8 +197,10 @@ class Connection:
     def _transport_frames(self, events: list[Event]) -> None:
         recv = self._recv
         assert recv is not None
-        for body in self._buf.bodies():
-            plain = recv.decrypt(b"", body)
+        buf = self._buf
+        while (body := buf.next_view()) is not None:
+            with body:
+                plain = recv.decrypt(b"", body)
             ftype_raw, flags, reserved, channel = INNER.unpack_from(plain)
             if flags or reserved:
                 raise RemoteProtocolError("frame flags and reserved bits must be zero")

@@ -27,6 +27,8 @@ MSG1_LEN = DHLEN + TAGLEN  # e + tag of the empty payload
 MAX_SERVER_INFO = 4096
 MAX_MSG2_LEN = DHLEN + MAX_SERVER_INFO + TAGLEN
 MAX_CHANNEL = 2**32 - 1
+RECV_CAPACITY = 4 * (4 + MAX_TRANSPORT_BODY)  # a few whole frames per receive call
+MIN_RECV = 64 * 1024
 
 
 class FrameType(IntEnum):
@@ -86,28 +88,66 @@ def encode_frame(body: bytes) -> bytes:
 
 
 class FrameBuffer:
-    """Collects bytes and yields whole frame bodies, validating each length at once."""
+    """A receive buffer that yields whole frame bodies, validating each length at once.
 
-    __slots__ = ("_buf", "max_body", "min_body", "what")
+    Fixed capacity, filled either by `feed(data)` (a copy) or in place: `get_buffer()` hands
+    out its free tail for `recv_into`, `buffer_updated(n)` commits it. Bodies come out as
+    memoryviews of the buffer, so the only copy of a frame between the socket and the AEAD
+    is the kernel's. A view must be released before the next fill (the caller's job).
+    """
+
+    __slots__ = ("_buf", "_end", "_start", "max_body", "min_body", "what")
 
     def __init__(self, max_body: int, min_body: int = 0, what: str = "frame") -> None:
-        self._buf = bytearray()
+        self._buf = bytearray(RECV_CAPACITY)
+        self._start = 0
+        self._end = 0
         self.max_body = max_body
         self.min_body = min_body
         self.what = what
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return self._end - self._start
+
+    def _room(self, need: int) -> None:
+        """Make `need` bytes free after the data: move the unread tail home, or grow."""
+        buf = self._buf
+        if len(buf) - self._end >= need:
+            return
+        size = self._end - self._start
+        if size + need <= len(buf):
+            buf[:size] = buf[self._start : self._end]  # same length: no resize
+        else:
+            grown = bytearray(max(2 * len(buf), size + need))
+            grown[:size] = buf[self._start : self._end]
+            self._buf = grown
+        self._start, self._end = 0, size
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        n = len(data)
+        self._room(n)
+        self._buf[self._end : self._end + n] = data
+        self._end += n
+
+    def get_buffer(self) -> memoryview:
+        """The free tail of the buffer, to receive into (at least MIN_RECV bytes)."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._room(MIN_RECV)
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, n: int) -> None:
+        """`n` bytes were written at the start of the last get_buffer() view."""
+        if not 0 <= n <= len(self._buf) - self._end:
+            raise ValueError(f"buffer_updated({n}) beyond the buffer handed out")
+        self._end += n
 
     def take_raw(self, n: int) -> bytes | None:
         """The next n unframed bytes (the HELLO), or None until they are all here."""
-        if len(self._buf) < n:
+        if self._end - self._start < n:
             return None
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+        out = bytes(self._buf[self._start : self._start + n])
+        self._start += n
         return out
 
     def _check(self, n: int) -> None:
@@ -120,34 +160,30 @@ class FrameBuffer:
                 f"{self.what} length {n} is below the minimum of {self.min_body} bytes"
             )
 
-    def next_body(self) -> bytes | None:
-        """The next complete body, or None; raises as soon as a bad length is visible."""
-        buf = self._buf
-        if len(buf) < 4:
+    def next_view(self) -> memoryview | None:
+        """A view of the next complete body, or None; raises once a bad length is visible."""
+        start = self._start
+        if self._end - start < 4:
             return None
-        (n,) = LENGTH.unpack_from(buf)
+        (n,) = LENGTH.unpack_from(self._buf, start)
         self._check(n)
-        end = 4 + n
-        if len(buf) < end:
+        end = start + 4 + n
+        if end > self._end:
             return None
-        body = bytes(buf[4:end])
-        del buf[:end]
-        return body
+        self._start = end
+        return memoryview(self._buf)[start + 4 : end]
+
+    def next_body(self) -> bytes | None:
+        """As next_view, as bytes (for the small handshake messages)."""
+        view = self.next_view()
+        if view is None:
+            return None
+        with view:
+            return bytes(view)
 
     def bodies(self) -> list[bytes]:
-        """Every complete body now buffered, consumed in one pass."""
-        buf = self._buf
+        """Every complete body now buffered, as bytes."""
         out: list[bytes] = []
-        off = 0
-        size = len(buf)
-        while size - off >= 4:
-            (n,) = LENGTH.unpack_from(buf, off)
-            self._check(n)
-            end = off + 4 + n
-            if end > size:
-                break
-            out.append(bytes(buf[off + 4 : end]))
-            off = end
-        if off:
-            del buf[:off]
+        while (body := self.next_body()) is not None:
+            out.append(body)
         return out

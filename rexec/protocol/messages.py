@@ -8,11 +8,14 @@ strictly (unknown keys refused, every type checked), because the client receives
 
 from __future__ import annotations
 
-import hmac
 import json
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.hmac import HMAC
 
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import LocalProtocolError, RemoteProtocolError
@@ -31,11 +34,20 @@ MAX_PING = 64
 
 def auth_proof(secret: bytes, handshake_hash: bytes) -> bytes:
     """The AUTH payload: proves the client holds the token secret for this very handshake."""
-    return hmac.digest(secret, AUTH_LABEL + handshake_hash, "sha256")
+    mac = HMAC(secret, SHA256())  # cryptography's, not hmac: see rexec.protocol.noise
+    mac.update(AUTH_LABEL + handshake_hash)
+    return mac.finalize()
 
 
 def verify_auth_proof(secret: bytes, handshake_hash: bytes, proof: bytes) -> bool:
-    return hmac.compare_digest(auth_proof(secret, handshake_hash), proof)
+    """Constant-time check of an AUTH payload."""
+    mac = HMAC(secret, SHA256())
+    mac.update(AUTH_LABEL + handshake_hash)
+    try:
+        mac.verify(proof)
+    except InvalidSignature:
+        return False
+    return True
 
 
 class ExitStatus(FrozenRecord):

@@ -7,14 +7,14 @@ checked byte for byte against the cacophony vectors and against the `noiseprotoc
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 from enum import IntEnum
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256, Hash
+from cryptography.hazmat.primitives.hmac import HMAC
 
 from rexec.errors import DecryptError, LocalProtocolError, RemoteProtocolError
 
@@ -45,13 +45,30 @@ _AES_NONCE = struct.Struct(">4xQ")  # Noise AESGCM: 32 zero bits, then big-endia
 _CHACHA_NONCE = struct.Struct("<4xQ")  # Noise ChaChaPoly: 32 zero bits, little-endian counter
 
 
+# SHA-256 and HMAC from cryptography, not hashlib and hmac: cryptography is loaded anyway,
+# and the stdlib pair costs `rexec run` ~3 ms of start-up for its own OpenSSL (DESIGN.md 2a).
+_SHA256 = SHA256()
+
+
+def sha256(data: bytes) -> bytes:
+    h = Hash(_SHA256)
+    h.update(data)
+    return h.finalize()
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    h = HMAC(key, _SHA256)
+    h.update(data)
+    return h.finalize()
+
+
 def _hkdf(ck: bytes, ikm: bytes, n: int) -> list[bytes]:
-    temp = hmac.digest(ck, ikm, "sha256")
-    out1 = hmac.digest(temp, b"\x01", "sha256")
-    out2 = hmac.digest(temp, out1 + b"\x02", "sha256")
+    temp = hmac_sha256(ck, ikm)
+    out1 = hmac_sha256(temp, b"\x01")
+    out2 = hmac_sha256(temp, out1 + b"\x02")
     if n == 2:
         return [out1, out2]
-    return [out1, out2, hmac.digest(temp, out2 + b"\x03", "sha256")]
+    return [out1, out2, hmac_sha256(temp, out2 + b"\x03")]
 
 
 class CipherState:
@@ -88,9 +105,17 @@ class CipherState:
         self.n = n + 1
         return ct
 
-    def decrypt(self, ad: bytes, ciphertext: bytes) -> bytes:
+    def encrypt_into(self, ad: bytes, plaintext: bytes, out: memoryview) -> None:
+        """Encrypt into `out` (exactly len(plaintext) + TAGLEN bytes): no extra copy."""
         if self._aead is None:
-            return ciphertext
+            raise LocalProtocolError("encrypt_into needs a keyed CipherState")
+        n = self._next()
+        self._aead.encrypt_into(self._pack(n), plaintext, ad, out)
+        self.n = n + 1
+
+    def decrypt(self, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
+        if self._aead is None:
+            return bytes(ciphertext)
         n = self.n
         if n >= MAX_NONCE:
             raise RemoteProtocolError("peer exhausted the nonce counter")
@@ -112,14 +137,12 @@ class SymmetricState:
     def __init__(self, suite: Suite) -> None:
         self.suite = suite
         name = suite.protocol_name
-        self.h = (
-            name.ljust(HASHLEN, b"\0") if len(name) <= HASHLEN else hashlib.sha256(name).digest()
-        )
+        self.h = name.ljust(HASHLEN, b"\0") if len(name) <= HASHLEN else sha256(name)
         self.ck = self.h
         self.cipher = CipherState(suite)
 
     def mix_hash(self, data: bytes) -> None:
-        self.h = hashlib.sha256(self.h + data).digest()
+        self.h = sha256(self.h + data)
 
     def mix_key(self, ikm: bytes) -> None:
         self.ck, temp_k = _hkdf(self.ck, ikm, 2)
