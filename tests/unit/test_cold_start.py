@@ -14,6 +14,8 @@ on a loaded 2-core machine):
 - pathlib (+ urllib.parse, ipaddress, fnmatch: ~3-7 ms): rexec.target works on str paths
   with os.path and imports pathlib, like tomllib, only when a client config file exists.
 - cryptography's serialization module (~6-9 ms): public_bytes_raw() does without it.
+- hashlib and hmac (~3 ms: _hashlib initialises its own OpenSSL): the Noise handshake and
+  the AUTH proof use cryptography's SHA256 and HMAC, which are loaded anyway.
 
 typing, re and enum are not listed: cryptography and socket import them anyway.
 """
@@ -38,6 +40,8 @@ FORBIDDEN = (
     "pathlib",
     "tomllib",
     "cryptography.hazmat.primitives.serialization",
+    "hashlib",
+    "hmac",
 )
 
 # Everything `rexec run` does short of a server: parse the command line (and --help), resolve
