@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,8 +34,7 @@ from rexec.result import EXIT_FAILURE, Result
 
 if TYPE_CHECKING:
     from rexec.protocol.frames import FrameType
-    from rexec.protocol.token import Token
-    from rexec.target import Endpoint
+    from rexec.target import ResolvedTarget
 
 HISTORY_KEEP = 5000  # lines kept in the history file (trimmed at start-up)
 RED, RESET = "\x1b[31m", "\x1b[0m"
@@ -59,11 +59,7 @@ Ctrl-C sends SIGINT to the running command (twice: SIGKILL); at the prompt it cl
 
 
 class _Leave(Exception):
-    """Raised by `exit`/`:exit`/Ctrl-D to end the loop with a status."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+    """Raised by `exit`/`:exit` to end the loop; args[0] is the exit status."""
 
 
 class _Lost(Exception):
@@ -85,11 +81,6 @@ def _write(fd: int, data: bytes) -> None:
 def _say(message: str) -> None:
     """One line of our own on stderr, as the CLI writes them."""
     _write(2, f"rexec: {message}\n".encode(errors="replace"))
-
-
-def _printable(text: str) -> str:
-    """A remote path or value made safe to show in the prompt (no control characters)."""
-    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def history_path(env: Mapping[str, str] | None = None) -> Path:
@@ -137,19 +128,15 @@ class Shell:
 
     def __init__(
         self,
-        name: str,
-        endpoint: Endpoint,
-        token: Token,
+        target: ResolvedTarget,
         *,
-        connect_timeout: float,
+        connect_timeout: float | None = None,
         suite: Suite = Suite.AESGCM,
         interactive: bool = True,
         trace: bool = False,
     ) -> None:
-        self.name = name
-        self._endpoint = endpoint
-        self._token = token
-        self._connect_timeout = connect_timeout
+        self.target = target
+        self._connect_timeout = connect_timeout or target.connect_timeout
         self._suite = suite
         self.interactive = interactive
         self.tracing = trace
@@ -176,8 +163,8 @@ class Shell:
     def connect(self) -> None:
         """Open and authenticate a connection; the first time, learn the remote home."""
         conn = BlockingConnection(
-            self._endpoint,
-            self._token,
+            self.target.endpoint,
+            self.target.token,
             connect_timeout=self._connect_timeout,
             suite=self._suite,
             trace=self._trace,
@@ -263,14 +250,15 @@ class Shell:
     # ---- the loop ------------------------------------------------------------------
 
     def prompt(self) -> str:
-        where = "?" if self.cwd is None else self.cwd
-        if self.home is not None and where == self.home:
+        where = "~" if self.cwd is None else self.cwd
+        if where == self.home:
             where = "~"
         elif self.home not in (None, "/") and where.startswith(f"{self.home}/"):
             where = "~" + where[len(self.home or "") :]
         status = f" [{self.status}]" if self.status else ""
         sign = "#" if self.user == "root" else "$"
-        return _printable(f"{self.user}@{self.host}:{where}{status}{sign} ")
+        text = f"{self.user}@{self.host}:{where}{status}{sign} "
+        return "".join(c if c.isprintable() else "?" for c in text)  # remote names: no escapes
 
     def loop(self, read: Callable[[str], str]) -> int:
         """Read, dispatch, repeat; returns the exit status of the whole session."""
@@ -284,27 +272,29 @@ class Shell:
             except KeyboardInterrupt:
                 _write(1, b"\n")  # the line is dropped; readline starts a fresh one
                 continue
+            except UnicodeDecodeError:
+                self._fail("that line is not valid UTF-8; not sent")
+                continue
             try:
                 self.dispatch(line)
             except _Leave as leave:
-                return leave.status
+                return int(leave.args[0])
             except KeyboardInterrupt:
                 _write(1, b"\n")
             except _Lost as lost:
-                if not self.reconnect(str(lost), read):
+                if not self.reconnect(str(lost)):
                     return EXIT_FAILURE
 
-    def reconnect(self, reason: str, read: Callable[[str], str]) -> bool:
+    def reconnect(self, reason: str) -> bool:
         """Say the connection is gone (one line) and offer to reconnect; False to leave."""
         self.close()
-        prefix = f"connection to {self._endpoint} lost: "
-        reason = reason.removeprefix(prefix)
-        _say(f"connection to {self.name} lost: {reason}")
+        reason = reason.removeprefix(f"connection to {self.target.endpoint} lost: ")
+        _say(f"connection to {self.target.name} lost: {reason}")
         if not self.interactive:
             return False
         while True:
             try:
-                answer = read("reconnect? [Y/n] ").strip().lower()
+                answer = input("reconnect? [Y/n] ").strip().lower()  # not into history
             except (EOFError, KeyboardInterrupt):
                 _write(1, b"\n")
                 return False
@@ -358,7 +348,7 @@ class Shell:
         elif cmd == ":timeout" and len(args) == 1:
             self._set_timeout(args[0])
         else:
-            _say(f"unknown built-in {' '.join(words)!r} (try :help)")
+            self._fail(f"unknown built-in {' '.join(words)!r} (try :help)")
 
     def _set_timeout(self, arg: str) -> None:
         if arg.lower() in ("off", "none", "0"):
@@ -369,9 +359,12 @@ class Shell:
         except ValueError:
             value = -1.0
         if not 0 < value < 1e9:
-            _say(f":timeout expects seconds > 0 or 'off', got {arg!r}")
-            return
+            return self._fail(f":timeout expects seconds > 0 or 'off', got {arg!r}")
         self.timeout = value
+
+    def _fail(self, message: str) -> None:
+        _say(message)
+        self.status = 1
 
     def _show_env(self) -> None:
         lines = "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(self.env.items()))
@@ -382,28 +375,22 @@ class Shell:
             raise _Leave(0)
         if len(args) == 1 and args[0].isdigit():
             raise _Leave(int(args[0]) & 0xFF)
-        _say("exit: usage: exit [N]")
+        self._fail("exit: usage: exit [N]")
 
     def do_pwd(self, args: list[str], line: str) -> None:
-        if args:  # options: let the remote pwd handle them
-            self.remote(line, timeout=self.timeout)
-        elif self.cwd is None:
-            _say("pwd: the remote directory is unknown")
-        else:
-            _write(1, f"{self.cwd}\n".encode(errors="replace"))
+        """The tracked directory is already physical (pwd -P), so -L/-P need no round trip."""
+        if self.cwd is None:
+            return self._fail("pwd: the remote directory is unknown")
+        _write(1, f"{self.cwd}\n".encode(errors="replace"))
 
     def do_cd(self, args: list[str], line: str) -> None:
         """Let the server's shell resolve DIR (~, $VAR, quotes) from our cwd; adopt its pwd -P."""
         if len(args) > 1:
-            _say("cd: too many arguments")
-            self.status = 1
-            return
+            return self._fail("cd: too many arguments")
         raw = line.split(None, 1)[1] if args else ""
         if args == ["-"]:
             if self.oldcwd is None:
-                _say("cd: no previous directory")
-                self.status = 1
-                return
+                return self._fail("cd: no previous directory")
             raw = shlex.quote(self.oldcwd)
         command = f"cd -- {raw} && pwd -P" if raw else "cd && pwd -P"
         result = self.remote(command, capture=True)
@@ -415,9 +402,7 @@ class Shell:
         try:
             path = _last_line(result.stdout, strict=True)
         except UnicodeDecodeError:
-            _say("cd: the directory's name is not UTF-8; staying here")
-            self.status = 1
-            return
+            return self._fail("cd: the directory's name is not UTF-8; staying here")
         if path.startswith("/"):
             self.oldcwd, self.cwd = self.cwd, path
             if args == ["-"]:
@@ -433,13 +418,9 @@ class Shell:
         for word in args:
             name = word.split("=", 1)[0]
             if not _NAME.fullmatch(name):
-                _say(f"export: {name!r} is not a valid variable name")
-                self.status = 1
-                return
+                return self._fail(f"export: {name!r} is not a valid variable name")
             if "=" not in word and name not in self.env:
-                _say(f"export: {name} has no value here (use export {name}=VALUE)")
-                self.status = 1
-                return
+                return self._fail(f"export: {name} has no value here (use export {name}=VALUE)")
             names.append(name)
         env = {**self.env, **{n: self.env.get(n, "") for n in names}}
         dump = " ".join(f'"${{{n}}}"' for n in names)
@@ -450,9 +431,7 @@ class Shell:
         try:
             decoded = [v.decode("utf-8") for v in values]
         except UnicodeDecodeError:
-            _say("export: the value is not UTF-8; not kept")
-            self.status = 1
-            return
+            return self._fail("export: the value is not UTF-8; not kept")
         self.env.update(zip(names, decoded, strict=True))
 
     def do_unset(self, args: list[str], line: str) -> None:
@@ -462,9 +441,7 @@ class Shell:
 
 def _last_line(data: bytes, strict: bool = False) -> str:
     """The last line of a command's output (cd prints the directory again when CDPATH hits)."""
-    text = data.decode("utf-8", "strict" if strict else "replace")
-    lines = text.rstrip("\n").split("\n")
-    return lines[-1]
+    return data.decode("utf-8", "strict" if strict else "replace").rstrip("\n").split("\n")[-1]
 
 
 def _simple_words(line: str) -> list[str] | None:
@@ -560,22 +537,23 @@ def main(argv: Sequence[str]) -> int:
     from rexec.target import resolve_target
 
     interactive = os.isatty(0)
+    if interactive:  # Ctrl-C must work even when started with SIGINT ignored (`cmd &`)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     shell: Shell | None = None
     try:
         resolved = resolve_target(args.target, token_file=args.token_file)
         suite = Suite.CHACHAPOLY if args.suite == "chachapoly" else Suite.AESGCM
         shell = Shell(
-            resolved.name,
-            resolved.endpoint,
-            resolved.token,
-            connect_timeout=args.connect_timeout or resolved.connect_timeout,
+            resolved,
+            connect_timeout=args.connect_timeout,
             suite=suite,
             interactive=interactive,
             trace=args.trace,
         )
         shell.connect()
         if interactive:
-            _say(f"connected to {shell.user}@{shell.host} ({resolved.endpoint}); :help, Ctrl-D")
+            where = f"{shell.user}@{shell.host} ({resolved.endpoint})"
+            _say(f"connected to {where}; :help for built-ins, Ctrl-D to leave")
         read: Callable[[str], str] = input
         if interactive:
             read = LineEditor(history_path()).read
