@@ -44,7 +44,8 @@ BUILTIN_ARGS = {":trace": ("on", "off"), ":timeout": ("off",)}
 CHANNEL_CODES = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.EXEC_FAILED, ErrorCode.LIMIT})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 HELP = """\
-Each line runs as `/bin/sh -c LINE` on the server, on a new channel of one connection.
+Each line runs as `/bin/sh -c LINE` on the server, on a new channel of one connection,
+with no stdin (it reads EOF), in the tracked directory and with the exported variables.
   cd [DIR|-]        change the remote directory (checked on the server; kept)
   export K=V ...    set variables for later commands (the server's allowlist applies)
   unset K ...       drop exported variables
@@ -223,25 +224,22 @@ class Shell:
                 wakeup_fd=interrupts.read_fd,
             )
         except ExecError as exc:
-            self.output.finish()
             _say(str(exc))
             self.status, self.refused = exc.exit_code or 127, exc
             return None
         except RemoteError as exc:
-            self.output.finish()
             if exc.code not in CHANNEL_CODES:
                 raise _Lost(str(exc)) from None
             _say(str(exc))
             self.status, self.refused = 1, exc
             return None
         except (ConnectionLost, ProtocolError, OSError) as exc:
-            self.output.finish()
             raise _Lost(str(exc)) from None
         finally:
             interrupts.close()
-        self.output.finish()
-        if interrupts.count and not capture:
-            _write(1, b"\n")  # the terminal echoed ^C mid-line
+            if interrupts.count:
+                self.output.mid_line = True  # the terminal echoed ^C
+            self.output.finish()
         self.status = result.shell_status
         if result.timed_out:
             _say(f"command timed out after {result.duration:.1f}s (killed by the server)")
@@ -270,7 +268,7 @@ class Shell:
                     _write(1, b"\n")
                 return 0
             except KeyboardInterrupt:
-                _write(1, b"\n")  # the line is dropped; readline starts a fresh one
+                _write(1, b"^C\n")  # the line is dropped; readline starts a fresh one
                 continue
             except UnicodeDecodeError:
                 self._fail("that line is not valid UTF-8; not sent")
