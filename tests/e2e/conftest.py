@@ -8,6 +8,7 @@ the test fails with TimeoutExpired rather than hanging).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -318,6 +319,15 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProc]]:
             srv.stop()
 
 
+_markers = itertools.count(1)
+
+
+def marker(base: str) -> str:
+    """base + digits unique to this test process: concurrent test runs on the machine must
+    never see (or kill) each other's processes. Numeric bases stay valid sleep durations."""
+    return f"{base}{os.getpid()}{next(_markers):03d}"
+
+
 class E2E:
     """The helpers above, for test modules (importlib mode: tests cannot import conftest)."""
 
@@ -330,6 +340,7 @@ class E2E:
     wait_until = staticmethod(wait_until)
     cmdline_pids = staticmethod(cmdline_pids)
     group_members = staticmethod(group_members)
+    marker = staticmethod(marker)
 
 
 @pytest.fixture(scope="session")

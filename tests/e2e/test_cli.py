@@ -92,7 +92,7 @@ def test_signal_in_json(server: Any, e2e: Any) -> None:
 
 
 def test_timeout_kills_the_whole_group(server: Any, e2e: Any) -> None:
-    marker = "1000.4321"
+    marker = e2e.marker("1000.4321")
     assert e2e.cmdline_pids(marker) == []
     t0 = time.monotonic()
     proc = e2e.run_cli(
@@ -111,8 +111,9 @@ def test_timeout_kills_the_whole_group(server: Any, e2e: Any) -> None:
 
 
 def test_timeout_in_json(server: Any, e2e: Any) -> None:
+    marker = e2e.marker("1000.4323")
     proc = e2e.run_cli(
-        ["run", "--json", "--timeout", "0.5", server.address, "sleep 1000.4323"],
+        ["run", "--json", "--timeout", "0.5", server.address, f"sleep {marker}"],
         token=server.token,
     )
     assert proc.returncode == 124
@@ -120,7 +121,7 @@ def test_timeout_in_json(server: Any, e2e: Any) -> None:
     assert doc["timed_out"] is True
     assert doc["signal"] == signal.SIGTERM and doc["exit_code"] is None
     assert 0.4 < doc["duration"] < 4.0
-    assert e2e.cmdline_pids("1000.4323") == []
+    assert e2e.cmdline_pids(marker) == []
 
 
 # ---- argv vs shell line -------------------------------------------------------------
@@ -525,7 +526,7 @@ def test_no_trace_by_default(server: Any, e2e: Any) -> None:
 def test_stdout_reader_gone_ends_the_command(server: Any, e2e: Any) -> None:
     # `rexec run HOST yes | head -1` must end, as `yes | head -1` does (SIGPIPE: 141),
     # and the remote command must not run on forever
-    marker = "e2e-epipe-marker"
+    marker = e2e.marker("e2e-epipe-marker")
     env = e2e.clean_env({"REXEC_TOKEN": server.token})
     client = subprocess.Popen(
         [e2e.REXEC, "run", server.address, "yes", marker],
@@ -573,14 +574,14 @@ def _finish(client: Any, timeout: float = 10) -> tuple[int, bytes, bytes]:
 
 
 @pytest.mark.parametrize(
-    ("script", "interrupts", "status"),
-    [("sleep 1000.555", 1, 130), ("trap '' INT; echo ready; sleep 1000.556", 2, 137)],
+    ("prefix", "interrupts", "status"),
+    [("", 1, 130), ("trap '' INT; echo ready; ", 2, 137)],
 )
 def test_ctrl_c_forwards_sigint_then_sigkill(
-    server: Any, e2e: Any, script: str, interrupts: int, status: int
+    server: Any, e2e: Any, prefix: str, interrupts: int, status: int
 ) -> None:
-    marker = script.split()[-1]
-    client = _start_client(e2e, server, f"{script}; echo not-reached")
+    marker = f"sleep {e2e.marker('1000.555')}"
+    client = _start_client(e2e, server, f"{prefix}{marker}; echo not-reached")
     try:
         assert e2e.wait_until(lambda: set(e2e.cmdline_pids(marker)) - {client.pid}, 10)
         for _ in range(interrupts):
@@ -605,7 +606,7 @@ def test_third_ctrl_c_gives_up_when_stdin_backpressure_stalls(
     big = tmp_path / "sparse"
     with open(big, "wb") as f:
         f.truncate(64 * 1024 * 1024)
-    marker = "sleep 1000.559"
+    marker = f"sleep {e2e.marker('1000.559')}"
     with open(big, "rb") as stdin:
         client = _start_client(e2e, server, marker, stdin=stdin)
     try:
@@ -642,7 +643,7 @@ def test_command_exit_ends_the_client_while_stdin_stays_open(server: Any, e2e: A
 
 def test_server_killed_mid_command(server_factory: Any, e2e: Any) -> None:
     srv = server_factory()
-    marker = "sleep 1000.888"
+    marker = f"sleep {e2e.marker('1000.888')}"
     client = _start_client(e2e, srv, f"echo begun; {marker}")
     try:
         remote = e2e.wait_until(
@@ -689,7 +690,7 @@ def test_suite_refused_by_server(server_factory: Any, e2e: Any) -> None:
 
 
 def test_client_sigkill_mid_stream_cleans_up(server: Any, e2e: Any) -> None:
-    marker = "sleep 1000.777"
+    marker = f"sleep {e2e.marker('1000.777')}"
     # warm up and let earlier connections finish, then take the fd baseline
     assert e2e.run_cli(["run", server.address, "true"], token=server.token).returncode == 0
     time.sleep(0.2)
@@ -721,7 +722,7 @@ def test_client_sigkill_mid_stream_cleans_up(server: Any, e2e: Any) -> None:
         gone = e2e.wait_until(lambda: not e2e.group_members(pgid), 2.0)
         assert gone, f"remote group {pgid} still alive 2s after the client died"
         assert time.monotonic() - t0 < 2.0
-        assert e2e.cmdline_pids("1000.777") == []
+        assert e2e.cmdline_pids(marker) == []
         back = e2e.wait_until(lambda: server.fd_count() == baseline, 3.0)
         assert back, f"server fds: {server.fd_count()} != baseline {baseline}"
         assert server.alive()

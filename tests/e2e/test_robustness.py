@@ -271,9 +271,10 @@ def test_bad_config_refused(e2e: Any, tmp_path: Path, toml: str, message: str) -
 def test_max_timeout_caps_every_command(server_factory: Any, e2e: Any) -> None:
     srv = server_factory("[limits]\ndefault_timeout = 0.3\nmax_timeout = 0.6\n")
     cases = [([], 0.3), (["--timeout", "100"], 0.6), (["--timeout", "0.4"], 0.4)]
+    marker = e2e.marker("1000.60")
     for n, (opts, limit) in enumerate(cases):
         t0 = time.monotonic()
-        proc = e2e.run_cli(["run", *opts, srv.address, f"sleep 1000.60{n}"], token=srv.token)
+        proc = e2e.run_cli(["run", *opts, srv.address, f"sleep {marker}{n}"], token=srv.token)
         elapsed = time.monotonic() - t0
         assert proc.returncode == 124, (opts, proc.stderr)
         assert limit < elapsed < limit + 3, (opts, elapsed)
@@ -281,7 +282,7 @@ def test_max_timeout_caps_every_command(server_factory: Any, e2e: Any) -> None:
     for (opts, limit), r in zip(cases, records, strict=True):
         assert r["timed_out"] is True
         assert limit - 0.05 < r["duration"] < limit + 1.0, (opts, r["duration"])
-    assert e2e.cmdline_pids("sleep 1000.60") == []
+    assert e2e.cmdline_pids(marker) == []
 
 
 def _seconds_until_eof(sock: socket.socket, timeout: float) -> float | None:
@@ -326,9 +327,10 @@ def test_idle_timeout_spares_running_commands(server_factory: Any, e2e: Any) -> 
 
 def test_second_sigterm_hurries_the_shutdown(server_factory: Any, e2e: Any) -> None:
     srv = server_factory("[limits]\nshutdown_grace = 60.0\nkill_grace = 1.0\n")
+    marker = e2e.marker("1000.61")
     conn = srv.connect()
     try:
-        conn._conn.send_exec("sleep 1000.61")
+        conn._conn.send_exec(f"sleep {marker}")
         conn._flush_queue()
         assert e2e.wait_until(lambda: srv.log_events("command started"), 5)
         t0 = time.monotonic()
@@ -344,7 +346,7 @@ def test_second_sigterm_hurries_the_shutdown(server_factory: Any, e2e: Any) -> N
     assert srv.log_events("second shutdown request: killing commands now")
     records = srv.audit_records()
     assert len(records) == 1 and records[0]["signal"] == signal.SIGTERM
-    assert e2e.cmdline_pids("sleep 1000.61") == []
+    assert e2e.cmdline_pids(marker) == []
 
 
 def test_idle_server_stops_at_once_and_removes_its_socket(

@@ -347,7 +347,8 @@ def test_sigterm_with_20_commands_running(server_factory: Any, e2e: Any, tmp_pat
     short = (
         f"i=0; while [ ! -e {go} ] && [ $i -lt 400 ]; do sleep 0.02; i=$((i+1)); done; echo done"
     )
-    long = "echo started; sleep 1000.999"
+    marker = f"sleep {e2e.marker('1000.999')}"
+    long = f"echo started; {marker}"
     audit_before = len(srv.audit_lines())
     plan = ["short"] * 14 + ["long"] * 6
     results: dict[int, Any] = {}
@@ -380,7 +381,7 @@ def test_sigterm_with_20_commands_running(server_factory: Any, e2e: Any, tmp_pat
     try:
         started = e2e.wait_until(lambda: len(srv.log_events("command started")) >= 20, 30)
         assert started, f"only {len(srv.log_events('command started'))} commands started"
-        assert len(e2e.cmdline_pids("sleep 1000.999")) >= 6
+        assert len(e2e.cmdline_pids(marker)) >= 6
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
@@ -413,7 +414,7 @@ def test_sigterm_with_20_commands_running(server_factory: Any, e2e: Any, tmp_pat
         else:
             assert r.shell_status in (143, 137), (n, r)
             assert r.stdout == b"started\n"
-    assert e2e.cmdline_pids("sleep 1000.999") == []
+    assert e2e.cmdline_pids(marker) == []
     lines = srv.audit_lines()[audit_before:]
     assert len(lines) == 20
     assert all(line.endswith(b"\n") for line in lines)
