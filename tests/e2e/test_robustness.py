@@ -401,3 +401,32 @@ def test_new_token_works_without_restart(server_factory: Any, e2e: Any) -> None:
     records = srv.wait_audit(1)
     assert records[0]["key_name"] == "second"
     assert records[0]["key_id"] == parse_token(second).key_id.hex()
+
+
+def test_first_start_creates_a_token_and_says_how_to_use_it(e2e: Any, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ready = tmp_path / "ready"
+    out_path = tmp_path / "stdout"
+    with open(out_path, "wb") as out, open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(
+            [e2e.REXEC, "serve", "--listen", "127.0.0.1:0", "--state-dir", str(state),
+             "--ready-file", str(ready), "--log-format", "json"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=e2e.clean_env(),
+        )  # fmt: skip
+    try:
+        assert e2e.wait_until(lambda: ready.exists() or proc.poll() is not None, 20)
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()
+        address = ready.read_text().split()[0]
+        client_file = state / "client.token"
+        assert (client_file.stat().st_mode & 0o777) == 0o600
+        assert ((state / "tokens.json").stat().st_mode & 0o777) == 0o600
+        text = out_path.read_text()
+        assert f"REXEC_TOKEN_FILE={client_file} rexec run {address} uname -a" in text
+        assert client_file.read_text().strip() in text
+        proc_run = e2e.run_cli(
+            ["run", "--token-file", str(client_file), address, "echo first"],
+        )
+        assert (proc_run.returncode, proc_run.stdout) == (0, b"first\n")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
