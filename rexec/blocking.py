@@ -81,6 +81,26 @@ def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
     return sock
 
 
+_SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP send queue not yet sent
+
+
+def _unsent(sock: socket.socket | None) -> int:
+    """Bytes queued in the kernel that the peer will not take yet (its window is shut, or
+    for a unix socket, it does not read). Sent-but-unacknowledged bytes do not count: a
+    dead host must still fail the keepalive. 0 when unknown."""
+    import fcntl
+    import termios
+
+    if sock is None:
+        return 0
+    request = termios.TIOCOUTQ if sock.family == socket.AF_UNIX else _SIOCOUTQNSD
+    try:
+        out = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", out)[0])
+
+
 def resolve(
     target: str, *, token: str | Token | None = None, token_file: str | None = None
 ) -> ResolvedTarget:
@@ -213,6 +233,12 @@ class BlockingConnection:
         return events
 
     def _keepalive(self) -> None:
+        if self._out or _unsent(self._sock):
+            # The server holds our input back (it stops reading while a command leaves its
+            # stdin unread), so a PING would wait behind it: the server is not silent but
+            # busy, and its kernel keeps answering for it (a zero window is an answer).
+            self._last_rx = time.monotonic()
+            return
         silent = time.monotonic() - self._last_rx
         if silent > KEEPALIVE_DEAD:
             raise ConnectionLost(f"server {self.endpoint} stopped responding ({silent:.0f}s)")

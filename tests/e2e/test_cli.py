@@ -665,6 +665,21 @@ def test_server_killed_mid_command(server_factory: Any, e2e: Any) -> None:
     assert elapsed < 5
 
 
+@pytest.mark.slow
+def test_quiet_commands_outlive_the_client_keepalive(server: Any, e2e: Any, tmp_path: Path) -> None:
+    # silence > KEEPALIVE_DEAD (30 s): the client PINGs and the server answers; and while
+    # the server holds back stdin the command has not read yet, no PONG can come, which
+    # must not be taken for a dead server
+    big = tmp_path / "sparse"
+    with open(big, "wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    with open(big, "rb") as stdin:
+        held = _start_client(e2e, server, "sleep 34; wc -c", stdin=stdin)
+    quiet = _start_client(e2e, server, "sleep 34; echo done")
+    assert _finish(quiet, timeout=60) == (0, b"done\n", b"")
+    assert _finish(held, timeout=30) == (0, b"16777216\n", b"")
+
+
 # ---- cipher suites ------------------------------------------------------------------
 
 
