@@ -25,6 +25,7 @@ from rexec.errors import (
     ExecError,
     LocalProtocolError,
     RemoteError,
+    RexecError,
     TruncatedError,
 )
 from rexec.protocol.client import ClientConnection
@@ -360,6 +361,27 @@ class BlockingConnection:
                 stdin_fd = None
         self._flush_queue()
         return stdin_fd
+
+    def check_alive(self) -> str | None:
+        """Without blocking: None while the connection is usable, else why it is not.
+
+        Lets an interactive front end notice a server's idle timeout or shutdown before the
+        user's next command is sent into a closed connection.
+        """
+        if self._sock is None or self._closed:
+            return "connection closed"
+        why: str | None = None
+        try:
+            for event in self._pump(0):
+                if isinstance(event, ErrorReceived) and event.channel == 0:
+                    why = f"server said: {event.message}"
+                elif isinstance(event, CloseReceived):
+                    why = why or "the server closed the connection"
+        except RexecError as exc:
+            return str(exc)
+        if why is None and self._conn.close_received:
+            why = "the server closed the connection"
+        return why
 
     # ---- closing -------------------------------------------------------------------
 

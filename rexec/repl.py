@@ -273,6 +273,11 @@ class Shell:
             except UnicodeDecodeError:
                 self._fail("that line is not valid UTF-8; not sent")
                 continue
+            # The server may have closed while we sat at the prompt (idle timeout, shutdown):
+            # notice it before sending, so the line runs after a reconnect, not into the void.
+            gone = self.conn.check_alive() if self.conn is not None and line.strip() else None
+            if gone is not None and not self.reconnect(gone):
+                return EXIT_FAILURE
             try:
                 self.dispatch(line)
             except _Leave as leave:
