@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -29,6 +28,7 @@ from pydantic import (
 
 from rexec.errors import ConfigError
 from rexec.target import DEFAULT_PORT, Endpoint, parse_address
+from rexec.tomlfile import parse_toml
 
 if TYPE_CHECKING:
     from rexec.protocol.noise import Suite
@@ -297,12 +297,7 @@ def load_server_config(
         raise ConfigError(f"{path}: server config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read server config: {exc.strerror}") from None
-    try:
-        doc = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not valid UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    doc = parse_toml(data, str(path))
     if overrides:
         server = doc.get("server", {})
         if not isinstance(server, dict):

@@ -302,15 +302,11 @@ def load_client_config(
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read client config: {exc.strerror}") from None
     # only when a config exists: ~10 ms we do not pay otherwise
-    import tomllib
     from pathlib import Path
 
-    try:
-        doc = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: not valid UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+    from rexec.tomlfile import parse_toml
+
+    doc = parse_toml(data, where)
     return _validate_client_config(doc, Path(where), env)
 
 
