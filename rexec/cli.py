@@ -545,13 +545,24 @@ def _first_token(store: Any, state: Any) -> Any:
     return token
 
 
+def _self_command() -> str:
+    """How to invoke this rexec from a shell: `rexec` if that is on PATH, else its path."""
+    import shutil
+
+    here = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(here) != "rexec" or not os.access(here, os.X_OK):
+        return f"{sys.executable} -m rexec"
+    found = shutil.which("rexec")
+    return "rexec" if found and os.path.samefile(found, here) else here
+
+
 def _print_first_token(token: Any, state: Any, store_path: Any, address: str) -> None:
     """Print what to paste, with the address actually bound (port 0 resolved)."""
     client_file = state / "client.token"
     sys.stdout.write(
         f"rexec: created the first token 'default' in {store_path}\n"
         f"rexec: the client's copy is in {client_file} (mode 0600); run commands with:\n\n"
-        f"    REXEC_TOKEN_FILE={client_file} rexec run {address} uname -a\n\n"
+        f"    REXEC_TOKEN_FILE={client_file} {_self_command()} run {address} uname -a\n\n"
         f"rexec: on another machine, put this token line in a file of mode 0600 and point\n"
         f"rexec: REXEC_TOKEN_FILE (or --token-file) at it:\n\n    {token.format()}\n\n"
     )

@@ -421,8 +421,17 @@ def test_first_start_creates_a_token_and_says_how_to_use_it(e2e: Any, tmp_path: 
         assert (client_file.stat().st_mode & 0o777) == 0o600
         assert ((state / "tokens.json").stat().st_mode & 0o777) == 0o600
         text = out_path.read_text()
-        assert f"REXEC_TOKEN_FILE={client_file} rexec run {address} uname -a" in text
         assert client_file.read_text().strip() in text
+        # the printed line works when pasted into a shell that does not have rexec on PATH
+        [line] = [
+            ln.strip() for ln in text.splitlines() if ln.strip().startswith("REXEC_TOKEN_FILE=")
+        ]
+        assert line.startswith(f"REXEC_TOKEN_FILE={client_file} ")
+        assert line.endswith(f" run {address} uname -a")
+        env = e2e.clean_env({"PATH": "/usr/bin:/bin"})
+        pasted = subprocess.run(["sh", "-c", line], capture_output=True, env=env, timeout=30)
+        assert pasted.returncode == 0, pasted.stderr
+        assert pasted.stdout.startswith(b"Linux ")
         proc_run = e2e.run_cli(
             ["run", "--token-file", str(client_file), address, "echo first"],
         )
