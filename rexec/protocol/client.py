@@ -45,7 +45,7 @@ class ClientConnection(Connection):
         trace: TraceFn | None = None,
         ephemeral: bytes | None = None,
     ) -> None:
-        super().__init__(trace)
+        super().__init__(FrameBuffer(MAX_MSG2_LEN, DHLEN + TAGLEN, "handshake message"), trace)
         self._token = token
         self.hello = Hello(suite, token.key_id)
         self._hs = NNpsk0Handshake(
@@ -55,7 +55,6 @@ class ClientConnection(Connection):
             psk=token.secret,
             ephemeral=ephemeral,
         )
-        self._buf = FrameBuffer(MAX_MSG2_LEN, DHLEN + TAGLEN, "handshake message")
         self._initiated = False
         self.server_info: m.ServerInfo | None = None
         self.handshake_hash: bytes | None = None

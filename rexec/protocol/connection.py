@@ -23,8 +23,6 @@ from rexec.protocol.frames import (
     LENGTH,
     MAX_CHANNEL,
     MAX_PAYLOAD,
-    MAX_TRANSPORT_BODY,
-    MIN_TRANSPORT_BODY,
     FrameBuffer,
     FrameType,
 )
@@ -59,11 +57,12 @@ class Connection:
 
     role = "?"
 
-    def __init__(self, trace: TraceFn | None = None) -> None:
+    def __init__(self, buf: FrameBuffer, trace: TraceFn | None = None) -> None:
+        """`buf` is set up for the role's first handshake message; it serves all along."""
         self._out: list[bytes | bytearray] = []
         self._send: CipherState | None = None
         self._recv: CipherState | None = None
-        self._buf = FrameBuffer(MAX_TRANSPORT_BODY, MIN_TRANSPORT_BODY, "frame")
+        self._buf = buf
         self._error: ProtocolError | None = None
         self._trace = trace
         self.channels: dict[int, ChannelState] = {}

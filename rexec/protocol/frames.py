@@ -27,7 +27,8 @@ MSG1_LEN = DHLEN + TAGLEN  # e + tag of the empty payload
 MAX_SERVER_INFO = 4096
 MAX_MSG2_LEN = DHLEN + MAX_SERVER_INFO + TAGLEN
 MAX_CHANNEL = 2**32 - 1
-RECV_CAPACITY = 4 * (4 + MAX_TRANSPORT_BODY)  # a few whole frames per receive call
+RECV_INITIAL = 64 * 1024  # most connections carry small frames: start small (and cheap)
+RECV_CAPACITY = 4 * (4 + MAX_TRANSPORT_BODY)  # bulk streams grow to a few frames per recv
 MIN_RECV = 64 * 1024
 
 
@@ -99,7 +100,7 @@ class FrameBuffer:
     __slots__ = ("_buf", "_end", "_start", "max_body", "min_body", "what")
 
     def __init__(self, max_body: int, min_body: int = 0, what: str = "frame") -> None:
-        self._buf = bytearray(RECV_CAPACITY)
+        self._buf = bytearray(RECV_INITIAL)
         self._start = 0
         self._end = 0
         self.max_body = max_body
@@ -109,16 +110,17 @@ class FrameBuffer:
     def __len__(self) -> int:
         return self._end - self._start
 
-    def _room(self, need: int) -> None:
-        """Make `need` bytes free after the data: move the unread tail home, or grow."""
+    def _room(self, need: int, grow_to: int = 0) -> None:
+        """Make `need` bytes free after the data: move the unread tail home, or grow
+        (at least doubling, and to `grow_to` when the stream has shown it needs that)."""
         buf = self._buf
         if len(buf) - self._end >= need:
             return
         size = self._end - self._start
-        if size + need <= len(buf):
+        if size + need <= len(buf) and grow_to <= len(buf):
             buf[:size] = buf[self._start : self._end]  # same length: no resize
         else:
-            grown = bytearray(max(2 * len(buf), size + need))
+            grown = bytearray(max(2 * len(buf), size + need, grow_to))
             grown[:size] = buf[self._start : self._end]
             self._buf = grown
         self._start, self._end = 0, size
@@ -130,10 +132,20 @@ class FrameBuffer:
         self._end += n
 
     def get_buffer(self) -> memoryview:
-        """The free tail of the buffer, to receive into (at least MIN_RECV bytes)."""
+        """The free tail of the buffer, to receive into (at least MIN_RECV bytes).
+
+        A frame too big for the buffer grows it, up to RECV_CAPACITY: then one recv can
+        take in several whole frames of a bulk stream.
+        """
         if self._start == self._end:
             self._start = self._end = 0
-        self._room(MIN_RECV)
+        size = self._end - self._start
+        grow_to = 0
+        if size >= 4 and len(self._buf) < RECV_CAPACITY:
+            (n,) = LENGTH.unpack_from(self._buf, self._start)
+            if 4 + n > len(self._buf) - self._start:  # the current frame does not fit
+                grow_to = min(RECV_CAPACITY, 4 * (4 + n))
+        self._room(MIN_RECV, grow_to)
         return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, n: int) -> None:

@@ -56,14 +56,13 @@ class ServerConnection(Connection):
         trace: TraceFn | None = None,
         ephemeral: bytes | None = None,
     ) -> None:
-        super().__init__(trace)
+        super().__init__(FrameBuffer(MSG1_LEN, MSG1_LEN, "handshake message 1"), trace)
         self._lookup = lookup
         self._info = info.to_json()
         if len(self._info) > MAX_SERVER_INFO:
             raise LocalProtocolError(f"server info is over {MAX_SERVER_INFO} bytes")
         self._suites = frozenset(suites)
         self._ephemeral = ephemeral
-        self._buf = FrameBuffer(MSG1_LEN, MSG1_LEN, "handshake message 1")
         self.hello: Hello | None = None
         self._secret: bytes | None = None
         self._hs: NNpsk0Handshake | None = None
