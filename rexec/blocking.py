@@ -28,6 +28,7 @@ from rexec.errors import (
     RexecError,
     TruncatedError,
 )
+from rexec.heap import BULK, keep_heap
 from rexec.protocol.client import ClientConnection
 from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import (
@@ -305,6 +306,8 @@ class BlockingConnection:
                     self._keepalive()
                 for event in events:
                     if isinstance(event, OutputReceived) and event.channel == channel:
+                        if len(event.data) >= BULK:
+                            keep_heap()  # a bulk stream: worth pinning the heap (once)
                         sink = sinks[event.stream]
                         if sink is None:
                             chunks[event.stream].append(event.data)
@@ -350,6 +353,8 @@ class BlockingConnection:
             except OSError:
                 data = b""
             if data is not None and channel in conn.channels:
+                if len(data) >= BULK:
+                    keep_heap()
                 if data:
                     conn.send_stdin(channel, data)
                 else:

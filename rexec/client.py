@@ -26,6 +26,7 @@ from rexec.errors import (
     RexecError,
     TruncatedError,
 )
+from rexec.heap import keep_heap
 from rexec.protocol.client import ClientConnection
 from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import (
@@ -181,6 +182,7 @@ class Connection:
         self.info: ServerInfo | None = None
 
     async def _open(self, timeout: float) -> None:
+        keep_heap()
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):

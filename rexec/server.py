@@ -22,6 +22,7 @@ from rexec import __version__
 from rexec.auth import AuthRateLimiter, TokenStore
 from rexec.config import ServerConfig
 from rexec.errors import ConfigError
+from rexec.heap import keep_heap
 from rexec.log import AuditLog, AuditRecord, get_logger
 from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ServerInfo
@@ -261,6 +262,7 @@ async def serve(
     on_ready: Callable[[list[str]], None] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit status."""
+    keep_heap()
     server = Server(config)
     addresses = await server.start()
     if on_ready is not None:
