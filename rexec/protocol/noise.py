@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.hashes import SHA256, Hash
 from cryptography.hazmat.primitives.hmac import HMAC
 
 from rexec.errors import DecryptError, LocalProtocolError, RemoteProtocolError
+from rexec.protocol._crypto import (
+    AESGCM,
+    ChaCha20Poly1305,
+    x25519_from_private_bytes,
+    x25519_generate,
+    x25519_public_from_bytes,
+)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 DHLEN = 32
 HASHLEN = 32
@@ -198,9 +207,7 @@ class NNpsk0Handshake:
         self._ss.mix_hash(prologue)
         self._psk = psk
         self._e = (
-            X25519PrivateKey.from_private_bytes(ephemeral)
-            if ephemeral is not None
-            else X25519PrivateKey.generate()
+            x25519_from_private_bytes(ephemeral) if ephemeral is not None else x25519_generate()
         )
         self._step = 0
         self._re: bytes | None = None
@@ -235,7 +242,7 @@ class NNpsk0Handshake:
     def _dh(self) -> bytes:
         assert self._re is not None
         try:
-            return self._e.exchange(X25519PublicKey.from_public_bytes(self._re))
+            return self._e.exchange(x25519_public_from_bytes(self._re))
         except ValueError:  # all-zero shared secret: a low-order point
             raise RemoteProtocolError("peer sent an invalid ephemeral key") from None
 

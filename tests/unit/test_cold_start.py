@@ -43,6 +43,14 @@ FORBIDDEN = (
     "hashlib",
     "hmac",
     "ctypes",  # rexec.heap loads it only once a bulk transfer starts
+    # cryptography's public X25519 API imports the whole OpenSSL backend (rsa, ec, padding,
+    # threading, random) to check support: rexec.protocol._crypto avoids it (~11 ms)
+    "cryptography.hazmat.backends",
+    "threading",
+    "random",
+    # getaddrinfo with a str host loads the IDNA codec: blocking.open_socket passes bytes
+    "encodings.idna",
+    "unicodedata",
 )
 
 # Everything `rexec run` does short of a server: parse the command line (and --help), resolve
