@@ -1,0 +1,164 @@
+"""`rexec serve` and `rexec token`: the server-side subcommands.
+
+Kept apart from rexec/cli.py, whose `run` path is latency-critical: these may use argparse
+and import the server stack freely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from rexec.cli import _err
+
+# ---- serve -------------------------------------------------------------------------
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rexec serve", description="Run the rexec server.")
+    p.add_argument("--config", help="server config file (TOML); see configs/")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="TCP address to listen on (repeatable; port 0 picks a free port)",
+    )
+    p.add_argument("--unix", action="append", metavar="PATH", help="unix socket to listen on")
+    p.add_argument("--tokens", metavar="PATH", help="token store file")
+    p.add_argument("--state-dir", metavar="DIR", help="state directory (tokens, audit log)")
+    p.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="write the bound addresses here once the server accepts",
+    )
+    p.add_argument("--log-format", choices=("auto", "console", "json"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def cmd_serve(argv: list[str]) -> int:
+    args = _serve_parser().parse_args(argv)
+    from pathlib import Path
+
+    from rexec.errors import ConfigError
+
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["listen"] = args.listen
+        overrides.setdefault("unix", args.unix or [])
+    if args.unix:
+        overrides["unix"] = args.unix
+        overrides.setdefault("listen", args.listen or [])
+    if args.tokens:
+        overrides["tokens"] = args.tokens
+    if args.state_dir:
+        overrides["state_dir"] = args.state_dir
+    if args.log_format:
+        overrides["log_format"] = args.log_format
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    try:
+        import asyncio
+
+        from rexec.auth import TokenStore
+        from rexec.config import load_server_config
+        from rexec.log import configure_logging
+        from rexec.server import serve
+
+        config = load_server_config(args.config, overrides or None)
+        configure_logging(config.server.log_level, config.server.log_format)
+        state = Path(config.server.state_dir)
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = TokenStore.load(config.server.tokens)
+        first = _first_token(store, state) if not len(store) and args.config is None else None
+
+        def on_ready(addresses: list[str]) -> None:
+            if first is not None:
+                _print_first_token(first, state, config.server.tokens, addresses[0])
+
+        return asyncio.run(
+            serve(
+                config,
+                ready_file=Path(args.ready_file) if args.ready_file else None,
+                on_ready=on_ready,
+            )
+        )
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
+    except OSError as exc:
+        _err(f"cannot start the server: {exc}")
+        return 1
+
+
+def _first_token(store: Any, state: Any) -> Any:
+    """A fresh machine: make a token and save the client's copy (mode 0600)."""
+    token = store.add("default")
+    fd = os.open(state / "client.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token.format() + "\n")
+    return token
+
+
+def _self_command() -> str:
+    """How to invoke this rexec from a shell: `rexec` if that is on PATH, else its path."""
+    import shutil
+
+    here = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(here) != "rexec" or not os.access(here, os.X_OK):
+        return f"{sys.executable} -m rexec"
+    found = shutil.which("rexec")
+    return "rexec" if found and os.path.samefile(found, here) else here
+
+
+def _print_first_token(token: Any, state: Any, store_path: Any, address: str) -> None:
+    """Print what to paste, with the address actually bound (port 0 resolved)."""
+    client_file = state / "client.token"
+    sys.stdout.write(
+        f"rexec: created the first token 'default' in {store_path}\n"
+        f"rexec: the client's copy is in {client_file} (mode 0600); run commands with:\n\n"
+        f"    REXEC_TOKEN_FILE={client_file} {_self_command()} run {address} uname -a\n\n"
+        f"rexec: on another machine, put this token line in a file of mode 0600 and point\n"
+        f"rexec: REXEC_TOKEN_FILE (or --token-file) at it:\n\n    {token.format()}\n\n"
+    )
+    sys.stdout.flush()
+
+
+# ---- token -------------------------------------------------------------------------
+
+
+def cmd_token(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rexec token", description="Manage the token store.")
+    sub = p.add_subparsers(dest="action", required=True)
+    new = sub.add_parser("new", help="add a token and print the client's token line")
+    new.add_argument("--id", required=True, metavar="NAME", help="a name for the token")
+    lst = sub.add_parser("list", help="list token names and key ids (never secrets)")
+    for sp in (new, lst):
+        sp.add_argument("--store", metavar="PATH", help="token store file")
+        sp.add_argument("--config", help="server config file naming the store")
+        sp.add_argument("--state-dir", metavar="DIR", help="state directory holding the store")
+    args = p.parse_args(argv)
+    from rexec.errors import ConfigError
+
+    try:
+        from rexec.auth import TokenStore
+        from rexec.config import load_server_config
+
+        path = args.store
+        if path is None:
+            overrides = {"state_dir": args.state_dir} if args.state_dir else None
+            path = load_server_config(args.config, overrides).server.tokens
+        store = TokenStore.load(path)
+        if args.action == "new":
+            token = store.add(args.id)
+            print(token.format())
+            sys.stderr.write(f"rexec: added token {args.id!r} to {path}\n")
+        else:
+            for entry in store.entries():
+                print(f"{entry.name}\t{entry.key_id}\t{entry.created}")
+        return 0
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
