@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rexec.protocol.frames import FrameType
 
-EXIT_FAILURE = 255
 USAGE = """\
 usage: rexec run TARGET [options] CMD...    run one command (exit code = remote exit code)
        rexec shell TARGET                   interactive shell on TARGET
@@ -29,8 +28,6 @@ usage: rexec run TARGET [options] CMD...    run one command (exit code = remote 
 TARGET is host[:port], [v6addr]:port, unix:/path, or an alias from the client config.
 Run `rexec SUBCOMMAND --help` for the options of each.
 """
-
-SUBCOMMANDS = ("run", "shell", "serve", "token", "demo")
 
 
 def _err(message: str) -> None:
@@ -370,6 +367,7 @@ def cmd_run(argv: list[str]) -> int:
         ExecError,
         RexecError,
     )
+    from rexec.result import EXIT_FAILURE
 
     try:
         env = _parse_env(args.env)

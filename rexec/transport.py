@@ -184,7 +184,3 @@ class FramedProtocol(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-    @property
-    def error(self) -> RexecError | None:
-        return self._error
