@@ -307,7 +307,7 @@ def _trace_fn() -> Any:
     return trace
 
 
-class _Interrupts:
+class Interrupts:
     """Ctrl-C forwarding: the first SIGINT goes to the remote command, the second SIGKILL.
 
     A third one gives up on the server: when stdin backpressure stalls the connection (a
@@ -374,7 +374,7 @@ def cmd_run(argv: list[str]) -> int:
     except ValueError as exc:
         _err(str(exc))
         return 2
-    interrupts: _Interrupts | None = None
+    interrupts: Interrupts | None = None
     conn = None
     try:
         from rexec.blocking import BlockingConnection
@@ -397,7 +397,7 @@ def cmd_run(argv: list[str]) -> int:
                 stdin = 0
             except OSError:
                 stdin = None
-        interrupts = _Interrupts()
+        interrupts = Interrupts()
         result = conn.run(
             command[0] if len(command) == 1 else command,
             env=env or None,

@@ -206,11 +206,11 @@ class Shell:
 
         capture: keep stdout in the Result (stderr still streams, so errors show live).
         """
-        from rexec.cli import _Interrupts
+        from rexec.cli import Interrupts
 
         if self.conn is None:
             raise _Lost("not connected")
-        interrupts = _Interrupts()
+        interrupts = Interrupts()
         self.refused = None
         try:
             result = self.conn.run(
