@@ -435,7 +435,10 @@ def cmd_run(argv: list[str]) -> int:
     if args.json:
         import json
 
-        print(json.dumps(result.to_json_dict(args.target)))
+        try:
+            _writer(1)(json.dumps(result.to_json_dict(args.target)).encode() + b"\n")
+        except BrokenPipeError:  # the reader left: as SIGPIPE would end a local writer
+            return 128 + 13
     elif result.timed_out:
         _err(f"command timed out after {result.duration:.1f}s (killed by the server)")
     return result.shell_status

@@ -759,3 +759,17 @@ def test_server_address_parses(server: Any) -> None:
     # the ready file's address is what clients use; it must parse back to the same endpoint
     ep = parse_address(server.address)
     assert str(ep) == server.address and ep.port
+
+
+def test_json_to_a_closed_pipe_ends_quietly(server: Any, e2e: Any) -> None:
+    """`rexec run --json ... | true`: the reader is gone; exit 141, no traceback."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = e2e.run_cli(
+            ["run", "--json", server.address, "echo hi"], token=server.token, stdout=w
+        )
+    finally:
+        os.close(w)
+    assert proc.returncode == 141
+    assert b"Traceback" not in proc.stderr
