@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import re
-import stat
 import tempfile
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from typing import Any
 from rexec.errors import ConfigError, TokenError
 from rexec.protocol.messages import auth_proof, verify_auth_proof
 from rexec.protocol.token import Token, format_token, generate_token, parse_token
+from rexec.secretfile import read_secret_file
 
 __all__ = [
     "AuthRateLimiter",
@@ -54,14 +54,6 @@ class _Entry:
     name: str
     token: Token
     created: str
-
-
-def _check_mode(path: Path, mode: int, what: str) -> None:
-    if mode & 0o077:
-        raise ConfigError(
-            f"{what} {path} has mode {mode:04o}: group and others must have no access; "
-            f"fix it with: chmod 600 {path}"
-        )
 
 
 @contextlib.contextmanager
@@ -102,21 +94,10 @@ class TokenStore:
 
     def _read(self) -> tuple[list[_Entry], tuple[int, int, int] | None]:
         """Parse the file. Mode is checked on the open descriptor, so no check/use race."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        found = read_secret_file(str(self.path), "token store")
+        if found is None:
             return [], None
-        except OSError as exc:
-            raise ConfigError(f"cannot read token store {self.path}: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError(f"token store {self.path} is not a regular file")
-            _check_mode(self.path, stat.S_IMODE(st.st_mode), "token store")
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read()
-        finally:
-            os.close(fd)
+        data, st = found
         return self._parse(data), (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _parse(self, data: bytes) -> list[_Entry]:

@@ -11,7 +11,6 @@ the key; no message ever holds a secret.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import ConfigError, TokenError
 from rexec.protocol.token import Token, parse_token
+from rexec.secretfile import read_secret_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -364,25 +364,10 @@ def read_token_file(path: str | os.PathLike[str]) -> Token:
     the check and the read.
     """
     shown = os.fspath(path)
-    try:
-        fd = os.open(shown, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"token file not found: {shown}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read token file {shown}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"token file {shown} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise ConfigError(
-                f"token file {shown} has mode {mode:04o}: group and others must have no "
-                f"access; fix it with: chmod 600 {shown}"
-            )
-        data = os.read(fd, _MAX_TOKEN_FILE + 1)
-    finally:
-        os.close(fd)
+    found = read_secret_file(shown, "token file", _MAX_TOKEN_FILE)
+    if found is None:
+        raise ConfigError(f"token file not found: {shown}")
+    data = found[0]
     if len(data) > _MAX_TOKEN_FILE:
         raise ConfigError(f"token file {shown}: too large to be a token file")
     try:
