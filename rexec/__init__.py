@@ -17,27 +17,27 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AuthError": "rexec.errors",
-    "Client": "rexec.blocking",
+    "Client": "rexec.client.blocking",
     "CommandFailed": "rexec.errors",
     "CommandTimeout": "rexec.errors",
     "ConfigError": "rexec.errors",
     "ConnectTimeout": "rexec.errors",
-    "Connection": "rexec.client",
+    "Connection": "rexec.client.aio",
     "ConnectionLost": "rexec.errors",
     "ExecError": "rexec.errors",
-    "Process": "rexec.client",
+    "Process": "rexec.client.aio",
     "ProtocolError": "rexec.errors",
     "RemoteError": "rexec.errors",
     "Result": "rexec.result",
     "RexecError": "rexec.errors",
     "TruncatedError": "rexec.errors",
-    "connect": "rexec.client",
+    "connect": "rexec.client.aio",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; the runtime uses __getattr__
-    from rexec.blocking import Client
-    from rexec.client import Connection, Process, connect
+    from rexec.client.aio import Connection, Process, connect
+    from rexec.client.blocking import Client
     from rexec.errors import (
         AuthError,
         CommandFailed,

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from rexec.cli import main
+from rexec.cli.main import main
 
 sys.exit(main())

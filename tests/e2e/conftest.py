@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from rexec.blocking import BlockingConnection
+from rexec.address import parse_address
+from rexec.client.blocking import BlockingConnection
 from rexec.protocol.token import Token, parse_token
-from rexec.target import parse_address
 
 PYTHON = sys.executable
 REXEC = str(Path(sys.executable).parent / "rexec")

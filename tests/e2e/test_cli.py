@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from rexec.address import parse_address
 from rexec.protocol.token import Token, generate_token, parse_token
-from rexec.target import parse_address
 
 # ---- exit codes ---------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""rexec.exec against real processes: exit status, signals, group kills, pipes, stdin, leaks.
+"""rexec.server.exec against real processes: exit status, signals, group kills, pipes, stdin, leaks.
 
 Every test runs under asyncio.wait_for, so a bug fails the test instead of hanging the suite.
 """
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from rexec.errors import ExecError
-from rexec.exec import ExecOutcome, ExecSpec, Execution
+from rexec.server.exec import ExecOutcome, ExecSpec, Execution
 
 T = TypeVar("T")
 ENV = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LC_ALL": "C"}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from rexec.auth import AuthRateLimiter, TokenStore, auth_proof, verify_auth_proof
 from rexec.errors import ConfigError
 from rexec.protocol.token import format_token
+from rexec.server.auth import AuthRateLimiter, TokenStore, auth_proof, verify_auth_proof
 
 
 def mode_of(path: Path) -> int:

@@ -7,11 +7,11 @@ below was taken off that path on purpose; what each cost `rexec run` (`python -X
 on a loaded 2-core machine):
 
 - asyncio (~55-70 ms), pydantic (~80 ms, plus schema building), structlog: the server's.
-  The CLI drives the sans-I/O core with a blocking selector loop (rexec.blocking).
+  The CLI drives the sans-I/O core with a blocking selector loop (rexec.client.blocking).
 - dataclasses (+ inspect, dis, tokenize: ~7-15 ms, plus ~0.3 ms per class): the client's
   value classes are __slots__ classes (rexec._record).
 - argparse (+ gettext: ~4-10 ms): `rexec run` has a small option parser of its own.
-- pathlib (+ urllib.parse, ipaddress, fnmatch: ~3-7 ms): rexec.target works on str paths
+- pathlib (+ urllib.parse, ipaddress, fnmatch: ~3-7 ms): rexec.client.target works on str paths
   with os.path and imports pathlib, like tomllib, only when a client config file exists.
 - cryptography's serialization module (~6-9 ms): public_bytes_raw() does without it.
 - hashlib and hmac (~3 ms: _hashlib initialises its own OpenSSL): the Noise handshake and
@@ -57,10 +57,11 @@ FORBIDDEN = (
 # the target and token, build the HELLO and Noise message 1, fail to connect, report it.
 PROBE = """
 import json, sys
-import rexec.cli, rexec.blocking
-from rexec.cli import main, parse_run_args
+import rexec.cli.main, rexec.cli.run, rexec.client.blocking
+from rexec.cli.main import main
+from rexec.cli.run import parse_run_args
 from rexec.protocol.client import ClientConnection
-from rexec.target import resolve_target
+from rexec.client.target import resolve_target
 
 assert main(["run", "--help"]) == 0
 args = parse_run_args(["-n", "--json", "-e", "A=1", "-C", "/", "--timeout=5", "h:1", "true"])
@@ -91,14 +92,14 @@ def _loaded_modules(tmp_path: Path) -> set[str]:
 
 def test_run_path_imports_none_of_the_expensive_modules(tmp_path: Path) -> None:
     loaded = _loaded_modules(tmp_path)
-    assert "rexec.blocking" in loaded and "cryptography" in loaded  # the probe did run
+    assert "rexec.client.blocking" in loaded and "cryptography" in loaded  # the probe did run
     bad = sorted(m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN))
     assert bad == [], f"`rexec run` start-up imports {bad}: see DESIGN.md section 2a"
 
 
 def test_client_config_brings_tomllib_and_pathlib_only_when_it_exists(tmp_path: Path) -> None:
     code = (
-        "import sys, rexec.target as t; "
+        "import sys, rexec.client.target as t; "
         "t.load_client_config(env={'HOME': sys.argv[1]}); "
         "print('tomllib' in sys.modules, 'pathlib' in sys.modules)"
     )

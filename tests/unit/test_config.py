@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from rexec.config import (
+from rexec.address import Endpoint
+from rexec.errors import ConfigError
+from rexec.server.config import (
     ServerConfig,
     env_allowed,
     load_server_config,
     parse_server_config,
 )
-from rexec.errors import ConfigError
-from rexec.target import Endpoint
 
 PROJECT = Path(__file__).resolve().parents[2]
 

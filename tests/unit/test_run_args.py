@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from rexec.cli import RUN_HELP, UsageError, main, parse_run_args
+from rexec.cli.main import main
+from rexec.cli.run import RUN_HELP, UsageError, parse_run_args
 
 DEFAULTS: dict[str, Any] = {
     "target": "h",

@@ -9,9 +9,10 @@ import re
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from rexec.address import _is_hostname, _is_ipv6
+from rexec.address import is_alias as _is_alias
 from rexec.errors import TokenError
 from rexec.protocol.token import parse_token
-from rexec.target import _is_alias, _is_hostname, _is_ipv6
 
 HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 IPV6 = re.compile(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.-]+)?")

@@ -14,17 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from rexec.errors import ConfigError, TokenError
-from rexec.protocol.token import Token, format_token, generate_token
-from rexec.target import (
+from rexec.address import DEFAULT_PORT, Endpoint, parse_address
+from rexec.client.target import (
     DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_PORT,
-    Endpoint,
     load_client_config,
-    parse_address,
     read_token_file,
     resolve_target,
 )
+from rexec.errors import ConfigError, TokenError
+from rexec.protocol.token import Token, format_token, generate_token
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -431,7 +429,7 @@ def test_explicit_token_file_expands_home(tmp_path: Path) -> None:
 
 def test_import_stays_lean() -> None:
     code = (
-        "import sys, rexec.target; "
+        "import sys, rexec.client.target; "
         "bad = [m for m in ('pydantic', 'asyncio', 'structlog', 'tomllib', 'cryptography') "
         "if m in sys.modules]; print(','.join(bad))"
     )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rexec.blocking import BlockingConnection
+from rexec.client.blocking import BlockingConnection
 from rexec.errors import (
     ConnectionLost,
     ErrorCode,
@@ -33,8 +33,8 @@ from rexec.protocol.noise import Suite
 from rexec.result import EXIT_FAILURE, Result
 
 if TYPE_CHECKING:
+    from rexec.client.target import ResolvedTarget
     from rexec.protocol.frames import FrameType
-    from rexec.target import ResolvedTarget
 
 HISTORY_KEEP = 5000  # lines kept in the history file (trimmed at start-up)
 RED, RESET = "\x1b[31m", "\x1b[0m"
@@ -206,7 +206,7 @@ class Shell:
 
         capture: keep stdout in the Result (stderr still streams, so errors show live).
         """
-        from rexec.cli import Interrupts
+        from rexec.cli.common import Interrupts
 
         if self.conn is None:
             raise _Lost("not connected")
@@ -537,7 +537,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
-    from rexec.target import resolve_target
+    from rexec.client.target import resolve_target
 
     interactive = os.isatty(0)
     if interactive:  # Ctrl-C must work even when started with SIGINT ignored (`cmd &`)

@@ -1,7 +1,7 @@
 """Server configuration: TOML validated by pydantic, every mistake named by file and key.
 
 The server is long-lived, so pydantic's import cost does not matter here (the client reads
-its own config by hand in `rexec.target`). Models are frozen and refuse unknown keys: a
+its own config by hand in `rexec.client.target`). Models are frozen and refuse unknown keys: a
 typo in a limit must fail loudly at start-up, never silently keep a default.
 """
 
@@ -26,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from rexec.address import DEFAULT_PORT, Endpoint, parse_address
 from rexec.errors import ConfigError
-from rexec.target import DEFAULT_PORT, Endpoint, parse_address
 from rexec.tomlfile import parse_toml
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """`rexec serve` and `rexec token`: the server-side subcommands.
 
-Kept apart from rexec/cli.py, whose `run` path is latency-critical: these may use argparse
+Kept apart from rexec/cli/main.py, whose `run` path is latency-critical: these may use argparse
 and import the server stack freely.
 """
 
@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from rexec.cli import _err
+from rexec.cli.common import err
 
 # ---- serve -------------------------------------------------------------------------
 
@@ -62,10 +62,10 @@ def cmd_serve(argv: list[str]) -> int:
     try:
         import asyncio
 
-        from rexec.auth import TokenStore
-        from rexec.config import load_server_config
         from rexec.log import configure_logging
-        from rexec.server import serve
+        from rexec.server.auth import TokenStore
+        from rexec.server.config import load_server_config
+        from rexec.server.service import serve
 
         config = load_server_config(args.config, overrides or None)
         configure_logging(config.server.log_level, config.server.log_format)
@@ -86,10 +86,10 @@ def cmd_serve(argv: list[str]) -> int:
             )
         )
     except ConfigError as exc:
-        _err(str(exc))
+        err(str(exc))
         return 2
     except OSError as exc:
-        _err(f"cannot start the server: {exc}")
+        err(f"cannot start the server: {exc}")
         return 1
 
 
@@ -143,8 +143,8 @@ def cmd_token(argv: list[str]) -> int:
     from rexec.errors import ConfigError
 
     try:
-        from rexec.auth import TokenStore
-        from rexec.config import load_server_config
+        from rexec.server.auth import TokenStore
+        from rexec.server.config import load_server_config
 
         path = args.store
         if path is None:
@@ -160,5 +160,5 @@ def cmd_token(argv: list[str]) -> int:
                 print(f"{entry.name}\t{entry.key_id}\t{entry.created}")
         return 0
     except ConfigError as exc:
-        _err(str(exc))
+        err(str(exc))
         return 2

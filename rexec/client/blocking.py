@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
+from rexec.address import Endpoint
+from rexec.client.target import TOKEN_ENV, ResolvedTarget, resolve_target
 from rexec.errors import (
     AuthError,
     ConnectionLost,
@@ -44,7 +46,6 @@ from rexec.protocol.messages import ServerInfo
 from rexec.protocol.noise import Suite
 from rexec.protocol.token import Token
 from rexec.result import Result
-from rexec.target import TOKEN_ENV, Endpoint, ResolvedTarget, resolve_target
 
 HANDSHAKE_CLOSED = (
     "authentication failed: the server closed the connection during the handshake "

@@ -12,11 +12,8 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from rexec.config import env_allowed
 from rexec.errors import AuthError, ErrorCode, ExecError, ProtocolError, RexecError
-from rexec.exec import ExecOutcome, ExecSpec, Execution
 from rexec.log import AuditRecord
 from rexec.protocol.events import (
     Authenticated,
@@ -32,10 +29,10 @@ from rexec.protocol.events import (
 from rexec.protocol.messages import ExitStatus
 from rexec.protocol.models import ExecRequest
 from rexec.protocol.server import ServerConnection
+from rexec.server.config import env_allowed
+from rexec.server.context import ServerContext
+from rexec.server.exec import ExecOutcome, ExecSpec, Execution
 from rexec.transport import FramedProtocol
-
-if TYPE_CHECKING:
-    from rexec.server import ServerContext
 
 STDIN_HIGH = 4 * 1024 * 1024  # pending stdin bytes per connection before we stop reading
 STDIN_LOW = 1024 * 1024
@@ -163,6 +160,16 @@ class Session:
             run.stdin.put_nowait(None)
         ctx.unadmit(self)
         self._maybe_done()
+
+    def running(self) -> int:
+        return len(self.runs)
+
+    async def kill_commands(self) -> None:
+        kills = [run.execution.kill() for run in list(self.runs.values()) if run.execution]
+        await asyncio.gather(*kills, return_exceptions=True)
+
+    def abort(self) -> None:
+        self.protocol.abort()
 
     def _maybe_done(self) -> None:
         if self.lost and not self.runs:

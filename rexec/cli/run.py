@@ -1,82 +1,16 @@
-"""The `rexec` command: a thin dispatcher over the public client API.
+"""`rexec run`: one command on one host, on the lean path (no asyncio, no pydantic).
 
-Start-up is latency for `rexec run` (a process per command), so this module imports only
-what each subcommand needs, inside that subcommand: `run` never loads asyncio or pydantic.
-Exit codes for `run`: the remote code; 128+N when killed by signal N; 124 when the server's
-deadline killed it; 255 for connection, auth, protocol or usage failures (as ssh does).
+Exit codes: the remote code; 128+N when killed by signal N; 124 when the server's deadline
+killed it; 255 for connection, auth or protocol failures (as ssh does); 2 for usage errors.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from rexec.protocol.frames import FrameType
-
-USAGE = """\
-usage: rexec run TARGET [options] CMD...    run one command (exit code = remote exit code)
-       rexec shell TARGET                   interactive shell on TARGET
-       rexec TARGET [CMD...]                as `shell` without CMD, as `run` with it
-       rexec serve [options]                run the server
-       rexec token new|list [options]       manage the server's token store
-       rexec demo [truncation|sticky|empty|all] [--show-frames]
-                                            why framing matters, with real bytes
-TARGET is host[:port], [v6addr]:port, unix:/path, or an alias from the client config.
-Run `rexec SUBCOMMAND --help` for the options of each.
-"""
-
-
-def _err(message: str) -> None:
-    if sys.stderr is None:  # started with fd 2 closed
-        return
-    sys.stderr.write(f"rexec: {message}\n")
-    sys.stderr.flush()
-
-
-def _open_std_fds() -> None:
-    """Put /dev/null on any closed fd 0-2, as ssh does: otherwise the socket takes that
-    number, and remote output (or our stdin reads) would go through the connection itself."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        sys.stdout.write(USAGE)
-        return 0 if args else 2
-    cmd, rest = args[0], args[1:]
-    if cmd == "--version":
-        from rexec import __version__
-
-        print(f"rexec {__version__}")
-        return 0
-    if cmd == "run":
-        return cmd_run(rest)
-    if cmd == "shell":
-        return cmd_shell(rest)
-    if cmd in ("serve", "token"):
-        from rexec import admin
-
-        return admin.cmd_serve(rest) if cmd == "serve" else admin.cmd_token(rest)
-    if cmd == "demo":
-        from rexec.demo import main as demo_main
-
-        return demo_main(rest)
-    if cmd.startswith("-"):
-        _err(f"unknown option {cmd!r}")
-        sys.stderr.write(USAGE)
-        return 2
-    # `rexec TARGET` (shell) and `rexec TARGET CMD...` (run), as with ssh
-    return cmd_run(args) if len(args) > 1 else cmd_shell(args)
-
+from rexec.cli.common import Interrupts, err, open_std_fds, trace_fn, writer
 
 # ---- run ---------------------------------------------------------------------------
 
@@ -276,79 +210,8 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def _writer(fd: int) -> Any:
-    """A sink writing raw bytes to fd. A closed reader (EPIPE) raises BrokenPipeError, which
-    ends the command as SIGPIPE would end a local writer (`rexec run H yes | head -1`)."""
-    state = {"open": True}
-
-    def write(data: bytes) -> None:
-        if not state["open"]:
-            return
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        except BrokenPipeError:
-            state["open"] = False
-            raise
-        except BlockingIOError:  # a non-blocking terminal: fall back to a blocking write
-            os.set_blocking(fd, True)
-            write(bytes(view))
-
-    return write
-
-
-def _trace_fn() -> Any:
-    def trace(direction: str, ftype: FrameType, channel: int, length: int) -> None:
-        arrow = ">" if direction == "send" else "<"
-        sys.stderr.write(f"rexec: {arrow} {ftype.name} ch={channel} len={length}\n")
-
-    return trace
-
-
-class Interrupts:
-    """Ctrl-C forwarding: the first SIGINT goes to the remote command, the second SIGKILL.
-
-    A third one gives up on the server: when stdin backpressure stalls the connection (a
-    command that does not read its stdin), no SIGNAL frame can get through, so the CLI
-    closes the connection instead (and the server kills the command on disconnect).
-    """
-
-    def __init__(self) -> None:
-        import signal
-
-        self._signal = signal
-        self.count = 0
-        self.sent = 0
-        self.read_fd, self.write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
-        os.set_blocking(self.write_fd, False)
-        self._old_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
-        self._old_handler = signal.signal(signal.SIGINT, self._handler)
-
-    def _handler(self, signum: int, frame: object) -> None:
-        self.count += 1
-
-    def poll(self) -> int | None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self.read_fd, 512)
-        if self.count >= 3:
-            raise KeyboardInterrupt
-        if self.count > self.sent:
-            self.sent = self.count
-            return int(self._signal.SIGINT if self.sent == 1 else self._signal.SIGKILL)
-        return None
-
-    def close(self) -> None:
-        self._signal.set_wakeup_fd(self._old_wakeup)
-        self._signal.signal(self._signal.SIGINT, self._old_handler)
-        os.close(self.read_fd)
-        os.close(self.write_fd)
-
-
 def cmd_run(argv: list[str]) -> int:
-    _open_std_fds()
+    open_std_fds()
     try:
         args = parse_run_args(argv)
     except UsageError as exc:
@@ -359,7 +222,7 @@ def cmd_run(argv: list[str]) -> int:
         return 0
     command = args.command
     if not command:
-        _err("no command given (use `rexec shell TARGET` for an interactive shell)")
+        err("no command given (use `rexec shell TARGET` for an interactive shell)")
         return 2
     from rexec.errors import (
         AuthError,
@@ -372,14 +235,14 @@ def cmd_run(argv: list[str]) -> int:
     try:
         env = _parse_env(args.env)
     except ValueError as exc:
-        _err(str(exc))
+        err(str(exc))
         return 2
     interrupts: Interrupts | None = None
     conn = None
     try:
-        from rexec.blocking import BlockingConnection
+        from rexec.client.blocking import BlockingConnection
+        from rexec.client.target import resolve_target
         from rexec.protocol.noise import Suite
-        from rexec.target import resolve_target
 
         resolved = resolve_target(args.target, token_file=args.token_file)
         conn = BlockingConnection(
@@ -387,7 +250,7 @@ def cmd_run(argv: list[str]) -> int:
             resolved.token,
             connect_timeout=args.connect_timeout or resolved.connect_timeout,
             suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
-            trace=_trace_fn() if args.trace else None,
+            trace=trace_fn() if args.trace else None,
         )
         conn.connect()
         stdin: int | None = None
@@ -404,28 +267,28 @@ def cmd_run(argv: list[str]) -> int:
             cwd=args.cwd,
             timeout=args.timeout,
             stdin=stdin,
-            stdout=None if args.json else _writer(1),
-            stderr=None if args.json else _writer(2),
+            stdout=None if args.json else writer(1),
+            stderr=None if args.json else writer(2),
             poll=interrupts.poll,
             wakeup_fd=interrupts.read_fd,
         )
         conn.close()
     except ExecError as exc:
-        _err(str(exc))
+        err(str(exc))
         return exc.exit_code or 127
     except AuthError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAILURE
     except ConfigError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAILURE
     except RexecError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAILURE
     except BrokenPipeError:  # our reader went away: end quietly, as a SIGPIPE death would
         return 128 + 13  # closing the connection makes the server kill the command
     except KeyboardInterrupt:
-        _err("interrupted: closing the connection (the server stops the command)")
+        err("interrupted: closing the connection (the server stops the command)")
         return 128 + 2
     finally:
         if interrupts is not None:
@@ -436,18 +299,12 @@ def cmd_run(argv: list[str]) -> int:
         import json
 
         try:
-            _writer(1)(json.dumps(result.to_json_dict(args.target)).encode() + b"\n")
+            writer(1)(json.dumps(result.to_json_dict(args.target)).encode() + b"\n")
         except BrokenPipeError:  # the reader left: as SIGPIPE would end a local writer
             return 128 + 13
     elif result.timed_out:
-        _err(f"command timed out after {result.duration:.1f}s (killed by the server)")
+        err(f"command timed out after {result.duration:.1f}s (killed by the server)")
     return result.shell_status
 
 
 # ---- shell -------------------------------------------------------------------------
-
-
-def cmd_shell(argv: list[str]) -> int:
-    from rexec.repl import main as repl_main
-
-    return repl_main(argv)

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from rexec.blocking import HANDSHAKE_CLOSED, channel_error, resolve
+from rexec.address import Endpoint
+from rexec.client.blocking import HANDSHAKE_CLOSED, channel_error, resolve
 from rexec.errors import (
     AuthError,
     ConnectionLost,
@@ -41,7 +42,6 @@ from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.noise import Suite
 from rexec.protocol.token import Token
 from rexec.result import Result
-from rexec.target import Endpoint
 from rexec.transport import FramedProtocol
 
 READ_HIGH = 8 * 1024 * 1024  # buffered, unconsumed output per connection before we pause

@@ -1,0 +1,1 @@
+"""Front ends: argument parsing, terminals and exit codes over the public client API."""

@@ -1,0 +1,99 @@
+"""What the front ends share: error lines, raw output sinks, frame tracing, Ctrl-C forwarding."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rexec.protocol.frames import FrameType
+
+
+def err(message: str) -> None:
+    if sys.stderr is None:  # started with fd 2 closed
+        return
+    sys.stderr.write(f"rexec: {message}\n")
+    sys.stderr.flush()
+
+
+def open_std_fds() -> None:
+    """Put /dev/null on any closed fd 0-2, as ssh does: otherwise the socket takes that
+    number, and remote output (or our stdin reads) would go through the connection itself."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
+def writer(fd: int) -> Any:
+    """A sink writing raw bytes to fd. A closed reader (EPIPE) raises BrokenPipeError, which
+    ends the command as SIGPIPE would end a local writer (`rexec run H yes | head -1`)."""
+    state = {"open": True}
+
+    def write(data: bytes) -> None:
+        if not state["open"]:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except BrokenPipeError:
+            state["open"] = False
+            raise
+        except BlockingIOError:  # a non-blocking terminal: fall back to a blocking write
+            os.set_blocking(fd, True)
+            write(bytes(view))
+
+    return write
+
+
+def trace_fn() -> Any:
+    def trace(direction: str, ftype: FrameType, channel: int, length: int) -> None:
+        arrow = ">" if direction == "send" else "<"
+        sys.stderr.write(f"rexec: {arrow} {ftype.name} ch={channel} len={length}\n")
+
+    return trace
+
+
+class Interrupts:
+    """Ctrl-C forwarding: the first SIGINT goes to the remote command, the second SIGKILL.
+
+    A third one gives up on the server: when stdin backpressure stalls the connection (a
+    command that does not read its stdin), no SIGNAL frame can get through, so the CLI
+    closes the connection instead (and the server kills the command on disconnect).
+    """
+
+    def __init__(self) -> None:
+        import signal
+
+        self._signal = signal
+        self.count = 0
+        self.sent = 0
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        self._old_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self._old_handler = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.count += 1
+
+    def poll(self) -> int | None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.read_fd, 512)
+        if self.count >= 3:
+            raise KeyboardInterrupt
+        if self.count > self.sent:
+            self.sent = self.count
+            return int(self._signal.SIGINT if self.sent == 1 else self._signal.SIGKILL)
+        return None
+
+    def close(self) -> None:
+        self._signal.set_wakeup_fd(self._old_wakeup)
+        self._signal.signal(self._signal.SIGINT, self._old_handler)
+        os.close(self.read_fd)
+        os.close(self.write_fd)

@@ -1,0 +1,67 @@
+"""The `rexec` command: a thin dispatcher over the public client API.
+
+Start-up is latency for `rexec run` (a process per command), so this module imports only
+what each subcommand needs, inside that subcommand: `run` never loads asyncio or pydantic.
+Exit codes for `run`: the remote code; 128+N when killed by signal N; 124 when the server's
+deadline killed it; 255 for connection, auth, protocol or usage failures (as ssh does).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from rexec.cli.common import err
+
+USAGE = """\
+usage: rexec run TARGET [options] CMD...    run one command (exit code = remote exit code)
+       rexec shell TARGET                   interactive shell on TARGET
+       rexec TARGET [CMD...]                as `shell` without CMD, as `run` with it
+       rexec serve [options]                run the server
+       rexec token new|list [options]       manage the server's token store
+       rexec demo [truncation|sticky|empty|all] [--show-frames]
+                                            why framing matters, with real bytes
+TARGET is host[:port], [v6addr]:port, unix:/path, or an alias from the client config.
+Run `rexec SUBCOMMAND --help` for the options of each.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if args else 2
+    cmd, rest = args[0], args[1:]
+    if cmd == "--version":
+        from rexec import __version__
+
+        print(f"rexec {__version__}")
+        return 0
+    if cmd == "run":
+        from rexec.cli.run import cmd_run
+
+        return cmd_run(rest)
+    if cmd == "shell":
+        from rexec.cli.shell import main as cmd_shell
+
+        return cmd_shell(rest)
+    if cmd in ("serve", "token"):
+        from rexec.cli import admin
+
+        return admin.cmd_serve(rest) if cmd == "serve" else admin.cmd_token(rest)
+    if cmd == "demo":
+        from rexec.demo import main as demo_main
+
+        return demo_main(rest)
+    if cmd.startswith("-"):
+        err(f"unknown option {cmd!r}")
+        sys.stderr.write(USAGE)
+        return 2
+    # `rexec TARGET` (shell) and `rexec TARGET CMD...` (run), as with ssh
+    if len(args) > 1:
+        from rexec.cli.run import cmd_run
+
+        return cmd_run(args)
+    from rexec.cli.shell import main as cmd_shell
+
+    return cmd_shell(args)

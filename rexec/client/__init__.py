@@ -1,0 +1,1 @@
+"""Clients: the sync (selectors) and async (asyncio) drivers, and target resolution."""

@@ -1,0 +1,1 @@
+"""The server: listeners and limits, sessions, process lifetime, tokens and config."""

@@ -1,0 +1,166 @@
+"""What every session of one server shares: config, tokens, audit log, limits, counters.
+
+Sessions appear here only as `Member`s (a Protocol), so this module does not import the
+session module and the session module can import this one: no cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from rexec import __version__
+from rexec.errors import ConfigError
+from rexec.log import AuditLog, AuditRecord, get_logger
+from rexec.protocol.frames import MAX_PAYLOAD
+from rexec.protocol.messages import ServerInfo
+from rexec.server.auth import AuthRateLimiter, TokenStore
+from rexec.server.config import ServerConfig
+
+
+class Member(Protocol):
+    """What the context needs of a session."""
+
+    @property
+    def peer_host(self) -> str: ...
+
+    @property
+    def done(self) -> asyncio.Event:
+        """Set once the connection is gone and every channel has its EXIT."""
+        ...
+
+    def running(self) -> int:
+        """How many commands run on this connection."""
+        ...
+
+    async def kill_commands(self) -> None:
+        """Kill every command of this connection (shutdown's grace period is over)."""
+        ...
+
+    def shutdown_close(self) -> None:
+        """Say the server is shutting down, and close."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection now."""
+        ...
+
+
+def _base_env(config: ServerConfig) -> dict[str, str]:
+    """The environment every command starts from: who we are, then the config's base_env."""
+    user = pwd.getpwuid(os.getuid())
+    env = {
+        "HOME": user.pw_dir,
+        "USER": user.pw_name,
+        "LOGNAME": user.pw_name,
+        "SHELL": config.exec.shell,
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+    }
+    for name in ("LANG", "LC_ALL", "TZ"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(config.exec.base_env)
+    return env
+
+
+class ServerContext:
+    """What every session shares: config, token store, audit log, limits and counters."""
+
+    def __init__(self, config: ServerConfig, store: TokenStore, audit: AuditLog) -> None:
+        self.config = config
+        self.store = store
+        self.audit = audit
+        self.log = get_logger()
+        limits = config.limits
+        self.limiter = AuthRateLimiter(limits.auth_failures, limits.auth_window)
+        self.suites = config.server.allowed_suites()
+        self.base_env = _base_env(config)
+        user = pwd.getpwuid(os.getuid()).pw_name
+        self.info = ServerInfo(
+            server=f"rexec {__version__}",
+            user=user,
+            host=socket.gethostname(),
+            max_payload=MAX_PAYLOAD,
+            max_channels=limits.max_channels,
+            default_timeout=limits.default_timeout or None,
+            max_timeout=limits.max_timeout or None,
+        )
+        self.sessions: set[Member] = set()
+        self._admitted: set[Member] = set()
+        self._unauthenticated: set[Member] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.shutting_down = False
+        self._channel_done = asyncio.Event()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task we keep a reference to (and whose crash is logged, never lost)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("background task failed", error=repr(task.exception()))
+
+    def admit(self, session: Member) -> str | None:
+        """None to accept the new connection, else the reason to refuse it."""
+        limits = self.config.limits
+        if self.shutting_down:
+            return "server is shutting down"
+        if not self.limiter.allowed(session.peer_host, time.monotonic()):
+            return f"too many failed authentications from {session.peer_host}"
+        if len(self._admitted) >= limits.max_connections:
+            self.log.warning("limit hit: max_connections", max_connections=limits.max_connections)
+            return "max_connections reached"
+        if len(self._unauthenticated) >= limits.max_unauthenticated:
+            self.log.warning(
+                "limit hit: max_unauthenticated", max_unauthenticated=limits.max_unauthenticated
+            )
+            return "max_unauthenticated reached"
+        try:
+            self.store.reload_if_changed()
+        except ConfigError as exc:  # keep serving with the tokens we had
+            self.log.error("token store reload failed; keeping the previous tokens", error=str(exc))
+        self._admitted.add(session)
+        self._unauthenticated.add(session)
+        return None
+
+    def authenticated(self, session: Member) -> None:
+        self._unauthenticated.discard(session)
+
+    def unadmit(self, session: Member) -> None:
+        self._admitted.discard(session)
+        self._unauthenticated.discard(session)
+
+    def audit_write(self, record: AuditRecord) -> None:
+        try:
+            self.audit.write(record)
+        except (OSError, ValueError) as exc:
+            self.log.error("audit log write failed", error=str(exc))
+
+    def channel_finished(self) -> None:
+        self._channel_done.set()
+
+    def running(self) -> int:
+        return sum(s.running() for s in self.sessions)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no command runs anywhere, or timeout; True if idle."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.running():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._channel_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._channel_done.wait(), min(remaining, 0.5))
+        return True
