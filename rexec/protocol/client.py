@@ -128,6 +128,20 @@ class ClientConnection(Connection):
         if data:
             self._queue_chunks(FrameType.STDIN, channel, data)
 
+    def stdin_room(self, channel: int) -> int:
+        """Bytes of stdin the server accepts on `channel` right now (its credit window).
+
+        Placeholder until per-channel flow control lands: unbounded.
+        """
+        self._open(channel, "STDIN")
+        return 2**62
+
+    def output_consumed(self, channel: int, nbytes: int) -> None:
+        """The application has taken `nbytes` of the channel's output (may queue CREDIT).
+
+        Placeholder until per-channel flow control lands: nothing to grant.
+        """
+
     def send_stdin_eof(self, channel: int) -> None:
         state = self._open(channel, "STDIN_EOF")
         if state.stdin_open:

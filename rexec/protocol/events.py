@@ -62,6 +62,19 @@ class ExitReceived(Event):
         self.status = status
 
 
+class CreditReceived(Event):
+    """The server opened more of a channel's stdin window: `room` bytes may be sent now."""
+
+    __match_args__ = ("channel", "room")
+    __slots__ = __match_args__
+    channel: int
+    room: int
+
+    def __init__(self, channel: int, room: int) -> None:
+        self.channel = channel
+        self.room = room
+
+
 # --- server side -------------------------------------------------------------------------
 
 
