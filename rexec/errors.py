@@ -19,6 +19,7 @@ class ErrorCode(IntEnum):
     SHUTDOWN = 6  # server is shutting down
     IDLE_TIMEOUT = 7  # connection idle for too long
     INTERNAL = 8  # unexpected server-side failure
+    POLICY = 9  # the token's policy refused the command (the text names the rule)
 
 
 class RexecError(Exception):
@@ -82,6 +83,10 @@ class RemoteError(RexecError):
         super().__init__(f"server error ({name}): {message}")
         self.code = code
         self.message = message
+
+
+class PolicyError(RemoteError):
+    """The token's policy refused the command (ERROR code POLICY); the message names the rule."""
 
 
 class CommandError(RexecError):

@@ -130,35 +130,7 @@ def _print_first_token(token: Any, state: Any, store_path: Any, address: str) ->
 
 
 def cmd_token(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="rexec token", description="Manage the token store.")
-    sub = p.add_subparsers(dest="action", required=True)
-    new = sub.add_parser("new", help="add a token and print the client's token line")
-    new.add_argument("--id", required=True, metavar="NAME", help="a name for the token")
-    lst = sub.add_parser("list", help="list token names and key ids (never secrets)")
-    for sp in (new, lst):
-        sp.add_argument("--store", metavar="PATH", help="token store file")
-        sp.add_argument("--config", help="server config file naming the store")
-        sp.add_argument("--state-dir", metavar="DIR", help="state directory holding the store")
-    args = p.parse_args(argv)
-    from rexec.errors import ConfigError
+    """`rexec token ...`: see rexec/cli/tokens.py."""
+    from rexec.cli.tokens import cmd_token as run
 
-    try:
-        from rexec.server.auth import TokenStore
-        from rexec.server.config import load_server_config
-
-        path = args.store
-        if path is None:
-            overrides = {"state_dir": args.state_dir} if args.state_dir else None
-            path = load_server_config(args.config, overrides).server.tokens
-        store = TokenStore.load(path)
-        if args.action == "new":
-            token = store.add(args.id)
-            print(token.format())
-            sys.stderr.write(f"rexec: added token {args.id!r} to {path}\n")
-        else:
-            for entry in store.entries():
-                print(f"{entry.name}\t{entry.key_id}\t{entry.created}")
-        return 0
-    except ConfigError as exc:
-        err(str(exc))
-        return 2
+    return run(argv)

@@ -18,7 +18,8 @@ usage: rexec run TARGET [options] CMD...    run one command (exit code = remote 
        rexec shell TARGET                   interactive shell on TARGET
        rexec TARGET [CMD...]                as `shell` without CMD, as `run` with it
        rexec serve [options]                run the server
-       rexec token new|list [options]       manage the server's token store
+       rexec token new|list|revoke|rotate|edit|derive|import|learned [options]
+                                            manage tokens, their policy, fleet tokens
        rexec demo [truncation|sticky|empty|all] [--show-frames]
                                             why framing matters, with real bytes
 TARGET is host[:port], [v6addr]:port, unix:/path, or an alias from the client config.

@@ -26,6 +26,7 @@ from rexec.errors import (
     ErrorCode,
     ExecError,
     LocalProtocolError,
+    PolicyError,
     RemoteError,
     RexecError,
     TruncatedError,
@@ -125,6 +126,8 @@ def channel_error(code: int, message: str) -> Exception:
     """The exception for an ERROR frame on a command's channel."""
     if code == ErrorCode.EXEC_FAILED:
         return ExecError(message)
+    if code == ErrorCode.POLICY:
+        return PolicyError(code, message)
     return RemoteError(code, message)
 
 

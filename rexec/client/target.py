@@ -25,6 +25,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from rexec.protocol.fleetkey import FleetToken
+
 DEFAULT_CONNECT_TIMEOUT = 10.0
 CONFIG_ENV = "REXEC_CONFIG"
 TOKEN_ENV = "REXEC_TOKEN"  # noqa: S105 - a variable name, not a secret
@@ -35,21 +37,24 @@ _MAX_TOKEN_FILE = 4096  # a token line is ~75 bytes; anything huge is not a toke
 class HostEntry(FrozenRecord):
     """One `[hosts.NAME]` table of the client config."""
 
-    __match_args__ = ("address", "token_file", "connect_timeout")
+    __match_args__ = ("address", "token_file", "connect_timeout", "server_id")
     __slots__ = __match_args__
     address: Endpoint
     token_file: Path | None
     connect_timeout: float | None
+    server_id: str | None  # the server's name for fleet-token key derivation
 
     def __init__(
         self,
         address: Endpoint,
         token_file: Path | None = None,
         connect_timeout: float | None = None,
+        server_id: str | None = None,
     ) -> None:
         setfield(self, "address", address)
         setfield(self, "token_file", token_file)
         setfield(self, "connect_timeout", connect_timeout)
+        setfield(self, "server_id", server_id)
 
 
 _NO_HOSTS: Mapping[str, HostEntry] = MappingProxyType({})
@@ -230,7 +235,9 @@ def _validate_client_config(
             raise ConfigError(f"{where}: {key}: alias names may use only A-Z a-z 0-9 . _ -")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: {key}: must be a table")
-        _check_keys(where, table, ("address", "token_file", "connect_timeout"), f"{key}.")
+        _check_keys(
+            where, table, ("address", "token_file", "connect_timeout", "server_id"), f"{key}."
+        )
         if "address" not in table:
             raise ConfigError(f"{where}: {key}.address: missing key")
         address = table["address"]
@@ -248,7 +255,10 @@ def _validate_client_config(
         host_timeout = None
         if "connect_timeout" in table:
             host_timeout = _timeout(where, f"{key}.connect_timeout", table["connect_timeout"])
-        hosts[name] = HostEntry(endpoint, host_token, host_timeout)
+        server_id = table.get("server_id")
+        if server_id is not None and (not isinstance(server_id, str) or not server_id):
+            raise ConfigError(f"{where}: {key}.server_id: must be a non-empty string")
+        hosts[name] = HostEntry(endpoint, host_token, host_timeout, server_id)
     return ClientConfig(path, token_file, timeout, MappingProxyType(hosts))
 
 
@@ -258,6 +268,23 @@ def read_token_file(path: str | os.PathLike[str]) -> Token:
     The mode is checked on the opened descriptor (fstat), so there is no window between
     the check and the read.
     """
+    token = read_credential(path)
+    if not isinstance(token, Token):
+        raise TokenError(f"token file {os.fspath(path)}: a fleet token, not a server's token")
+    return token
+
+
+def parse_credential(text: str) -> Token | FleetToken:
+    """A token line: an ordinary token, or a fleet token (`rexec1fleet:`, PROTOCOL.md 3.1)."""
+    if text.lstrip().startswith("rexec1fleet:"):
+        from rexec.protocol.fleetkey import parse_fleet_token
+
+        return parse_fleet_token(text)
+    return parse_token(text)
+
+
+def read_credential(path: str | os.PathLike[str]) -> Token | FleetToken:
+    """read_token_file, accepting a fleet token too (the caller derives the server's key)."""
     shown = os.fspath(path)
     found = read_secret_file(shown, "token file", _MAX_TOKEN_FILE)
     if found is None:
@@ -266,7 +293,7 @@ def read_token_file(path: str | os.PathLike[str]) -> Token:
     if len(data) > _MAX_TOKEN_FILE:
         raise ConfigError(f"token file {shown}: too large to be a token file")
     try:
-        return parse_token(data.decode("ascii"))
+        return parse_credential(data.decode("ascii"))
     except UnicodeDecodeError:
         raise ConfigError(f"token file {shown}: malformed token: not ASCII text") from None
     except TokenError as exc:
@@ -298,10 +325,31 @@ def resolve_target(
             where = f" in {config.path}" if config.path else ""
             raise ConfigError(f"{exc} (and no host alias {target!r}{where})") from None
     token, source = _resolve_token(target, token_file, config, host, env)
+    if not isinstance(token, Token):  # a fleet token: derive this server's own key
+        name = fleet_server_name(target, host, endpoint)
+        source = f"{source} (fleet {token.name}, server {name})"
+        token = token.derive(name)
     timeout = config.connect_timeout
     if host is not None and host.connect_timeout is not None:
         timeout = host.connect_timeout
     return ResolvedTarget(target, endpoint, token, timeout, source)
+
+
+def fleet_server_name(target: str, host: HostEntry | None, endpoint: Endpoint) -> str:
+    """The name a fleet token's key is derived from: the alias's server_id, else the alias,
+    else the host part of the address (normalised by rexec.protocol.fleetkey)."""
+    from rexec.protocol.fleetkey import normalize_server_name
+
+    if host is not None:
+        name = host.server_id or target
+    elif endpoint.host is not None:
+        name = endpoint.host
+    else:
+        raise ConfigError(
+            f"{target}: a fleet token needs a server name, and a unix socket has none: use an "
+            "alias in the client config (its name, or its server_id, is the server name)"
+        )
+    return normalize_server_name(name)
 
 
 def _resolve_token(
@@ -310,25 +358,25 @@ def _resolve_token(
     config: ClientConfig,
     host: HostEntry | None,
     env: Mapping[str, str],
-) -> tuple[Token, str]:
+) -> tuple[Token | FleetToken, str]:
     if token_file:
         path = _expand(token_file, env)
-        return read_token_file(path), path
+        return read_credential(path), path
     if env.get(TOKEN_ENV):
         try:
-            return parse_token(env[TOKEN_ENV]), f"${TOKEN_ENV}"
+            return parse_credential(env[TOKEN_ENV]), f"${TOKEN_ENV}"
         except TokenError as exc:
             raise TokenError(f"${TOKEN_ENV}: {exc}") from None
     if env.get(TOKEN_FILE_ENV):
         path = _expand(env[TOKEN_FILE_ENV], env)
-        return read_token_file(path), path
+        return read_credential(path), path
     if host is not None and host.token_file is not None:
-        return read_token_file(host.token_file), str(host.token_file)
+        return read_credential(host.token_file), str(host.token_file)
     if config.token_file is not None:
-        return read_token_file(config.token_file), str(config.token_file)
+        return read_credential(config.token_file), str(config.token_file)
     default = _config_dir(env) + "/token"
     if os.path.exists(default):
-        return read_token_file(default), default
+        return read_credential(default), default
     where = config.path or _config_dir(env) + "/client.toml"
     raise ConfigError(
         f"no token for {target!r}: use --token-file FILE, set ${TOKEN_ENV} or "

@@ -54,8 +54,29 @@ def generate_token() -> Token:
 
 
 def format_token(token: Token) -> str:
-    secret = base64.urlsafe_b64encode(token.secret).decode("ascii").rstrip("=")
-    return f"{PREFIX}:{token.key_id.hex()}:{secret}"
+    return f"{PREFIX}:{token.key_id.hex()}:{encode_secret(token.secret)}"
+
+
+def encode_secret(secret: bytes) -> str:
+    """A 32-byte secret as 43 base64url characters, no padding (the canonical form)."""
+    return base64.urlsafe_b64encode(secret).decode("ascii").rstrip("=")
+
+
+def decode_secret(secret_b64: str) -> bytes:
+    """43 base64url characters (one optional trailing '=') to 32 bytes; strict and canonical."""
+    chars = secret_b64[:-1] if len(secret_b64) == 44 and secret_b64[-1] == "=" else secret_b64
+    if len(chars) != 43 or not _B64URL_CHARS.issuperset(chars):
+        raise TokenError("malformed token: secret must be 43 base64url characters (32 bytes)")
+    try:
+        secret = base64.urlsafe_b64decode(chars + "=")
+    except (binascii.Error, ValueError) as exc:  # pragma: no cover - checked above
+        raise TokenError("malformed token: secret is not valid base64url") from exc
+    if len(secret) != SECRET_LEN:  # pragma: no cover - checked above
+        raise TokenError("malformed token: secret must decode to 32 bytes")
+    if encode_secret(secret) != chars:
+        # the last character's two spare bits are set: not the canonical encoding
+        raise TokenError("malformed token: secret is not canonical base64url")
+    return secret
 
 
 def parse_token(text: str) -> Token:
@@ -69,16 +90,4 @@ def parse_token(text: str) -> Token:
         raise TokenError(f"malformed token: unknown prefix {prefix[:16]!r} (expected 'rexec1')")
     if len(key_hex) != 2 * KEY_ID_LEN or not _HEX_DIGITS.issuperset(key_hex):
         raise TokenError("malformed token: key id must be 16 lowercase hex digits")
-    chars = secret_b64[:-1] if len(secret_b64) == 44 and secret_b64[-1] == "=" else secret_b64
-    if len(chars) != 43 or not _B64URL_CHARS.issuperset(chars):
-        raise TokenError("malformed token: secret must be 43 base64url characters (32 bytes)")
-    try:
-        secret = base64.urlsafe_b64decode(secret_b64.rstrip("=") + "=")
-    except (binascii.Error, ValueError) as exc:  # pragma: no cover - checked above
-        raise TokenError("malformed token: secret is not valid base64url") from exc
-    if len(secret) != SECRET_LEN:  # pragma: no cover - checked above
-        raise TokenError("malformed token: secret must decode to 32 bytes")
-    if base64.urlsafe_b64encode(secret).decode("ascii").rstrip("=") != secret_b64.rstrip("="):
-        # the last character's two spare bits are set: not the canonical encoding
-        raise TokenError("malformed token: secret is not canonical base64url")
-    return Token(bytes.fromhex(key_hex), secret)
+    return Token(bytes.fromhex(key_hex), decode_secret(secret_b64))

@@ -4,40 +4,55 @@ The token store is a small JSON file (mode 0600) that `rexec token new` edits an
 server re-reads when it changes, so a new token works without a restart. Secrets leave this
 module only as the bytes `lookup()` returns to the handshake: never in a listing, repr or
 error message.
+
+Lifecycle (docs/PROTOCOL.md 3.2): an entry may carry `expires`, `previous` (old secrets of a
+rotated token, each valid until its overlap ends) and a `policy` (rexec.server.policy).
+Revoking removes the entry. `lookup()` answers only for keys valid now, and
+`invalid_reason()` tells the server why a live session's key stopped being valid.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
 import os
 import re
 import tempfile
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rexec.errors import ConfigError, TokenError
 from rexec.protocol.messages import auth_proof, verify_auth_proof
-from rexec.protocol.token import Token, format_token, generate_token, parse_token
+from rexec.protocol.token import Token, encode_secret, generate_token, parse_token
 from rexec.secretfile import read_secret_file
+from rexec.server.policy import Policy, check_run_as
 
 __all__ = [
     "AuthRateLimiter",
     "TokenInfo",
     "TokenStore",
     "auth_proof",
+    "parse_duration",
+    "parse_expiry",
     "verify_auth_proof",
+    "write_atomic",
 ]
 
 STORE_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ENTRY_KEYS = frozenset({"name", "key_id", "secret", "created"})
+_OPTIONAL_KEYS = frozenset({"expires", "previous", "policy"})
+REVOKED = "token revoked"
+EXPIRED = "token expired"
+RETIRED = "token rotated: this secret's overlap is over"
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,17 @@ class TokenInfo:
     name: str
     key_id: str  # hex
     created: str  # ISO-8601 UTC
+    expires: str | None = None  # ISO-8601 UTC; None: never
+    policy: str = "-"  # Policy.summary()
+    previous: tuple[tuple[str, str], ...] = ()  # (key id hex, valid until) of rotated secrets
+
+
+@dataclass(frozen=True, repr=False)
+class _Previous:
+    """A rotated-out secret, still accepted until `until` (epoch seconds)."""
+
+    token: Token
+    until: float
 
 
 @dataclass(frozen=True, repr=False)
@@ -54,6 +80,83 @@ class _Entry:
     name: str
     token: Token
     created: str
+    expires: float | None = None  # epoch seconds
+    previous: tuple[_Previous, ...] = ()
+    policy: Policy = dataclasses.field(default_factory=Policy)
+
+    def info(self) -> TokenInfo:
+        return TokenInfo(
+            self.name,
+            self.token.key_id_hex,
+            self.created,
+            None if self.expires is None else iso_time(self.expires),
+            self.policy.summary(),
+            tuple((p.token.key_id_hex, iso_time(p.until)) for p in self.previous),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "name": self.name,
+            "key_id": self.token.key_id_hex,
+            "secret": encode_secret(self.token.secret),
+            "created": self.created,
+        }
+        if self.expires is not None:
+            doc["expires"] = iso_time(self.expires)
+        if self.previous:
+            doc["previous"] = [
+                {
+                    "key_id": p.token.key_id_hex,
+                    "secret": encode_secret(p.token.secret),
+                    "until": iso_time(p.until),
+                }
+                for p in self.previous
+            ]
+        if not self.policy.empty:
+            doc["policy"] = self.policy.to_json()
+        return doc
+
+
+def iso_time(ts: float) -> str:
+    """Epoch seconds as the store writes times: ISO-8601 UTC to the second, with Z."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(text: str) -> float:
+    """ISO-8601 (a date, or a date and time); a time without a zone is UTC."""
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `15m`, `12h`, `30d`, `2w`: seconds (>= 0). ConfigError otherwise."""
+    value, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(
+            f"invalid duration {text!r}: use a number with s, m, h, d or w (e.g. 12h)"
+        ) from None
+    if not number >= 0 or number == float("inf"):
+        raise ConfigError(f"invalid duration {text!r}: must be zero or more")
+    return number * _UNITS[unit]
+
+
+def parse_expiry(text: str, now: float) -> float:
+    """`--expires`: a DURATION from now, or an ISO-8601 DATE / date-time (UTC if no zone)."""
+    if text[:1].isdigit() and "-" in text:
+        try:
+            return _parse_time(text)
+        except ValueError:
+            raise ConfigError(
+                f"invalid date {text!r}: use ISO-8601, e.g. 2030-01-31 or 2030-01-31T12:00:00Z"
+            ) from None
+    return now + parse_duration(text)
 
 
 @contextlib.contextmanager
@@ -73,8 +176,10 @@ class TokenStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._entries: list[_Entry] = []
-        self._by_id: dict[bytes, _Entry] = {}
+        self._by_id: dict[bytes, tuple[_Entry, Token, float | None]] = {}
         self._signature: tuple[int, int, int] | None = None
+        self.serving = False  # loaded by a server: check run-as policies against our uid
+        self.disabled: dict[str, str] = {}  # token name -> why this server refuses it
 
     def __repr__(self) -> str:
         return f"TokenStore({str(self.path)!r}, {len(self._entries)} tokens)"
@@ -83,9 +188,14 @@ class TokenStore:
         return len(self._entries)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> TokenStore:
-        """Read the store; a missing file is an empty store (first `rexec serve`)."""
+    def load(cls, path: str | os.PathLike[str], *, serving: bool = False) -> TokenStore:
+        """Read the store; a missing file is an empty store (first `rexec serve`).
+
+        `serving`: the caller is the server, so a token whose run-as policy it cannot honour
+        (not root, unknown user) is refused at load time: listed in `disabled`, never valid.
+        """
         store = cls(Path(path))
+        store.serving = serving
         entries, signature = store._read()
         store._set(entries, signature)
         return store
@@ -120,10 +230,11 @@ class TokenStore:
             label = f"{where}: tokens[{i}] ({entry.name!r})"
             if entry.name in names:
                 raise ConfigError(f"{label}: name is used twice")
-            if entry.token.key_id in ids:
-                raise ConfigError(f"{label}: key_id is used twice")
+            for token in (entry.token, *(p.token for p in entry.previous)):
+                if token.key_id in ids:
+                    raise ConfigError(f"{label}: key_id is used twice")
+                ids.add(token.key_id)
             names.add(entry.name)
-            ids.add(entry.token.key_id)
             entries.append(entry)
         return entries
 
@@ -131,9 +242,9 @@ class TokenStore:
     def _parse_entry(label: str, raw: Any) -> _Entry:
         if not isinstance(raw, dict):
             raise ConfigError(f"{label}: must be an object")
-        if set(raw) != _ENTRY_KEYS:
+        if not _ENTRY_KEYS <= set(raw) <= _ENTRY_KEYS | _OPTIONAL_KEYS:
             missing = sorted(_ENTRY_KEYS - set(raw))
-            unknown = sorted(set(raw) - _ENTRY_KEYS)
+            unknown = sorted(set(raw) - _ENTRY_KEYS - _OPTIONAL_KEYS)
             raise ConfigError(f"{label}: missing keys {missing}, unknown keys {unknown}")
         name = raw["name"]
         if not isinstance(name, str) or not _NAME.match(name):
@@ -148,11 +259,42 @@ class TokenStore:
         created = raw["created"]
         if not isinstance(created, str):
             raise ConfigError(f"{label}: created must be an ISO-8601 string")
-        return _Entry(name, token, created)
+        expires = None
+        if "expires" in raw:
+            expires = _time_value(label, "expires", raw["expires"])
+        previous = raw.get("previous", [])
+        if not isinstance(previous, list):
+            raise ConfigError(f"{label}: previous: must be a list")
+        old: list[_Previous] = []
+        for j, item in enumerate(previous):
+            where = f"{label}: previous[{j}]"
+            if not isinstance(item, dict) or set(item) != {"key_id", "secret", "until"}:
+                raise ConfigError(f"{where}: must be an object with key_id, secret and until")
+            if not isinstance(item["key_id"], str) or not isinstance(item["secret"], str):
+                raise ConfigError(f"{where}: key_id and secret must be strings")
+            try:
+                old_token = parse_token(f"rexec1:{item['key_id']}:{item['secret']}")
+            except TokenError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            old.append(_Previous(old_token, _time_value(where, "until", item["until"])))
+        policy = Policy()
+        if "policy" in raw:
+            policy = Policy.from_json(label, raw["policy"])
+        return _Entry(name, token, created, expires, tuple(old), policy)
 
     def _set(self, entries: list[_Entry], signature: tuple[int, int, int] | None) -> None:
         self._entries = entries
-        self._by_id = {e.token.key_id: e for e in entries}
+        self._by_id = {e.token.key_id: (e, e.token, None) for e in entries}
+        for e in entries:
+            for p in e.previous:
+                self._by_id[p.token.key_id] = (e, p.token, p.until)
+        self.disabled = {}
+        if self.serving:  # one token we cannot honour must not stop the others (or revokes)
+            for e in entries:
+                try:
+                    check_run_as(e.policy, os.geteuid())
+                except ConfigError as exc:
+                    self.disabled[e.name] = f"token refused: {exc}"
         self._signature = signature
 
     def _stat_signature(self) -> tuple[int, int, int] | None:
@@ -184,21 +326,81 @@ class TokenStore:
     # -- queries ----------------------------------------------------------------------------
 
     def lookup(self, key_id: bytes) -> bytes | None:
-        """The secret for `key_id`, or None (the caller then uses a dummy PSK)."""
-        entry = self._by_id.get(key_id)
-        return entry.token.secret if entry is not None else None
+        """The secret for `key_id` if it is valid now, else None (the caller uses a dummy PSK).
+
+        Expired tokens and rotated-out secrets past their overlap answer like unknown ids.
+        """
+        found = self._by_id.get(key_id)
+        if found is None or self.invalid_reason(key_id, time.time()) is not None:
+            return None
+        return found[1].secret
+
+    def invalid_reason(self, key_id: bytes, now: float) -> str | None:
+        """Why a session authenticated with `key_id` must end now, or None while it is valid."""
+        found = self._by_id.get(key_id)
+        if found is None:
+            return REVOKED
+        entry, _, until = found
+        if entry.name in self.disabled:
+            return self.disabled[entry.name]
+        if entry.expires is not None and now >= entry.expires:
+            return EXPIRED
+        if until is not None and now >= until:
+            return RETIRED
+        return None
 
     def name_for(self, key_id: bytes) -> str | None:
-        entry = self._by_id.get(key_id)
-        return entry.name if entry is not None else None
+        found = self._by_id.get(key_id)
+        return found[0].name if found is not None else None
+
+    def policy_for(self, key_id: bytes) -> Policy | None:
+        """The token's current policy (edits apply to the next command), None if unknown."""
+        found = self._by_id.get(key_id)
+        return found[0].policy if found is not None else None
 
     def entries(self) -> list[TokenInfo]:
-        return [TokenInfo(e.name, e.token.key_id_hex, e.created) for e in self._entries]
+        return [e.info() for e in self._entries]
+
+    def find(self, ident: str) -> TokenInfo:
+        """The token called `ident`, or whose (current or previous) key id is `ident`."""
+        return self._find(ident).info()
+
+    def _find(self, ident: str) -> _Entry:
+        for e in self._entries:
+            if e.name == ident:
+                return e
+        try:
+            found = self._by_id.get(bytes.fromhex(ident)) if len(ident) == 16 else None
+        except ValueError:
+            found = None
+        if found is None:
+            raise ConfigError(f"{self.path}: no token named {ident!r} (nor with that key id)")
+        return found[0]
+
+    @property
+    def used_path(self) -> Path:
+        """Side file: when each token last authenticated (rexec.server.usage)."""
+        return Path(f"{self.path}.used")
+
+    @property
+    def learned_path(self) -> Path:
+        """Side file: what learn-mode tokens ran (rexec.server.usage)."""
+        return Path(f"{self.path}.learned")
 
     # -- writing ----------------------------------------------------------------------------
 
-    def add(self, name: str) -> Token:
-        """Create a token called `name`, save the store, and return the token (shown once)."""
+    def add(
+        self,
+        name: str,
+        token: Token | None = None,
+        *,
+        expires: float | None = None,
+        policy: Policy | None = None,
+    ) -> Token:
+        """Create a token called `name`, save the store, and return the token (shown once).
+
+        `token`: store this one (a fleet server's derived key) instead of a fresh one.
+        """
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(
                 f"invalid token name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -"
@@ -206,12 +408,62 @@ class TokenStore:
         with self._locked():
             if any(e.name == name for e in self._entries):
                 raise ConfigError(f"{self.path}: a token named {name!r} already exists")
-            token = generate_token()
-            while token.key_id in self._by_id:  # 2**-64 odds, but ids must be unique
-                token = generate_token()
-            created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            self._write([*self._entries, _Entry(name, token, created)])
+            if token is None:
+                token = self._fresh_token()
+            elif token.key_id in self._by_id:
+                raise ConfigError(f"{self.path}: that key id is already in the store")
+            created = iso_time(time.time())
+            entry = _Entry(name, token, created, expires, (), policy or Policy())
+            self._write([*self._entries, entry])
         return token
+
+    def _fresh_token(self) -> Token:
+        token = generate_token()
+        while token.key_id in self._by_id:  # 2**-64 odds, but ids must be unique
+            token = generate_token()
+        return token
+
+    def revoke(self, ident: str) -> TokenInfo:
+        """Remove the token (and any rotated-out secrets of it): live sessions end."""
+        with self._locked():
+            entry = self._find(ident)
+            self._write([e for e in self._entries if e is not entry])
+        return entry.info()
+
+    def rotate(self, ident: str, overlap: float) -> Token:
+        """A new key id and secret; the old ones keep working for `overlap` seconds."""
+        with self._locked():
+            entry = self._find(ident)
+            token = self._fresh_token()
+            now = time.time()
+            kept = tuple(p for p in entry.previous if p.until > now)
+            if overlap > 0:
+                kept += (_Previous(entry.token, now + overlap),)
+            new = dataclasses.replace(entry, token=token, previous=kept)
+            self._write([new if e is entry else e for e in self._entries])
+        return token
+
+    def update(
+        self,
+        ident: str,
+        *,
+        policy: Policy | None = None,
+        expires: float | Literal[False] | None = False,
+    ) -> TokenInfo:
+        """Set a token's policy and/or expiry (`expires=False`: unchanged, None: never)."""
+        with self._locked():
+            entry = self._find(ident)
+            new = entry
+            if policy is not None:
+                new = dataclasses.replace(new, policy=policy)
+            if expires is not False:
+                new = dataclasses.replace(new, expires=expires)
+            self._write([new if e is entry else e for e in self._entries])
+        return new.info()
+
+    def policy(self, ident: str) -> Policy:
+        """The policy of the token called `ident` (or with that key id)."""
+        return self._find(ident).policy
 
     def remove(self, name: str) -> bool:
         """Revoke the token called `name`; False if there is none."""
@@ -236,35 +488,38 @@ class TokenStore:
             yield
 
     def _write(self, entries: list[_Entry]) -> None:
-        """Atomic replace: a temp file (0600 from mkstemp) in the same dir, fsync, rename."""
-        doc = {
-            "version": STORE_VERSION,
-            "tokens": [
-                {
-                    "name": e.name,
-                    "key_id": e.token.key_id_hex,
-                    "secret": format_token(e.token).rsplit(":", 1)[1],
-                    "created": e.created,
-                }
-                for e in entries
-            ],
-        }
-        data = (json.dumps(doc, indent=2) + "\n").encode("ascii")
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.path.parent)
+        """Atomic replace (write_atomic); rotated-out secrets past their overlap are dropped."""
+        now = time.time()
+        entries = [
+            dataclasses.replace(e, previous=tuple(p for p in e.previous if p.until > now))
+            for e in entries
+        ]
+        doc = {"version": STORE_VERSION, "tokens": [e.to_json() for e in entries]}
+        write_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode("ascii"))
         self._set(entries, self._stat_signature())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Atomic replace: a temp file (0600 from mkstemp) in the same dir, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _time_value(label: str, key: str, value: object) -> float:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return _parse_time(value)
+    raise ConfigError(f"{label}: {key} must be an ISO-8601 UTC time string")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -20,8 +20,14 @@ from rexec.errors import ConfigError
 from rexec.log import AuditLog, AuditRecord, get_logger
 from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ServerInfo
-from rexec.server.auth import AuthRateLimiter, TokenStore
+from rexec.protocol.models import ExecRequest
+from rexec.server.auth import REVOKED, AuthRateLimiter, TokenStore
 from rexec.server.config import ServerConfig
+from rexec.server.exec import ExecSpec
+from rexec.server.policy import Decision, evaluate
+from rexec.server.usage import LastUsed, Learned
+
+TOKEN_CHECK = 0.5  # seconds between token checks: revocation and expiry act within ~1 s
 
 
 class Member(Protocol):
@@ -49,6 +55,15 @@ class Member(Protocol):
 
     def abort(self) -> None:
         """Drop the connection now."""
+        ...
+
+    @property
+    def token_key_id(self) -> bytes | None:
+        """The key id this connection authenticated with; None before AUTH."""
+        ...
+
+    def end_for_token(self, reason: str) -> None:
+        """Its token stopped being valid (revoked, expired, rotated out): kill, say why, close."""
         ...
 
 
@@ -97,6 +112,9 @@ class ServerContext:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
         self._channel_done = asyncio.Event()
+        self.last_used = LastUsed(store.used_path)
+        self.learned = Learned(store.learned_path)
+        self.log_disabled_tokens()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A task we keep a reference to (and whose crash is logged, never lost)."""
@@ -125,16 +143,74 @@ class ServerContext:
                 "limit hit: max_unauthenticated", max_unauthenticated=limits.max_unauthenticated
             )
             return "max_unauthenticated reached"
-        try:
-            self.store.reload_if_changed()
-        except ConfigError as exc:  # keep serving with the tokens we had
-            self.log.error("token store reload failed; keeping the previous tokens", error=str(exc))
+        self.reload_tokens()
         self._admitted.add(session)
         self._unauthenticated.add(session)
         return None
 
     def authenticated(self, session: Member) -> None:
         self._unauthenticated.discard(session)
+        key_id = session.token_key_id
+        name = self.store.name_for(key_id) if key_id is not None else None
+        if name is not None:
+            self.last_used.touch(name, time.time())
+
+    # ---- tokens: reload, revocation and expiry, policy, usage -------------------------
+
+    def reload_tokens(self) -> None:
+        try:
+            if self.store.reload_if_changed():
+                self.log_disabled_tokens()
+        except ConfigError as exc:  # keep serving with the tokens we had
+            self.log.error("token store reload failed; keeping the previous tokens", error=str(exc))
+
+    def log_disabled_tokens(self) -> None:
+        for name, reason in self.store.disabled.items():
+            self.log.error("token refused at load", key_name=name, reason=reason)
+
+    async def watch_tokens(self) -> None:
+        """The one place revocation, rotation overlap and expiry reach live connections:
+        every TOKEN_CHECK s (an mtime poll, no inotify), reload the store if it changed and
+        end each session whose key is no longer valid; flush last-used times now and then."""
+        while not self.shutting_down:
+            await asyncio.sleep(TOKEN_CHECK)
+            self.check_tokens(time.time())
+
+    def check_tokens(self, now: float) -> None:
+        self.reload_tokens()
+        for session in list(self.sessions):
+            key_id = session.token_key_id
+            if key_id is not None:
+                reason = self.store.invalid_reason(key_id, now)
+                if reason is not None:
+                    session.end_for_token(reason)
+        try:
+            self.last_used.maybe_flush(now)
+        except OSError as exc:
+            self.log.error("last-used file write failed", error=str(exc))
+
+    def flush_usage(self) -> None:
+        """Shutdown: write the last-used times still in memory."""
+        try:
+            self.last_used.flush()
+        except OSError as exc:
+            self.log.error("last-used file write failed", error=str(exc))
+
+    def check_policy(
+        self, key_id: bytes, req: ExecRequest, peer: str, peer_host: str, spec: ExecSpec
+    ) -> Decision:
+        """The token's policy on one EXEC (rexec.server.policy); learn mode records here."""
+        policy = self.store.policy_for(key_id)
+        if policy is None:  # revoked a moment ago; check_tokens closes the session
+            return Decision(False, "token", REVOKED)
+        decision = evaluate(policy, req, peer, peer_host, spec)
+        if decision.learn:
+            name = self.store.name_for(key_id) or key_id.hex()
+            try:
+                self.learned.record(name, req.argv, req.command)
+            except OSError as exc:
+                self.log.error("learned file write failed", error=str(exc))
+        return decision
 
     def unadmit(self, session: Member) -> None:
         self._admitted.discard(session)

@@ -52,6 +52,10 @@ class ExecSpec:
     timeout: float | None = None  # server-enforced deadline in seconds, from start
     kill_grace: float = 2.0  # seconds between SIGTERM and SIGKILL
     chunk_size: int = 256 * 1024  # max bytes handed to the sink at once
+    # run-as (a token policy, root servers only): Popen's user=, group=, extra_groups=
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -242,6 +246,9 @@ class Execution:
                     cwd=spec.cwd,
                     close_fds=True,
                     start_new_session=True,
+                    user=spec.uid,
+                    group=spec.gid,
+                    extra_groups=spec.groups,
                 )
             except OSError as exc:
                 raise _spawn_error(spec, exc) from exc

@@ -29,7 +29,9 @@ class Server:
 
     def __init__(self, config: ServerConfig, store: TokenStore | None = None) -> None:
         self.config = config
-        self.store = store if store is not None else TokenStore.load(config.server.tokens)
+        self.store = (
+            store if store is not None else TokenStore.load(config.server.tokens, serving=True)
+        )
         self.audit = AuditLog(config.server.audit_log)
         self.ctx: ServerContext | None = None
         self._servers: list[asyncio.Server] = []
@@ -40,6 +42,7 @@ class Server:
     async def start(self) -> list[str]:
         ctx = ServerContext(self.config, self.store, self.audit)
         self.ctx = ctx
+        ctx.spawn(ctx.watch_tokens())
         loop = asyncio.get_running_loop()
 
         def factory() -> asyncio.BaseProtocol:
@@ -115,6 +118,7 @@ class Server:
             if ep.path is not None:
                 with contextlib.suppress(OSError):
                     Path(ep.path).unlink()
+        ctx.flush_usage()
         self.audit.close()
         ctx.log.info("stopped")
         self._stopped.set()

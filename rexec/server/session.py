@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -32,11 +32,13 @@ from rexec.protocol.server import ServerConnection
 from rexec.server.config import env_allowed
 from rexec.server.context import ServerContext
 from rexec.server.exec import ExecOutcome, ExecSpec, Execution
+from rexec.server.policy import Decision, resolve_cwd
 from rexec.transport import FramedProtocol
 
 STDIN_HIGH = 4 * 1024 * 1024  # pending stdin bytes per connection before we stop reading
 STDIN_LOW = 1024 * 1024
 EXIT_NOT_STARTED = 255
+END_WAIT = 0.7  # a revoked/expired token's connection: how long its killed commands may take
 _conn_ids = itertools.count(1)
 
 
@@ -50,6 +52,7 @@ class ChannelRun:
     stdin: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     stdin_task: asyncio.Task[None] | None = None
+    decision: Decision | None = None  # the token policy's verdict, with the spec to run
 
 
 class _Protocol(FramedProtocol):
@@ -77,6 +80,7 @@ class Session:
         self.authenticated = False
         self.lost = False
         self.closing = False
+        self.ending: str | None = None  # why the token stopped being valid, once it has
         self._pending_stdin = 0
         self._held = False
         self._timer: asyncio.TimerHandle | None = None
@@ -171,6 +175,32 @@ class Session:
     def abort(self) -> None:
         self.protocol.abort()
 
+    @property
+    def token_key_id(self) -> bytes | None:
+        return self.conn.key_id if self.authenticated else None
+
+    def end_for_token(self, reason: str) -> None:
+        """Revoked, expired or rotated out (ServerContext.check_tokens): SIGKILL the commands
+        at once, give each its ERROR (AUTH, reason) and EXIT, then ERROR + CLOSE on channel 0.
+        Whatever has not finished within END_WAIT is dropped with the connection."""
+        if self.ending is not None or self.lost:
+            return
+        self.ending = reason
+        self.closing = True
+        self.log.warning("token no longer valid; closing", reason=reason, running=len(self.runs))
+        for run in self.runs.values():
+            if run.execution is not None:
+                run.execution.signal(signal.SIGKILL)
+                self.ctx.spawn(run.execution.kill())
+        self._close_if_idle()
+        asyncio.get_running_loop().call_later(END_WAIT, self._end_now)
+
+    def _end_now(self) -> None:
+        if not self.lost:
+            self.conn.farewell(ErrorCode.AUTH, self.ending or "")
+            self.protocol.flush()
+            self.protocol.abort()
+
     def _maybe_done(self) -> None:
         if self.lost and not self.runs:
             self.ctx.sessions.discard(self)
@@ -223,7 +253,10 @@ class Session:
 
     def _close_if_idle(self) -> None:
         if self.closing and not self.runs and not self.lost:
-            self.conn.send_close()
+            if self.ending is not None:
+                self.conn.farewell(ErrorCode.AUTH, self.ending)
+            else:
+                self.conn.send_close()
             self.protocol.flush()
             self.protocol.close()
 
@@ -273,17 +306,28 @@ class Session:
 
     # ---- exec ----------------------------------------------------------------------
 
-    def _refuse(self, channel: int, code: ErrorCode, reason: str, req: ExecRequest | None) -> None:
+    def _refuse(
+        self,
+        channel: int,
+        code: ErrorCode,
+        reason: str,
+        req: ExecRequest | None,
+        decision: Decision | None = None,
+    ) -> None:
         self.log.warning("command refused", channel=channel, code=code.name, reason=reason)
         self.conn.send_channel_error(channel, code, reason)
         self.conn.send_exit(channel, ExitStatus(EXIT_NOT_STARTED))
-        self._audit(channel, req, time.time(), None, error=f"{code.name.lower()}: {reason}")
+        error = f"{code.name.lower()}: {reason}"
+        self._audit(channel, req, time.time(), None, error=error, decision=decision)
 
     def _exec(self, channel: int, req: ExecRequest) -> None:
         ctx = self.ctx
         limits = ctx.config.limits
         if ctx.shutting_down:
             self._refuse(channel, ErrorCode.SHUTDOWN, "server is shutting down", req)
+            return
+        if self.ending is not None:
+            self._refuse(channel, ErrorCode.AUTH, self.ending, req)
             return
         if len(self.runs) >= limits.max_channels:
             self._refuse(
@@ -294,16 +338,30 @@ class Session:
             )
             self.log.warning("limit hit: max_channels", max_channels=limits.max_channels)
             return
-        denied = sorted(k for k in req.env if not env_allowed(k, ctx.config.exec.env_allowlist))
+        assert self.conn.key_id is not None
+        try:
+            decision = ctx.check_policy(
+                self.conn.key_id, req, self.peer, self.peer_host, self._spec(req)
+            )
+        except Exception as exc:  # a bug must not cost the channel its EXIT
+            self.log.exception("policy check crashed", channel=channel)
+            self._refuse(channel, ErrorCode.INTERNAL, f"internal error: {exc!r}", req)
+            return
+        if not decision.allowed:
+            self._refuse(channel, ErrorCode.POLICY, decision.reason, req, decision)
+            return
+        allowlist = (*ctx.config.exec.env_allowlist, *decision.extra_env)
+        denied = sorted(k for k in req.env if not env_allowed(k, allowlist))
         if denied:
             self._refuse(
                 channel,
                 ErrorCode.BAD_REQUEST,
                 f"environment variable(s) not allowed by the server: {', '.join(denied)}",
                 req,
+                decision,
             )
             return
-        run = ChannelRun(channel, req)
+        run = ChannelRun(channel, req, decision=decision)
         self.runs[channel] = run
         run.task = ctx.spawn(self._run(run))
 
@@ -318,9 +376,7 @@ class Session:
         )
         env = dict(ctx.base_env)
         env.update(req.env)
-        cwd = req.cwd or env.get("HOME")
-        if cwd and env.get("HOME") and not os.path.isabs(cwd):
-            cwd = os.path.join(env["HOME"], cwd)  # relative to home, as with ssh; never to ours
+        cwd = resolve_cwd(req.cwd or None, env.get("HOME"))
         return ExecSpec(
             argv=tuple(argv),
             env=env,
@@ -338,7 +394,7 @@ class Session:
         outcome: ExecOutcome | None = None
         error: str | None = None
         try:
-            spec = self._spec(req)
+            spec = run.decision.spec if run.decision and run.decision.spec else self._spec(req)
 
             async def sink(stream: int, data: bytes) -> None:
                 if self.lost:
@@ -363,7 +419,8 @@ class Session:
                 return
             run.execution = execution
             self.log.info("command started", channel=channel, pid=execution.pid)
-            if self.lost:
+            if self.lost or self.ending is not None:
+                execution.signal(signal.SIGKILL)
                 await execution.kill()
             if req.stdin:
                 run.stdin_task = self.ctx.spawn(self._feed_stdin(run, execution))
@@ -373,7 +430,11 @@ class Session:
             status = ExitStatus(
                 outcome.exit_code, outcome.signal, outcome.timed_out, outcome.duration
             )
+            if self.ending is not None:
+                error = f"killed: {self.ending}"
             if not self.lost:
+                if self.ending is not None:
+                    self.conn.send_channel_error(channel, ErrorCode.AUTH, self.ending)
                 self.conn.send_exit(channel, status)
                 self.protocol.flush()
             self.log.info(
@@ -392,7 +453,7 @@ class Session:
                 self.conn.send_exit(channel, ExitStatus(EXIT_NOT_STARTED))
                 self.protocol.flush()
         finally:
-            self._audit(channel, req, start, outcome, error=error)
+            self._audit(channel, req, start, outcome, error=error, decision=run.decision)
             if run.stdin_task is not None:
                 run.stdin.put_nowait(None)
                 await asyncio.gather(run.stdin_task, return_exceptions=True)
@@ -409,6 +470,7 @@ class Session:
         outcome: ExecOutcome | None,
         *,
         error: str | None = None,
+        decision: Decision | None = None,
     ) -> None:
         record = AuditRecord(
             conn=self.id,
@@ -428,5 +490,6 @@ class Session:
             bytes_out=outcome.stdout_bytes if outcome else 0,
             bytes_err=outcome.stderr_bytes if outcome else 0,
             error=error,
+            extra={"policy": decision.audit()} if decision is not None else {},
         )
         self.ctx.audit_write(record)
