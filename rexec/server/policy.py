@@ -318,9 +318,7 @@ def argv_matches(words: Sequence[str], argv: Sequence[str]) -> bool:
 def pattern_for_argv(argv: Sequence[str]) -> str:
     """The --allow pattern that matches exactly this argv (for `rexec token learned`)."""
     words = ["".join(f"[{c}]" if c in "*?[" else c for c in arg) for arg in argv]
-    if words and words[-1] == ANY_MORE:
-        words[-1] = "[.].."
-    return shlex.join(words)
+    return shlex.join("[.].." if w == ANY_MORE else w for w in words)
 
 
 def resolve_cwd(cwd: str | None, home: str | None) -> str | None:
