@@ -182,7 +182,7 @@ class Session:
     def end_for_token(self, reason: str) -> None:
         """Revoked, expired or rotated out (ServerContext.check_tokens): SIGKILL the commands
         at once, give each its ERROR (AUTH, reason) and EXIT, then ERROR + CLOSE on channel 0.
-        Whatever has not finished within END_WAIT is dropped with the connection."""
+        Whatever has not finished within END_WAIT ends without its EXIT (a truncation)."""
         if self.ending is not None or self.lost:
             return
         self.ending = reason
@@ -196,10 +196,10 @@ class Session:
         asyncio.get_running_loop().call_later(END_WAIT, self._end_now)
 
     def _end_now(self) -> None:
-        if not self.lost:
+        if not self.lost:  # a command that outlived its SIGKILL (a pipe held elsewhere)
             self.conn.farewell(ErrorCode.AUTH, self.ending or "")
             self.protocol.flush()
-            self.protocol.abort()
+            self.protocol.close()
 
     def _maybe_done(self) -> None:
         if self.lost and not self.runs:
