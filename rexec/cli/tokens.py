@@ -296,8 +296,9 @@ def _new_fleet(args: argparse.Namespace) -> int:
     from rexec.errors import ConfigError
     from rexec.protocol.fleetkey import generate_fleet_token
 
-    given = [o for o in ("allow", "from_", "env", "run_as", "expires") if getattr(args, o)]
-    if given or args.store or args.learn or args.cwd_under or args.max_timeout:
+    options = ("allow", "allow_shell", "from_", "max_timeout", "no_pty", "env", "cwd_under")
+    given = [o for o in (*options, "run_as", "learn", "expires") if getattr(args, o) is not None]
+    if given or args.store or args.config or args.state_dir:
         raise ConfigError(
             "--fleet takes no store or policy options: give them to `rexec token import` on "
             "each server"

@@ -24,7 +24,9 @@ _B64URL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0
 class Token(FrozenRecord):
     """A key id (public, sent in HELLO) and its 32-byte secret (the Noise PSK)."""
 
-    __slots__ = ("key_id", "secret")
+    # __match_args__ names the fields Record compares (without it every Token was equal)
+    __match_args__ = ("key_id", "secret")
+    __slots__ = __match_args__
     key_id: bytes
     secret: bytes
 

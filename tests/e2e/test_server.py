@@ -512,6 +512,7 @@ AUDIT_KEYS = {
     "timed_out",
     "bytes_out",
     "bytes_err",
+    "policy",  # the token policy's decision (docs/PROTOCOL.md 3.3)
 }
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -554,6 +555,7 @@ def test_audit_records_fields_and_no_secrets(server_factory: Any, e2e: Any, tmp_
         assert r["peer"].startswith("127.0.0.1:") and r["channel"] == 1
         assert re.fullmatch(r"c\d+", r["conn"])
         assert isinstance(r["duration"], float | int) and r["duration"] >= 0
+        assert r["policy"] == {"decision": "allowed", "rule": "none"}
     r1, r2, r3, r4 = records
     assert r1["command"] == "printf abc; printf de >&2; exit 5"
     assert (r1["cwd"], r1["env"]) == (str(tmp_path), ["REXEC_AUDIT"])

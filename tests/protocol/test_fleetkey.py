@@ -105,6 +105,7 @@ def test_vectors_are_in_the_document() -> None:
 def test_servers_get_unrelated_keys() -> None:
     a, b = derive_server_token(MASTER, "a"), derive_server_token(MASTER, "b")
     assert a.key_id != b.key_id and a.secret != b.secret
+    assert a != b and a == derive_server_token(MASTER, "a")  # Token compares its fields
     other = derive_server_token(bytes(32), "a")
     assert other.key_id != a.key_id and other.secret != a.secret
     # the same server under the spellings normalisation merges
