@@ -253,7 +253,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="run each test that uses the rexec_host fixture once per host: targets or "
         "aliases separated by commas, or a host set (lab[01-03], @group) where rexec has "
-        "host sets",
+        "host sets; write a group as --rexec-hosts=@group (pytest reads a lone @word as a "
+        "file of arguments)",
     )
     group.addoption(
         "--rexec-token-file",

@@ -62,12 +62,12 @@ class Lab:
     e2e: Any
 
     def pytest(
-        self, *args: str, env: dict[str, str] | None = None
+        self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         """`python -m pytest ARGS` in the lab dir with the lab's client config (no REXEC_TOKEN)."""
         return subprocess.run(
             [sys.executable, "-m", "pytest", *NO_PLUGINS, *args],
-            cwd=self.dir,
+            cwd=cwd or self.dir,
             env=self.e2e.clean_env({"REXEC_CONFIG": str(self.config), **(env or {})}),
             capture_output=True,
             text=True,
@@ -303,6 +303,84 @@ def test_testinfra_reports_an_unreachable_host(lab: Lab) -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "ConnectionLost" in proc.stdout
     assert "rexec host down" in proc.stdout
+
+
+def test_testinfra_connection_option_and_api(lab: Lab) -> None:
+    """testinfra's own `--connection=rexec` form names the backend too."""
+    _need_testinfra()
+    lab.write("test_conn.py", "def test_uid(host):\n    assert host.check_output('id -u') == '0'\n")
+    proc = lab.pytest("-v", "--connection=rexec", "--hosts=lab1,lab3", "test_conn.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_conn.py::test_uid[rexec://lab1] PASSED" in proc.stdout
+    assert "test_conn.py::test_uid[rexec://lab3] PASSED" in proc.stdout
+
+
+def test_testinfra_get_host_outside_pytest_hosts(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`testinfra.get_host("rexec://...")` from Python, once the backend is registered."""
+    _need_testinfra()
+    import testinfra
+
+    from rexec.pytest_plugin import register_testinfra_backend
+
+    monkeypatch.setenv("REXEC_TOKEN", server.token)
+    register_testinfra_backend()
+    host = testinfra.get_host(f"rexec://{server.address}")
+    out = host.run("printf %s; exit 5", "a'b")
+    assert (out.rc, out.stdout, out.stderr) == (5, "a'b", "")
+    assert host.backend.get_pytest_id() == f"rexec://{server.address}"
+
+
+STAND_IN = """
+import rexec
+
+def expand_hosts(spec):
+    return ["lab3", "lab1"] if spec == "@lab" else spec.split(",")
+
+rexec.expand_hosts = expand_hosts  # a stand-in for rexec's host sets
+"""
+
+
+def test_host_sets_are_expanded_by_rexec(lab: Lab, tmp_path: Path) -> None:
+    """Both `--rexec-hosts` and `rexec://` specs go through `rexec.expand_hosts` when it exists
+    (here a stand-in set by a conftest, so the plumbing is tested without the config)."""
+    _need_testinfra()
+    work = tmp_path / "sets"
+    work.mkdir()
+    (work / "pytest.ini").write_text("[pytest]\n")
+    (work / "conftest.py").write_text(STAND_IN)
+    (work / "test_sets.py").write_text(
+        "def test_rexec(rexec_host):\n    assert rexec_host.check_output('echo ok') == 'ok'\n\n"
+        "def test_infra(host):\n    assert host.run('true').rc == 0\n"
+    )
+    # `--rexec-hosts=@lab` in one word: pytest reads a lone `@lab` argument as a file of args
+    proc = lab.pytest("-v", "--rexec-hosts=@lab", "--hosts=rexec://@lab", "test_sets.py", cwd=work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    passed = [line.split()[0] for line in proc.stdout.splitlines() if " PASSED " in line]
+    assert passed == [
+        "test_sets.py::test_rexec[lab3]",
+        "test_sets.py::test_rexec[lab1]",
+        "test_sets.py::test_infra[rexec://lab1]",
+        "test_sets.py::test_infra[rexec://lab3]",
+    ]
+
+
+def test_rexec_hosts_group(lab: Lab) -> None:
+    """`--rexec-hosts @lab` expands a client-config group, where this rexec has host sets."""
+    import rexec as api
+
+    if getattr(api, "expand_hosts", None) is None:
+        pytest.skip("this rexec has no host sets (rexec.expand_hosts) for @groups")
+    config = lab.dir / "group.toml"
+    groups = ", ".join(f'"{h}"' for h in HOSTS)
+    config.write_text(lab.config.read_text() + f"\n[groups]\nlab = [{groups}]\n")
+    lab.write("test_rgroup.py", SUITE)
+    env = {"REXEC_CONFIG": str(config)}
+    proc = lab.pytest("-v", "--rexec-hosts=@lab", "test_rgroup.py", env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "test_rgroup.py::test_service[lab2] FAILED" in proc.stdout
+    assert "test_rgroup.py::test_service[lab3] PASSED" in proc.stdout
 
 
 def test_testinfra_group(lab: Lab) -> None:
