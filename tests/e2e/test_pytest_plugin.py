@@ -197,6 +197,31 @@ def test_unreachable_host_errors_each_test_fast(lab: Lab) -> None:
         assert "rexec/client" not in (error.text or "")  # one line, not rexec's traceback
 
 
+def test_a_test_can_pin_its_own_hosts(lab: Lab) -> None:
+    lab.write(
+        "test_pinned.py",
+        """
+        import pytest
+
+
+        @pytest.mark.parametrize("rexec_host", ["lab3"], indirect=True)
+        def test_pinned(rexec_host):
+            assert rexec_host.check_output("echo $SERVICE_STATE") == "active"
+
+
+        def test_every(rexec_host):
+            pass
+        """,
+    )
+    proc = lab.pytest("-v", "--rexec-hosts", "lab1,lab2", "test_pinned.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines() if " PASSED " in line] == [
+        "test_pinned.py::test_pinned[lab3]",
+        "test_pinned.py::test_every[lab1]",
+        "test_pinned.py::test_every[lab2]",
+    ]
+
+
 def test_plugin_is_inert_when_not_used(lab: Lab) -> None:
     lab.write(
         "test_plain.py",
