@@ -33,6 +33,9 @@ ALLOWED = {
     "cli": {"base", "protocol", "leaf", "client", "server", "cli", "demo"},
     "demo": {"base", "protocol", "leaf", "demo"},
     "main": {"cli"},
+    # test-framework integrations over the public API (the `rexec` facade is not in the graph)
+    "pytest_plugin": {"base", "leaf", "client"},
+    "testinfra_backend": {"base", "pytest_plugin"},
 }
 
 
