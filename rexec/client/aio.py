@@ -93,6 +93,8 @@ class _Waiters:
 class OutputStream:
     """One stream (stdout or stderr) of a Process: `async for chunk in proc.stdout`."""
 
+    stream: Stream
+
     def __init__(self, proc: Process, stream: Stream) -> None:
         self._proc = proc
         self.stream = stream
@@ -120,6 +122,11 @@ class Process:
     `stdout`/`stderr`; read both (or iterate the process, or wait()): output not taken holds
     the command back.
     """
+
+    channel: int
+    command: str | tuple[str, ...]
+    stdout: OutputStream
+    stderr: OutputStream
 
     def __init__(self, conn: Connection, cmd: Command) -> None:
         self._conn = conn
@@ -210,6 +217,10 @@ class Process:
 
 class Connection:
     """An authenticated connection. Create with `await rexec.connect(...)`."""
+
+    endpoint: Endpoint
+    target: str  # as the caller named it (an alias, or an address)
+    info: ServerInfo | None  # what the server said about itself; set once connected
 
     def __init__(
         self,

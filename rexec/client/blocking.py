@@ -380,6 +380,8 @@ class SocketDriver:
 class SyncOutputStream:
     """One output stream of a SyncProcess: `for chunk in proc.stdout`, read(), read_chunk()."""
 
+    stream: Stream
+
     def __init__(self, proc: SyncProcess, stream: Stream) -> None:
         self._proc = proc
         self.stream = stream
@@ -403,6 +405,11 @@ class SyncProcess:
     Iterate it for `(Stream, bytes)` chunks in arrival order, or read `stdout`/`stderr`; read
     both (or iterate the process, or wait()): output not taken holds the command back.
     """
+
+    channel: int
+    command: str | tuple[str, ...]
+    stdout: SyncOutputStream
+    stderr: SyncOutputStream
 
     def __init__(self, driver: SocketDriver, cmd: Command) -> None:
         self._driver = driver
@@ -494,6 +501,10 @@ class Client:
     One authenticated connection; commands run on it one after another, or several at once
     with `start()` (waiting on any of them serves them all).
     """
+
+    target: str  # as the caller named it (an alias, or an address)
+    endpoint: Endpoint
+    info: ServerInfo  # what the server said about itself in the handshake
 
     def __init__(
         self,
