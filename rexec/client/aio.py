@@ -373,7 +373,9 @@ class Connection:
         proc = Process(self, cmd)
         self._procs[cmd.channel] = proc
         self._flush()
-        if self._timer is None:
+        if len(core.commands) == 1:  # the first running command starts the keepalive clock
+            if self._timer is not None:
+                self._timer.cancel()
             self._tick()
         return proc
 

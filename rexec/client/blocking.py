@@ -171,6 +171,11 @@ class SocketDriver:
             self._step(0.0)
             self.flush()
 
+    def started(self) -> None:
+        """A command was queued: send it, and let the keepalive clock see it at the next wait."""
+        self._keepalive_due = 0.0
+        self.flush()
+
     def _blocked(self) -> bool:
         return bool(self._out) or unsent_bytes(self._sock) > 0
 
@@ -540,7 +545,7 @@ class Client:
         core = self._driver.core
         self._driver.wait(core.can_start)
         cmd = core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
-        self._driver.flush()
+        self._driver.started()
         return SyncProcess(self._driver, cmd)
 
     def run(

@@ -38,6 +38,7 @@ from rexec import (
     Token,
     TruncatedError,
 )
+from rexec.protocol.client import ClientConnection
 from rexec.protocol.events import ExecReceived
 from rexec.protocol.server import ServerConnection
 from rexec.protocol.token import generate_token
@@ -461,3 +462,45 @@ def test_keepalive_keeps_a_quiet_command(
     conn = drive.connect(server.address, server.token)
     result = conn.run("sleep 1.5; echo done")  # silent for 2.5x the deadline: PONGs answer
     assert (result.exit_code, result.stdout) == (0, b"done\n")
+
+
+# ---- the flow-control contract with the protocol core ---------------------------------------
+
+
+def test_stdin_never_exceeds_the_window(
+    drive: Drive, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ClientConnection, "stdin_room", lambda self, channel: 1000)
+    sent: list[int] = []
+
+    def trace(direction: str, ftype: FrameType, channel: int, length: int) -> None:
+        if direction == "send" and ftype == FrameType.STDIN:
+            sent.append(length)
+
+    conn = drive.connect(server.address, server.token, trace=trace)
+    data = os.urandom(100_000)
+    assert conn.run(["cat"], stdin=data).stdout == data
+    proc = conn.start(["wc", "-c"], stdin=True)
+    proc.write(data)
+    proc.close_stdin()
+    assert proc.wait().stdout.split() == [b"100000"]
+    assert sum(sent) == 200_000 and max(sent) == 1000
+
+
+def test_output_handed_over_is_reported_consumed(
+    drive: Drive, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumed: dict[int, int] = {}
+
+    def output_consumed(self: ClientConnection, channel: int, nbytes: int) -> None:
+        consumed[channel] = consumed.get(channel, 0) + nbytes
+
+    monkeypatch.setattr(ClientConnection, "output_consumed", output_consumed)
+    conn = drive.connect(server.address, server.token)
+    r = conn.run("head -c 300000 /dev/zero; head -c 1000 /dev/zero >&2")  # collected
+    assert (len(r.stdout), len(r.stderr)) == (300000, 1000)
+    # (output taken after its EXIT is not reported: a closed channel needs no window)
+    proc = conn.start("head -c 300000 /dev/zero; head -c 1000 /dev/zero >&2; sleep 0.5")
+    assert sum(len(chunk) for _, chunk in proc.chunks()) == 301000  # taken as a stream
+    proc.wait()
+    assert list(consumed.values()) == [301000, 301000]
