@@ -18,6 +18,7 @@ from rexec.address import Endpoint
 from rexec.client.blocking import unsent_bytes
 from rexec.client.core import (
     CLOSE_WAIT,
+    Chunk,
     ClientCore,
     Command,
     connect_failed,
@@ -36,7 +37,7 @@ from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transport import FramedProtocol, LostHandler
 
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
 
 
 class ClientProtocol(FramedProtocol):
@@ -99,7 +100,7 @@ class OutputStream:
         self._proc = proc
         self.stream = stream
 
-    async def read_chunk(self) -> bytes:
+    async def read_chunk(self) -> bytes | bytearray:
         """The next chunk, or b"" at the end of the stream."""
         return (await self._proc._next(self.stream))[1]
 
@@ -107,10 +108,10 @@ class OutputStream:
         """Everything until the end of the stream."""
         return b"".join([chunk async for chunk in self])
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes | bytearray]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
+    async def _iterate(self) -> AsyncIterator[bytes | bytearray]:
         while chunk := await self.read_chunk():
             yield chunk
 
@@ -193,17 +194,17 @@ class Process:
             await self._until(lambda: cmd.done)
         return core.result(cmd)
 
-    def __aiter__(self) -> AsyncIterator[tuple[Stream, bytes]]:
+    def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[tuple[Stream, bytes]]:
+    async def _iterate(self) -> AsyncIterator[Chunk]:
         while True:
             stream, data = await self._next(None)
             if not data:
                 return
             yield stream, data
 
-    async def _next(self, stream: Stream | None) -> tuple[Stream, bytes]:
+    async def _next(self, stream: Stream | None) -> Chunk:
         core, cmd = self._core, self._cmd
         while (item := core.take(cmd, stream)) is None:
             await self._until(lambda: cmd.done or cmd.has_output(stream))

@@ -28,6 +28,7 @@ from types import TracebackType
 from rexec.address import Endpoint
 from rexec.client.core import (
     CLOSE_WAIT,
+    Chunk,
     ClientCore,
     Command,
     connect_failed,
@@ -49,7 +50,7 @@ OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # unsent bytes we buffer before writers (and s
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s (close sends a reset)
 _SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP send queue not yet sent
 
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
 
 
 def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
@@ -391,7 +392,7 @@ class SyncOutputStream:
         self._proc = proc
         self.stream = stream
 
-    def read_chunk(self) -> bytes:
+    def read_chunk(self) -> bytes | bytearray:
         """The next chunk, or b"" at the end of the stream (waits for it)."""
         return self._proc._next(self.stream)[1]
 
@@ -399,7 +400,7 @@ class SyncOutputStream:
         """Everything until the end of the stream."""
         return b"".join(iter(self))
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes | bytearray]:
         while chunk := self.read_chunk():
             yield chunk
 
@@ -485,14 +486,14 @@ class SyncProcess:
             self._driver.wait(lambda: cmd.done)
         return core.result(cmd)
 
-    def __iter__(self) -> Iterator[tuple[Stream, bytes]]:
+    def __iter__(self) -> Iterator[Chunk]:
         while True:
             stream, data = self._next(None)
             if not data:
                 return
             yield stream, data
 
-    def _next(self, stream: Stream | None) -> tuple[Stream, bytes]:
+    def _next(self, stream: Stream | None) -> Chunk:
         core, cmd = self._core, self._cmd
         while (item := core.take(cmd, stream)) is None:
             self._driver.wait(lambda: cmd.done or cmd.has_output(stream))

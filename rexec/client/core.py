@@ -67,7 +67,8 @@ HANDSHAKE_CLOSED = (
     "(wrong or unknown token, or the server refused the connection: see its log)"
 )
 
-Chunk = tuple[Stream, bytes]
+Data = bytes | bytearray  # a data frame's payload may be the buffer it was decrypted into
+Chunk = tuple[Stream, Data]
 
 
 def connect_failed(endpoint: object, exc: OSError) -> ConnectionLost:
@@ -117,7 +118,7 @@ class Command:
         self.error: RexecError | None = None  # why there is no Result: refused, or cut short
         self.lost = False  # the connection ended before the command's EXIT
         # output not taken yet, per stream (index Stream - 1), tagged with its arrival order
-        self._chunks: tuple[deque[tuple[int, bytes]], deque[tuple[int, bytes]]] = (
+        self._chunks: tuple[deque[tuple[int, Data]], deque[tuple[int, Data]]] = (
             deque(),
             deque(),
         )

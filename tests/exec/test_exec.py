@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from rexec import Stream
 from rexec.errors import ExecError
 from rexec.server.exec import ExecOutcome, ExecSpec, Execution
 
@@ -50,10 +49,10 @@ class Collect:
         self.sizes: list[int] = []
         self.changed = asyncio.Event()
 
-    async def __call__(self, stream: Stream, data: bytes) -> None:
-        assert type(stream) is Stream
+    async def __call__(self, stream: int, data: bytes) -> None:
+        assert stream in (1, 2)
         assert isinstance(data, bytes)
-        (self.out if stream == Stream.STDOUT else self.err).extend(data)
+        (self.out if stream == 1 else self.err).extend(data)
         self.sizes.append(len(data))
         self.changed.set()
 
@@ -212,8 +211,8 @@ def test_slow_sink_blocks_the_child() -> None:
         written = [0]
         out = [0]
 
-        async def sink(stream: Stream, data: bytes) -> None:
-            if stream == Stream.STDERR:
+        async def sink(stream: int, data: bytes) -> None:
+            if stream == 2:
                 written[0] = int(data.rsplit(b"\n", 2)[-2])
                 return
             await gate.wait()
@@ -237,7 +236,7 @@ def test_output_left_in_pipe_is_delivered_to_a_slow_sink() -> None:
     async def main() -> None:
         got = bytearray()
 
-        async def sink(stream: Stream, data: bytes) -> None:
+        async def sink(stream: int, data: bytes) -> None:
             await asyncio.sleep(0.15)
             got.extend(data)
 
@@ -439,7 +438,7 @@ def test_signal_delivers_sigint_to_group() -> None:
 
 def test_sink_failure_kills_command_and_is_reported() -> None:
     async def main() -> None:
-        async def sink(stream: Stream, data: bytes) -> None:
+        async def sink(stream: int, data: bytes) -> None:
             raise ConnectionError("client went away")
 
         ex = await Execution.start(sh("echo x; sleep 1000"), sink)
@@ -454,7 +453,7 @@ def test_sink_failure_kills_command_and_is_reported() -> None:
 
 def test_kill_with_stalled_sink_returns() -> None:
     async def main() -> None:
-        async def sink(stream: Stream, data: bytes) -> None:
+        async def sink(stream: int, data: bytes) -> None:
             await asyncio.Event().wait()  # a client that never reads again
 
         ex = await Execution.start(spec("head", "-c", "10M", "/dev/zero"), sink)
@@ -553,7 +552,7 @@ def test_many_concurrent_commands() -> None:
 def test_throughput_512mib(capsys: pytest.CaptureFixture[str]) -> None:
     """`head -c 512M /dev/zero` into a discarding sink; well above 500 MB/s on an idle box."""
 
-    async def discard(stream: Stream, data: bytes) -> None:
+    async def discard(stream: int, data: bytes) -> None:
         pass
 
     async def main() -> float:
