@@ -224,12 +224,7 @@ def cmd_run(argv: list[str]) -> int:
     if not command:
         err("no command given (use `rexec shell TARGET` for an interactive shell)")
         return 2
-    from rexec.errors import (
-        AuthError,
-        ConfigError,
-        ExecError,
-        RexecError,
-    )
+    from rexec.errors import ExecError, RexecError
     from rexec.result import EXIT_FAILURE
 
     try:
@@ -238,21 +233,17 @@ def cmd_run(argv: list[str]) -> int:
         err(str(exc))
         return 2
     interrupts: Interrupts | None = None
-    conn = None
+    client = None
     try:
-        from rexec.client.blocking import BlockingConnection
-        from rexec.client.target import resolve_target
-        from rexec.protocol.noise import Suite
+        from rexec import Client, Suite
 
-        resolved = resolve_target(args.target, token_file=args.token_file)
-        conn = BlockingConnection(
-            resolved.endpoint,
-            resolved.token,
-            connect_timeout=args.connect_timeout or resolved.connect_timeout,
+        client = Client(
+            args.target,
+            token_file=args.token_file,
+            connect_timeout=args.connect_timeout,
             suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
             trace=trace_fn() if args.trace else None,
         )
-        conn.connect()
         stdin: int | None = None
         if not args.no_stdin and not os.isatty(0):
             try:
@@ -261,28 +252,24 @@ def cmd_run(argv: list[str]) -> int:
             except OSError:
                 stdin = None
         interrupts = Interrupts()
-        result = conn.run(
+        proc = client.start(
             command[0] if len(command) == 1 else command,
             env=env or None,
             cwd=args.cwd,
             timeout=args.timeout,
-            stdin=stdin,
-            stdout=None if args.json else writer(1),
-            stderr=None if args.json else writer(2),
-            poll=interrupts.poll,
-            wakeup_fd=interrupts.read_fd,
+            stdin=stdin is not None,
         )
-        conn.close()
+        if stdin is not None:
+            proc.feed(stdin)
+        client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
+        result = proc.wait(
+            stdout=None if args.json else writer(1), stderr=None if args.json else writer(2)
+        )
+        client.close()
     except ExecError as exc:
         err(str(exc))
         return exc.exit_code or 127
-    except AuthError as exc:
-        err(str(exc))
-        return EXIT_FAILURE
-    except ConfigError as exc:
-        err(str(exc))
-        return EXIT_FAILURE
-    except RexecError as exc:
+    except RexecError as exc:  # connection, auth, config or protocol failure
         err(str(exc))
         return EXIT_FAILURE
     except BrokenPipeError:  # our reader went away: end quietly, as a SIGPIPE death would
@@ -293,8 +280,8 @@ def cmd_run(argv: list[str]) -> int:
     finally:
         if interrupts is not None:
             interrupts.close()
-        if conn is not None:
-            conn._abort()
+        if client is not None:
+            client.abort()
     if args.json:
         import json
 

@@ -27,6 +27,7 @@ from signal import SIGCONT, SIGKILL, SIGTERM
 from typing import Protocol
 
 from rexec.errors import ExecError
+from rexec.protocol.events import Stream
 
 __all__ = ["ExecOutcome", "ExecSpec", "Execution", "OutputSink"]
 
@@ -81,7 +82,7 @@ class ExecOutcome:
 class OutputSink(Protocol):
     """Receives output; returning means "ready for more" (backpressure: see module doc)."""
 
-    async def __call__(self, stream: int, data: bytes) -> None: ...
+    async def __call__(self, stream: Stream, data: bytes) -> None: ...
 
 
 class _Pump:
@@ -89,7 +90,7 @@ class _Pump:
 
     __slots__ = ("fd", "nbytes", "owed", "stream", "task", "waiter")
 
-    def __init__(self, stream: int, fd: int) -> None:
+    def __init__(self, stream: Stream, fd: int) -> None:
         self.stream = stream
         self.fd = fd
         self.nbytes = 0  # bytes the sink accepted
@@ -276,7 +277,7 @@ class Execution:
         if spec.stdin:
             self._stdin_fd = stdin_w
             os.set_blocking(stdin_w, False)
-        for stream, fd in ((1, out_r), (2, err_r)):
+        for stream, fd in ((Stream.STDOUT, out_r), (Stream.STDERR, err_r)):
             os.set_blocking(fd, False)
             pump = _Pump(stream, fd)
             pump.task = self._loop.create_task(self._pump(pump))
