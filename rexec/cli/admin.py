@@ -62,17 +62,28 @@ def cmd_serve(argv: list[str]) -> int:
     try:
         import asyncio
 
-        from rexec.log import configure_logging
+        from rexec.log import configure_logging, get_logger
         from rexec.server.auth import TokenStore
         from rexec.server.config import load_server_config
         from rexec.server.service import serve
+        from rexec.statefile import check_state_dir
 
         config = load_server_config(args.config, overrides or None)
         configure_logging(config.server.log_level, config.server.log_format)
         state = Path(config.server.state_dir)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state = check_state_dir(state)
         store = TokenStore.load(config.server.tokens)
-        first = _first_token(store, state) if not len(store) and args.config is None else None
+        first = None
+        if not len(store):
+            if args.config is None:
+                first = _first_token(store, state)
+            else:  # a configured server nobody can log in to: say so, and how to fix it
+                get_logger().warning(
+                    f"the token store {store.path} is empty: nobody can log in. Add a token "
+                    f"(no restart needed) with: rexec token new --id NAME --store {store.path}",
+                    token_count=0,
+                )
 
         def on_ready(addresses: list[str]) -> None:
             if first is not None:
@@ -94,11 +105,12 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def _first_token(store: Any, state: Any) -> Any:
-    """A fresh machine: make a token and save the client's copy (mode 0600)."""
+    """A fresh machine: make a token and save the client's copy (a new 0600 file, replacing
+    whatever was at that path rather than writing through it)."""
+    from rexec.statefile import write_secret
+
     token = store.add("default")
-    fd = os.open(state / "client.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token.format() + "\n")
+    write_secret(state / "client.token", (token.format() + "\n").encode(), "client token file")
     return token
 
 
@@ -114,19 +126,47 @@ def _self_command() -> str:
 
 
 def _print_first_token(token: Any, state: Any, store_path: Any, address: str) -> None:
-    """Print what to paste, with the address actually bound (port 0 resolved)."""
+    """Print what to paste, with the address actually bound (port 0 resolved).
+
+    The secret itself goes to a terminal only: captured output (a log file, the journal, CI)
+    gets the path of the 0600 file instead.
+    """
     client_file = state / "client.token"
-    sys.stdout.write(
+    text = (
         f"rexec: created the first token 'default' in {store_path}\n"
         f"rexec: the client's copy is in {client_file} (mode 0600); run commands with:\n\n"
         f"    REXEC_TOKEN_FILE={client_file} {_self_command()} run {address} uname -a\n\n"
-        f"rexec: on another machine, put this token line in a file of mode 0600 and point\n"
-        f"rexec: REXEC_TOKEN_FILE (or --token-file) at it:\n\n    {token.format()}\n\n"
     )
+    if sys.stdout.isatty():
+        text += (
+            f"rexec: on another machine, put this token line in a file of mode 0600 and point\n"
+            f"rexec: REXEC_TOKEN_FILE (or --token-file) at it:\n\n    {token.format()}\n\n"
+        )
+    else:
+        text += (
+            f"rexec: on another machine, use a copy of {client_file} (keep it mode 0600) as\n"
+            f"rexec: REXEC_TOKEN_FILE (or --token-file); the token is not printed here because\n"
+            f"rexec: this output is not a terminal\n\n"
+        )
+    sys.stdout.write(text)
     sys.stdout.flush()
 
 
 # ---- token -------------------------------------------------------------------------
+
+
+def _say_which_store(store: Any, *, explicit: bool) -> None:
+    """On stderr: which store was read, so an empty listing is never a silent mystery."""
+    count = len(store)
+    if store.path.exists():
+        err(f"{count} token{'s' if count != 1 else ''} in {store.path}")
+    else:
+        err(f"no token store at {store.path} (no tokens)")
+    if explicit:
+        return
+    err("that is the default store; for another one pass --state-dir, --store or --config")
+    if os.path.isfile(os.path.join(".state", "tokens.json")):
+        err("`make serve` keeps its tokens in ./.state: rexec token list --state-dir .state")
 
 
 def cmd_token(argv: list[str]) -> int:
@@ -158,6 +198,7 @@ def cmd_token(argv: list[str]) -> int:
         else:
             for entry in store.entries():
                 print(f"{entry.name}\t{entry.key_id}\t{entry.created}")
+            _say_which_store(store, explicit=bool(args.store or args.config or args.state_dir))
         return 0
     except ConfigError as exc:
         err(str(exc))

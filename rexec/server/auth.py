@@ -1,20 +1,19 @@
 """Server-side authentication: the token store, the per-address failure limiter, the proof.
 
 The token store is a small JSON file (mode 0600) that `rexec token new` edits and a running
-server re-reads when it changes, so a new token works without a restart. Secrets leave this
-module only as the bytes `lookup()` returns to the handshake: never in a listing, repr or
-error message.
+server re-reads when it changes, so a new token works without a restart. Every read, the hot
+reloads included, applies rexec.statefile's StrictModes rule: a store another user owns or
+could replace is refused. Secrets leave this module only as the bytes `lookup()` returns to
+the handshake: never in a listing, repr or error message.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
 import re
-import tempfile
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from rexec.errors import ConfigError, TokenError
 from rexec.protocol.messages import auth_proof, verify_auth_proof
 from rexec.protocol.token import Token, format_token, generate_token, parse_token
 from rexec.secretfile import read_secret_file
+from rexec.statefile import write_secret
 
 __all__ = [
     "AuthRateLimiter",
@@ -38,6 +38,15 @@ __all__ = [
 STORE_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ENTRY_KEYS = frozenset({"name", "key_id", "secret", "created"})
+
+
+# inode, size, mtime, ctime: ctime changes with chmod and chown, which the StrictModes
+# checks must see as well as new contents.
+_Signature = tuple[int, int, int, int]
+
+
+def _signature(st: os.stat_result) -> _Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ class TokenStore:
         self.path = Path(path)
         self._entries: list[_Entry] = []
         self._by_id: dict[bytes, _Entry] = {}
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: _Signature | None = None
 
     def __repr__(self) -> str:
         return f"TokenStore({str(self.path)!r}, {len(self._entries)} tokens)"
@@ -92,13 +101,13 @@ class TokenStore:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _read(self) -> tuple[list[_Entry], tuple[int, int, int] | None]:
-        """Parse the file. Mode is checked on the open descriptor, so no check/use race."""
-        found = read_secret_file(str(self.path), "token store")
+    def _read(self) -> tuple[list[_Entry], _Signature | None]:
+        """Parse the file; the StrictModes checks run on the open descriptor (no race)."""
+        found = read_secret_file(str(self.path), "token store", trusted=True)
         if found is None:
             return [], None
         data, st = found
-        return self._parse(data), (st.st_ino, st.st_size, st.st_mtime_ns)
+        return self._parse(data), _signature(st)
 
     def _parse(self, data: bytes) -> list[_Entry]:
         where = str(self.path)
@@ -150,20 +159,20 @@ class TokenStore:
             raise ConfigError(f"{label}: created must be an ISO-8601 string")
         return _Entry(name, token, created)
 
-    def _set(self, entries: list[_Entry], signature: tuple[int, int, int] | None) -> None:
+    def _set(self, entries: list[_Entry], signature: _Signature | None) -> None:
         self._entries = entries
         self._by_id = {e.token.key_id: e for e in entries}
         self._signature = signature
 
-    def _stat_signature(self) -> tuple[int, int, int] | None:
+    def _stat_signature(self) -> _Signature | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return _signature(st)
 
     def reload_if_changed(self) -> bool:
-        """Re-read the file if its inode, size or mtime changed; True if contents were replaced.
+        """Re-read the file if its inode, size, mtime or ctime changed; True if it was replaced.
 
         Cheap (one stat), so the server may call it on every new connection. If the new
         file is invalid the old tokens stay in force and ConfigError is raised once for that
@@ -236,7 +245,7 @@ class TokenStore:
             yield
 
     def _write(self, entries: list[_Entry]) -> None:
-        """Atomic replace: a temp file (0600 from mkstemp) in the same dir, fsync, rename."""
+        """Atomic replace with a fresh 0600 file (rexec.statefile.write_secret)."""
         doc = {
             "version": STORE_VERSION,
             "tokens": [
@@ -250,33 +259,8 @@ class TokenStore:
             ],
         }
         data = (json.dumps(doc, indent=2) + "\n").encode("ascii")
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.path.parent)
+        write_secret(self.path, data, "token store")
         self._set(entries, self._stat_signature())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (best effort: some filesystems refuse fsync on a dir)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # pragma: no cover - filesystem-specific
-        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
 
 
 class AuthRateLimiter:

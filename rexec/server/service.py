@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from rexec.errors import AuditLogError
 from rexec.heap import keep_heap
 from rexec.log import AuditLog
 from rexec.server.auth import TokenStore
@@ -80,6 +81,18 @@ class Server:
 
     _hurry = False
 
+    def reopen_audit(self) -> None:
+        """SIGHUP: reopen the audit log at its path (after logrotate moved the file away)."""
+        log = self.ctx.log if self.ctx is not None else None
+        try:
+            self.audit.reopen()
+        except AuditLogError as exc:
+            if log is not None:
+                log.error("audit log reopen failed", error=str(exc))
+            return
+        if log is not None:
+            log.info("audit log reopened", audit_log=str(self.audit.path))
+
     async def shutdown(self, grace: float | None = None) -> None:
         ctx = self.ctx
         if ctx is None or ctx.shutting_down:
@@ -145,11 +158,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_shutdown)
+    loop.add_signal_handler(signal.SIGHUP, server.reopen_audit)
     if ready_file is not None:
         write_ready_file(ready_file, addresses)
     try:
         await server.wait_stopped()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0

@@ -285,6 +285,8 @@ class Session:
         if ctx.shutting_down:
             self._refuse(channel, ErrorCode.SHUTDOWN, "server is shutting down", req)
             return
+        if (refusal := ctx.exec_refusal()) is not None:  # audit_failure = "refuse"
+            return self._refuse(channel, *refusal, req)
         if len(self.runs) >= limits.max_channels:
             self._refuse(
                 channel,
