@@ -20,6 +20,7 @@ from rexec.log import AuditLog
 from rexec.server.auth import TokenStore
 from rexec.server.config import ServerConfig
 from rexec.server.context import ServerContext
+from rexec.server.exec import prepare_signals
 from rexec.server.session import Session
 
 FINAL_WAIT = 5.0  # after the last SIGKILL, how long EXITs may take to go out
@@ -151,6 +152,7 @@ async def serve(
 ) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit status."""
     keep_heap()
+    prepare_signals()  # before any handler of ours: what we inherited as ignored gets caught
     server = Server(config)
     addresses = await server.start()
     if on_ready is not None:
