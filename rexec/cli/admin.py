@@ -79,9 +79,13 @@ def cmd_serve(argv: list[str]) -> int:
             if args.config is None:
                 first = _first_token(store, state)
             else:  # a configured server nobody can log in to: say so, and how to fix it
+                import pwd
+
+                user = pwd.getpwuid(os.geteuid()).pw_name
                 get_logger().warning(
                     f"the token store {store.path} is empty: nobody can log in. Add a token "
-                    f"(no restart needed) with: rexec token new --id NAME --store {store.path}",
+                    f"(no restart needed), as user {user}: "
+                    f"rexec token new --id NAME --store {store.path}",
                     token_count=0,
                 )
 

@@ -6,20 +6,24 @@ backpressure: a pipe is read only while its sink is ready, so a slow client bloc
 a full pipe instead of growing our memory.
 
 The command runs in its own session and process group; every kill acts on the whole group, and
-nothing in the group outlives the command. Linux only: pidfd_open (kernel 5.3+) tells us the
-leader exited without reaping it, and /proc tells live group members from zombies.
+nothing in the group outlives the command. Where the server set up cgroups
+(rexec.server.contain), "the group" is the command's cgroup instead: a process that left the
+process group (setsid) is still in it, and the kill is cgroup.kill. Linux only: pidfd_open
+(kernel 5.3+) tells us the leader exited without reaping it, and /proc tells live group
+members from zombies.
 
 Signals: a command starts with every signal at its default disposition and an empty signal
 mask, as under ssh, whatever the server inherited (`nohup rexec serve &` ignores SIGHUP, a
-background job of a script ignores SIGINT and SIGQUIT). There is no preexec_fn to reset them
-in the child: it is unsafe once the process has threads and costs the vfork fast path (+2.3
-ms a spawn, measured). Instead `prepare_signals()` uses what execve does: it resets a *caught*
-signal to its default but keeps an *ignored* one ignored. So the server never ignores a
-signal: one it inherited as ignored it catches with a handler that does nothing (the same
-effect for the server), and it unblocks its signal mask, which children inherit. Exceptions:
-SIGPIPE and SIGXFSZ, which Python ignores for itself and Popen's restore_signals resets in
-the child; and SIGTTOU, where a handler would make a background server's terminal writes
-retry forever under `stty tostop` (job-control shells never ignore it for their jobs).
+background job of a script ignores SIGINT and SIGQUIT). No preexec_fn resets them in the
+child: it is unsafe once the process has threads and costs the vfork fast path (+2.3 ms a
+spawn, measured); only the no-cgroup fallback of rexec.server.contain pays that, for prctl.
+Instead `prepare_signals()` uses what execve does: it resets a *caught* signal to its default
+but keeps an *ignored* one ignored. So the server never ignores a signal: one it inherited as
+ignored it catches with a handler that does nothing (the same effect for the server), and it
+unblocks its signal mask, which children inherit. Exceptions: SIGPIPE and SIGXFSZ, which
+Python ignores for itself and Popen's restore_signals resets in the child; and SIGTTOU, where
+a handler would make a background server's terminal writes retry forever under `stty
+tostop` (job-control shells never ignore it for their jobs).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from signal import SIGCONT, SIGKILL, SIGTERM
 from typing import Protocol
 
 from rexec.errors import ExecError
+from rexec.server.contain import CommandCgroup, containment
 
 __all__ = ["ExecOutcome", "ExecSpec", "Execution", "OutputSink", "prepare_signals"]
 
@@ -227,8 +232,16 @@ class Execution:
     and wait() re-raises the sink's exception (the outcome stays readable in `outcome`).
     """
 
-    def __init__(self, spec: ExecSpec, sink: OutputSink, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self,
+        spec: ExecSpec,
+        sink: OutputSink,
+        proc: subprocess.Popen[bytes],
+        cgroup: CommandCgroup | None = None,
+    ) -> None:
         self._spec = spec
+        self._cgroup = cgroup
+        self._contain = containment()
         self._sink = sink
         self._proc = proc
         self._pid = proc.pid
@@ -261,6 +274,8 @@ class Execution:
         parent_fds: list[int] = []
         child_fds: list[int] = []
         proc: subprocess.Popen[bytes] | None = None
+        contain = containment()
+        cgroup = contain.new_cgroup()  # None unless the server uses cgroups
         try:
             try:
                 if spec.stdin:
@@ -276,16 +291,19 @@ class Execution:
             except OSError as exc:  # out of file descriptors
                 raise ExecError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
             try:
-                proc = subprocess.Popen(
-                    spec.argv,
-                    stdin=stdin_r if spec.stdin else subprocess.DEVNULL,
-                    stdout=out_w,
-                    stderr=err_w,
-                    env=dict(spec.env),
-                    cwd=spec.cwd,
-                    close_fds=True,
-                    start_new_session=True,
-                )
+                with contain.spawning(cgroup) as preexec:
+                    proc = subprocess.Popen(
+                        spec.argv,
+                        stdin=stdin_r if spec.stdin else subprocess.DEVNULL,
+                        stdout=out_w,
+                        stderr=err_w,
+                        env=dict(spec.env),
+                        cwd=spec.cwd,
+                        close_fds=True,
+                        start_new_session=True,
+                        preexec_fn=preexec,
+                    )
+                contain.adopt(proc.pid)
             except OSError as exc:
                 raise _spawn_error(spec, exc) from exc
             except ValueError as exc:  # NUL byte in argv/env, "=" in an env name
@@ -297,7 +315,10 @@ class Execution:
         except BaseException:
             if proc is not None:  # unreaped, so its pgid is still ours to signal
                 os.killpg(proc.pid, SIGKILL)
+                if cgroup is not None:
+                    cgroup.kill()
                 proc.wait()
+            contain.finished(proc.pid if proc is not None else 0, cgroup)
             for fd in parent_fds:
                 os.close(fd)
             raise
@@ -305,7 +326,7 @@ class Execution:
             for fd in child_fds:
                 os.close(fd)
 
-        self = cls(spec, sink, proc)
+        self = cls(spec, sink, proc, cgroup)
         self._t0 = t0
         self._pidfd = pidfd
         self._loop.add_reader(self._pidfd, self._on_exit)
@@ -497,8 +518,17 @@ class Execution:
         except PermissionError:  # a member we may not signal (setuid); nothing we can do
             pass
 
+    def _kill_all(self, signum: int) -> None:
+        """Signal everything the command started: its cgroup if it has one, else its group."""
+        if self._cgroup is not None:
+            self._cgroup.signal(signum)
+        else:
+            self._killpg(signum)
+
     def _group_alive(self) -> bool:
-        """After the reap: does a live (non-zombie) member of the group remain?"""
+        """After the reap: does a live (non-zombie) member of the group (or cgroup) remain?"""
+        if self._cgroup is not None:
+            return self._cgroup.populated()
         if self._group_gone:
             return False
         try:
@@ -528,15 +558,15 @@ class Execution:
         """SIGTERM (and SIGCONT, for stopped members) the group, kill_grace, SIGKILL, reap."""
         grace = self._spec.kill_grace
         kill_at = self._loop.time() + grace
-        self._killpg(SIGTERM)
-        self._killpg(SIGCONT)
+        self._kill_all(SIGTERM)
+        self._kill_all(SIGCONT)
         if self._returncode is None:
             await asyncio.wait({self._exited}, timeout=grace)
             if self._exited.done():
                 self._reap()
         if self._returncode is not None and await self._group_gone_by(kill_at):
             return
-        self._killpg(SIGKILL)
+        self._kill_all(SIGKILL)
         if self._returncode is None:
             await self._exited  # SIGKILL cannot be caught
             self._reap()
@@ -575,7 +605,8 @@ class Execution:
             )
             if self._exited.done():
                 self._reap()
-                if self._group_alive():  # e.g. `sleep 1000 &` left behind by a shell
+                # e.g. `sleep 1000 &` left behind by a shell, unless keep_orphans lets it live
+                if not self._contain.keep_orphans and self._group_alive():
                     await self._terminate()
             else:
                 timed_out = not self._kill_req.done()
@@ -600,7 +631,7 @@ class Execution:
     async def _cleanup(self) -> None:
         """Leave nothing behind, even if the supervisor was cancelled or failed."""
         if self._returncode is None:  # only on cancellation or a bug: no grace, no hang
-            self._killpg(SIGKILL)
+            self._kill_all(SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._returncode = self._proc.wait(timeout=5)
             self._t_reaped = time.monotonic()
@@ -616,3 +647,6 @@ class Execution:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+        if self._cgroup is not None and self._cgroup.populated():
+            self._cgroup.kill()  # the channel ends: nothing in its cgroup lives on
+        self._contain.finished(self._pid, self._cgroup)

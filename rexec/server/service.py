@@ -14,13 +14,15 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from rexec.errors import AuditLogError
+from rexec.errors import AuditLogError, ConfigError
 from rexec.heap import keep_heap
 from rexec.log import AuditLog
 from rexec.server.auth import TokenStore
-from rexec.server.config import ServerConfig
+from rexec.server.config import ServerConfig, unix_gid
+from rexec.server.contain import Containment, use_containment
 from rexec.server.context import ServerContext
 from rexec.server.exec import prepare_signals
+from rexec.server.sdnotify import notify
 from rexec.server.session import Session
 
 FINAL_WAIT = 5.0  # after the last SIGKILL, how long EXITs may take to go out
@@ -34,6 +36,7 @@ class Server:
         self.store = store if store is not None else TokenStore.load(config.server.tokens)
         self.audit = AuditLog(config.server.audit_log)
         self.ctx: ServerContext | None = None
+        self.containment: Containment | None = None
         self._servers: list[asyncio.Server] = []
         self.addresses: list[str] = []
         self._stopped = asyncio.Event()
@@ -43,6 +46,9 @@ class Server:
         ctx = ServerContext(self.config, self.store, self.audit)
         self.ctx = ctx
         loop = asyncio.get_running_loop()
+        exec_cfg = self.config.exec
+        self.containment = Containment.start(exec_cfg.cgroup, exec_cfg.keep_orphans)
+        use_containment(self.containment)
 
         def factory() -> asyncio.BaseProtocol:
             return Session(ctx).protocol
@@ -52,8 +58,12 @@ class Server:
                 path = Path(ep.path)
                 if path.is_socket():
                     path.unlink()
-                server = await loop.create_unix_server(factory, str(path), backlog=256)
-                os.chmod(path, 0o600)
+                old_umask = os.umask(0o177)  # born 0600: no moment when others may connect
+                try:
+                    server = await loop.create_unix_server(factory, str(path), backlog=256)
+                finally:
+                    os.umask(old_umask)
+                self._socket_access(path)
                 self.addresses.append(f"unix:{path}")
             else:
                 assert ep.port is not None
@@ -64,6 +74,7 @@ class Server:
                     host, port = sock.getsockname()[:2]
                     self.addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             self._servers.append(server)
+        self.containment.announce(ctx.log)
         ctx.log.info(
             "listening",
             addresses=self.addresses,
@@ -71,6 +82,17 @@ class Server:
             suites=[s.label for s in ctx.suites],
         )
         return self.addresses
+
+    def _socket_access(self, path: Path) -> None:
+        """unix_group and unix_mode: who besides us may connect (connect needs write)."""
+        cfg = self.config.server
+        if cfg.unix_group is not None:
+            try:
+                gid = unix_gid(cfg.unix_group)
+            except ValueError as exc:  # deleted since the config was read
+                raise ConfigError(f"server.unix_group: {exc}") from None
+            os.chown(path, -1, gid)
+        os.chmod(path, cfg.unix_mode)
 
     def request_shutdown(self, grace: float | None = None) -> None:
         """Signal-handler entry: start the graceful shutdown once; a second call hurries it."""
@@ -100,6 +122,7 @@ class Server:
             await self._stopped.wait()
             return
         ctx.shutting_down = True
+        _notify(ctx, "STOPPING=1\nSTATUS=shutting down")
         grace = self.config.limits.shutdown_grace if grace is None else grace
         for server in self._servers:
             server.close()
@@ -130,11 +153,21 @@ class Server:
                 with contextlib.suppress(OSError):
                     Path(ep.path).unlink()
         self.audit.close()
+        if self.containment is not None:
+            self.containment.close()
         ctx.log.info("stopped")
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _notify(ctx: ServerContext, message: str) -> None:
+    """Tell systemd (Type=notify); a failure is logged, never fatal."""
+    try:
+        notify(message)
+    except OSError as exc:
+        ctx.log.warning("cannot notify the service manager", error=str(exc))
 
 
 def write_ready_file(path: Path, addresses: list[str]) -> None:
@@ -163,6 +196,8 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, server.reopen_audit)
     if ready_file is not None:
         write_ready_file(ready_file, addresses)
+    if server.ctx is not None:
+        _notify(server.ctx, f"READY=1\nSTATUS=listening on {' '.join(addresses)}")
     try:
         await server.wait_stopped()
     finally:

@@ -276,3 +276,29 @@ def test_env_allowed() -> None:
     for name in ("PATH", "LD_PRELOAD", "lang", "LANGUAGE", "XLANG", "TERMCAP", "HOME"):
         assert not env_allowed(name, allow), name
     assert not env_allowed("LANG", [])
+
+
+def test_systemd_directories_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """StateDirectory=/RuntimeDirectory= reach us as $STATE_DIRECTORY/$RUNTIME_DIRECTORY."""
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/rexec:/var/lib/other")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/rexec")
+    cfg = parse_server_config({})
+    assert cfg.server.state_dir == Path("/var/lib/rexec")
+    assert cfg.server.tokens == Path("/var/lib/rexec/tokens.json")
+    assert cfg.server.audit_log == Path("/var/lib/rexec/audit.jsonl")
+    assert cfg.server.unix == (Path("/run/rexec/rexec.sock"),)
+    explicit = parse_server_config({"server": {"state_dir": "/srv/st", "unix": []}})
+    assert (explicit.server.state_dir, explicit.server.unix) == (Path("/srv/st"), ())
+    monkeypatch.setenv("STATE_DIRECTORY", "relative/ignored")
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    cfg = parse_server_config({})
+    assert cfg.server.state_dir == Path("~/.local/state/rexec-server").expanduser()
+    assert cfg.server.unix == ()
+
+
+def test_last_path_component_is_not_resolved(tmp_path: Path) -> None:
+    """A symlinked audit log must reach the StrictModes check as the link, not its target."""
+    (tmp_path / "target").write_text("")
+    (tmp_path / "audit.jsonl").symlink_to(tmp_path / "target")
+    cfg = parse_server_config({"server": {"audit_log": str(tmp_path / "audit.jsonl")}})
+    assert cfg.server.audit_log == tmp_path / "audit.jsonl"
