@@ -13,10 +13,12 @@ the server. One choice per server process, made at start from `[exec]`:
   This assumes the servers sharing a parent cgroup share a pid namespace.
 - "pdeathsig" (no usable cgroup, or `cgroup = "off"`): the leader gets PR_SET_PDEATHSIG
   (SIGKILL when the server dies; set in the child by a preexec_fn, which costs the vfork fast
-  path, about 2 ms a spawn), and the server is a child subreaper: a process that escapes its
-  group and is orphaned becomes the server's child, and the server kills it (and its group)
-  when it notices (at every SIGCHLD and channel end). Weaker: a SIGKILLed server takes the
-  leaders with it, but what they started lives on under PID 1.
+  path: about 4 ms a spawn, measured), and the server is a child subreaper: a process that
+  escapes its group and is orphaned becomes the server's child, and the server kills it (and
+  its group) when it notices (a scan of /proc after SIGCHLD or a channel's end, at most ten a
+  second).
+  Weaker: a SIGKILLed server takes the leaders with it, but what they started lives on
+  under PID 1.
 - "group" (`keep_orphans = true`, and the exec layer used on its own): process groups only;
   nothing but an explicit kill (deadline, disconnect, shutdown) touches a command.
 
@@ -45,6 +47,7 @@ Mode = Literal["cgroup", "pdeathsig", "group"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+_SWEEP_INTERVAL = 0.1  # seconds between two scans of /proc for inherited escapees
 _SUBTREE = re.compile(r"^rexec\.(\d+)\.(\d+)$")
 _WATCHDOG_NAME = "rexec-cgroup-watchdog"
 # Runs when the server's end of the pipe closes (exit, crash, SIGKILL): kill the subtree, then
@@ -335,6 +338,7 @@ class Containment:
         self._prctl: Callable[..., int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweep_pending = False
+        self._last_sweep = 0.0
         self._log: Any = None
         self._reaped = (0, 0)  # crashed predecessors' subtrees and processes removed at start
 
@@ -427,14 +431,19 @@ class Containment:
     # -- the subreaper (pdeathsig mode) --
 
     def sweep_soon(self) -> None:
+        """A sweep within _SWEEP_INTERVAL: a /proc scan costs milliseconds, so a busy server
+        sweeps at most ten times a second instead of at every command's end."""
         if self._loop is None or self._sweep_pending:
             return
         self._sweep_pending = True
-        self._loop.call_soon(self.sweep)
+        delay = max(0.0, self._last_sweep + _SWEEP_INTERVAL - self._loop.time())
+        self._loop.call_later(delay, self.sweep)
 
     def sweep(self) -> int:
         """Kill and reap children we did not start: escapees we inherited. Returns killed."""
         self._sweep_pending = False
+        if self._loop is not None:
+            self._last_sweep = self._loop.time()
         killed = 0
         for pid, state, pgid, comm in _children(self._me):
             if pid in self._ours:

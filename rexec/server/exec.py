@@ -15,8 +15,9 @@ members from zombies.
 Signals: a command starts with every signal at its default disposition and an empty signal
 mask, as under ssh, whatever the server inherited (`nohup rexec serve &` ignores SIGHUP, a
 background job of a script ignores SIGINT and SIGQUIT). No preexec_fn resets them in the
-child: it is unsafe once the process has threads and costs the vfork fast path (+2.3 ms a
-spawn, measured); only the no-cgroup fallback of rexec.server.contain pays that, for prctl.
+child: it is unsafe once the process has threads and costs the vfork fast path (+4 ms a
+spawn in a server-sized process, measured); only the no-cgroup fallback of
+rexec.server.contain pays that, for prctl.
 Instead `prepare_signals()` uses what execve does: it resets a *caught* signal to its default
 but keeps an *ignored* one ignored. So the server never ignores a signal: one it inherited as
 ignored it catches with a handler that does nothing (the same effect for the server), and it
