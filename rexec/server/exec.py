@@ -24,7 +24,9 @@ ignored it catches with a handler that does nothing (the same effect for the ser
 unblocks its signal mask, which children inherit. Exceptions: SIGPIPE and SIGXFSZ, which
 Python ignores for itself and Popen's restore_signals resets in the child; and SIGTTOU, where
 a handler would make a background server's terminal writes retry forever under `stty
-tostop` (job-control shells never ignore it for their jobs).
+tostop` (job-control shells never ignore it for their jobs); and glibc's own real-time signals
+32 and 33, which the C library refuses to change (GNU make 4.3 starts children with them
+ignored; no program can reset them through libc, sshd included).
 """
 
 from __future__ import annotations

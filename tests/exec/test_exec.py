@@ -577,7 +577,10 @@ def test_children_get_default_signals_and_an_empty_mask() -> None:
         out, sink = run(execute(sh("kill -HUP $$; echo not-killed")))
         assert (out.exit_code, out.signal, bytes(sink.out)) == (None, signal.SIGHUP, b"")
         out, sink = run(execute(spec("grep", "^Sig[IB]", "/proc/self/status")))
-        assert bytes(sink.out) == b"SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+        masks = dict(line.split(b":\t") for line in bytes(sink.out).splitlines())
+        assert int(masks[b"SigBlk"], 16) == 0
+        # glibc's own signals 32 and 33 cannot be reset (GNU make 4.3 ignores them)
+        assert int(masks[b"SigIgn"], 16) & ~((1 << 31) | (1 << 32)) == 0
         # for this process nothing changed that matters: HUP is still not fatal
         os.kill(os.getpid(), signal.SIGHUP)
     finally:
