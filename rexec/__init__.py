@@ -6,6 +6,9 @@
     with rexec.Client("lab1") as client:
         client.run("make test", check=True)
 
+    async for r in rexec.run_many("lab[01-40]", "uptime"):   # many hosts, as each finishes
+        print(r.host, r.status, r.stdout)
+
 The public API is loaded lazily (PEP 562) so that `rexec run` pays only for what it uses.
 """
 
@@ -25,6 +28,8 @@ _EXPORTS = {
     "Connection": "rexec.client.aio",
     "ConnectionLost": "rexec.errors",
     "ExecError": "rexec.errors",
+    "HostResult": "rexec.client.fleet",
+    "HostSetError": "rexec.errors",
     "Process": "rexec.client.aio",
     "ProtocolError": "rexec.errors",
     "RemoteError": "rexec.errors",
@@ -32,12 +37,18 @@ _EXPORTS = {
     "RexecError": "rexec.errors",
     "TruncatedError": "rexec.errors",
     "connect": "rexec.client.aio",
+    "expand_hosts": "rexec.client.hosts",
+    "fold_hosts": "rexec.client.hosts",
+    "run_many": "rexec.client.fleet",
+    "run_many_sync": "rexec.client.fleet",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; the runtime uses __getattr__
     from rexec.client.aio import Connection, Process, connect
     from rexec.client.blocking import Client
+    from rexec.client.fleet import HostResult, run_many, run_many_sync
+    from rexec.client.hosts import expand_hosts, fold_hosts
     from rexec.errors import (
         AuthError,
         CommandFailed,
@@ -46,6 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; the runtime uses __getattr__
         ConnectionLost,
         ConnectTimeout,
         ExecError,
+        HostSetError,
         ProtocolError,
         RemoteError,
         RexecError,

@@ -55,15 +55,33 @@ class HostEntry(FrozenRecord):
 _NO_HOSTS: Mapping[str, HostEntry] = MappingProxyType({})
 
 
+class GroupEntry(FrozenRecord):
+    """One `[groups]` entry: `lab = ["lab[01-40]", "gpu1"]`, or a `[groups.NAME]` table with
+    `hosts` and a `token_file` for every host of the group (a host's own alias comes first)."""
+
+    __match_args__ = ("hosts", "token_file")
+    __slots__ = __match_args__
+    hosts: tuple[str, ...]  # host-set strings, expanded by rexec.client.hosts when used
+    token_file: Path | None
+
+    def __init__(self, hosts: tuple[str, ...], token_file: Path | None = None) -> None:
+        setfield(self, "hosts", hosts)
+        setfield(self, "token_file", token_file)
+
+
+_NO_GROUPS: Mapping[str, GroupEntry] = MappingProxyType({})
+
+
 class ClientConfig(FrozenRecord):
     """The client config file, validated. `path` is None when no file was read."""
 
-    __match_args__ = ("path", "token_file", "connect_timeout", "hosts")
+    __match_args__ = ("path", "token_file", "connect_timeout", "hosts", "groups")
     __slots__ = __match_args__
     path: Path | None
     token_file: Path | None
     connect_timeout: float
     hosts: Mapping[str, HostEntry]
+    groups: Mapping[str, GroupEntry]
 
     def __init__(
         self,
@@ -71,11 +89,13 @@ class ClientConfig(FrozenRecord):
         token_file: Path | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         hosts: Mapping[str, HostEntry] = _NO_HOSTS,
+        groups: Mapping[str, GroupEntry] = _NO_GROUPS,
     ) -> None:
         setfield(self, "path", path)
         setfield(self, "token_file", token_file)
         setfield(self, "connect_timeout", connect_timeout)
         setfield(self, "hosts", hosts)
+        setfield(self, "groups", groups)
 
 
 class ResolvedTarget(FrozenRecord):
@@ -209,7 +229,7 @@ def _validate_client_config(
     doc: dict[str, Any], path: Path, env: Mapping[str, str]
 ) -> ClientConfig:
     where, base = str(path), str(path.parent)
-    _check_keys(where, doc, ("defaults", "hosts"), "")
+    _check_keys(where, doc, ("defaults", "hosts", "groups"), "")
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError(f"{where}: defaults: must be a table")
@@ -249,7 +269,47 @@ def _validate_client_config(
         if "connect_timeout" in table:
             host_timeout = _timeout(where, f"{key}.connect_timeout", table["connect_timeout"])
         hosts[name] = HostEntry(endpoint, host_token, host_timeout)
-    return ClientConfig(path, token_file, timeout, MappingProxyType(hosts))
+    groups = _validate_groups(where, doc.get("groups", {}), env, base)
+    return ClientConfig(path, token_file, timeout, MappingProxyType(hosts), groups)
+
+
+def _host_sets(where: str, key: str, value: object) -> tuple[str, ...]:
+    """A host-set string or a non-empty list of them (their syntax is checked when used)."""
+    items = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(items, list)
+        or not items
+        or not all(isinstance(item, str) and item.strip() for item in items)
+    ):
+        raise ConfigError(
+            f"{where}: {key}: must be a host set string or a non-empty list of them, "
+            f'e.g. ["lab[01-40]", "gpu1"]'
+        )
+    return tuple(items)
+
+
+def _validate_groups(
+    where: str, doc: object, env: Mapping[str, str], base: str
+) -> Mapping[str, GroupEntry]:
+    """`[groups]`: NAME = host sets, or a [groups.NAME] table with hosts and token_file."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: groups: must be a table of NAME = [host sets]")
+    groups: dict[str, GroupEntry] = {}
+    for name, value in doc.items():
+        key = f"groups.{name}"
+        if not is_alias(name):
+            raise ConfigError(f"{where}: {key}: group names may use only A-Z a-z 0-9 . _ -")
+        if not isinstance(value, dict):
+            groups[name] = GroupEntry(_host_sets(where, key, value))
+            continue
+        _check_keys(where, value, ("hosts", "token_file"), f"{key}.")
+        if "hosts" not in value:
+            raise ConfigError(f"{where}: {key}.hosts: missing key")
+        token_file = None
+        if "token_file" in value:
+            token_file = _path_value(where, f"{key}.token_file", value["token_file"], env, base)
+        groups[name] = GroupEntry(_host_sets(where, f"{key}.hosts", value["hosts"]), token_file)
+    return MappingProxyType(groups)
 
 
 def read_token_file(path: str | os.PathLike[str]) -> Token:
@@ -304,12 +364,29 @@ def resolve_target(
     return ResolvedTarget(target, endpoint, token, timeout, source)
 
 
+def resolve_host_token(
+    name: str,
+    *,
+    token_file: str | None = None,
+    group_token_file: Path | None = None,
+    config: ClientConfig | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[Token, str]:
+    """The token for one host of a set, and where it came from: resolve_target's precedence,
+    with `group_token_file` (that of a `[groups.NAME]` holding the host) after the alias's."""
+    env = os.environ if env is None else env
+    config = load_client_config(None, env) if config is None else config
+    host = config.hosts.get(name)
+    return _resolve_token(name, token_file, config, host, env, group_token_file)
+
+
 def _resolve_token(
     target: str,
     token_file: str | None,
     config: ClientConfig,
     host: HostEntry | None,
     env: Mapping[str, str],
+    group_token_file: Path | None = None,
 ) -> tuple[Token, str]:
     if token_file:
         path = _expand(token_file, env)
@@ -324,6 +401,8 @@ def _resolve_token(
         return read_token_file(path), path
     if host is not None and host.token_file is not None:
         return read_token_file(host.token_file), str(host.token_file)
+    if group_token_file is not None:
+        return read_token_file(group_token_file), str(group_token_file)
     if config.token_file is not None:
         return read_token_file(config.token_file), str(config.token_file)
     default = _config_dir(env) + "/token"
