@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from rexec.cli.common import err, parse_env, writer
-from rexec.client.fleet import HostResult, config_tokens, run_many
+from rexec.client.fleet import STATUSES, HostResult, config_tokens, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
 from rexec.client.target import load_client_config
 from rexec.errors import ConfigError, HostSetError
@@ -175,10 +175,10 @@ def _file_name(host: str) -> str:
 
 def _summary(results: Sequence[HostResult]) -> str:
     """`40 hosts: 37 ok, 1 exit 2 (lab07), 1 timeout (lab12), 1 unreachable (lab40)`."""
-    order = {status: i for i, status in enumerate(("ok", "exit", "signal", "timeout"))}
+    order = {status: i for i, status in enumerate(STATUSES)}
     by_label: dict[tuple[int, int, str], list[str]] = {}
     for r in results:
-        rank = order.get(r.status, len(order))
+        rank = order[r.status]
         number = r.exit_code if r.status == "exit" else r.signal if r.status == "signal" else 0
         key = (rank, number or 0, "ok" if r.ok else r.label)
         by_label.setdefault(key, []).append(r.host)
