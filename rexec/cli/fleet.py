@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from rexec.cli.common import err, parse_env, writer
-from rexec.client.fleet import STATUSES, HostResult, config_tokens, run_many
+from rexec.client.fleet import DEFAULT_FANOUT, STATUSES, HostResult, config_tokens, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
 from rexec.client.target import load_client_config
 from rexec.errors import ConfigError, HostSetError
@@ -277,6 +277,7 @@ class Fleet:
         self.interrupts = 0
         self.aborted = False
         self.pipe_closed = False
+        self.finishing = False
         self.prefix: dict[str, bytes] = {}
 
     # ---- output ------------------------------------------------------------------------
@@ -354,9 +355,11 @@ class Fleet:
         )
 
     def on_broken_pipe(self, main: asyncio.Task[int]) -> None:
+        """stdout's reader left: stop the run (closing the connections stops the commands)."""
         if not self.pipe_closed:
             self.pipe_closed = True
-            main.cancel()
+            if not self.finishing:
+                main.cancel()
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -368,7 +371,7 @@ class Fleet:
         run = run_many(
             self.hosts,
             self.command[0] if len(self.command) == 1 else self.command,
-            fanout=args.fanout or 256,
+            fanout=args.fanout or DEFAULT_FANOUT,
             timeout=args.timeout,
             connect_timeout=args.connect_timeout,
             env=self.env or None,
@@ -414,13 +417,13 @@ class Fleet:
 
     def finish(self) -> int:
         """Gathered output, --failed-to, the summary line; returns the exit status."""
-        if self.pipe_closed:
-            self.screen.clear_progress()
-            return EXIT_SIGPIPE
-        if self.args.gather:
+        self.finishing = True
+        if self.args.gather and not self.pipe_closed:
             self.gathered()
         self.screen.flush()
         self.screen.clear_progress()
+        if self.pipe_closed:
+            return EXIT_SIGPIPE
         done = {r.host for r in self.results}
         failed = [r.host for r in self.results if not r.ok] + [
             h for h in self.hosts if h not in done

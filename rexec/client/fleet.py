@@ -414,8 +414,10 @@ class FleetRun:
                     err_pump = asyncio.create_task(self._pump(host, 2, proc.stderr, err))
                     try:
                         await self._pump(host, 1, proc.stdout, out)
-                    finally:
                         await err_pump
+                    except BaseException:  # cancelled (the run was closed): no orphan pump
+                        err_pump.cancel()
+                        raise
                     result = await proc.wait()
         except ExecError as exc:  # the server could not start it: as the shell's 126/127
             return HostResult(

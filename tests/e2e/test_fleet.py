@@ -668,3 +668,20 @@ def test_run_many_sync_stdin_and_the_token_hook(fleet_env: Fleet) -> None:
     # leaving early closes the rest
     first = next(iter(rexec.run_many_sync("lab[01-08]", "true", fanout=2)))
     assert first.status == "ok"
+
+
+def test_a_reader_that_leaves_ends_the_run_quietly(e2e: Any, fleet: Fleet) -> None:
+    """`rexec run @good CMD | head -1`: exit 141, no traceback, no summary; commands stopped."""
+    marker = e2e.marker("0.01")  # a valid sleep duration that names this test's processes
+    command = f"echo started; while :; do sleep {marker}; echo more; done"
+    shell = f"{e2e.REXEC} run @good '{command}' | head -1; echo \"${{PIPESTATUS[0]}}\" >&2"
+    proc = subprocess.run(
+        ["bash", "-c", shell],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=e2e.clean_env(fleet.env()),
+        timeout=30,
+    )
+    assert re.fullmatch(rb"lab0[1-8]: started\n", proc.stdout), proc.stdout
+    assert proc.stderr == b"141\n"
+    assert e2e.wait_until(lambda: not _sleepers(marker), 5), "a remote loop survived"
