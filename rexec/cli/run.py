@@ -247,7 +247,7 @@ def _names_many_hosts(args: RunArgs) -> bool:
     target = args.target or ""
     if target.startswith("unix:"):
         return False
-    if target.startswith("@") or any(char in target for char in ",!&^"):
+    if target.startswith("@") or "," in target:
         return True
     return "[" in target and not (target.startswith("[") and ":" in target.partition("]")[0])
 
