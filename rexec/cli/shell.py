@@ -102,7 +102,7 @@ class Output:
         self._red = red_stderr
         self.mid_line = False
 
-    def sink(self, fd: int) -> Callable[[bytes], None]:
+    def sink(self, fd: int) -> Callable[[bytes | bytearray], None]:
         return lambda data: self._emit(fd, self._decoders[fd].decode(data))
 
     def _emit(self, fd: int, text: str) -> None:

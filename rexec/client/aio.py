@@ -1,9 +1,10 @@
 """The async client API: `async with rexec.connect(target) as conn: await conn.run(...)`.
 
 Several commands may run at once on one connection (one channel each). Output of a
-streaming `Process` is buffered only up to a bound: a consumer that falls behind pauses the
-socket (so the server pauses the command). `run()` and `wait()` collect everything, so they
-lift that bound instead of deadlocking on it.
+streaming `Process` is buffered only up to the channel's window: what the consumer has not
+read is not credited back, so the server pauses that command (and only that one). `run()`
+and `wait()` collect everything, so they credit output as it arrives instead of
+deadlocking on it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from rexec.errors import (
 )
 from rexec.heap import keep_heap
 from rexec.protocol.client import ClientConnection
-from rexec.protocol.connection import TraceFn
+from rexec.protocol.connection import ChannelState, TraceFn
 from rexec.protocol.events import (
     CloseReceived,
+    CreditReceived,
     ErrorReceived,
     Event,
     ExitReceived,
@@ -44,24 +46,37 @@ from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transport import FramedProtocol
 
-READ_HIGH = 8 * 1024 * 1024  # buffered, unconsumed output per connection before we pause
-READ_LOW = 2 * 1024 * 1024
 CLOSE_WAIT = 2.0
 
 
 class OutputStream:
     """One stream (stdout or stderr) of a Process: `async for chunk in proc.stdout`."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, channel: int) -> None:
         self._conn = conn
-        self._chunks: deque[bytes] = deque()
+        self._channel = channel
+        self._chunks: deque[bytes | bytearray] = deque()
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
+        self._owed = 0  # bytes received and not yet reported consumed (credited)
+        self._eager = False  # a collector wants everything: credit on arrival
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | bytearray) -> None:
         self._chunks.append(data)
-        self._conn._buffered(len(data))
+        self._owed += len(data)
+        if self._eager:
+            self._consumed(self._owed)
         self._wake()
+
+    def _collect(self) -> None:
+        self._eager = True
+        self._consumed(self._owed)
+
+    def _consumed(self, n: int) -> None:
+        n = min(n, self._owed)
+        if n:
+            self._owed -= n
+            self._conn._output_consumed(self._channel, n)
 
     def _end(self) -> None:
         self._eof = True
@@ -74,10 +89,10 @@ class OutputStream:
     def _take_all(self) -> bytes:
         data = b"".join(self._chunks)
         self._chunks.clear()
-        self._conn._consumed(len(data))
+        self._consumed(len(data))
         return data
 
-    async def read_chunk(self) -> bytes:
+    async def read_chunk(self) -> bytes | bytearray:
         """The next chunk, or b"" at end of stream."""
         while not self._chunks:
             if self._eof:
@@ -88,7 +103,7 @@ class OutputStream:
             finally:
                 self._waiter = None
         data = self._chunks.popleft()
-        self._conn._consumed(len(data))
+        self._consumed(len(data))
         return data
 
     async def read(self) -> bytes:
@@ -98,10 +113,10 @@ class OutputStream:
             parts.append(chunk)
         return b"".join(parts)
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes | bytearray]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
+    async def _iterate(self) -> AsyncIterator[bytes | bytearray]:
         while chunk := await self.read_chunk():
             yield chunk
 
@@ -113,11 +128,10 @@ class Process:
         self._conn = conn
         self.channel = channel
         self.command = command
-        self.stdout = OutputStream(conn)
-        self.stderr = OutputStream(conn)
+        self.stdout = OutputStream(conn, channel)
+        self.stderr = OutputStream(conn, channel)
         self._done: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
         self._error: RexecError | None = None
-        self._collect = False  # a waiter wants all output: never pause reading for it
 
     @property
     def status(self) -> ExitStatus | None:
@@ -125,7 +139,8 @@ class Process:
         return self._done.result() if self._done.done() and not self._done.exception() else None
 
     async def write(self, data: bytes) -> None:
-        """Send bytes to the command's stdin (start it with stdin=True); waits for drain."""
+        """Send bytes to the command's stdin (start it with stdin=True); waits while the
+        server's window for it is full, and for the socket to drain."""
         await self._conn._send_stdin(self.channel, data)
 
     async def close_stdin(self) -> None:
@@ -175,9 +190,7 @@ class Connection:
         self._ready: asyncio.Future[ServerInfo] = asyncio.get_running_loop().create_future()
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._error: RexecError | None = None
-        self._buffered_bytes = 0
-        self._held = False
-        self._collect_all = 0
+        self._credit: dict[int, asyncio.Future[None]] = {}  # writers waiting for stdin room
         self._slots: asyncio.Semaphore | None = None  # the server's max_channels
         self.info: ServerInfo | None = None
 
@@ -217,11 +230,13 @@ class Connection:
                 proc = self._procs.get(event.channel)
                 if proc is not None:
                     (proc.stdout if event.stream == 1 else proc.stderr)._feed(event.data)
+            elif isinstance(event, CreditReceived):
+                self._wake_writer(event.channel)
             elif isinstance(event, ExitReceived):
+                self._wake_writer(event.channel)
                 proc = self._procs.pop(event.channel, None)
                 if proc is not None:
                     proc._exited(event.status)
-                    self._uncollect(proc)
                     assert self._slots is not None
                     self._slots.release()
             elif isinstance(event, ErrorReceived):
@@ -254,50 +269,56 @@ class Connection:
         for proc in list(self._procs.values()):
             proc._failed(failure)
         self._procs.clear()
+        for channel in list(self._credit):
+            self._wake_writer(channel)
         if not self._lost.done():
             self._lost.set_result(None)
 
     # ---- flow control ------------------------------------------------------------------
 
-    def _buffered(self, n: int) -> None:
-        self._buffered_bytes += n
-        if self._buffered_bytes > READ_HIGH and not self._held and not self._collect_all:
-            self._held = True
-            self._proto.hold()
-
-    def _consumed(self, n: int) -> None:
-        self._buffered_bytes -= n
-        if self._held and self._buffered_bytes < READ_LOW:
-            self._held = False
-            self._proto.release()
+    def _output_consumed(self, channel: int, n: int) -> None:
+        if not self._lost.done():
+            self._conn.output_consumed(channel, n)
+            self._proto.flush()
 
     def _collecting(self, proc: Process) -> None:
-        """A waiter wants everything: reading must not pause on its account."""
-        if not proc._collect:
-            proc._collect = True
-            self._collect_all += 1
-            if self._held:
-                self._held = False
-                self._proto.release()
+        """A waiter wants everything: credit its output as it arrives."""
+        proc.stdout._collect()
+        proc.stderr._collect()
 
-    def _uncollect(self, proc: Process) -> None:
-        if proc._collect:
-            proc._collect = False
-            self._collect_all -= 1
+    def _wake_writer(self, channel: int) -> None:
+        fut = self._credit.pop(channel, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     # ---- sending -----------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._lost.done() or self._conn.close_sent:
+        if self._lost.done() or not self._conn.may_send:
             raise self._error or ConnectionLost("connection is closed")
 
     async def _send_stdin(self, channel: int, data: bytes) -> None:
-        self._check_open()
-        if channel not in self._conn.channels:
-            return  # the command already ended: its stdin is gone, as with a closed pipe
-        self._conn.send_stdin(channel, data)
-        self._proto.flush()
-        await self._proto.drain()
+        conn = self._conn
+        with memoryview(data) as view:
+            while True:
+                self._check_open()
+                if channel not in conn.channels:
+                    return  # the command already ended: its stdin is gone, as with a closed pipe
+                if conn.channel_state(channel) is not ChannelState.STDIN_OPEN:
+                    conn.send_stdin(channel, b"")  # raises: closed, or never requested
+                if not view:
+                    return
+                room = conn.stdin_room(channel)
+                if not room:
+                    fut = self._credit.get(channel)
+                    if fut is None:
+                        fut = self._credit[channel] = asyncio.get_running_loop().create_future()
+                    await fut
+                    continue
+                conn.send_stdin(channel, view[:room])
+                view = view[room:]
+                self._proto.flush()
+                await self._proto.drain()
 
     def _send_stdin_eof(self, channel: int) -> None:
         if channel in self._conn.channels and not self._lost.done():

@@ -35,6 +35,7 @@ from rexec.protocol.client import ClientConnection
 from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import (
     CloseReceived,
+    CreditReceived,
     ErrorReceived,
     Event,
     ExitReceived,
@@ -57,7 +58,7 @@ KEEPALIVE_DEAD = 30.0  # seconds of server silence before we give up
 CLOSE_WAIT = 2.0
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s (close sends a reset)
 
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes | bytearray], None]  # data frames arrive as bytearray (no copy)
 PollHook = Callable[[], "int | None"]  # returns a signal number to forward, or None
 
 
@@ -87,26 +88,6 @@ def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
         reason = exc.strerror or str(exc)
         raise ConnectionLost(f"cannot connect to {endpoint}: {reason}") from None
     return sock
-
-
-_SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP send queue not yet sent
-
-
-def _unsent(sock: socket.socket | None) -> int:
-    """Bytes queued in the kernel that the peer will not take yet (its window is shut, or
-    for a unix socket, it does not read). Sent-but-unacknowledged bytes do not count: a
-    dead host must still fail the keepalive. 0 when unknown."""
-    import fcntl
-    import termios
-
-    if sock is None:
-        return 0
-    request = termios.TIOCOUTQ if sock.family == socket.AF_UNIX else _SIOCOUTQNSD
-    try:
-        out = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
-    except OSError:
-        return 0
-    return int(struct.unpack("i", out)[0])
 
 
 def resolve(
@@ -241,12 +222,6 @@ class BlockingConnection:
         return events
 
     def _keepalive(self) -> None:
-        if self._out or _unsent(self._sock):
-            # The server holds our input back (it stops reading while a command leaves its
-            # stdin unread), so a PING would wait behind it: the server is not silent but
-            # busy, and its kernel keeps answering for it (a zero window is an answer).
-            self._last_rx = time.monotonic()
-            return
         silent = time.monotonic() - self._last_rx
         if silent > KEEPALIVE_DEAD:
             raise ConnectionLost(f"server {self.endpoint} stopped responding ({silent:.0f}s)")
@@ -282,11 +257,10 @@ class BlockingConnection:
         channel = conn.send_exec(
             command, env=env, cwd=cwd, timeout=timeout, stdin=stdin is not None
         )
-        if isinstance(stdin, bytes):
-            conn.send_stdin(channel, stdin)
-            conn.send_stdin_eof(channel)
+        stdin_bytes = memoryview(stdin) if isinstance(stdin, bytes) else None
+        stdin_bytes = self._send_bytes(channel, stdin_bytes)
         self._flush_queue()
-        chunks: dict[int, list[bytes]] = {1: [], 2: []}
+        chunks: dict[int, list[bytes | bytearray]] = {1: [], 2: []}
         sinks = {1: stdout, 2: stderr}
         stdin_fd = stdin if isinstance(stdin, int) else None
         error: Exception | None = None
@@ -295,7 +269,13 @@ class BlockingConnection:
             self._sel.register(wakeup_fd, selectors.EVENT_READ)
         try:
             while True:
-                want_stdin = stdin_fd is not None and len(self._out) < OUT_HIGH_WATER
+                # read local stdin only as far as the server's window for it has room
+                want_stdin = (
+                    stdin_fd is not None
+                    and len(self._out) < OUT_HIGH_WATER
+                    and channel in conn.channels
+                    and conn.stdin_room(channel) > 0
+                )
                 if want_stdin != reading_stdin:
                     assert stdin_fd is not None
                     if want_stdin:
@@ -319,6 +299,9 @@ class BlockingConnection:
                             chunks[event.stream].append(event.data)
                         else:
                             sink(event.data)
+                        conn.output_consumed(channel, len(event.data))
+                    elif isinstance(event, CreditReceived) and event.channel == channel:
+                        stdin_bytes = self._send_bytes(channel, stdin_bytes)
                     elif isinstance(event, ExitReceived) and event.channel == channel:
                         if error is not None:  # the command never started
                             if isinstance(error, ExecError):
@@ -336,11 +319,28 @@ class BlockingConnection:
                         raise TruncatedError(
                             "server closed the connection before the command's exit status"
                         )
+                if events:
+                    self._flush_queue()  # the CREDITs and stdin they brought
         finally:
             if reading_stdin and stdin_fd is not None:
                 self._sel.unregister(stdin_fd)
             if wakeup_fd is not None:
                 self._sel.unregister(wakeup_fd)
+
+    def _send_bytes(self, channel: int, data: memoryview | None) -> memoryview | None:
+        """Queue as much of `data` as the channel's stdin window allows, then EOF after the
+        last byte; returns what is left (None once EOF is queued)."""
+        conn = self._conn
+        if data is None or channel not in conn.channels:
+            return data
+        room = conn.stdin_room(channel)
+        if room and data:
+            conn.send_stdin(channel, data[:room])
+            data = data[room:]
+        if not data:
+            conn.send_stdin_eof(channel)
+            return None
+        return data
 
     def _extra_ready(
         self, channel: int, stdin_fd: int | None, wakeup_fd: int | None, poll: PollHook | None
@@ -352,8 +352,9 @@ class BlockingConnection:
             if signum is not None and channel in conn.channels:
                 conn.send_signal(channel, signum)
         if stdin_fd is not None:
+            room = conn.stdin_room(channel) if channel in conn.channels else MAX_PAYLOAD
             try:
-                data = os.read(stdin_fd, MAX_PAYLOAD)
+                data = os.read(stdin_fd, min(MAX_PAYLOAD, room)) if room else None
             except BlockingIOError:
                 data = None
             except OSError:
