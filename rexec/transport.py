@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import TypeVar
 
 from rexec.errors import AuthError, ConnectionLost, ProtocolError, RexecError, TruncatedError
 from rexec.protocol.connection import Connection
@@ -27,11 +28,20 @@ from rexec.protocol.events import Event
 WRITE_HIGH = 4 * 1024 * 1024
 WRITE_LOW = 1024 * 1024
 DATA_BATCH = 1024 * 1024  # data pulled (encrypted) per write while the buffer has room
-MAX_BACKLOG = 1024 * 1024  # control bytes a peer may leave unread beyond WRITE_HIGH
+MAX_BACKLOG = 512 * 1024  # control bytes a peer may leave unread beyond WRITE_HIGH
 CLOSE_LINGER = 10.0  # seconds a closing connection may spend flushing to a peer that stalls
 
+E = TypeVar("E", bound=BaseException)
 EventHandler = Callable[[list[Event]], None]
 LostHandler = Callable[[RexecError | None], None]
+
+
+def _untraced(exc: E) -> E:
+    """`exc` without its traceback. An error kept past its handling keeps the frames it was
+    raised through, and asyncio's reading frame holds a view of our receive buffer: up to
+    1 MiB per connection would then wait for the next full gc instead of going at once."""
+    exc.__traceback__ = None
+    return exc
 
 
 class FramedProtocol(asyncio.BufferedProtocol):
@@ -97,17 +107,20 @@ class FramedProtocol(asyncio.BufferedProtocol):
         try:
             self.conn.receive_eof()
         except TruncatedError as exc:
-            self._error = exc
+            self._error = _untraced(exc)
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if exc is not None:
+            _untraced(exc)
         if self._error is None and exc is not None:
             self._error = ConnectionLost(f"connection lost: {exc}")
         if self._error is None and not self.conn.close_received:
             self._error = TruncatedError("connection closed without CLOSE")
         self._wake_drainers()
         self._on_lost(self._error)
+        self.conn.release()
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -162,7 +175,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
         A peer that proved its identity and then broke the protocol is told why (ERROR +
         CLOSE); one that never authenticated gets nothing but the closed socket.
         """
-        self._error = exc
+        self._error = _untraced(exc)
         if (
             isinstance(exc, ProtocolError)
             and not isinstance(exc, AuthError)

@@ -449,6 +449,13 @@ class Connection:
         self._put(FrameType.CLOSE, 0, b"", None)
         self._to(ConnEvent.SEND_CLOSE)
 
+    def release(self) -> None:
+        """The stream is gone: free the receive buffer and whatever waits to be sent."""
+        self._buf.release()
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._out.clear()
+
     # ---- input ---------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[Event]:

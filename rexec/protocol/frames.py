@@ -140,6 +140,12 @@ class FrameBuffer:
             self._buf = grown
         self._start, self._end = 0, size
 
+    def release(self) -> None:
+        """Drop the buffer (the stream is over): its memory goes at once, not at the next
+        garbage collection of whatever still refers to us."""
+        self._buf = bytearray()
+        self._start = self._end = 0
+
     def feed(self, data: bytes) -> None:
         n = len(data)
         self._room(n)

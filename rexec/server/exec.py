@@ -366,6 +366,7 @@ class Execution:
                     with memoryview(data) as view:
                         n = os.readv(p.fd, [view[head:]])
                 except BlockingIOError:
+                    del data  # a quiet pipe must not pin a chunk's worth of memory
                     if deadline is None:
                         await self._readable(p, None)
                     else:

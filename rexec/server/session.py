@@ -222,9 +222,10 @@ class Session:
         self.protocol.abort()
 
     def _maybe_done(self) -> None:
-        if self.lost and not self.runs:
+        if self.lost and not self.runs and not self.done.is_set():
             self.ctx.sessions.discard(self)
             self.done.set()
+            self.ctx.connection_ended()
 
     # ---- events --------------------------------------------------------------------
 
@@ -436,6 +437,8 @@ class Session:
             if run.stdin_task is not None:
                 run.stdin.put_nowait(None)
                 await asyncio.gather(run.stdin_task, return_exceptions=True)
+            while not run.stdin.empty():  # stdin the command never took: free it now
+                run.stdin.get_nowait()
             self.runs.pop(channel, None)
             if not self.runs:
                 self._idle_since = asyncio.get_running_loop().time()
