@@ -27,6 +27,7 @@ import rexec
 
 REXEC = str(Path(sys.executable).parent / "rexec")
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 def start_server(base: Path, profile: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -69,6 +70,12 @@ def start_server(base: Path, profile: str | None) -> tuple[subprocess.Popen[byte
     return proc, ready.read_text().split()[0], token
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def download(addr: str, token: str, size: int) -> float:
     async with rexec.connect(addr, token=token) as conn:
         t0 = time.perf_counter()
@@ -109,17 +116,21 @@ def main() -> None:
         proc, addr, token = start_server(Path(tmp), args.profile_server)
         try:
             for i in range(args.repeat):
-                if args.profile_client and i == args.repeat - 1:
-                    prof = cProfile.Profile()
+                profiled = bool(args.profile_client) and i == args.repeat - 1
+                prof = cProfile.Profile()
+                cpu0, srv0 = time.process_time(), cpu_seconds(proc.pid)
+                if profiled:
                     prof.enable()
-                    elapsed = asyncio.run(download(addr, token, size))
+                elapsed = asyncio.run(download(addr, token, size))
+                if profiled:
                     prof.disable()
                     prof.dump_stats(args.profile_client)
-                    tag = " (profiled)"
-                else:
-                    elapsed = asyncio.run(download(addr, token, size))
-                    tag = ""
-                print(f"api {args.mib} MiB: {size / elapsed / 1e6:7.0f} MB/s{tag}")
+                cpu, srv = time.process_time() - cpu0, cpu_seconds(proc.pid) - srv0
+                print(
+                    f"api {args.mib} MiB: {size / elapsed / 1e6:7.0f} MB/s; CPU per GiB: "
+                    f"client {cpu * GiB / size:.2f} s, server {srv * GiB / size:.2f} s"
+                    + (" (profiled)" if profiled else "")
+                )
             if args.cli:
                 for _ in range(args.repeat):
                     elapsed = cli_download(addr, token, size)

@@ -74,7 +74,7 @@ EX_INFO = ServerInfo(
     max_timeout=3600.0,
     window=2 * 1024 * 1024,
 )
-OUT_WINDOW = 4 * 1024 * 1024  # the output window our EXECs announce (section 10.2)
+OUT_WINDOW = 8 * 1024 * 1024  # the output window our EXECs announce (section 10.2)
 
 
 def _names(events: list[Any]) -> list[str]:
