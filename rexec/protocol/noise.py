@@ -1,6 +1,6 @@
 """Noise NNpsk0 (X25519, SHA256) on `cryptography` primitives, two cipher suites.
 
-Only what rexec/1 needs: the NNpsk0 pattern (`-> psk, e` / `<- e, ee`), the two AEADs, and
+Only what rexec/2 needs: the NNpsk0 pattern (`-> psk, e` / `<- e, ee`), the two AEADs, and
 the transport CipherStates after Split(). Written from the Noise spec (revision 34) and
 checked byte for byte against the cacophony vectors and against the `noiseprotocol` package.
 """

@@ -663,9 +663,8 @@ def test_server_killed_mid_command(server_factory: Any, e2e: Any) -> None:
 
 @pytest.mark.slow
 def test_quiet_commands_outlive_the_client_keepalive(server: Any, e2e: Any, tmp_path: Path) -> None:
-    # silence > KEEPALIVE_DEAD (30 s): the client PINGs and the server answers; and while
-    # the server holds back stdin the command has not read yet, no PONG can come, which
-    # must not be taken for a dead server
+    # silence > KEEPALIVE_DEAD (30 s): the client PINGs and the server answers, also while
+    # a command leaves its stdin unread (its window is full; the socket is still read)
     big = tmp_path / "sparse"
     with open(big, "wb") as f:
         f.truncate(16 * 1024 * 1024)
