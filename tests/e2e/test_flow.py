@@ -143,7 +143,7 @@ def _sigkill_clients(e2e: Any, srv: Any, tmp_path: Path, count: int, batch: int)
 def test_sigkilled_clients_with_pending_stdin_leave_nothing_behind(
     server_factory: Any, e2e: Any, tmp_path: Path
 ) -> None:
-    _sigkill_clients(e2e, server_factory(), tmp_path, count=10, batch=10)
+    _sigkill_clients(e2e, server_factory(), tmp_path, count=6, batch=6)
 
 
 @pytest.mark.slow
