@@ -606,6 +606,9 @@ def test_stdin_window_is_the_server_infos_and_credit_reopens_it() -> None:
     server.stdin_consumed(1, window // 2)
     frames = client.receive(server.data_to_send())
     assert frames == [(CREDIT, 1, U32.pack(window // 2))]
+    plain = INNER.pack(CREDIT, 0, 0, 1) + frames[0][2]  # section 10.14's example, exactly
+    quoted = f"{plain[:1].hex()} {plain[1:2].hex()} {plain[2:4].hex()} {plain[4:8].hex()}"
+    assert f"`{quoted} || {plain[8:].hex()}`" in DOC.read_text(encoding="utf-8")
     flight = b"".join(client.frame(STDIN, 1, chunk) for _ in range(4))
     assert _names(server.receive_data(flight)) == ["StdinReceived"] * 4
     with pytest.raises(Exception) as info:  # one byte beyond the window
