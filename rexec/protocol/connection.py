@@ -161,11 +161,11 @@ class Channel:
     consumed: bytes the application consumed that no CREDIT has returned yet.
     """
 
-    __slots__ = ("consumed", "number", "pending", "recv_room", "recv_window", "send_room", "state")
+    __slots__ = ("_state", "consumed", "number", "pending", "recv_room", "recv_window", "send_room")
 
     def __init__(self, number: int, state: ChannelState, send_room: int, recv_window: int) -> None:
         self.number = number
-        self.state = state
+        self._state = state
         self.send_room = send_room
         self.recv_room = recv_window
         self.recv_window = recv_window
@@ -173,8 +173,13 @@ class Channel:
         self.pending = 0  # our frames of this channel in the pending queue
 
     @property
+    def state(self) -> ChannelState:
+        """Read-only: only the connection moves it, through CHANNEL_TRANSITIONS."""
+        return self._state
+
+    @property
     def stdin_open(self) -> bool:
-        return self.state is ChannelState.STDIN_OPEN
+        return self._state is ChannelState.STDIN_OPEN
 
     def __repr__(self) -> str:
         return (
@@ -226,7 +231,7 @@ class Connection:
             raise LocalProtocolError(
                 f"{event.name} is not allowed on channel {ch.number} in state {ch.state.name}"
             )
-        ch.state = new
+        ch._state = new
         if new is ChannelState.CLOSED:
             del self._channels[ch.number]
 

@@ -88,6 +88,8 @@ def test_states_are_read_only(pair: Any) -> None:
     ch = pair.client.send_exec("true")
     with pytest.raises(TypeError):
         pair.client.channels[ch] = pair.client.channels[ch]  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        pair.client.channels[ch].state = ChannelState.CLOSED  # type: ignore[misc]
 
 
 def test_a_whole_conversation_walks_the_tables(make_pair: Any) -> None:
