@@ -7,6 +7,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rexec.errors import RemoteProtocolError
+from rexec.protocol.messages import MAX_WINDOW
 
 MAX_ARGS = 4096
 MAX_ENV = 1024
@@ -23,6 +24,7 @@ class ExecRequest(BaseModel):
     cwd: str | None = None
     timeout: float | None = None
     stdin: bool = False
+    window: int = Field(ge=0, le=MAX_WINDOW)  # the channel's initial output window
 
     @field_validator("timeout", mode="before")
     @classmethod

@@ -103,6 +103,7 @@ class ExecSpec:
     timeout: float | None = None  # server-enforced deadline in seconds, from start
     kill_grace: float = 2.0  # seconds between SIGTERM and SIGKILL
     chunk_size: int = 256 * 1024  # max bytes handed to the sink at once
+    headroom: int = 0  # free bytes in front of each chunk: the sink frames it in place
     # run-as (a token policy, root servers only): Popen's user=, group=, extra_groups=
     uid: int | None = None
     gid: int | None = None
@@ -111,6 +112,8 @@ class ExecSpec:
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {self.chunk_size}")
+        if self.headroom < 0:
+            raise ValueError(f"headroom must be >= 0, not {self.headroom}")
         if self.kill_grace < 0:
             raise ValueError(f"kill_grace must be >= 0, not {self.kill_grace}")
         if self.timeout is not None and self.timeout < 0:
@@ -130,9 +133,13 @@ class ExecOutcome:
 
 
 class OutputSink(Protocol):
-    """Receives output; returning means "ready for more" (backpressure: see module doc)."""
+    """Receives output; returning means "ready for more" (backpressure: see module doc).
 
-    async def __call__(self, stream: Stream, data: bytes) -> None: ...
+    `data` is a fresh buffer, the sink's to keep: ExecSpec.headroom free bytes, then the
+    output (the pipe is read straight into it, so a sink that frames it copies nothing).
+    """
+
+    async def __call__(self, stream: Stream, data: bytearray) -> None: ...
 
 
 class _Pump:
@@ -364,7 +371,7 @@ class Execution:
         """The outcome once the command is fully finished, else None."""
         return self._outcome
 
-    async def write_stdin(self, data: bytes) -> None:
+    async def write_stdin(self, data: bytes | bytearray) -> None:
         """Write all of data, waiting while the pipe is full (backpressure towards the client).
 
         Dropped silently when the child closed its stdin, stdin was not requested, or the
@@ -422,15 +429,19 @@ class Execution:
         """Read one pipe into the sink; the next read happens only once the sink returned."""
         loop = self._loop
         size = self._spec.chunk_size
+        head = self._spec.headroom
         sink = self._sink
         try:
             while True:
                 deadline = self._drain_deadline
                 if deadline is not None and p.owed <= 0 and loop.time() >= deadline:
                     return
+                data = bytearray(head + size)
                 try:
-                    data = os.read(p.fd, size)
+                    with memoryview(data) as view:
+                        n = os.readv(p.fd, [view[head:]])
                 except BlockingIOError:
+                    del data  # a quiet pipe must not pin a chunk's worth of memory
                     if deadline is None:
                         await self._readable(p, None)
                     else:
@@ -439,11 +450,13 @@ class Execution:
                             return
                         await self._readable(p, remaining)
                     continue
-                if not data:
+                if not n:
                     return
-                p.owed -= len(data)
+                if n < size:
+                    del data[head + n :]
+                p.owed -= n
                 await sink(p.stream, data)
-                p.nbytes += len(data)
+                p.nbytes += n
                 # A sink that never suspends would let a fast child starve the loop (deadline,
                 # the other pipe): yield once per chunk, a negligible cost at 256 KiB.
                 await asyncio.sleep(0)

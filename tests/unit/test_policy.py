@@ -31,6 +31,7 @@ BASE = ExecSpec(argv=("x",), env={"HOME": "/root", "USER": "root", "PATH": "/bin
 def req(*argv: str, **kw: object) -> ExecRequest:
     """An EXEC as the server gets it: parsed from the wire's JSON."""
     body = {"argv": list(argv), **kw} if argv else kw
+    body.setdefault("window", 1 << 20)  # rexec/2: every EXEC carries its output window
     return parse_exec_request(json.dumps(body).encode())
 
 
