@@ -25,11 +25,13 @@ _EXPORTS = {
     "Connection": "rexec.client.aio",
     "ConnectionLost": "rexec.errors",
     "ExecError": "rexec.errors",
+    "NotRexecServer": "rexec.errors",
     "Process": "rexec.client.aio",
     "ProtocolError": "rexec.errors",
     "RemoteError": "rexec.errors",
     "Result": "rexec.result",
     "RexecError": "rexec.errors",
+    "ServerRefused": "rexec.errors",
     "TruncatedError": "rexec.errors",
     "connect": "rexec.client.aio",
 }
@@ -46,9 +48,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; the runtime uses __getattr__
         ConnectionLost,
         ConnectTimeout,
         ExecError,
+        NotRexecServer,
         ProtocolError,
         RemoteError,
         RexecError,
+        ServerRefused,
         TruncatedError,
     )
     from rexec.result import Result

@@ -25,6 +25,7 @@ from rexec.errors import (
     LocalProtocolError,
     RemoteError,
     RexecError,
+    ServerRefused,
     TruncatedError,
 )
 from rexec.heap import keep_heap
@@ -40,6 +41,7 @@ from rexec.protocol.events import (
 )
 from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.noise import Suite
+from rexec.protocol.notice import busy_retry_delay, stalled_handshake
 from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transport import FramedProtocol
@@ -181,11 +183,13 @@ class Connection:
         self._slots: asyncio.Semaphore | None = None  # the server's max_channels
         self.info: ServerInfo | None = None
 
-    async def _open(self, timeout: float) -> None:
+    async def _open(self, timeout: float, limit: float | None = None) -> None:
+        """Connect and handshake within `limit` seconds (default: timeout, the figure an
+        expired deadline names)."""
         keep_heap()
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout if limit is None else limit):
                 try:
                     if self.endpoint.path is not None:
                         await loop.create_unix_connection(lambda: self._proto, self.endpoint.path)
@@ -202,6 +206,9 @@ class Connection:
                 self._slots = asyncio.Semaphore(self.info.max_channels)
         except TimeoutError:
             self._proto.abort()
+            if self._proto.transport is not None:  # connected: the handshake stalled
+                stalled = stalled_handshake(str(self.endpoint), timeout, self._conn.reply_received)
+                raise ConnectTimeout(stalled) from None
             raise ConnectTimeout(
                 f"connecting to {self.endpoint} timed out after {timeout:g}s"
             ) from None
@@ -393,9 +400,21 @@ class _Connect:
     async def _make(self) -> Connection:
         args = self._args
         resolved = resolve(args["target"], token=args["token"], token_file=args["token_file"])
-        conn = Connection(resolved.endpoint, resolved.token, args["suite"], args["trace"])
-        await conn._open(args["connect_timeout"] or resolved.connect_timeout)
-        return conn
+        timeout = args["connect_timeout"] or resolved.connect_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        retries = 0
+        while True:  # a busy server is tried again a few times, within the timeout
+            conn = Connection(resolved.endpoint, resolved.token, args["suite"], args["trace"])
+            try:
+                await conn._open(timeout, deadline - loop.time())
+                return conn
+            except ServerRefused as exc:
+                delay = busy_retry_delay(exc, retries, deadline - loop.time())
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            retries += 1
 
     def __await__(self) -> Generator[Any, None, Connection]:
         return self._make().__await__()

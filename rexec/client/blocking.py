@@ -28,6 +28,7 @@ from rexec.errors import (
     LocalProtocolError,
     RemoteError,
     RexecError,
+    ServerRefused,
     TruncatedError,
 )
 from rexec.heap import BULK, keep_heap
@@ -44,12 +45,13 @@ from rexec.protocol.events import (
 from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ServerInfo
 from rexec.protocol.noise import Suite
+from rexec.protocol.notice import busy_retry_delay, stalled_handshake
 from rexec.protocol.token import Token
 from rexec.result import Result
 
 HANDSHAKE_CLOSED = (
     "authentication failed: the server closed the connection during the handshake "
-    "(wrong or unknown token, or the server refused the connection: see its log)"
+    "(wrong or unknown token; the server's log has the reason)"
 )
 OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # stop reading local stdin while this much is unsent
 KEEPALIVE_IDLE = 15.0  # seconds of server silence before we PING
@@ -142,6 +144,7 @@ class BlockingConnection:
     ) -> None:
         self.endpoint = endpoint
         self._conn = ClientConnection(token, suite, trace=trace)
+        self._args = (token, suite, trace)  # for a fresh ClientConnection on a retry
         self._connect_timeout = connect_timeout
         self._sock: socket.socket | None = None
         self._out = bytearray()
@@ -155,8 +158,27 @@ class BlockingConnection:
     # ---- connection ----------------------------------------------------------------
 
     def connect(self) -> ServerInfo:
+        """Connect and authenticate; a server that says it is busy is tried again a few
+        times (notice.busy_retry_delay), all within the connect timeout."""
         deadline = time.monotonic() + self._connect_timeout
-        sock = open_socket(self.endpoint, self._connect_timeout)
+        retries = 0
+        while True:
+            try:
+                return self._connect_once(deadline)
+            except ServerRefused as exc:
+                delay = busy_retry_delay(exc, retries, deadline - time.monotonic())
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            retries += 1
+            token, suite, trace = self._args
+            self._conn = ClientConnection(token, suite, trace=trace)
+            self._sel = selectors.PollSelector()
+            self._out.clear()
+            self._closed = False
+
+    def _connect_once(self, deadline: float) -> ServerInfo:
+        sock = open_socket(self.endpoint, max(0.001, deadline - time.monotonic()))
         self._sock = sock
         sock.setblocking(False)
         self._sel.register(sock, selectors.EVENT_READ)
@@ -167,7 +189,9 @@ class BlockingConnection:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ConnectTimeout(
-                        f"handshake with {self.endpoint} timed out after {self._connect_timeout:g}s"
+                        stalled_handshake(
+                            str(self.endpoint), self._connect_timeout, self._conn.reply_received
+                        )
                     )
                 for event in self._pump(remaining, handshake=True):
                     if isinstance(event, HandshakeComplete):
@@ -190,6 +214,9 @@ class BlockingConnection:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
+                if self.info is None and exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                    self._out.clear()  # closed during the handshake: read why (a notice?)
+                    break
                 raise ConnectionLost(f"connection to {self.endpoint} lost: {exc}") from None
             del self._out[:sent]
         self._sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0))
