@@ -38,11 +38,25 @@ EventHandler = Callable[[list[Event]], None]
 LostHandler = Callable[[RexecError | None], None]
 
 
+def _no_events(events: list[Event]) -> None:
+    """The handler of a connection that is gone."""
+
+
+def _no_loss(error: RexecError | None) -> None:
+    """The loss handler once the loss is reported."""
+
+
 def _untraced(exc: E) -> E:
-    """`exc` without its traceback. An error kept past its handling keeps the frames it was
-    raised through, and asyncio's reading frame holds a view of our receive buffer: up to
-    1 MiB per connection would then wait for the next full gc instead of going at once."""
-    exc.__traceback__ = None
+    """`exc` without its traceback, nor those of the errors it chains to. An error kept past
+    its handling keeps the frames it was raised through: they hold the protocol and the
+    connection that keep the error (a cycle), and asyncio's reading frame a view of our
+    receive buffer, so up to 1 MiB per connection would wait for the next full gc."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
     return exc
 
 
@@ -121,8 +135,15 @@ class FramedProtocol(asyncio.BufferedProtocol):
         if self._error is None and not self.conn.close_received:
             self._error = TruncatedError("connection closed without CLOSE")
         self._wake_drainers()
-        self._on_lost(self._error)
-        self.conn.release()
+        # The handlers are the owner's bound methods and the owner holds us: drop them (and
+        # the kept error's frames), so that refcounting alone frees a finished connection.
+        on_lost, self._on_lost, self._on_events = self._on_lost, _no_loss, _no_events
+        try:
+            on_lost(self._error)
+        finally:
+            if self._error is not None:
+                _untraced(self._error)
+            self.conn.release()
 
     def pause_writing(self) -> None:
         self._paused = True

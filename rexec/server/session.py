@@ -36,7 +36,9 @@ from rexec.protocol.events import (
 from rexec.protocol.frames import HEADROOM
 from rexec.protocol.messages import ExitStatus
 from rexec.protocol.models import ExecRequest
+from rexec.protocol.notice import RefusalCode
 from rexec.protocol.server import ServerConnection
+from rexec.server.admission import MAX_LINGERING, REFUSAL_LINGER, source_key
 from rexec.server.config import env_allowed
 from rexec.server.context import ServerContext
 from rexec.server.exec import ExecOutcome, ExecSpec, Execution
@@ -77,11 +79,14 @@ class ChannelRun:
 class _Protocol(FramedProtocol):
     def __init__(self, session: Session) -> None:
         super().__init__(session.conn, session.on_events, session.on_lost)
-        self._session = session
+        self._session: Session | None = session
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._session.started()
+        # from here the context holds the session; a reference back would be a cycle
+        session, self._session = self._session, None
+        assert session is not None
+        session.started()
 
 
 class Session:
@@ -103,6 +108,9 @@ class Session:
         self._timer: asyncio.TimerHandle | None = None
         self._ping_at: float | None = None  # when we PINGed a silent client, until it answers
         self._idle_since = 0.0  # when the last command ended: idle time counts from there
+        self._first_timer: asyncio.TimerHandle | None = None
+        self.source = "?"
+        self._lingering = False
         self.done = asyncio.Event()
 
     @property
@@ -120,15 +128,48 @@ class Session:
 
     def started(self) -> None:
         ctx = self.ctx
+        transport = self.protocol.transport
+        assert transport is not None
+        self.source = source_key(
+            transport.get_extra_info("socket"), transport.get_extra_info("peername")
+        )
         self.log = self.log.bind(peer=self.peer)
         loop = asyncio.get_running_loop()
         ctx.sessions.add(self)
-        refuse = ctx.admit(self)
-        if refuse is not None:
-            self.log.warning("connection refused", reason=refuse)
-            self.protocol.abort()
+        refusal = ctx.admit(self)
+        if refusal is not None:
+            self.log.warning("connection refused", reason=refusal.reason, source=self.source)
+            self.conn.refuse(refusal.code, refusal.retry_after)  # tell it why, then close
+            self._close_refused()
             return
-        self._timer = loop.call_later(ctx.config.limits.handshake_timeout, self._handshake_expired)
+        limits = ctx.config.limits
+        self._timer = loop.call_later(limits.handshake_timeout, self._handshake_expired)
+        self._first_timer = loop.call_later(limits.first_flight_timeout, self._first_flight_expired)
+
+    def _close_refused(self) -> None:
+        """Send the queued refusal notice and close; half-close and linger first, if few
+        others do (admission.REFUSAL_LINGER says why)."""
+        self.protocol.flush()
+        transport = self.protocol.transport
+        ctx = self.ctx
+        if ctx.lingering >= MAX_LINGERING or transport is None or not transport.can_write_eof():
+            self.protocol.close()
+            return
+        ctx.lingering += 1
+        self._lingering = True
+        transport.write_eof()  # its bytes or EOF end the connection (a refused conn reads none)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(REFUSAL_LINGER, self.protocol.abort)
+
+    def _first_flight_expired(self) -> None:
+        """HELLO and message 1 go out together at connect: a peer still short of them is
+        idle or trickling bytes to hold a handshake slot."""
+        if not self.conn.handshake_done and not self.lost:
+            self.log.warning(
+                "first flight deadline hit; dropping connection",
+                timeout=self.ctx.config.limits.first_flight_timeout,
+            )
+            self.protocol.abort()
 
     def _handshake_expired(self) -> None:
         if not self.authenticated and not self.lost:
@@ -190,11 +231,15 @@ class Session:
 
     def on_lost(self, error: RexecError | None) -> None:
         self.lost = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._first_timer):
+            if timer is not None:
+                timer.cancel()
         ctx = self.ctx
+        if self._lingering:
+            self._lingering = False
+            ctx.lingering -= 1
         if isinstance(error, AuthError):
-            ctx.limiter.record_failure(self.peer_host, time.monotonic())
+            ctx.limiter.record_failure(self.source, time.monotonic())
             self.log.warning("authentication failed", reason=str(error))
         elif self.protocol.dropped is not None:
             self.log.warning(
@@ -322,6 +367,8 @@ class Session:
                 self.conn.farewell(ErrorCode.SHUTDOWN, "server is shutting down")
                 self.protocol.flush()
                 self.protocol.close()
+            elif self.conn.refuse(RefusalCode.SHUTTING_DOWN):  # before message 2: say so
+                self._close_refused()
             else:
                 self.protocol.abort()
 
@@ -448,7 +495,8 @@ class Session:
             spec = run.decision.spec if run.decision and run.decision.spec else self._spec(req)
 
             async def sink(stream: Stream, data: bytearray) -> None:
-                await self._output(run, stream, data)
+                # by channel, not `run`: run -> execution -> sink -> run would be a cycle
+                await self._output(channel, stream, data)
 
             try:
                 execution = await Execution.start(spec, sink)
@@ -511,13 +559,15 @@ class Session:
             self._maybe_done()
             self.ctx.channel_finished()
 
-    async def _output(self, run: ChannelRun, stream: Stream, buf: bytearray) -> None:
+    async def _output(self, channel: int, stream: Stream, buf: bytearray) -> None:
         """Send one chunk of output (a buffer behind HEADROOM free bytes) as the client's
         window for the channel allows; returns once it is all queued and the socket drains.
 
         The chunk goes out framed in place; only a part cut off by a short window is copied.
         """
-        conn, channel = self.conn, run.channel
+        conn, run = self.conn, self.runs.get(channel)
+        if run is None:
+            return
         while not self.lost and conn.may_send and len(buf) > HEADROOM:
             room = conn.output_room(channel)
             if room <= 0:
