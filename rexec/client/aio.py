@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from rexec.address import Endpoint
-from rexec.client.blocking import unsent_bytes
+from rexec.client.blocking import jitter, unsent_bytes
 from rexec.client.core import (
     CLOSE_WAIT,
+    DEFAULT_RETRY_DELAY,
     Chunk,
     ClientCore,
     Command,
+    Retry,
+    RetryFn,
     connect_failed,
     connect_timed_out,
     connection_broke,
@@ -453,16 +457,32 @@ class Connecting:
         connect_timeout: float | None,
         suite: Suite,
         trace: TraceFn | None,
+        retry: int = 0,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        on_retry: RetryFn | None = None,
     ) -> None:
+        Retry(retry, retry_delay, 0.0)  # bad values fail here, at the call
         self._args = (target, token, token_file, connect_timeout, suite, trace)
+        self._retry = (retry, retry_delay, on_retry)
         self._conn: Connection | None = None
 
     async def _make(self) -> Connection:
         target, token, token_file, connect_timeout, suite, trace = self._args
+        retry, retry_delay, on_retry = self._retry
+        retries = Retry(retry, retry_delay, time.monotonic())
         resolved = resolve_target(target, token=token, token_file=token_file)
-        conn = Connection(resolved.endpoint, resolved.token, suite, trace, resolved.name)
-        await conn._open(connect_timeout or resolved.connect_timeout)
-        return conn
+        while True:  # only _open() is retried: no command has been sent yet
+            conn = Connection(resolved.endpoint, resolved.token, suite, trace, resolved.name)
+            try:
+                await conn._open(connect_timeout or resolved.connect_timeout)
+                return conn
+            except RexecError as exc:
+                wait = retries.after(exc, conn._core, time.monotonic(), jitter())
+                if wait is None:
+                    raise
+                if on_retry is not None:
+                    on_retry(exc, retries.done, wait)
+                await asyncio.sleep(wait)
 
     def __await__(self) -> Generator[Any, None, Connection]:
         return self._make().__await__()
@@ -489,6 +509,17 @@ def connect(
     connect_timeout: float | None = None,
     suite: Suite = Suite.AESGCM,
     trace: TraceFn | None = None,
+    retry: int = 0,
+    retry_delay: float = DEFAULT_RETRY_DELAY,
+    on_retry: RetryFn | None = None,
 ) -> Connecting:
-    """Connect and authenticate to TARGET (host[:port], unix:/path or a config alias)."""
-    return Connecting(target, token, token_file, connect_timeout, suite, trace)
+    """Connect and authenticate to TARGET (host[:port], unix:/path or a config alias).
+
+    `retry=N`: up to N more attempts when connecting fails before any command was sent
+    (refused, unreachable, timed out, busy; never a failed authentication), with backoff
+    from `retry_delay` seconds (rexec.client.core.Retry); `on_retry(error, n, wait)` hears
+    of each.
+    """
+    return Connecting(
+        target, token, token_file, connect_timeout, suite, trace, retry, retry_delay, on_retry
+    )

@@ -217,6 +217,7 @@ def test_json_lines_one_object_per_host_as_it_finishes(e2e: Any, fleet: Fleet) -
             "stdout_encoding",
             "stderr",
             "stderr_encoding",
+            "exit_status",
             "error",
         ]
         assert isinstance(o["duration"], float) and o["duration"] >= 0
@@ -224,17 +225,28 @@ def test_json_lines_one_object_per_host_as_it_finishes(e2e: Any, fleet: Fleet) -
     common = {"signal": None, "stdout_encoding": "utf-8", "stderr_encoding": "utf-8"}
     out = {k: v for k, v in by_host["lab03"].items() if k not in ("duration", "command")}
     assert out == {**common, "host": "lab03", "status": "ok", "exit_code": 0, "timed_out": False,
-                   "stdout": "hello\n", "stderr": "", "error": None}  # fmt: skip
+                   "stdout": "hello\n", "stderr": "", "exit_status": 0, "error": None}  # fmt: skip
     out = {k: v for k, v in by_host["lab09"].items() if k not in ("duration", "command")}
-    assert out == {**common, "host": "lab09", "status": "exit", "exit_code": 2, "timed_out": False,
-                   "stdout": "bad\n", "stderr": "oops\n", "error": None}  # fmt: skip
+    assert out == {**common, "host": "lab09", "status": "exit", "exit_code": 2,
+                   "timed_out": False, "stdout": "bad\n", "stderr": "oops\n", "exit_status": 2,
+                   "error": None}  # fmt: skip
     slow = by_host["lab10"]
     assert (slow["status"], slow["exit_code"], slow["timed_out"]) == ("timeout", None, True)
-    assert slow["error"] == "command timed out after 2.0s (killed by the server)"
-    assert (by_host["lab11"]["status"], by_host["lab11"]["exit_code"]) == ("auth_failed", None)
-    assert by_host["lab11"]["error"].startswith("authentication failed")
-    assert by_host["lab12"]["status"] == "unreachable"
-    assert by_host["lab12"]["error"].startswith(f"cannot connect to 127.0.2.4:{fleet.port}")
+    assert slow["error"] == {
+        "kind": "timeout",
+        "message": "command timed out after 2.0s (killed by the server)",
+    }
+    assert slow["exit_status"] == 124
+    lab11, lab12 = by_host["lab11"], by_host["lab12"]
+    assert (lab11["status"], lab11["exit_code"], lab11["exit_status"]) == ("auth_failed", None, 255)
+    assert lab11["error"]["kind"] == "auth"
+    assert lab11["error"]["message"].startswith("authentication failed")
+    assert (lab12["status"], lab12["exit_status"], lab12["error"]["kind"]) == (
+        "unreachable",
+        255,
+        "connect",
+    )
+    assert lab12["error"]["message"].startswith(f"cannot connect to 127.0.2.4:{fleet.port}")
     _, summary = split_stderr(proc.stderr)
     assert summary.startswith(b"12 hosts: 8 ok, ")
 
@@ -378,8 +390,13 @@ def test_one_host_of_a_set_runs_as_a_single_host(e2e: Any, fleet: Fleet) -> None
 def test_usage_errors(e2e: Any, fleet: Fleet, args: list[str], message: bytes) -> None:
     proc = run(e2e, fleet, args)
     assert proc.returncode == 2
-    assert proc.stdout == b""
     assert proc.stderr == message.replace(b"CONFIG", str(fleet.config).encode())
+    if "--json" not in args:
+        assert proc.stdout == b""
+        return
+    doc = json.loads(proc.stdout)  # --json: the error as one object too
+    assert (doc["target"], doc["exit_status"]) == (args[-2], 2)
+    assert doc["error"] == {"kind": "usage", "message": message[7:-1].decode()}
 
 
 # ---- stdin ---------------------------------------------------------------------------------------
@@ -488,8 +505,11 @@ def test_ctrl_c_starts_no_more_hosts(e2e: Any, fleet: Fleet) -> None:
     assert cli.returncode == 255, err
     by_host = {o["host"]: o for o in map(json.loads, lines(out))}
     assert [by_host[h]["status"] for h in sorted(by_host)] == ["signal"] * 2 + ["error"] * 6
-    assert by_host["lab08"]["error"] == "not started: the run was stopped first"
-    assert err.endswith(b"8 hosts: 2 signal 2 (lab[01-02]), 6 error (lab[03-08])\n")
+    assert by_host["lab08"]["error"] == {
+        "kind": "interrupted",
+        "message": "not started: the run was stopped first",
+    }
+    assert err.endswith(b"8 hosts: 2 signal 2 (lab[01-02]), 6 interrupted (lab[03-08])\n")
 
 
 def test_third_ctrl_c_closes_every_connection(e2e: Any, fleet: Fleet) -> None:
