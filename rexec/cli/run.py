@@ -39,6 +39,7 @@ from rexec.cli.outcome import (
     write_junit,
     write_stdout,
 )
+from rexec.result import Result
 
 # ---- run ---------------------------------------------------------------------------
 
@@ -378,7 +379,7 @@ def run_one(args: RunArgs) -> int:
     client = None
     started = False
     began, wall = time.monotonic(), time.time()
-    tails = (Tail(), Tail()) if args.junit is not None else None
+    tails = (Tail(), Tail()) if args.junit is not None and not args.json else None
     try:
         from rexec import Client, Suite
 
@@ -434,8 +435,8 @@ def run_one(args: RunArgs) -> int:
     duration = time.monotonic() - began
     if outcome.exit_status == EXIT_SIGPIPE and outcome.kind == "interrupted":
         pass  # nobody reads stdout any more, and stderr says nothing on a SIGPIPE death
-    elif outcome.kind is not None and (outcome.kind != "timeout" or not args.json):
-        err(outcome.message or outcome.kind)
+    elif outcome.kind is not None and (outcome.result is None or not args.json):
+        err(outcome.message or outcome.kind)  # (--json tells of a command's timeout itself)
     if args.junit is not None:
         write_junit(args.junit, command, [_case(target, outcome, duration, tails)], wall)
     if args.json and outcome.exit_status != EXIT_SIGPIPE:
@@ -448,20 +449,19 @@ def run_one(args: RunArgs) -> int:
 def _case(
     target: str, outcome: Outcome, duration: float, tails: tuple[Tail, Tail] | None
 ) -> JUnitCase:
-    """The JUnit testcase of one host: output from the Result, else what was streamed."""
+    """The JUnit testcase of one host: output from the Result, else the tails of what was
+    streamed (in the Result too, so that a failure quotes the end of stderr)."""
     result = outcome.result
-    if tails is None or (result is not None and (result.stdout or result.stderr)):
+    if tails is None:
         out, errout = (result.stdout, result.stderr) if result is not None else (b"", b"")
         return JUnitCase(target, outcome, duration, out, errout)
-    out_tail, err_tail = tails
-    return JUnitCase(
-        target,
-        outcome,
-        duration,
-        bytes(out_tail.data),
-        bytes(err_tail.data),
-        (out_tail.dropped, err_tail.dropped),
-    )
+    out, errout = bytes(tails[0].data), bytes(tails[1].data)
+    if result is not None:
+        r = result
+        outcome = of_result(
+            Result(r.command, r.exit_code, r.signal, r.timed_out, r.duration, out, errout, r.target)
+        )
+    return JUnitCase(target, outcome, duration, out, errout, (tails[0].dropped, tails[1].dropped))
 
 
 # ---- shell -------------------------------------------------------------------------

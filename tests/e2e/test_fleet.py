@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,6 +283,55 @@ def test_outdir_writes_out_err_and_status_per_host(e2e: Any, fleet: Fleet, tmp_p
     assert status.startswith(f"unreachable: cannot connect to 127.0.2.4:{fleet.port}: ")
     _, summary = split_stderr(proc.stderr)
     assert summary == b"4 hosts: 2 ok, 1 exit 2 (lab09), 1 unreachable (lab12)\n"
+
+
+def test_json_lines_use_the_single_host_error_kinds(e2e: Any, fleet: Fleet) -> None:
+    """A command that cannot start (an argv), and an unreachable host: as `rexec run` on one."""
+    proc = run(e2e, fleet, ["--json", "lab01,lab12", "no-such-cmd-e2e", "x"])
+    assert proc.returncode == 255, proc.stderr
+    by_host = {o["host"]: o for o in map(json.loads, lines(proc.stdout))}
+    lab01, lab12 = by_host["lab01"], by_host["lab12"]
+    assert (lab01["status"], lab01["exit_code"], lab01["exit_status"]) == ("exit", 127, 127)
+    assert lab01["error"] == {"kind": "exec", "message": "command not found: no-such-cmd-e2e"}
+    assert (lab12["status"], lab12["exit_status"], lab12["error"]["kind"]) == (
+        "unreachable",
+        255,
+        "connect",
+    )
+
+
+def test_junit_one_testcase_per_host(e2e: Any, fleet: Fleet, tmp_path: Path) -> None:
+    report = tmp_path / "fleet.xml"
+    proc = run(e2e, fleet, ["--junit", str(report), "--timeout", TIMEOUT, "lab[07-12]", ROLE_CMD])
+    assert proc.returncode == 255, proc.stderr
+    assert sorted(lines(proc.stdout))[:3] == [b"lab07: hello\n", b"lab08: hello\n", b"lab09: bad\n"]
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures")) == ("6", "4")
+    cases = {case.get("name"): case for case in suite.findall("testcase")}
+    assert list(cases) == [f"lab{n}" for n in ("07", "08", "09", "10", "11", "12")]
+    assert {case.get("classname") for case in cases.values()} == {"rexec"}
+    failures = {name: case.find("failure") for name, case in cases.items()}
+    assert failures["lab07"] is None and failures["lab08"] is None
+    assert cases["lab07"].findtext("system-out") == "hello\n"
+    assert cases["lab07"].find("system-err") is None
+    kinds = {name: f.get("type") for name, f in failures.items() if f is not None}
+    assert kinds == {"lab09": "exit", "lab10": "timeout", "lab11": "auth", "lab12": "connect"}
+    lab09 = failures["lab09"]
+    assert lab09 is not None
+    assert lab09.get("message", "").startswith("command failed with exit status 2 on lab09: ")
+    assert lab09.get("message", "").endswith("\n  stderr: oops")
+    assert cases["lab09"].findtext("system-err") == "oops\n"
+    lab10 = failures["lab10"]
+    assert lab10 is not None and lab10.get("message", "").startswith(
+        "command timed out after 2.0s on lab10: "
+    )
+    lab12 = failures["lab12"]
+    assert lab12 is not None and lab12.get("message", "").startswith(
+        f"exit status 255, connect: cannot connect to 127.0.2.4:{fleet.port}: "
+    )
+    for case in cases.values():
+        assert 0 <= float(case.get("time") or -1) < 20
 
 
 # ---- exit status -------------------------------------------------------------------------------
