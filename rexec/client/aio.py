@@ -23,14 +23,16 @@ from rexec.client.core import (
     Chunk,
     ClientCore,
     Command,
+    ConnectAttempts,
     Retry,
     RetryFn,
     connect_failed,
     connect_timed_out,
     connection_broke,
+    is_reset,
 )
 from rexec.client.target import resolve_target
-from rexec.errors import ConnectionLost, RexecError
+from rexec.errors import ConnectionLost, RexecError, ServerRefused
 from rexec.heap import keep_heap
 from rexec.protocol.connection import Connection as ProtocolConnection
 from rexec.protocol.connection import TraceFn
@@ -249,11 +251,13 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None
         self.info: ServerInfo | None = None
 
-    async def _open(self, timeout: float) -> None:
+    async def _open(self, timeout: float, limit: float | None = None) -> None:
+        """Connect and handshake within `limit` seconds (default: `timeout`, the figure an
+        expired deadline names)."""
         keep_heap()
         loop = self._loop
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout if limit is None else limit):
                 try:
                     if self.endpoint.path is not None:
                         await loop.create_unix_connection(lambda: self._proto, self.endpoint.path)
@@ -269,7 +273,10 @@ class Connection:
         except TimeoutError:
             self._proto.abort()
             connected = self._proto.transport is not None
-            raise connect_timed_out(self.endpoint, timeout, connected=connected) from None
+            received = self._core.conn.reply_received
+            raise connect_timed_out(
+                self.endpoint, timeout, connected=connected, received=received
+            ) from None
         except BaseException:
             self._proto.abort()
             raise
@@ -297,7 +304,9 @@ class Connection:
     def _on_lost(self, error: RexecError | None) -> None:
         proto = self._proto
         if proto.os_error is not None:
-            reset = isinstance(proto.os_error, ConnectionResetError)
+            # A failed write ends an asyncio transport at once, unread bytes and all: a notice
+            # sent before it is lost unless the server half-closed and read (as it does).
+            reset = is_reset(proto.os_error)
             error = connection_broke(self.endpoint, proto.os_error)
         else:
             reset = False
@@ -465,24 +474,46 @@ class Connecting:
         self._args = (target, token, token_file, connect_timeout, suite, trace)
         self._retry = (retry, retry_delay, on_retry)
         self._conn: Connection | None = None
+        self._core: ClientCore | None = None
 
     async def _make(self) -> Connection:
-        target, token, token_file, connect_timeout, suite, trace = self._args
+        target, token, token_file, connect_timeout = self._args[:4]
         retry, retry_delay, on_retry = self._retry
         retries = Retry(retry, retry_delay, time.monotonic())
         resolved = resolve_target(target, token=token, token_file=token_file)
-        while True:  # only _open() is retried: no command has been sent yet
-            conn = Connection(resolved.endpoint, resolved.token, suite, trace, resolved.name)
+        timeout = connect_timeout or resolved.connect_timeout
+        while True:  # --retry: only connecting is tried again, no command has been sent yet
             try:
-                await conn._open(connect_timeout or resolved.connect_timeout)
-                return conn
+                return await self._attempt(
+                    resolved.endpoint, resolved.token, resolved.name, timeout
+                )
             except RexecError as exc:
-                wait = retries.after(exc, conn._core, time.monotonic(), jitter())
+                assert self._core is not None
+                wait = retries.after(exc, self._core, time.monotonic(), jitter())
                 if wait is None:
                     raise
                 if on_retry is not None:
                     on_retry(exc, retries.done, wait)
                 await asyncio.sleep(wait)
+
+    async def _attempt(
+        self, endpoint: Endpoint, token: Token, name: str, timeout: float
+    ) -> Connection:
+        """One attempt (for --retry): connect and authenticate within `timeout` seconds."""
+        suite, trace = self._args[4], self._args[5]
+        loop = asyncio.get_running_loop()
+        attempts = ConnectAttempts(timeout, loop.time())
+        while True:  # a busy server is tried again (the core's ConnectAttempts decides)
+            conn = Connection(endpoint, token, suite, trace, name)
+            self._core = conn._core  # the attempt's core: did it send anything? (Retry.after)
+            try:
+                await conn._open(attempts.timeout, attempts.remaining(loop.time()))
+                return conn
+            except ServerRefused as exc:
+                delay = attempts.retry_delay(exc, loop.time())
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
 
     def __await__(self) -> Generator[Any, None, Connection]:
         return self._make().__await__()

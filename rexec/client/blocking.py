@@ -14,7 +14,6 @@ waiting on one serves them all.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import math
 import os
@@ -32,14 +31,16 @@ from rexec.client.core import (
     Chunk,
     ClientCore,
     Command,
+    ConnectAttempts,
     Retry,
     RetryFn,
     connect_failed,
     connect_timed_out,
     connection_broke,
+    is_reset,
 )
 from rexec.client.target import resolve_target
-from rexec.errors import ConnectionLost, LocalProtocolError, RexecError
+from rexec.errors import ConnectionLost, LocalProtocolError, RexecError, ServerRefused
 from rexec.heap import BULK, keep_heap
 from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import Stream
@@ -56,8 +57,9 @@ _SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP send queue not yet sent
 Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
 
 
-def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
-    """Connect with a deadline; TCP_NODELAY because every frame is one complete write."""
+def open_socket(endpoint: Endpoint, timeout: float, named: float | None = None) -> socket.socket:
+    """Connect with a deadline; TCP_NODELAY because every frame is one complete write.
+    `named`: the timeout an expired deadline names (default: timeout)."""
     try:
         if endpoint.path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -77,7 +79,8 @@ def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
             sock = socket.create_connection((addr, endpoint.port), timeout=timeout)  # type: ignore[arg-type]
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except TimeoutError:
-        raise connect_timed_out(endpoint, timeout, connected=False) from None
+        named = timeout if named is None else named
+        raise connect_timed_out(endpoint, named, connected=False) from None
     except OSError as exc:
         raise connect_failed(endpoint, exc) from None
     return sock
@@ -133,10 +136,12 @@ class SocketDriver:
 
     # ---- connection --------------------------------------------------------------------
 
-    def connect(self, timeout: float) -> ServerInfo:
-        """Open the socket and run the handshake, all within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        self._sock = open_socket(self.endpoint, timeout)
+    def connect(self, timeout: float, deadline: float | None = None) -> ServerInfo:
+        """Open the socket and run the handshake, all within `timeout` seconds (or by
+        `deadline`, a time.monotonic() value; `timeout` is then what an expiry names)."""
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        self._sock = open_socket(self.endpoint, max(0.001, deadline - time.monotonic()), timeout)
         self._sock.setblocking(False)
         self._sel.register(self._sock, selectors.EVENT_READ)
         self._sock_events = selectors.EVENT_READ
@@ -144,7 +149,8 @@ class SocketDriver:
         try:
             core.initiate()
             if not self.wait(lambda: core.info is not None, deadline):
-                raise connect_timed_out(self.endpoint, timeout, connected=True)
+                received = core.conn.reply_received
+                raise connect_timed_out(self.endpoint, timeout, connected=True, received=received)
         except BaseException:
             self.abort()
             raise
@@ -225,7 +231,7 @@ class SocketDriver:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self._broken(exc)
+                self._broken(exc, sending=True)
                 return
             del self._out[:sent]
         self._set_sock_events()
@@ -252,9 +258,14 @@ class SocketDriver:
             self._set_sock_events()  # nothing more to read; only our last words to send
         self.flush()
 
-    def _broken(self, exc: OSError) -> None:
-        reset = exc.errno in (errno.ECONNRESET, errno.EPIPE)
-        self.core.connection_lost(connection_broke(self.endpoint, exc), reset=reset)
+    def _broken(self, exc: OSError, *, sending: bool = False) -> None:
+        """The socket failed; a failed send in the handshake leaves reading on (the core's
+        send_failed: a refusal notice may be waiting)."""
+        error = connection_broke(self.endpoint, exc)
+        if sending:
+            self.core.send_failed(error, reset=is_reset(exc))
+        else:
+            self.core.connection_lost(error, reset=is_reset(exc))
         self._out.clear()
         self._set_sock_events()
 
@@ -540,19 +551,32 @@ class Client:
         self.target = resolved.name
         self.endpoint = resolved.endpoint
         timeout = connect_timeout or resolved.connect_timeout
-        while True:  # only connect() is retried: no command has been sent yet
-            core = ClientCore(resolved.token, suite, target=resolved.name, trace=trace)
-            self._driver = SocketDriver(resolved.endpoint, core)
+        while True:  # --retry: only connecting is tried again, no command has been sent yet
             try:
-                self.info = self._driver.connect(timeout)
-                break
+                self._connect(resolved.token, suite, trace, timeout)
+                return
             except RexecError as exc:
-                wait = retries.after(exc, core, time.monotonic(), jitter())
+                wait = retries.after(exc, self._driver.core, time.monotonic(), jitter())
                 if wait is None:
                     raise
                 if on_retry is not None:
                     on_retry(exc, retries.done, wait)
                 time.sleep(wait)
+
+    def _connect(self, token: Token, suite: Suite, trace: TraceFn | None, timeout: float) -> None:
+        """One attempt (for --retry): connect and authenticate within `timeout` seconds."""
+        attempts = ConnectAttempts(timeout, time.monotonic())
+        while True:  # a busy server is tried again (the core's ConnectAttempts decides)
+            core = ClientCore(token, suite, target=self.target, trace=trace)
+            self._driver = SocketDriver(self.endpoint, core)
+            try:
+                self.info = self._driver.connect(attempts.timeout, attempts.deadline)
+                return
+            except ServerRefused as exc:
+                delay = attempts.retry_delay(exc, time.monotonic())
+                if delay is None:
+                    raise
+            time.sleep(delay)
 
     def start(
         self,

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 import rexec
-import rexec.errors
 from rexec.protocol.token import Token, generate_token, parse_token
 
 KEYS = [
@@ -87,7 +86,9 @@ def test_json_connect_timeout(server: Any, e2e: Any) -> None:
             token=server.token,
         )
     doc = json_error(proc, "timeout", 255)
-    assert doc["error"]["message"] == f"handshake with 127.0.0.1:{port} timed out after 0.5s"
+    assert doc["error"]["message"].startswith(
+        f"handshake with 127.0.0.1:{port} timed out after 0.5s"
+    )
 
 
 def test_json_auth(server_factory: Any, e2e: Any) -> None:
@@ -98,9 +99,7 @@ def test_json_auth(server_factory: Any, e2e: Any) -> None:
 
 
 def test_json_refused(server_factory: Any, e2e: Any) -> None:
-    """A busy server (max_connections reached) refuses: once rexec.errors says so."""
-    if not hasattr(rexec.errors, "ServerRefused"):
-        pytest.skip("rexec.errors has no ServerRefused yet: a busy server reads as auth")
+    """A busy server (max_connections reached) refuses, and says so."""
     srv = server_factory("[limits]\nmax_connections = 1\nmax_unauthenticated = 1\n")
     with srv.connect():
         proc = e2e.run_cli(
