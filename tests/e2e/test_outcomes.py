@@ -240,15 +240,30 @@ def test_usage_errors_when_no_command_or_both_host_forms(e2e: Any, tmp_path: Pat
 # ---- `rexec WORD`: not a subcommand, an alias or a host --------------------------------------
 
 
-def test_unknown_command_or_host(e2e: Any) -> None:
-    """`frob` and `rnu` do not resolve (the system resolver is asked, as connecting would)."""
-    proc = e2e.run_cli(["frob"])
+# The real CLI, with the resolver answering "no such name" for frob and rnu from a
+# sitecustomize on PYTHONPATH: no DNS query leaves the machine (tests stay on loopback).
+_NO_SUCH_NAMES = """
+import socket
+_real = socket.getaddrinfo
+def _getaddrinfo(host, *args, **kwargs):
+    if host in (b"frob", b"rnu", "frob", "rnu"):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return _real(host, *args, **kwargs)
+socket.getaddrinfo = _getaddrinfo
+"""
+
+
+def test_unknown_command_or_host(e2e: Any, tmp_path: Path) -> None:
+    """`frob` and `rnu` do not resolve: a usage error naming the word (exit 2)."""
+    (tmp_path / "sitecustomize.py").write_text(_NO_SUCH_NAMES)
+    env = {"PYTHONPATH": str(tmp_path)}
+    proc = e2e.run_cli(["frob"], env=env)
     assert (proc.returncode, proc.stdout) == (2, b"")
     assert proc.stderr == b"rexec: unknown command or host 'frob'\n"
-    proc = e2e.run_cli(["rnu", "id"])
+    proc = e2e.run_cli(["rnu", "id"], env=env)
     assert (proc.returncode, proc.stdout) == (2, b"")
     assert proc.stderr == b"rexec: unknown command or host 'rnu' (did you mean `rexec run`?)\n"
-    proc = e2e.run_cli(["rnu", "--json", "id"])
+    proc = e2e.run_cli(["rnu", "--json", "id"], env=env)
     doc = json_error(proc, "usage", 2)
     assert doc["error"]["message"] == "unknown command or host 'rnu' (did you mean `rexec run`?)"
 
