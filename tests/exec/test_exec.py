@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import gc
 import os
 import random
 import signal
@@ -110,6 +111,9 @@ def assert_dead(pid: int) -> None:
 
 
 def open_fds() -> set[str]:
+    """This process's fds, after a collection: an earlier test's garbage (an event loop, a
+    socket) must not close its fds in the middle of this test's count."""
+    gc.collect()
     return set(os.listdir("/proc/self/fd"))
 
 
