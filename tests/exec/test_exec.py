@@ -6,8 +6,8 @@ Every test runs under asyncio.wait_for, so a bug fails the test instead of hangi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import gc
+import hashlib
 import os
 import random
 import signal
