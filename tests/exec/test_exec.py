@@ -6,6 +6,7 @@ Every test runs under asyncio.wait_for, so a bug fails the test instead of hangi
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import random
@@ -110,6 +111,9 @@ def assert_dead(pid: int) -> None:
 
 
 def open_fds() -> set[str]:
+    """This process's fds, after a collection: an earlier test's garbage (an event loop, a
+    socket) must not close its fds in the middle of this test's count."""
+    gc.collect()
     return set(os.listdir("/proc/self/fd"))
 
 
