@@ -160,12 +160,12 @@ def test_empty_lines_send_nothing(server: Any, spawn: Spawn, e2e: Any) -> None:
     child = spawn(server)
     ready(child)
     run(child, "echo one")
-    before = e2e.wait_until(lambda: len(server.audit_lines()), 2.0)
+    before = e2e.wait_until(lambda: len(server.audit_lines()), 10.0)
     for line in ("", "   ", "\t"):
         child.sendline(line)
         prompt(child)
     run(child, "echo two")
-    assert e2e.wait_until(lambda: len(server.audit_lines()) == before + 1, 2.0)
+    assert e2e.wait_until(lambda: len(server.audit_lines()) == before + 1, 10.0)
     time.sleep(0.2)
     assert len(server.audit_lines()) == before + 1
     assert server.audit_records()[-1]["command"] == "echo two"
