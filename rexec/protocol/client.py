@@ -27,6 +27,10 @@ from rexec.protocol.frames import (
 from rexec.protocol.noise import DHLEN, TAGLEN, NNpsk0Handshake, Suite
 from rexec.protocol.token import Token
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from rexec.protocol.pty import PtyRequest
+
 
 class ClientConnection(Connection):
     """Drive it with: initiate(), receive_data() until HandshakeComplete, then send_exec().
@@ -104,9 +108,10 @@ class ClientConnection(Connection):
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        pty: PtyRequest | None = None,
     ) -> int:
         """Open a channel running `command`; returns its channel number."""
-        body = m.exec_request_json(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        body = m.exec_request_json(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
         if self.last_channel >= MAX_CHANNEL:
             raise LocalProtocolError("channel numbers exhausted: open a new connection")
         channel = self.last_channel + 1

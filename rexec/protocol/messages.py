@@ -20,6 +20,10 @@ from cryptography.hazmat.primitives.hmac import HMAC
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import LocalProtocolError, RemoteProtocolError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from rexec.protocol.pty import PtyRequest
+
 PROTOCOL_NAME = "rexec/1"
 AUTH_LABEL = b"rexec/1 client-auth"
 AUTH_LEN = 32
@@ -151,6 +155,7 @@ def exec_request_json(
     cwd: str | None = None,
     timeout: float | None = None,
     stdin: bool = False,
+    pty: PtyRequest | None = None,
 ) -> bytes:
     """The EXEC body the client sends: a str runs under /bin/sh -c, a sequence is argv."""
     body: dict[str, Any] = {}
@@ -171,6 +176,8 @@ def exec_request_json(
         body["timeout"] = float(timeout)
     if stdin:
         body["stdin"] = True
+    if pty is not None:
+        body["pty"] = pty.to_json()
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 

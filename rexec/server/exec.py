@@ -8,6 +8,11 @@ a full pipe instead of growing our memory.
 The command runs in its own session and process group; every kill acts on the whole group, and
 nothing in the group outlives the command. Linux only: pidfd_open (kernel 5.3+) tells us the
 leader exited without reaping it, and /proc tells live group members from zombies.
+
+With a pty (rexec.server.pty), the command's stdin, stdout and stderr are the terminal's
+slave and its controlling terminal; its output is one stream (1), read from the master, and
+stdin is written to the master. A job-control shell there runs jobs in groups of their own
+within the command's session, so "the group" is then every group of that session.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from signal import SIGCONT, SIGKILL, SIGTERM
 from typing import Protocol
 
 from rexec.errors import ExecError
+from rexec.protocol.pty import PtyRequest
+from rexec.server.pty import controlling_terminal, open_pty, session_groups, set_winsize
 
 __all__ = ["ExecOutcome", "ExecSpec", "Execution", "OutputSink"]
 
@@ -56,6 +63,7 @@ class ExecSpec:
     uid: int | None = None
     gid: int | None = None
     groups: tuple[int, ...] | None = None
+    pty: PtyRequest | None = None  # run on a pseudo-terminal: one output stream, TERM set
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -222,30 +230,47 @@ class Execution:
         parent_fds: list[int] = []
         child_fds: list[int] = []
         proc: subprocess.Popen[bytes] | None = None
+        env = dict(spec.env)
+        preexec = None
+        outputs: list[tuple[int, int]] = []  # (stream, our end)
         try:
             try:
-                if spec.stdin:
-                    stdin_r, stdin_w = _pipe()
-                    child_fds.append(stdin_r)
-                    parent_fds.append(stdin_w)
-                out_r, out_w = _pipe()
-                parent_fds.append(out_r)
-                child_fds.append(out_w)
-                err_r, err_w = _pipe()
-                parent_fds.append(err_r)
-                child_fds.append(err_w)
+                if spec.pty is not None:
+                    master, slave = open_pty(spec.pty)
+                    parent_fds.append(master)
+                    child_fds.append(slave)
+                    stdin_r = out_w = err_w = slave
+                    if spec.stdin:  # its own fd: closing stdin must not close the master
+                        stdin_w = os.dup(master)
+                        parent_fds.append(stdin_w)
+                    outputs.append((1, master))
+                    env["TERM"] = spec.pty.term
+                    preexec = controlling_terminal
+                else:
+                    if spec.stdin:
+                        stdin_r, stdin_w = _pipe()
+                        child_fds.append(stdin_r)
+                        parent_fds.append(stdin_w)
+                    out_r, out_w = _pipe()
+                    parent_fds.append(out_r)
+                    child_fds.append(out_w)
+                    err_r, err_w = _pipe()
+                    parent_fds.append(err_r)
+                    child_fds.append(err_w)
+                    outputs += [(1, out_r), (2, err_r)]
             except OSError as exc:  # out of file descriptors
                 raise ExecError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
             try:
                 proc = subprocess.Popen(
                     spec.argv,
-                    stdin=stdin_r if spec.stdin else subprocess.DEVNULL,
+                    stdin=stdin_r if spec.stdin or spec.pty else subprocess.DEVNULL,
                     stdout=out_w,
                     stderr=err_w,
-                    env=dict(spec.env),
+                    env=env,
                     cwd=spec.cwd,
                     close_fds=True,
                     start_new_session=True,
+                    preexec_fn=preexec,
                     user=spec.uid,
                     group=spec.gid,
                     extra_groups=spec.groups,
@@ -276,7 +301,7 @@ class Execution:
         if spec.stdin:
             self._stdin_fd = stdin_w
             os.set_blocking(stdin_w, False)
-        for stream, fd in ((1, out_r), (2, err_r)):
+        for stream, fd in outputs:
             os.set_blocking(fd, False)
             pump = _Pump(stream, fd)
             pump.task = self._loop.create_task(self._pump(pump))
@@ -316,6 +341,11 @@ class Execution:
                 except (BrokenPipeError, ConnectionResetError):
                     self._close_stdin_now()
                     return
+                except OSError as exc:  # a pty whose every slave is closed: EIO
+                    if exc.errno != errno.EIO:
+                        raise
+                    self._close_stdin_now()
+                    return
                 view = view[n:]
 
     async def close_stdin(self) -> None:
@@ -326,6 +356,12 @@ class Execution:
     def signal(self, signum: int) -> None:
         """Send signum to the whole process group; a no-op once the group is gone."""
         self._killpg(signum)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """A pty command's new window size (SIGWINCH to its foreground job); else a no-op."""
+        if self._spec.pty is not None and self._pumps and self._pumps[0].fd >= 0:
+            with contextlib.suppress(OSError):  # the terminal is closing
+                set_winsize(self._pumps[0].fd, rows, cols)
 
     async def kill(self) -> None:
         """Disconnect/shutdown: SIGTERM the group, kill_grace, SIGKILL, reap; idempotent.
@@ -371,6 +407,10 @@ class Execution:
                             return
                         await self._readable(p, remaining)
                     continue
+                except OSError as exc:  # a pty master once every slave is closed: its EOF
+                    if exc.errno != errno.EIO:
+                        raise
+                    return
                 if not data:
                     return
                 p.owed -= len(data)
@@ -460,6 +500,10 @@ class Execution:
                 self._group_gone = True
         except PermissionError:  # a member we may not signal (setuid); nothing we can do
             pass
+        if self._spec.pty is not None:  # the jobs of a shell on the pty: same session
+            for pgid in session_groups(self._pid) - {self._pid}:
+                with contextlib.suppress(OSError):
+                    os.killpg(pgid, signum)
 
     def _group_alive(self) -> bool:
         """After the reap: does a live (non-zombie) member of the group remain?"""
@@ -472,7 +516,9 @@ class Execution:
             return False
         except PermissionError:
             pass
-        if not _live_members(self._pid):
+        if not _live_members(self._pid) and not (
+            self._spec.pty is not None and session_groups(self._pid)
+        ):
             self._group_gone = True  # only zombies left: nothing runs, nothing to signal
             return False
         return True
@@ -556,8 +602,8 @@ class Execution:
             signal=-rc if rc < 0 else None,
             timed_out=timed_out,
             duration=self._t_reaped - self._t0,
-            stdout_bytes=self._pumps[0].nbytes,
-            stderr_bytes=self._pumps[1].nbytes,
+            stdout_bytes=sum(p.nbytes for p in self._pumps if p.stream == 1),
+            stderr_bytes=sum(p.nbytes for p in self._pumps if p.stream == 2),
         )
         return self._outcome
 

@@ -25,6 +25,7 @@ from rexec.protocol.events import (
     SignalReceived,
     StdinClosed,
     StdinReceived,
+    WindowChanged,
 )
 from rexec.protocol.messages import ExitStatus
 from rexec.protocol.models import ExecRequest
@@ -53,6 +54,7 @@ class ChannelRun:
     task: asyncio.Task[None] | None = None
     stdin_task: asyncio.Task[None] | None = None
     decision: Decision | None = None  # the token policy's verdict, with the spec to run
+    window: tuple[int, int] | None = None  # a pty's size from WINDOW before it started
 
 
 class _Protocol(FramedProtocol):
@@ -224,6 +226,8 @@ class Session:
                 if run is not None and run.execution is not None:
                     self.log.info("signal", channel=event.channel, signum=event.signum)
                     run.execution.signal(event.signum)
+            elif isinstance(event, WindowChanged):
+                self._window(event.channel, event.rows, event.cols)
             elif isinstance(event, ExecRejected):
                 self._refuse(event.channel, ErrorCode.BAD_REQUEST, event.reason, None)
             elif isinstance(event, Authenticated):
@@ -269,6 +273,16 @@ class Session:
                 self.protocol.close()
             else:
                 self.protocol.abort()
+
+    def _window(self, channel: int, rows: int, cols: int) -> None:
+        """WINDOW: resize a pty command's terminal (ignored for a command without a pty)."""
+        run = self.runs.get(channel)
+        if run is None or run.request is None or run.request.pty is None:
+            return
+        if run.execution is not None:
+            run.execution.resize(rows, cols)
+        else:
+            run.window = (rows, cols)
 
     # ---- stdin ---------------------------------------------------------------------
 
@@ -384,6 +398,7 @@ class Session:
             stdin=req.stdin,
             timeout=timeout,
             kill_grace=limits.kill_grace,
+            pty=req.pty.request() if req.pty is not None else None,
         )
 
     async def _run(self, run: ChannelRun) -> None:
@@ -418,6 +433,8 @@ class Session:
                 self.log.info("command failed to start", channel=channel, reason=error)
                 return
             run.execution = execution
+            if run.window is not None:
+                execution.resize(*run.window)
             self.log.info("command started", channel=channel, pid=execution.pid)
             if self.lost or self.ending is not None:
                 execution.signal(signal.SIGKILL)
@@ -490,6 +507,9 @@ class Session:
             bytes_out=outcome.stdout_bytes if outcome else 0,
             bytes_err=outcome.stderr_bytes if outcome else 0,
             error=error,
-            extra={"policy": decision.audit()} if decision is not None else {},
+            extra={
+                **({"policy": decision.audit()} if decision is not None else {}),
+                **({"pty": req.pty.term} if req is not None and req.pty is not None else {}),
+            },
         )
         self.ctx.audit_write(record)
