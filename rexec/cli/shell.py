@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rexec.cli.terminal import RawTerminal, TerminalSignal
 from rexec.client.blocking import BlockingConnection
 from rexec.errors import (
     ConnectionLost,
@@ -532,6 +533,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, metavar="SECS", help="connect deadline")
     p.add_argument("--trace", action="store_true", help="start with :trace on")
     p.add_argument("--suite", choices=("aesgcm", "chachapoly"), help="Noise cipher suite")
+    p.add_argument(
+        "--repl",
+        action="store_true",
+        help="the line REPL even on a terminal (each line one remote command; the default "
+        "when stdin is not a terminal)",
+    )
     return p
 
 
@@ -557,10 +564,11 @@ def main(argv: Sequence[str]) -> int:
         if interactive:
             where = f"{shell.user}@{shell.host} ({resolved.endpoint})"
             _say(f"connected to {where}; :help for built-ins, Ctrl-D to leave")
-        read: Callable[[str], str] = input
-        if interactive:
-            read = LineEditor(history_path()).read
-        return shell.loop(read)
+        if not interactive:
+            return shell.loop(input)
+        read = LineEditor(history_path()).read
+        with RawTerminal(0, cbreak=True):  # keys typed ahead (an early Ctrl-D) stay keys
+            return shell.loop(read)
     except _Lost as lost:
         _say(f"connection to {args.target} lost: {lost}")
         return EXIT_FAILURE
@@ -570,6 +578,8 @@ def main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         _write(2, b"\n")
         return 130
+    except TerminalSignal as exc:
+        return 128 + exc.signum
     finally:
         if shell is not None:
             shell.close()

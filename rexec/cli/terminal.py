@@ -123,6 +123,24 @@ def raw_attrs(attrs: Attrs) -> Attrs:
     return new
 
 
+def cbreak_attrs(attrs: Attrs) -> Attrs:
+    """No line editing by the kernel, everything else as it was (echo, signals from keys).
+
+    The REPL keeps its terminal so while its commands run: keys typed ahead then wait as
+    plain bytes for readline. In the normal (canonical) mode an early Ctrl-D is not a byte
+    but an end-of-file mark, which the kernel turns into a NUL when readline switches to
+    its own mode: the Ctrl-D was lost. Echo stays on: readline echoes what it reads only
+    when the terminal it found did (it takes no echo for a password prompt).
+    """
+    new = list(attrs)
+    new[3] = new[3] & ~termios.ICANON
+    cc = list(new[6])
+    cc[termios.VMIN] = 1
+    cc[termios.VTIME] = 0
+    new[6] = cc
+    return new
+
+
 class TerminalSignal(Exception):
     """SIGTERM, SIGHUP or SIGQUIT arrived while the terminal was raw: unwind, restore, exit."""
 
@@ -142,11 +160,13 @@ class RawTerminal:
     """`with RawTerminal(fd):` raw mode inside, the saved settings restored on the way out.
 
     The settings are restored with TCSADRAIN: output already written reaches the screen, and
-    keys typed ahead stay for whoever reads next (the local shell).
+    keys typed ahead stay for whoever reads next (the local shell). `cbreak=True`: the
+    gentler `cbreak_attrs` mode instead of raw.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, cbreak: bool = False) -> None:
         self.fd = fd
+        self._mode = cbreak_attrs if cbreak else raw_attrs
         self.saved: Attrs | None = None
         self._old: dict[int, object] = {}
 
@@ -155,7 +175,7 @@ class RawTerminal:
         for signum in _UNWIND:
             self._old[signum] = signal.signal(signum, _unwind)
         try:
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, raw_attrs(self.saved))
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._mode(self.saved))
         except BaseException:
             self.restore()
             raise
