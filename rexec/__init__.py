@@ -18,42 +18,70 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AuthError": "rexec.errors",
     "Client": "rexec.client.blocking",
-    "CommandFailed": "rexec.errors",
-    "CommandTimeout": "rexec.errors",
+    "CommandError": "rexec.errors",
+    "CommandFailed": "rexec.result",
+    "CommandTimeout": "rexec.result",
     "ConfigError": "rexec.errors",
     "ConnectTimeout": "rexec.errors",
+    "Connecting": "rexec.client.aio",
     "Connection": "rexec.client.aio",
     "ConnectionLost": "rexec.errors",
+    "Endpoint": "rexec.address",
+    "ErrorCode": "rexec.errors",
     "ExecError": "rexec.errors",
+    "ExitStatus": "rexec.protocol.messages",
+    "FrameType": "rexec.protocol.frames",
+    "OutputStream": "rexec.client.aio",
     "PolicyError": "rexec.errors",
     "Process": "rexec.client.aio",
     "ProtocolError": "rexec.errors",
+    "PtyRequest": "rexec.protocol.pty",
     "RemoteError": "rexec.errors",
     "Result": "rexec.result",
     "RexecError": "rexec.errors",
+    "ServerInfo": "rexec.protocol.messages",
+    "Stream": "rexec.protocol.events",
+    "Suite": "rexec.protocol.noise",
+    "SyncOutputStream": "rexec.client.blocking",
+    "SyncProcess": "rexec.client.blocking",
+    "Token": "rexec.protocol.token",
     "TruncatedError": "rexec.errors",
     "connect": "rexec.client.aio",
 }
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:  # for type checkers and IDEs; the runtime uses __getattr__
-    from rexec.client.aio import Connection, Process, connect
-    from rexec.client.blocking import Client
-    from rexec.errors import (
-        AuthError,
-        CommandFailed,
-        CommandTimeout,
-        ConfigError,
-        ConnectionLost,
-        ConnectTimeout,
-        ExecError,
-        PolicyError,
-        ProtocolError,
-        RemoteError,
-        RexecError,
-        TruncatedError,
-    )
-    from rexec.result import Result
+if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export)
+    from rexec.address import Endpoint as Endpoint
+    from rexec.client.aio import Connecting as Connecting
+    from rexec.client.aio import Connection as Connection
+    from rexec.client.aio import OutputStream as OutputStream
+    from rexec.client.aio import Process as Process
+    from rexec.client.aio import connect as connect
+    from rexec.client.blocking import Client as Client
+    from rexec.client.blocking import SyncOutputStream as SyncOutputStream
+    from rexec.client.blocking import SyncProcess as SyncProcess
+    from rexec.errors import AuthError as AuthError
+    from rexec.errors import CommandError as CommandError
+    from rexec.errors import ConfigError as ConfigError
+    from rexec.errors import ConnectionLost as ConnectionLost
+    from rexec.errors import ConnectTimeout as ConnectTimeout
+    from rexec.errors import ErrorCode as ErrorCode
+    from rexec.errors import ExecError as ExecError
+    from rexec.errors import PolicyError as PolicyError
+    from rexec.errors import ProtocolError as ProtocolError
+    from rexec.errors import RemoteError as RemoteError
+    from rexec.errors import RexecError as RexecError
+    from rexec.errors import TruncatedError as TruncatedError
+    from rexec.protocol.events import Stream as Stream
+    from rexec.protocol.frames import FrameType as FrameType
+    from rexec.protocol.messages import ExitStatus as ExitStatus
+    from rexec.protocol.messages import ServerInfo as ServerInfo
+    from rexec.protocol.noise import Suite as Suite
+    from rexec.protocol.pty import PtyRequest as PtyRequest
+    from rexec.protocol.token import Token as Token
+    from rexec.result import CommandFailed as CommandFailed
+    from rexec.result import CommandTimeout as CommandTimeout
+    from rexec.result import Result as Result
 
 
 def __getattr__(name: str) -> Any:

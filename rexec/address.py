@@ -16,12 +16,12 @@ _NAME_CHARS = frozenset(
 _IPV6_CHARS = frozenset("0123456789ABCDEFabcdef:.")
 
 
-def _is_hostname(host: str) -> bool:
+def is_hostname(host: str) -> bool:
     """[A-Za-z0-9_] then [A-Za-z0-9_.-]*, not ending in '-'."""
     return bool(host) and _NAME_CHARS.issuperset(host) and host[0] not in ".-" and host[-1] != "-"
 
 
-def _is_ipv6(host: str) -> bool:
+def is_ipv6(host: str) -> bool:
     """Hex digits, ':' and '.' with at least one ':', then an optional %zone."""
     addr, pct, zone = host.partition("%")
     if ":" not in addr or not _IPV6_CHARS.issuperset(addr):
@@ -95,7 +95,7 @@ def parse_address(
         if close < 0:
             raise ConfigError(f"invalid address {text!r}: missing ']' after IPv6 address")
         host, rest = text[1:close], text[close + 1 :]
-        if not host or not _is_ipv6(host):
+        if not host or not is_ipv6(host):
             raise ConfigError(f"invalid address {text!r}: {host!r} is not an IPv6 address")
         if not rest:
             return Endpoint(host=host, port=default_port)
@@ -108,7 +108,7 @@ def parse_address(
             f"e.g. '[::1]:{default_port}'"
         )
     host, sep, port_text = text.partition(":")
-    if not _is_hostname(host):
+    if not is_hostname(host):
         raise ConfigError(
             f"invalid address {text!r}: expected host[:port], [v6addr][:port] or unix:/path"
         )

@@ -90,15 +90,11 @@ class PolicyError(RemoteError):
 
 
 class CommandError(RexecError):
-    """A command finished unsuccessfully and the caller asked for that to raise."""
+    """A command finished unsuccessfully and the caller asked for that to raise.
 
-
-class CommandFailed(CommandError):
-    """Result.check(): non-zero exit status or killed by a signal."""
-
-
-class CommandTimeout(CommandError):
-    """Result.check(): the server killed the command at its deadline."""
+    Its subclasses, `CommandFailed` and `CommandTimeout`, carry the command's Result, so they
+    live next to it in rexec.result (this module sits below every other one: no imports).
+    """
 
 
 class ExecError(RexecError):
@@ -108,7 +104,9 @@ class ExecError(RexecError):
     when the error came over the wire.
     """
 
-    exit_code: int | None = None
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ConfigError(RexecError):

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import rexec
-from rexec.errors import CommandFailed, CommandTimeout, ExecError, RexecError
+from rexec.errors import ExecError, RexecError
+from rexec.result import CommandFailed, CommandTimeout, Result
 
 if TYPE_CHECKING:  # types only: at run time everything comes through the `rexec` facade
     from rexec.client.blocking import Client
-    from rexec.result import Result
 
 FIXTURE = "rexec_host"
 PROPERTY = "rexec_host"  # the JUnit <property> that names the host of a testcase

@@ -1,7 +1,9 @@
-"""The outcome of one remote command, shared by the sync, async and CLI clients.
+"""The outcome of one remote command, and the errors that carry it.
 
-Lean on purpose (no asyncio, no dataclasses): `rexec run` imports it on its start-up path,
-where every import is latency (DESIGN.md 2a).
+Shared by the sync, async and CLI clients. Lean on purpose (no asyncio, no dataclasses):
+`rexec run` imports it on its start-up path, where every import is latency (DESIGN.md 2a).
+`CommandFailed` and `CommandTimeout` live here rather than in rexec.errors because they hold
+a Result, and rexec.errors sits below everything (it imports nothing).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import base64
 from typing import Any
 
 from rexec._record import FrozenRecord, setfield
-from rexec.errors import CommandFailed, CommandTimeout
+from rexec.errors import CommandError
 from rexec.protocol.messages import ExitStatus
 
 EXIT_TIMEOUT = 124  # as coreutils `timeout`
 EXIT_FAILURE = 255  # as ssh: connection, auth or protocol failure
+STDERR_TAIL_LINES = 5  # how much of stderr a CommandFailed message quotes
+STDERR_TAIL_BYTES = 2048
 
 
 class Result(FrozenRecord):
@@ -23,7 +27,16 @@ class Result(FrozenRecord):
     Immutable, comparable and hashable, like the frozen dataclass it replaces.
     """
 
-    __match_args__ = ("command", "exit_code", "signal", "timed_out", "duration", "stdout", "stderr")
+    __match_args__ = (
+        "command",
+        "exit_code",
+        "signal",
+        "timed_out",
+        "duration",
+        "stdout",
+        "stderr",
+        "target",
+    )
     __slots__ = __match_args__
     command: str | tuple[str, ...]
     exit_code: int | None
@@ -32,6 +45,7 @@ class Result(FrozenRecord):
     duration: float
     stdout: bytes
     stderr: bytes
+    target: str | None  # where it ran: the target as the caller named it
 
     def __init__(
         self,
@@ -42,6 +56,7 @@ class Result(FrozenRecord):
         duration: float = 0.0,
         stdout: bytes = b"",
         stderr: bytes = b"",
+        target: str | None = None,
     ) -> None:
         setfield(self, "command", command)
         setfield(self, "exit_code", exit_code)
@@ -50,6 +65,7 @@ class Result(FrozenRecord):
         setfield(self, "duration", duration)
         setfield(self, "stdout", stdout)
         setfield(self, "stderr", stderr)
+        setfield(self, "target", target)
 
     @classmethod
     def from_status(
@@ -58,6 +74,7 @@ class Result(FrozenRecord):
         status: ExitStatus,
         stdout: bytes = b"",
         stderr: bytes = b"",
+        target: str | None = None,
     ) -> Result:
         return cls(
             command=command,
@@ -67,6 +84,7 @@ class Result(FrozenRecord):
             duration=status.duration,
             stdout=stdout,
             stderr=stderr,
+            target=target,
         )
 
     @property
@@ -83,25 +101,42 @@ class Result(FrozenRecord):
         return 128 + (self.signal or 0)
 
     def check(self) -> Result:
-        """Return self when ok; raise CommandTimeout or CommandFailed otherwise."""
+        """Return self when ok; raise CommandTimeout or CommandFailed (holding self) otherwise.
+
+        The message names the command and where it ran, and ends with the last lines of
+        stderr, which usually say why.
+        """
+        where = f" on {self.target}" if self.target is not None else ""
         if self.timed_out:
-            raise CommandTimeout(f"command timed out after {self.duration:.1f}s: {self._name()}")
+            head = f"command timed out after {self.duration:.1f}s{where}: {self._name()}"
+            raise CommandTimeout(head + self._stderr_tail(), self)
         if self.exit_code != 0:
             how = (
                 f"exit status {self.exit_code}"
                 if self.exit_code is not None
                 else f"signal {self.signal}"
             )
-            raise CommandFailed(f"command failed with {how}: {self._name()}")
+            head = f"command failed with {how}{where}: {self._name()}"
+            raise CommandFailed(head + self._stderr_tail(), self)
         return self
 
     def _name(self) -> str:
         text = self.command if isinstance(self.command, str) else " ".join(self.command)
         return text if len(text) <= 80 else text[:77] + "..."
 
+    def _stderr_tail(self) -> str:
+        """The last lines of stderr, bounded, printable: remote bytes must not drive a terminal."""
+        tail = self.stderr[-STDERR_TAIL_BYTES:].decode("utf-8", "replace")
+        lines = [ln.rstrip("\r") for ln in tail.rstrip("\n").split("\n")][-STDERR_TAIL_LINES:]
+        lines = ["".join(c if c.isprintable() or c == "\t" else "?" for c in ln) for ln in lines]
+        if not any(lines):
+            return ""
+        return "".join(f"\n  stderr: {ln}" for ln in lines)
+
     def to_json_dict(self, target: str | None = None) -> dict[str, Any]:
         """One machine-readable object; output as text when valid UTF-8, else base64."""
         out: dict[str, Any] = {}
+        target = self.target if target is None else target
         if target is not None:
             out["target"] = target
         out.update(
@@ -119,3 +154,22 @@ class Result(FrozenRecord):
                 out[name] = base64.b64encode(data).decode("ascii")
                 out[f"{name}_encoding"] = "base64"
         return out
+
+
+class _ResultError(CommandError):
+    """A CommandError holding the command's Result (picklable with it)."""
+
+    def __init__(self, message: str, result: Result) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[type[_ResultError], tuple[str, Result]]:
+        return (type(self), (str(self), self.result))
+
+
+class CommandFailed(_ResultError):
+    """Result.check(): non-zero exit status or killed by a signal. `result` says everything."""
+
+
+class CommandTimeout(_ResultError):
+    """Result.check(): the server killed the command at its deadline. `result` has its output."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rexec.protocol.frames import FrameType
+    from rexec import FrameType
 
 
 def err(message: str) -> None:
@@ -91,6 +92,16 @@ class Interrupts:
             self.sent = self.count
             return int(self._signal.SIGINT if self.sent == 1 else self._signal.SIGKILL)
         return None
+
+    def forwarder(self, send: Callable[[int], object]) -> Callable[[], None]:
+        """A callback for the wake-up fd: poll() and `send` the signal to forward, if any."""
+
+        def forward() -> None:
+            signum = self.poll()
+            if signum is not None:
+                send(signum)
+
+        return forward
 
     def close(self) -> None:
         self._signal.set_wakeup_fd(self._old_wakeup)

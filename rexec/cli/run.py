@@ -17,8 +17,8 @@ from rexec.cli.common import Interrupts, err, open_std_fds, trace_fn, writer
 
 RUN_HELP = """\
 usage: rexec run [-h] [--token-file FILE] [-e K=V] [-C DIR] [--timeout SECS]
-                 [--connect-timeout SECS] [-n] [--json] [--trace] [--suite {aesgcm,chachapoly}]
-                 TARGET [options] CMD...
+                 [--connect-timeout SECS] [-n] [-t | -T] [--json] [--trace]
+                 [--suite {aesgcm,chachapoly}] TARGET [options] CMD...
 
 Run one command on TARGET. One CMD argument is a shell command line (run by /bin/sh -c, as
 with ssh); several are an exact argv (no shell). Options go before or after TARGET: the first
@@ -37,6 +37,10 @@ options:
   --connect-timeout SECS
                         deadline for connecting and the handshake
   -n, --no-stdin        do not forward stdin (the command gets EOF at once)
+  -t, --tty             run the command on a pseudo-terminal (for top, sudo prompts,
+                        progress bars): one output stream; from a terminal, keys go as
+                        typed and ~. disconnects
+  -T                    no pseudo-terminal (the default; after -t: cancels it)
   --json                print one JSON result object instead of streaming output
   --trace               print every frame's type, channel and length to stderr
   --suite {aesgcm,chachapoly}
@@ -55,11 +59,13 @@ _RUN_OPTIONS = (
     ("--timeout", "", "timeout"),
     ("--connect-timeout", "", "connect_timeout"),
     ("--no-stdin", "-n", "no_stdin"),
+    ("--tty", "-t", "tty"),
+    ("", "-T", "no_tty"),  # no long name: `--no` stays short for --no-stdin
     ("--json", "", "json"),
     ("--trace", "", "trace"),
     ("--suite", "", "suite"),
 )
-_RUN_FLAGS = frozenset({"help", "no_stdin", "json", "trace"})
+_RUN_FLAGS = frozenset({"help", "no_stdin", "tty", "no_tty", "json", "trace"})
 _SUITES = ("aesgcm", "chachapoly")
 
 
@@ -79,6 +85,7 @@ class RunArgs:
         self.timeout: float | None = None
         self.connect_timeout: float | None = None
         self.no_stdin = False
+        self.tty = False  # -t and -T: the last one given wins
         self.json = False
         self.trace = False
         self.suite = "aesgcm"
@@ -119,7 +126,10 @@ def _set_option(
     if attr in _RUN_FLAGS:
         if value is not None:
             raise UsageError(f"argument {shown}: ignored explicit argument {value!r}")
-        setattr(args, attr, True)
+        if attr in ("tty", "no_tty"):
+            args.tty = attr == "tty"
+        else:
+            setattr(args, attr, True)
         return
     if value is None:
         # as argparse: a following argument that looks like an option is not a value
@@ -224,12 +234,7 @@ def cmd_run(argv: list[str]) -> int:
     if not command:
         err("no command given (use `rexec shell TARGET` for an interactive shell)")
         return 2
-    from rexec.errors import (
-        AuthError,
-        ConfigError,
-        ExecError,
-        RexecError,
-    )
+    from rexec.errors import ExecError, RexecError
     from rexec.result import EXIT_FAILURE
 
     try:
@@ -237,22 +242,35 @@ def cmd_run(argv: list[str]) -> int:
     except ValueError as exc:
         err(str(exc))
         return 2
+    if args.tty and args.json:
+        err("--json and -t do not mix (a terminal has one output stream)")
+        return 2
     interrupts: Interrupts | None = None
-    conn = None
+    client = None
     try:
-        from rexec.client.blocking import BlockingConnection
-        from rexec.client.target import resolve_target
-        from rexec.protocol.noise import Suite
+        from rexec import Client, Suite
 
-        resolved = resolve_target(args.target, token_file=args.token_file)
-        conn = BlockingConnection(
-            resolved.endpoint,
-            resolved.token,
-            connect_timeout=args.connect_timeout or resolved.connect_timeout,
+        client = Client(
+            args.target,
+            token_file=args.token_file,
+            connect_timeout=args.connect_timeout,
             suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
             trace=trace_fn() if args.trace else None,
         )
-        conn.connect()
+        if args.tty:
+            from rexec.cli.ptyshell import run_on_pty
+
+            status = run_on_pty(
+                client,
+                command[0] if len(command) == 1 else command,
+                target=args.target,
+                env=env or None,
+                cwd=args.cwd,
+                timeout=args.timeout,
+                stdin=not args.no_stdin,
+            )
+            client.close()
+            return status
         stdin: int | None = None
         if not args.no_stdin and not os.isatty(0):
             try:
@@ -261,28 +279,24 @@ def cmd_run(argv: list[str]) -> int:
             except OSError:
                 stdin = None
         interrupts = Interrupts()
-        result = conn.run(
+        proc = client.start(
             command[0] if len(command) == 1 else command,
             env=env or None,
             cwd=args.cwd,
             timeout=args.timeout,
-            stdin=stdin,
-            stdout=None if args.json else writer(1),
-            stderr=None if args.json else writer(2),
-            poll=interrupts.poll,
-            wakeup_fd=interrupts.read_fd,
+            stdin=stdin is not None,
         )
-        conn.close()
+        if stdin is not None:
+            proc.feed(stdin)
+        client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
+        result = proc.wait(
+            stdout=None if args.json else writer(1), stderr=None if args.json else writer(2)
+        )
+        client.close()
     except ExecError as exc:
         err(str(exc))
         return exc.exit_code or 127
-    except AuthError as exc:
-        err(str(exc))
-        return EXIT_FAILURE
-    except ConfigError as exc:
-        err(str(exc))
-        return EXIT_FAILURE
-    except RexecError as exc:
+    except RexecError as exc:  # connection, auth, config or protocol failure
         err(str(exc))
         return EXIT_FAILURE
     except BrokenPipeError:  # our reader went away: end quietly, as a SIGPIPE death would
@@ -293,8 +307,8 @@ def cmd_run(argv: list[str]) -> int:
     finally:
         if interrupts is not None:
             interrupts.close()
-        if conn is not None:
-            conn._abort()
+        if client is not None:
+            client.abort()
     if args.json:
         import json
 

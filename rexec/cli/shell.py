@@ -20,22 +20,22 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rexec.cli.terminal import RawTerminal, TerminalSignal
-from rexec.client.blocking import BlockingConnection
-from rexec.errors import (
+from rexec import (
+    Client,
     ConnectionLost,
     ErrorCode,
     ExecError,
     ProtocolError,
     RemoteError,
+    Result,
     RexecError,
+    Suite,
 )
-from rexec.protocol.noise import Suite
-from rexec.result import EXIT_FAILURE, Result
+from rexec.cli.terminal import RawTerminal, TerminalSignal
+from rexec.result import EXIT_FAILURE
 
 if TYPE_CHECKING:
-    from rexec.client.target import ResolvedTarget
-    from rexec.protocol.frames import FrameType
+    from rexec import FrameType
 
 HISTORY_KEEP = 5000  # lines kept in the history file (trimmed at start-up)
 RED, RESET = "\x1b[31m", "\x1b[0m"
@@ -103,7 +103,7 @@ class Output:
         self._red = red_stderr
         self.mid_line = False
 
-    def sink(self, fd: int) -> Callable[[bytes], None]:
+    def sink(self, fd: int) -> Callable[[bytes | bytearray], None]:
         return lambda data: self._emit(fd, self._decoders[fd].decode(data))
 
     def _emit(self, fd: int, text: str) -> None:
@@ -130,19 +130,22 @@ class Shell:
 
     def __init__(
         self,
-        target: ResolvedTarget,
+        target: str,
         *,
+        token_file: str | None = None,
         connect_timeout: float | None = None,
         suite: Suite = Suite.AESGCM,
         interactive: bool = True,
         trace: bool = False,
     ) -> None:
         self.target = target
-        self._connect_timeout = connect_timeout or target.connect_timeout
+        self.endpoint = target  # the address, once known
+        self._token_file = token_file
+        self._connect_timeout = connect_timeout
         self._suite = suite
         self.interactive = interactive
         self.tracing = trace
-        self.conn: BlockingConnection | None = None
+        self.conn: Client | None = None
         self.user = self.host = "?"
         self.home: str | None = None
         self.cwd: str | None = None  # None: the server's default (the remote home)
@@ -164,26 +167,23 @@ class Shell:
 
     def connect(self) -> None:
         """Open and authenticate a connection; the first time, learn the remote home."""
-        conn = BlockingConnection(
-            self.target.endpoint,
-            self.target.token,
+        conn = Client(
+            self.target,
+            token_file=self._token_file,
             connect_timeout=self._connect_timeout,
             suite=self._suite,
             trace=self._trace,
         )
-        try:
-            info = conn.connect()
-        except BaseException:
-            self._drop(conn)
-            raise
+        info = conn.info
         self.conn, self.user, self.host = conn, info.user, info.host
+        self.endpoint = str(conn.endpoint)
         if self.home is None:
             result = self.remote("pwd -P", capture=True)
             if result is not None and result.exit_code == 0:
                 self.home = self.cwd = _last_line(result.stdout)
 
     @staticmethod
-    def _drop(conn: BlockingConnection | None) -> None:
+    def _drop(conn: Client | None) -> None:
         """Close a connection that may already be dead, quietly."""
         if conn is not None:
             with contextlib.suppress(Exception):  # gone either way; close() aborts the socket
@@ -211,18 +211,19 @@ class Shell:
 
         if self.conn is None:
             raise _Lost("not connected")
+        conn = self.conn
         interrupts = Interrupts()
         self.refused = None
         try:
-            result = self.conn.run(
+            proc = conn.start(
                 command,
                 env=self.env if env is None else env,
                 cwd=None if from_home else self.cwd,
                 timeout=timeout,
-                stdout=None if capture else self.output.sink(1),
-                stderr=self.output.sink(2),
-                poll=interrupts.poll,
-                wakeup_fd=interrupts.read_fd,
+            )
+            conn.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
+            result = proc.wait(
+                stdout=None if capture else self.output.sink(1), stderr=self.output.sink(2)
             )
         except ExecError as exc:
             _say(str(exc))
@@ -237,6 +238,7 @@ class Shell:
         except (ConnectionLost, ProtocolError, OSError) as exc:
             raise _Lost(str(exc)) from None
         finally:
+            conn.unwatch(interrupts.read_fd)
             interrupts.close()
             if interrupts.count:
                 self.output.mid_line = True  # the terminal echoed ^C
@@ -292,8 +294,8 @@ class Shell:
     def reconnect(self, reason: str) -> bool:
         """Say the connection is gone (one line) and offer to reconnect; False to leave."""
         self.close()
-        reason = reason.removeprefix(f"connection to {self.target.endpoint} lost: ")
-        _say(f"connection to {self.target.name} lost: {reason}")
+        reason = reason.removeprefix(f"connection to {self.endpoint} lost: ")
+        _say(f"connection to {self.target} lost: {reason}")
         if not self.interactive:
             return False
         while True:
@@ -526,7 +528,9 @@ class LineEditor:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rexec shell",
-        description="Interactive shell on TARGET: one connection, each line a remote command.",
+        description="Interactive shell on TARGET. On a terminal: the remote user's shell on a "
+        "pseudo-terminal, as `ssh TARGET` gives (~. disconnects, ~? lists the escapes). With "
+        "--repl, or when stdin is not a terminal: a line REPL, each line a remote command.",
     )
     p.add_argument("target", help="host[:port], unix:/path, or a client-config alias")
     p.add_argument("--token-file", help="file holding the client token (mode 0600)")
@@ -544,17 +548,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
-    from rexec.client.target import resolve_target
+    if os.isatty(0) and not args.repl:
+        from rexec.cli.ptyshell import shell_main
 
+        return shell_main(args)
     interactive = os.isatty(0)
     if interactive:  # Ctrl-C must work even when started with SIGINT ignored (`cmd &`)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     shell: Shell | None = None
     try:
-        resolved = resolve_target(args.target, token_file=args.token_file)
         suite = Suite.CHACHAPOLY if args.suite == "chachapoly" else Suite.AESGCM
         shell = Shell(
-            resolved,
+            args.target,
+            token_file=args.token_file,
             connect_timeout=args.connect_timeout,
             suite=suite,
             interactive=interactive,
@@ -562,7 +568,7 @@ def main(argv: Sequence[str]) -> int:
         )
         shell.connect()
         if interactive:
-            where = f"{shell.user}@{shell.host} ({resolved.endpoint})"
+            where = f"{shell.user}@{shell.host} ({shell.endpoint})"
             _say(f"connected to {where}; :help for built-ins, Ctrl-D to leave")
         if not interactive:
             return shell.loop(input)

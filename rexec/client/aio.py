@@ -1,9 +1,8 @@
-"""The async client API: `async with rexec.connect(target) as conn: await conn.run(...)`.
+"""The asyncio driver: the async API (`async with rexec.connect(target) as conn: ...`).
 
-Several commands may run at once on one connection (one channel each). Output of a
-streaming `Process` is buffered only up to a bound: a consumer that falls behind pauses the
-socket (so the server pauses the command). `run()` and `wait()` collect everything, so they
-lift that bound instead of deadlocking on it.
+It moves bytes between an asyncio transport and the sans-I/O client core and wakes whoever
+waits; what the bytes mean is the core's business (rexec.client.core), exactly as for the
+sync driver. Several commands may run at once on one connection (one channel each).
 """
 
 from __future__ import annotations
@@ -11,179 +10,250 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from rexec.address import Endpoint
-from rexec.client.blocking import HANDSHAKE_CLOSED, channel_error, resolve
-from rexec.errors import (
-    AuthError,
-    ConnectionLost,
-    ConnectTimeout,
-    ExecError,
-    LocalProtocolError,
-    RemoteError,
-    RexecError,
-    TruncatedError,
+from rexec.client.blocking import unsent_bytes
+from rexec.client.core import (
+    CLOSE_WAIT,
+    Chunk,
+    ClientCore,
+    Command,
+    connect_failed,
+    connect_timed_out,
+    connection_broke,
 )
+from rexec.client.target import resolve_target
+from rexec.errors import ConnectionLost, RexecError
 from rexec.heap import keep_heap
-from rexec.protocol.client import ClientConnection
+from rexec.protocol.connection import Connection as ProtocolConnection
 from rexec.protocol.connection import TraceFn
-from rexec.protocol.events import (
-    CloseReceived,
-    ErrorReceived,
-    Event,
-    ExitReceived,
-    HandshakeComplete,
-    OutputReceived,
-)
+from rexec.protocol.events import Event, Stream
 from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.noise import Suite
+from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
-from rexec.transport import FramedProtocol
+from rexec.transport import FramedProtocol, LostHandler
 
-READ_HIGH = 8 * 1024 * 1024  # buffered, unconsumed output per connection before we pause
-READ_LOW = 2 * 1024 * 1024
-CLOSE_WAIT = 2.0
+Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
+
+
+class ClientProtocol(FramedProtocol):
+    """FramedProtocol that remembers the OS error a connection died of (for the core)."""
+
+    def __init__(
+        self,
+        conn: ProtocolConnection,
+        on_events: Callable[[list[Event]], None],
+        on_lost: LostHandler,
+    ) -> None:
+        super().__init__(conn, on_events, on_lost)
+        self.os_error: OSError | None = None
+        self.on_bytes: Callable[[], None] | None = None
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.on_bytes is not None:
+            self.on_bytes()  # any byte is a sign of life, a whole frame or not
+        super().buffer_updated(nbytes)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, OSError):
+            self.os_error = exc
+        super().connection_lost(exc)
+
+
+class _Waiters:
+    """Futures woken together when something they wait on may have changed."""
+
+    __slots__ = ("_futures",)
+
+    def __init__(self) -> None:
+        self._futures: deque[asyncio.Future[None]] = deque()
+
+    async def wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._futures.append(fut)
+        try:
+            await fut
+        finally:
+            with contextlib.suppress(ValueError):
+                self._futures.remove(fut)
+
+    def wake(self, one: bool = False) -> None:
+        """Wake every waiter (or the longest-waiting live one)."""
+        while self._futures:
+            fut = self._futures.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                if one:
+                    return
 
 
 class OutputStream:
     """One stream (stdout or stderr) of a Process: `async for chunk in proc.stdout`."""
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self._chunks: deque[bytes] = deque()
-        self._eof = False
-        self._waiter: asyncio.Future[None] | None = None
+    stream: Stream
 
-    def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._conn._buffered(len(data))
-        self._wake()
+    def __init__(self, proc: Process, stream: Stream) -> None:
+        self._proc = proc
+        self.stream = stream
 
-    def _end(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _take_all(self) -> bytes:
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._conn._consumed(len(data))
-        return data
-
-    async def read_chunk(self) -> bytes:
-        """The next chunk, or b"" at end of stream."""
-        while not self._chunks:
-            if self._eof:
-                return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = self._chunks.popleft()
-        self._conn._consumed(len(data))
-        return data
+    async def read_chunk(self) -> bytes | bytearray:
+        """The next chunk, or b"" at the end of the stream."""
+        return (await self._proc._next(self.stream))[1]
 
     async def read(self) -> bytes:
         """Everything until the end of the stream."""
-        parts = []
-        while chunk := await self.read_chunk():
-            parts.append(chunk)
-        return b"".join(parts)
+        return b"".join([chunk async for chunk in self])
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes | bytearray]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
+    async def _iterate(self) -> AsyncIterator[bytes | bytearray]:
         while chunk := await self.read_chunk():
             yield chunk
 
 
 class Process:
-    """A running remote command (from `Connection.start`)."""
+    """A running remote command (from `Connection.start`).
 
-    def __init__(self, conn: Connection, channel: int, command: str | tuple[str, ...]) -> None:
+    Iterate it (`async for stream, chunk in proc`) for output in arrival order, or read
+    `stdout`/`stderr`; read both (or iterate the process, or wait()): output not taken holds
+    the command back.
+    """
+
+    channel: int
+    command: str | tuple[str, ...]
+    stdout: OutputStream
+    stderr: OutputStream
+
+    def __init__(self, conn: Connection, cmd: Command) -> None:
         self._conn = conn
-        self.channel = channel
-        self.command = command
-        self.stdout = OutputStream(conn)
-        self.stderr = OutputStream(conn)
-        self._done: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
-        self._error: RexecError | None = None
-        self._collect = False  # a waiter wants all output: never pause reading for it
+        self._core = conn._core
+        self._cmd = cmd
+        self._changed = _Waiters()
+        self.channel = cmd.channel
+        self.command = cmd.command
+        self.stdout = OutputStream(self, Stream.STDOUT)
+        self.stderr = OutputStream(self, Stream.STDERR)
 
     @property
     def status(self) -> ExitStatus | None:
         """The exit status once the command has ended, else None."""
-        return self._done.result() if self._done.done() and not self._done.exception() else None
+        return self._cmd.status
 
     async def write(self, data: bytes) -> None:
-        """Send bytes to the command's stdin (start it with stdin=True); waits for drain."""
-        await self._conn._send_stdin(self.channel, data)
+        """Send bytes to the command's stdin (start it with stdin=True); waits while the server's
+        window is shut or the socket is not draining. Once the command has ended, its stdin is
+        gone: the bytes are dropped."""
+        core, cmd, conn = self._core, self._cmd, self._conn
+        view = memoryview(data)
+        while view:
+            n = core.write(cmd, view)  # raises if stdin is closed; drops all once cmd ended
+            if n:
+                view = view[n:]
+                conn._flush()
+                await conn._drain()
+            else:
+                await self._until(lambda: cmd.done or core.stdin_room(cmd) > 0)
 
     async def close_stdin(self) -> None:
         """EOF on the command's stdin."""
-        self._conn._send_stdin_eof(self.channel)
+        self._core.close_stdin(self._cmd)
+        self._conn._flush()
 
     def signal(self, signum: int) -> None:
         """Deliver a signal to the command's whole process group (if it still runs)."""
-        self._conn._send_signal(self.channel, signum)
+        self._core.signal(self._cmd, signum)
+        self._conn._flush()
 
-    async def wait(self) -> Result:
-        """Wait for the exit; the Result holds whatever output was not consumed."""
-        self._conn._collecting(self)
-        status = await asyncio.shield(self._done)
-        if self._error is not None:
-            if isinstance(self._error, ExecError):
-                self._error.exit_code = status.exit_code
-            raise self._error
-        return Result.from_status(
-            self.command, status, self.stdout._take_all(), self.stderr._take_all()
-        )
+    def resize(self, rows: int, cols: int) -> None:
+        """Tell a command started with `pty=` its terminal's new size (it gets SIGWINCH)."""
+        self._core.resize(self._cmd, rows, cols)
+        self._conn._flush()
 
-    # -- called by the Connection --
+    async def wait(self, *, stdout: Sink | None = None, stderr: Sink | None = None) -> Result:
+        """Wait for the exit; returns the Result, or raises why there is none.
 
-    def _exited(self, status: ExitStatus) -> None:
-        self.stdout._end()
-        self.stderr._end()
-        if not self._done.done():
-            self._done.set_result(status)
+        Output goes to the sinks as it arrives; a stream without one is collected into the
+        Result (with whatever of it was not taken before).
+        """
+        core, cmd = self._core, self._cmd
+        sinks = (stdout, stderr)
+        for stream, sink in zip(Stream, sinks, strict=True):
+            if sink is None:
+                core.collect(cmd, stream)
+        self._conn._flush()
+        if stdout is not None or stderr is not None:
+            which = None if stdout and stderr else Stream.STDOUT if stdout else Stream.STDERR
+            while True:
+                stream, data = await self._next(which)
+                if not data:
+                    break
+                sink = sinks[stream - 1]
+                assert sink is not None
+                sink(data)
+        else:
+            await self._until(lambda: cmd.done)
+        return core.result(cmd)
 
-    def _failed(self, exc: RexecError) -> None:
-        self.stdout._end()
-        self.stderr._end()
-        if not self._done.done():
-            self._done.set_exception(exc)
-            self._done.exception()  # mark retrieved: the caller may never wait
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
+        while True:
+            stream, data = await self._next(None)
+            if not data:
+                return
+            yield stream, data
+
+    async def _next(self, stream: Stream | None) -> Chunk:
+        core, cmd = self._core, self._cmd
+        while (item := core.take(cmd, stream)) is None:
+            await self._until(lambda: cmd.done or cmd.has_output(stream))
+        self._conn._flush()  # output taken may have opened the server's window
+        return item
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            await self._changed.wait()
 
 
 class Connection:
     """An authenticated connection. Create with `await rexec.connect(...)`."""
 
-    def __init__(self, endpoint: Endpoint, token: Token, suite: Suite, trace: TraceFn | None):
+    endpoint: Endpoint
+    target: str  # as the caller named it (an alias, or an address)
+    info: ServerInfo | None  # what the server said about itself; set once connected
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        token: Token,
+        suite: Suite = Suite.AESGCM,
+        trace: TraceFn | None = None,
+        target: str | None = None,
+    ) -> None:
         self.endpoint = endpoint
-        self._conn = ClientConnection(token, suite, trace=trace)
-        self._proto = FramedProtocol(self._conn, self._on_events, self._on_lost)
+        self.target = target if target is not None else str(endpoint)
+        self._core = ClientCore(token, suite, target=self.target, trace=trace)
+        self._loop = asyncio.get_running_loop()
+        self._proto = ClientProtocol(self._core.conn, self._on_events, self._on_lost)
+        self._proto.on_bytes = lambda: self._core.heard(self._loop.time())
         self._procs: dict[int, Process] = {}
-        self._ready: asyncio.Future[ServerInfo] = asyncio.get_running_loop().create_future()
-        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._error: RexecError | None = None
-        self._buffered_bytes = 0
-        self._held = False
-        self._collect_all = 0
-        self._slots: asyncio.Semaphore | None = None  # the server's max_channels
+        self._ready: asyncio.Future[ServerInfo] = self._loop.create_future()
+        self._lost: asyncio.Future[None] = self._loop.create_future()
+        self._slots = _Waiters()  # start()s waiting for the server's max_channels
+        self._closed = _Waiters()  # close() waiting for the server's CLOSE
+        self._timer: asyncio.TimerHandle | None = None
         self.info: ServerInfo | None = None
 
     async def _open(self, timeout: float) -> None:
         keep_heap()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             async with asyncio.timeout(timeout):
                 try:
@@ -194,120 +264,98 @@ class Connection:
                         assert host is not None and port is not None
                         await loop.create_connection(lambda: self._proto, host, port)
                 except OSError as exc:
-                    reason = exc.strerror or str(exc)
-                    raise ConnectionLost(f"cannot connect to {self.endpoint}: {reason}") from None
-                self._conn.initiate()
-                self._proto.flush()
+                    raise connect_failed(self.endpoint, exc) from None
+                self._core.initiate()
+                self._flush()
                 self.info = await self._ready
-                self._slots = asyncio.Semaphore(self.info.max_channels)
         except TimeoutError:
             self._proto.abort()
-            raise ConnectTimeout(
-                f"connecting to {self.endpoint} timed out after {timeout:g}s"
-            ) from None
+            connected = self._proto.transport is not None
+            raise connect_timed_out(self.endpoint, timeout, connected=connected) from None
         except BaseException:
             self._proto.abort()
             raise
+        self._tick()
 
-    # ---- protocol callbacks ----------------------------------------------------------
+    # ---- driving the core --------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._proto.flush()
+
+    async def _drain(self) -> None:
+        try:
+            await self._proto.drain()
+        except RexecError:
+            raise self._core.error or ConnectionLost("connection closed") from None
 
     def _on_events(self, events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, OutputReceived):
-                proc = self._procs.get(event.channel)
-                if proc is not None:
-                    (proc.stdout if event.stream == 1 else proc.stderr)._feed(event.data)
-            elif isinstance(event, ExitReceived):
-                proc = self._procs.pop(event.channel, None)
-                if proc is not None:
-                    proc._exited(event.status)
-                    self._uncollect(proc)
-                    assert self._slots is not None
-                    self._slots.release()
-            elif isinstance(event, ErrorReceived):
-                if event.channel == 0:
-                    self._error = RemoteError(event.code, event.message)
-                else:
-                    proc = self._procs.get(event.channel)
-                    if proc is not None:
-                        err = channel_error(event.code, event.message)
-                        assert isinstance(err, RexecError)
-                        proc._error = err
-            elif isinstance(event, HandshakeComplete):
-                if not self._ready.done():
-                    self._ready.set_result(event.info)
-            elif isinstance(event, CloseReceived):
-                self._conn.send_close()
-                self._proto.flush()
+        core = self._core
+        touched = core.handle(events, self._loop.time())
+        self._flush()  # our answer to a CLOSE, credit for output taken
+        self._wake(touched)
+        if core.info is not None and not self._ready.done():
+            self._ready.set_result(core.info)
 
     def _on_lost(self, error: RexecError | None) -> None:
+        proto = self._proto
+        if proto.os_error is not None:
+            reset = isinstance(proto.os_error, ConnectionResetError)
+            error = connection_broke(self.endpoint, proto.os_error)
+        else:
+            reset = False
+        core = self._core
+        self._wake(core.connection_lost(error, reset=reset))
         if not self._ready.done():
-            if error is None or isinstance(error, TruncatedError):
-                error = AuthError(HANDSHAKE_CLOSED)
-            self._ready.set_exception(error)
-            self._ready.exception()
-        if error is None and self._procs:
-            error = TruncatedError("server closed the connection before the command's exit")
-        if error is not None and self._error is None:
-            self._error = error
-        failure = self._error or ConnectionLost("connection closed")
-        for proc in list(self._procs.values()):
-            proc._failed(failure)
-        self._procs.clear()
+            assert core.error is not None
+            self._ready.set_exception(core.error)
+            self._ready.exception()  # retrieved: the opener may already have given up
         if not self._lost.done():
             self._lost.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    # ---- flow control ------------------------------------------------------------------
+    def _wake(self, touched: list[Command]) -> None:
+        ended = False
+        for cmd in touched:
+            proc = self._procs.get(cmd.channel)
+            if proc is not None:
+                proc._changed.wake()
+                if cmd.done:
+                    del self._procs[cmd.channel]
+                    ended = True
+        if self._core.error is not None:
+            self._slots.wake()
+            self._closed.wake()
+        elif ended:
+            self._slots.wake(one=True)
 
-    def _buffered(self, n: int) -> None:
-        self._buffered_bytes += n
-        if self._buffered_bytes > READ_HIGH and not self._held and not self._collect_all:
-            self._held = True
-            self._proto.hold()
+    def _tick(self) -> None:
+        """The keepalive clock: the core decides, we PING or drop the connection."""
+        self._timer = None
+        core = self._core
+        if core.error is not None or self._proto.closed:
+            return
+        try:
+            due = core.keepalive(self._loop.time(), self._blocked)
+        except ConnectionLost:
+            self._wake(list(self._procs_commands()))
+            self._proto.abort()
+            return
+        self._flush()
+        if due != float("inf"):
+            self._timer = self._loop.call_at(due, self._tick)
 
-    def _consumed(self, n: int) -> None:
-        self._buffered_bytes -= n
-        if self._held and self._buffered_bytes < READ_LOW:
-            self._held = False
-            self._proto.release()
+    def _procs_commands(self) -> list[Command]:
+        return [proc._cmd for proc in self._procs.values()]
 
-    def _collecting(self, proc: Process) -> None:
-        """A waiter wants everything: reading must not pause on its account."""
-        if not proc._collect:
-            proc._collect = True
-            self._collect_all += 1
-            if self._held:
-                self._held = False
-                self._proto.release()
-
-    def _uncollect(self, proc: Process) -> None:
-        if proc._collect:
-            proc._collect = False
-            self._collect_all -= 1
-
-    # ---- sending -----------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._lost.done() or self._conn.close_sent:
-            raise self._error or ConnectionLost("connection is closed")
-
-    async def _send_stdin(self, channel: int, data: bytes) -> None:
-        self._check_open()
-        if channel not in self._conn.channels:
-            return  # the command already ended: its stdin is gone, as with a closed pipe
-        self._conn.send_stdin(channel, data)
-        self._proto.flush()
-        await self._proto.drain()
-
-    def _send_stdin_eof(self, channel: int) -> None:
-        if channel in self._conn.channels and not self._lost.done():
-            self._conn.send_stdin_eof(channel)
-            self._proto.flush()
-
-    def _send_signal(self, channel: int, signum: int) -> None:
-        if channel in self._conn.channels and not self._lost.done():
-            self._conn.send_signal(channel, signum)
-            self._proto.flush()
+    def _blocked(self) -> bool:
+        transport = self._proto.transport
+        if transport is None:
+            return False
+        if transport.get_write_buffer_size() > 0:
+            return True
+        return unsent_bytes(transport.get_extra_info("socket")) > 0
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -319,24 +367,27 @@ class Connection:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        pty: PtyRequest | None = None,
     ) -> Process:
-        """Start a command; stream its output from the Process.
+        """Start a command (a str runs under /bin/sh -c, a sequence is an exact argv).
+
+        `pty`: run it on a pseudo-terminal (`PtyRequest(term, rows, cols)`): its output is
+        one stream (stdout), what you write is typed on the terminal, `resize()` resizes it.
 
         Returns at once unless the server's max_channels commands already run on this
-        connection: then it waits for a slot instead of having the server refuse.
+        connection: then it waits for one to end instead of having the server refuse.
         """
-        assert self._slots is not None
-        await self._slots.acquire()
-        try:
-            self._check_open()
-        except BaseException:
-            self._slots.release()
-            raise
-        name: str | tuple[str, ...] = command if isinstance(command, str) else tuple(command)
-        channel = self._conn.send_exec(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
-        proc = Process(self, channel, name)
-        self._procs[channel] = proc
-        self._proto.flush()
+        core = self._core
+        while not core.can_start():
+            await self._slots.wait()
+        cmd = core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
+        proc = Process(self, cmd)
+        self._procs[cmd.channel] = proc
+        self._flush()
+        if len(core.commands) == 1:  # the first running command starts the keepalive clock
+            if self._timer is not None:
+                self._timer.cancel()
+            self._tick()
         return proc
 
     async def run(
@@ -347,25 +398,38 @@ class Connection:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | None = None,
+        stdout: Sink | None = None,
+        stderr: Sink | None = None,
         check: bool = False,
     ) -> Result:
-        """Run a command to completion and collect its output (a str runs under /bin/sh -c)."""
+        """Run to completion. Output goes to the sinks as it arrives, else into the Result.
+
+        Raises ExecError if it could not start, CommandFailed/CommandTimeout with check.
+        """
         proc = await self.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin is not None)
-        self._collecting(proc)
-        if stdin is not None:
-            await proc.write(stdin)
-            await proc.close_stdin()
-        result = await proc.wait()
+        if stdin is None:
+            result = await proc.wait(stdout=stdout, stderr=stderr)
+        else:
+            feeder = asyncio.ensure_future(_feed(proc, stdin))
+            try:
+                result = await proc.wait(stdout=stdout, stderr=stderr)
+            finally:
+                if not feeder.done():
+                    feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RexecError):
+                    await feeder
         return result.check() if check else result
 
     async def close(self) -> None:
-        """Say CLOSE, wait briefly for the server's, and close the socket."""
+        """Say CLOSE, wait briefly for the server's (it ends what still runs), and disconnect."""
+        core = self._core
         if not self._lost.done():
-            with contextlib.suppress(LocalProtocolError):
-                self._conn.send_close()
-            self._proto.flush()
+            core.close()
+            self._flush()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._lost), CLOSE_WAIT)
+                async with asyncio.timeout(CLOSE_WAIT):
+                    while core.error is None and not self._lost.done():
+                        await self._closed.wait()
             self._proto.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._lost), CLOSE_WAIT)
@@ -383,18 +447,31 @@ class Connection:
         await self.close()
 
 
-class _Connect:
-    """What `connect()` returns: await it, or use it as `async with`."""
+async def _feed(proc: Process, data: bytes) -> None:
+    await proc.write(data)
+    await proc.close_stdin()
 
-    def __init__(self, coro_args: dict[str, Any]) -> None:
-        self._args = coro_args
+
+class Connecting:
+    """What `connect()` returns: await it for a Connection, or use it as `async with`."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | Token | None,
+        token_file: str | None,
+        connect_timeout: float | None,
+        suite: Suite,
+        trace: TraceFn | None,
+    ) -> None:
+        self._args = (target, token, token_file, connect_timeout, suite, trace)
         self._conn: Connection | None = None
 
     async def _make(self) -> Connection:
-        args = self._args
-        resolved = resolve(args["target"], token=args["token"], token_file=args["token_file"])
-        conn = Connection(resolved.endpoint, resolved.token, args["suite"], args["trace"])
-        await conn._open(args["connect_timeout"] or resolved.connect_timeout)
+        target, token, token_file, connect_timeout, suite, trace = self._args
+        resolved = resolve_target(target, token=token, token_file=token_file)
+        conn = Connection(resolved.endpoint, resolved.token, suite, trace, resolved.name)
+        await conn._open(connect_timeout or resolved.connect_timeout)
         return conn
 
     def __await__(self) -> Generator[Any, None, Connection]:
@@ -422,15 +499,6 @@ def connect(
     connect_timeout: float | None = None,
     suite: Suite = Suite.AESGCM,
     trace: TraceFn | None = None,
-) -> _Connect:
+) -> Connecting:
     """Connect and authenticate to TARGET (host[:port], unix:/path or a config alias)."""
-    return _Connect(
-        {
-            "target": target,
-            "token": token,
-            "token_file": token_file,
-            "connect_timeout": connect_timeout,
-            "suite": suite,
-            "trace": trace,
-        }
-    )
+    return Connecting(target, token, token_file, connect_timeout, suite, trace)

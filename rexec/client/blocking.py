@@ -1,65 +1,57 @@
-"""A selector-driven client over the sans-I/O core: `rexec run` and the sync `rexec.Client`.
+"""The selector driver: the sync API (`rexec.Client`, `Process`), used by `rexec run` and the shell.
 
-No asyncio here: `rexec run` is a process per command and asyncio alone would cost it
-~60 ms of imports. The socket is non-blocking with our own output buffer, so the client
-never deadlocks by blocking in send() while the server waits for us to read its output.
+It moves bytes between a non-blocking socket and the sans-I/O client core, and waits; what
+the bytes mean is the core's business (rexec.client.core). No asyncio here: `rexec run` is
+a process per command, and asyncio alone would cost it ~60 ms of imports. The socket is
+non-blocking with our own output buffer, so the client never deadlocks by blocking in send()
+while the server waits for us to read its output.
+
+Nothing runs in the background: the socket is served whenever the application waits on this
+client (iterating output, writing stdin, wait()); several processes may run at once, and
+waiting on one serves them all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import math
 import os
 import selectors
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 
 from rexec.address import Endpoint
-from rexec.client.target import TOKEN_ENV, ResolvedTarget, resolve_target
-from rexec.errors import (
-    AuthError,
-    ConnectionLost,
-    ConnectTimeout,
-    ErrorCode,
-    ExecError,
-    LocalProtocolError,
-    PolicyError,
-    RemoteError,
-    RexecError,
-    TruncatedError,
+from rexec.client.core import (
+    CLOSE_WAIT,
+    Chunk,
+    ClientCore,
+    Command,
+    connect_failed,
+    connect_timed_out,
+    connection_broke,
 )
+from rexec.client.target import resolve_target
+from rexec.errors import ConnectionLost, LocalProtocolError
 from rexec.heap import BULK, keep_heap
-from rexec.protocol.client import ClientConnection
 from rexec.protocol.connection import TraceFn
-from rexec.protocol.events import (
-    CloseReceived,
-    ErrorReceived,
-    Event,
-    ExitReceived,
-    HandshakeComplete,
-    OutputReceived,
-)
+from rexec.protocol.events import Stream
 from rexec.protocol.frames import MAX_PAYLOAD
-from rexec.protocol.messages import ServerInfo
+from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.noise import Suite
+from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 
-HANDSHAKE_CLOSED = (
-    "authentication failed: the server closed the connection during the handshake "
-    "(wrong or unknown token, or the server refused the connection: see its log)"
-)
-OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # stop reading local stdin while this much is unsent
-KEEPALIVE_IDLE = 15.0  # seconds of server silence before we PING
-KEEPALIVE_DEAD = 30.0  # seconds of server silence before we give up
-CLOSE_WAIT = 2.0
+OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # unsent bytes we buffer before writers (and stdin) wait
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s (close sends a reset)
+_SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP send queue not yet sent
 
-Sink = Callable[[bytes], None]
-PollHook = Callable[[], "int | None"]  # returns a signal number to forward, or None
+Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
 
 
 def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
@@ -83,17 +75,13 @@ def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
             sock = socket.create_connection((addr, endpoint.port), timeout=timeout)  # type: ignore[arg-type]
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except TimeoutError:
-        raise ConnectTimeout(f"connecting to {endpoint} timed out after {timeout:g}s") from None
+        raise connect_timed_out(endpoint, timeout, connected=False) from None
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConnectionLost(f"cannot connect to {endpoint}: {reason}") from None
+        raise connect_failed(endpoint, exc) from None
     return sock
 
 
-_SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP send queue not yet sent
-
-
-def _unsent(sock: socket.socket | None) -> int:
+def unsent_bytes(sock: socket.socket | None) -> int:
     """Bytes queued in the kernel that the peer will not take yet (its window is shut, or
     for a unix socket, it does not read). Sent-but-unacknowledged bytes do not count: a
     dead host must still fail the keepalive. 0 when unknown."""
@@ -110,155 +98,466 @@ def _unsent(sock: socket.socket | None) -> int:
     return int(struct.unpack("i", out)[0])
 
 
-def resolve(
-    target: str, *, token: str | Token | None = None, token_file: str | None = None
-) -> ResolvedTarget:
-    """resolve_target, with an explicit token (text or Token) taking precedence."""
-    if token is None:
-        return resolve_target(target, token_file=token_file)
-    text = token.format() if isinstance(token, Token) else token
-    env = dict(os.environ)
-    env[TOKEN_ENV] = text
-    return resolve_target(target, env=env)
+class _StdinFeed:
+    """Bytes, or a file descriptor read until EOF, going to one command's stdin."""
+
+    __slots__ = ("cmd", "data", "fd")
+
+    def __init__(self, cmd: Command, source: bytes | int) -> None:
+        self.cmd = cmd
+        self.fd = source if isinstance(source, int) else None
+        self.data = memoryview(source) if isinstance(source, bytes) else None
 
 
-def channel_error(code: int, message: str) -> Exception:
-    """The exception for an ERROR frame on a command's channel."""
-    if code == ErrorCode.EXEC_FAILED:
-        return ExecError(message)
-    if code == ErrorCode.POLICY:
-        return PolicyError(code, message)
-    return RemoteError(code, message)
+class SocketDriver:
+    """One connection's socket, selector and send buffer, driving a ClientCore."""
 
-
-class BlockingConnection:
-    """One authenticated connection; commands run one at a time."""
-
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        token: Token,
-        *,
-        connect_timeout: float = 10.0,
-        suite: Suite = Suite.AESGCM,
-        trace: TraceFn | None = None,
-    ) -> None:
+    def __init__(self, endpoint: Endpoint, core: ClientCore) -> None:
         self.endpoint = endpoint
-        self._conn = ClientConnection(token, suite, trace=trace)
-        self._connect_timeout = connect_timeout
+        self.core = core
         self._sock: socket.socket | None = None
         self._out = bytearray()
-        # poll, not epoll: stdin may be a regular file, which epoll refuses
+        # poll, not epoll: a stdin feed may be a regular file, which epoll refuses
         self._sel: selectors.BaseSelector = selectors.PollSelector()
-        self.info: ServerInfo | None = None
-        self._closed = False
-        self._last_rx = time.monotonic()
-        self._pinged = False
+        self._sock_events = 0
+        self._feeds: dict[int, _StdinFeed] = {}  # by channel
+        self._feed_fds: set[int] = set()  # feeds' fds registered in the selector now
+        self._keepalive_due = 0.0
 
-    # ---- connection ----------------------------------------------------------------
+    # ---- connection --------------------------------------------------------------------
 
-    def connect(self) -> ServerInfo:
-        deadline = time.monotonic() + self._connect_timeout
-        sock = open_socket(self.endpoint, self._connect_timeout)
-        self._sock = sock
-        sock.setblocking(False)
-        self._sel.register(sock, selectors.EVENT_READ)
-        self._conn.initiate()
-        self._flush_queue()
+    def connect(self, timeout: float) -> ServerInfo:
+        """Open the socket and run the handshake, all within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        self._sock = open_socket(self.endpoint, timeout)
+        self._sock.setblocking(False)
+        self._sel.register(self._sock, selectors.EVENT_READ)
+        self._sock_events = selectors.EVENT_READ
+        core = self.core
         try:
-            while self.info is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ConnectTimeout(
-                        f"handshake with {self.endpoint} timed out after {self._connect_timeout:g}s"
-                    )
-                for event in self._pump(remaining, handshake=True):
-                    if isinstance(event, HandshakeComplete):
-                        self.info = event.info
+            core.initiate()
+            if not self.wait(lambda: core.info is not None, deadline):
+                raise connect_timed_out(self.endpoint, timeout, connected=True)
         except BaseException:
-            self._abort()
+            self.abort()
             raise
-        return self.info
+        assert core.info is not None
+        return core.info
 
-    def _flush_queue(self) -> None:
-        self._out += self._conn.data_to_send()
-        self._try_send()
+    def wait(self, ready: Callable[[], bool], deadline: float | None = None) -> bool:
+        """Serve the connection until ready() (True) or the deadline passes (False).
 
-    def _try_send(self) -> None:
+        Raises the connection's error if it ends first (ready() usually notices that itself:
+        the commands it waits for end with the error).
+        """
+        core = self.core
+        while not ready():
+            if core.error is not None:
+                self.flush()
+                raise core.error
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            if now >= self._keepalive_due:
+                self._keepalive_due = core.keepalive(now, self._blocked)
+            timeout = self._keepalive_due - now
+            if deadline is not None:
+                timeout = min(timeout, deadline - now)
+            self._step(None if timeout == math.inf else max(0.0, timeout))
+        self.flush()
+        return True
+
+    def poll(self) -> None:
+        """Serve the connection once without waiting."""
+        if self._sock is not None and self.core.error is None:
+            self._step(0.0)
+            self.flush()
+
+    def started(self) -> None:
+        """A command was queued: send it, and let the keepalive clock see it at the next wait."""
+        self._keepalive_due = 0.0
+        self.flush()
+
+    def _blocked(self) -> bool:
+        return bool(self._out) or unsent_bytes(self._sock) > 0
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued for the server that the socket has not taken yet."""
+        return len(self._out)
+
+    def _step(self, timeout: float | None) -> None:
+        self.flush()
+        self._arm_feeds()
         sock = self._sock
-        assert sock is not None
+        for key, mask in self._sel.select(timeout):
+            if key.fileobj is not sock:
+                key.data()
+            else:
+                if mask & selectors.EVENT_WRITE:
+                    self._send()
+                if mask & selectors.EVENT_READ:
+                    self._read()
+
+    def flush(self) -> None:
+        """Send what the core queued, as far as the socket takes it now."""
+        data = self.core.data_to_send()
+        if data:
+            self._out += data
+        if self._out:
+            self._send()
+
+    def _send(self) -> None:
+        sock = self._sock
+        if sock is None:
+            self._out.clear()
+            return
         while self._out:
             try:
                 sent = sock.send(self._out)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                raise ConnectionLost(f"connection to {self.endpoint} lost: {exc}") from None
+                self._broken(exc)
+                return
             del self._out[:sent]
-        self._sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0))
+        self._set_sock_events()
 
-    def _pump(
-        self, timeout: float | None, *, handshake: bool = False, extra: int = 0
-    ) -> list[Event]:
-        """Wait up to `timeout` for socket activity; returns the protocol events it brought.
-
-        `extra` is a file descriptor also registered by the caller; when it is ready, the
-        returned list is empty and `self.ready_extra` is True.
-        """
+    def _read(self) -> None:
         sock = self._sock
         assert sock is not None
-        self.ready_extra = False
-        events: list[Event] = []
-        for key, mask in self._sel.select(timeout):
-            if key.fileobj is not sock:
-                self.ready_extra = True
-                continue
-            if mask & selectors.EVENT_WRITE:
-                self._try_send()
-            if mask & selectors.EVENT_READ:
-                events.extend(self._read(handshake))
-        return events
-
-    def _read(self, handshake: bool) -> list[Event]:
-        sock = self._sock
-        assert sock is not None
+        core = self.core
         try:
-            with self._conn.get_buffer() as view:
+            with core.get_buffer() as view:
                 nbytes = sock.recv_into(view)
         except (BlockingIOError, InterruptedError):
-            return []
-        except OSError as exc:
-            if exc.errno == errno.ECONNRESET and handshake:
-                nbytes = 0
-            else:
-                raise ConnectionLost(f"connection to {self.endpoint} lost: {exc}") from None
-        self._last_rx = time.monotonic()
-        self._pinged = False
-        if not nbytes:
-            if handshake and not self._conn.handshake_done:
-                raise AuthError(HANDSHAKE_CLOSED)
-            self._conn.receive_eof()  # raises TruncatedError unless CLOSE came first
-            return [CloseReceived()] if not self._closed else []
-        events = self._conn.buffer_updated(nbytes)
-        self._flush_queue()
-        return events
-
-    def _keepalive(self) -> None:
-        if self._out or _unsent(self._sock):
-            # The server holds our input back (it stops reading while a command leaves its
-            # stdin unread), so a PING would wait behind it: the server is not silent but
-            # busy, and its kernel keeps answering for it (a zero window is an answer).
-            self._last_rx = time.monotonic()
             return
-        silent = time.monotonic() - self._last_rx
-        if silent > KEEPALIVE_DEAD:
-            raise ConnectionLost(f"server {self.endpoint} stopped responding ({silent:.0f}s)")
-        if silent > KEEPALIVE_IDLE and not self._pinged:
-            self._pinged = True
-            self._conn.send_ping(b"keepalive")
-            self._flush_queue()
+        except OSError as exc:
+            self._broken(exc)
+            return
+        if not nbytes:
+            core.receive_eof()
+        else:
+            if nbytes >= BULK:
+                keep_heap()  # a bulk stream: worth pinning the heap (once)
+            core.buffer_updated(nbytes, time.monotonic())
+        if core.error is not None:
+            self._set_sock_events()  # nothing more to read; only our last words to send
+        self.flush()
 
-    # ---- commands ------------------------------------------------------------------
+    def _broken(self, exc: OSError) -> None:
+        reset = exc.errno in (errno.ECONNRESET, errno.EPIPE)
+        self.core.connection_lost(connection_broke(self.endpoint, exc), reset=reset)
+        self._out.clear()
+        self._set_sock_events()
+
+    def _set_sock_events(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        events = 0 if self.core.error is not None else selectors.EVENT_READ
+        if self._out:
+            events |= selectors.EVENT_WRITE
+        if events != self._sock_events:
+            if not self._sock_events:
+                self._sel.register(sock, events)
+            elif not events:
+                self._sel.unregister(sock)
+            else:
+                self._sel.modify(sock, events)
+            self._sock_events = events
+
+    # ---- local file descriptors --------------------------------------------------------
+
+    def watch(self, fd: int, callback: Callable[[], object]) -> None:
+        self._sel.register(fd, selectors.EVENT_READ, callback)
+
+    def unwatch(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(fd)
+
+    def feed(self, cmd: Command, source: bytes | int) -> None:
+        if cmd.channel in self._feeds:
+            raise LocalProtocolError(f"stdin of {cmd.command!r} is already being fed")
+        if not cmd.stdin_open:
+            raise LocalProtocolError(f"stdin of {cmd.command!r} is closed or was not requested")
+        self._feeds[cmd.channel] = _StdinFeed(cmd, source)
+        self._pump_bytes()
+
+    def _arm_feeds(self) -> None:
+        """Read a feed's fd only while the server takes stdin and our buffer has room."""
+        if not self._feeds:
+            return
+        self._pump_bytes()
+        core = self.core
+        for channel, feed in list(self._feeds.items()):
+            if feed.cmd.done or not feed.cmd.stdin_open:
+                self._drop_feed(channel)
+                continue
+            if feed.fd is None:
+                continue
+            want = len(self._out) < OUT_HIGH_WATER and core.stdin_room(feed.cmd) > 0
+            if want and feed.fd not in self._feed_fds:
+                callback = functools.partial(self._read_feed, feed)
+                self._sel.register(feed.fd, selectors.EVENT_READ, callback)
+                self._feed_fds.add(feed.fd)
+            elif not want and feed.fd in self._feed_fds:
+                self._sel.unregister(feed.fd)
+                self._feed_fds.discard(feed.fd)
+
+    def _pump_bytes(self) -> None:
+        """Queue in-memory feeds as far as windows and our buffer allow."""
+        core = self.core
+        for channel, feed in list(self._feeds.items()):
+            data = feed.data
+            if data is None or feed.cmd.done:
+                continue
+            while data and len(self._out) < OUT_HIGH_WATER:
+                n = core.write(feed.cmd, data)
+                if not n:
+                    break
+                data = data[n:]
+                self.flush()
+            feed.data = data
+            if not data:
+                core.close_stdin(feed.cmd)
+                self._drop_feed(channel)
+
+    def _read_feed(self, feed: _StdinFeed) -> None:
+        assert feed.fd is not None
+        core = self.core
+        room = min(core.stdin_room(feed.cmd), MAX_PAYLOAD)
+        if not room:
+            return
+        try:
+            data = os.read(feed.fd, room)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # an unreadable stdin ends like an empty one
+        if len(data) >= BULK:
+            keep_heap()
+        if data:
+            core.write(feed.cmd, data)
+        else:
+            core.close_stdin(feed.cmd)
+            self._drop_feed(feed.cmd.channel)
+
+    def _drop_feed(self, channel: int) -> None:
+        feed = self._feeds.pop(channel)
+        if feed.fd is not None and feed.fd in self._feed_fds:
+            self._sel.unregister(feed.fd)
+            self._feed_fds.discard(feed.fd)
+
+    # ---- closing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Say CLOSE, wait briefly for the server's, and close the socket."""
+        if self._sock is None:
+            return
+        core = self.core
+        try:
+            core.close()
+            self.wait(lambda: core.error is not None, time.monotonic() + CLOSE_WAIT)
+        except Exception:  # noqa: S110 - the connection is going away either way
+            pass
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the socket now. Without the server's CLOSE, with a reset rather than a FIN,
+        which would queue behind unsent stdin that a stalled server may never read."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)
+            if not self.core.conn.close_received:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+            self._sel.close()
+        if self.core.error is None:
+            self.core.connection_lost(ConnectionLost("connection closed"))
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+
+class SyncOutputStream:
+    """One output stream of a SyncProcess: `for chunk in proc.stdout`, read(), read_chunk()."""
+
+    stream: Stream
+
+    def __init__(self, proc: SyncProcess, stream: Stream) -> None:
+        self._proc = proc
+        self.stream = stream
+
+    def read_chunk(self) -> bytes | bytearray:
+        """The next chunk, or b"" at the end of the stream (waits for it)."""
+        return self._proc._next(self.stream)[1]
+
+    def read(self) -> bytes:
+        """Everything until the end of the stream."""
+        return b"".join(iter(self))
+
+    def __iter__(self) -> Iterator[bytes | bytearray]:
+        while chunk := self.read_chunk():
+            yield chunk
+
+
+class SyncProcess:
+    """A remote command on a sync Client (from `Client.start`): the sync twin of `Process`.
+
+    Iterate it for `(Stream, bytes)` chunks in arrival order, or read `stdout`/`stderr`; read
+    both (or iterate the process, or wait()): output not taken holds the command back.
+    """
+
+    channel: int
+    command: str | tuple[str, ...]
+    stdout: SyncOutputStream
+    stderr: SyncOutputStream
+
+    def __init__(self, driver: SocketDriver, cmd: Command) -> None:
+        self._driver = driver
+        self._core = driver.core
+        self._cmd = cmd
+        self.channel = cmd.channel
+        self.command = cmd.command
+        self.stdout = SyncOutputStream(self, Stream.STDOUT)
+        self.stderr = SyncOutputStream(self, Stream.STDERR)
+
+    @property
+    def status(self) -> ExitStatus | None:
+        """The exit status once the command has ended, else None."""
+        return self._cmd.status
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the command's stdin (start it with stdin=True); waits while the server's
+        window is shut. Once the command has ended, its stdin is gone: the bytes are dropped."""
+        core, cmd, driver = self._core, self._cmd, self._driver
+        view = memoryview(data)
+        while view:
+            if driver.backlog >= OUT_HIGH_WATER:
+                driver.wait(lambda: cmd.done or driver.backlog < OUT_HIGH_WATER)
+            n = core.write(cmd, view)  # raises if stdin is closed; drops all once cmd ended
+            if n:
+                view = view[n:]
+                driver.flush()
+            else:
+                driver.wait(lambda: cmd.done or core.stdin_room(cmd) > 0)
+
+    def feed(self, source: bytes | int) -> None:
+        """Send `source` (bytes, or a file descriptor read until EOF) to stdin, then close it,
+        in the background: whenever this client waits, without blocking the caller now."""
+        self._driver.feed(self._cmd, source)
+
+    def close_stdin(self) -> None:
+        """EOF on the command's stdin."""
+        self._core.close_stdin(self._cmd)
+        self._driver.flush()
+
+    def signal(self, signum: int) -> None:
+        """Deliver a signal to the command's whole process group (if it still runs)."""
+        self._core.signal(self._cmd, signum)
+        self._driver.flush()
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Tell a command started with `pty=` its terminal's new size (it gets SIGWINCH)."""
+        self._core.resize(self._cmd, rows, cols)
+        self._driver.flush()
+
+    def wait(self, *, stdout: Sink | None = None, stderr: Sink | None = None) -> Result:
+        """Wait for the exit; returns the Result, or raises why there is none.
+
+        Output goes to the sinks as it arrives; a stream without one is collected into the
+        Result (with whatever of it was not taken before).
+        """
+        core, cmd = self._core, self._cmd
+        sinks = (stdout, stderr)
+        for stream, sink in zip(Stream, sinks, strict=True):
+            if sink is None:
+                core.collect(cmd, stream)
+        self._driver.flush()
+        if stdout is not None or stderr is not None:
+            which = None if stdout and stderr else Stream.STDOUT if stdout else Stream.STDERR
+            while True:
+                stream, data = self._next(which)
+                if not data:
+                    break
+                sink = sinks[stream - 1]
+                assert sink is not None
+                sink(data)
+        else:
+            self._driver.wait(lambda: cmd.done)
+        return core.result(cmd)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            stream, data = self._next(None)
+            if not data:
+                return
+            yield stream, data
+
+    def _next(self, stream: Stream | None) -> Chunk:
+        core, cmd = self._core, self._cmd
+        while (item := core.take(cmd, stream)) is None:
+            self._driver.wait(lambda: cmd.done or cmd.has_output(stream))
+        self._driver.flush()  # output taken may have opened the server's window
+        return item
+
+
+class Client:
+    """Synchronous API: `with rexec.Client("host", token=...) as c: c.run("uname -a")`.
+
+    One authenticated connection; commands run on it one after another, or several at once
+    with `start()` (waiting on any of them serves them all).
+    """
+
+    target: str  # as the caller named it (an alias, or an address)
+    endpoint: Endpoint
+    info: ServerInfo  # what the server said about itself in the handshake
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | Token | None = None,
+        token_file: str | None = None,
+        connect_timeout: float | None = None,
+        suite: Suite = Suite.AESGCM,
+        trace: TraceFn | None = None,
+    ) -> None:
+        resolved = resolve_target(target, token=token, token_file=token_file)
+        self.target = resolved.name
+        self.endpoint = resolved.endpoint
+        core = ClientCore(resolved.token, suite, target=resolved.name, trace=trace)
+        self._driver = SocketDriver(resolved.endpoint, core)
+        self.info = self._driver.connect(connect_timeout or resolved.connect_timeout)
+
+    def start(
+        self,
+        command: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+        pty: PtyRequest | None = None,
+    ) -> SyncProcess:
+        """Start a command (a str runs under /bin/sh -c, a sequence is an exact argv).
+
+        `pty`: run it on a pseudo-terminal (`PtyRequest(term, rows, cols)`): its output is
+        one stream (stdout), what you write is typed on the terminal, `resize()` resizes it.
+
+        Returns at once unless the server's max_channels commands already run on this
+        connection: then it waits for one to end instead of having the server refuse.
+        """
+        core = self._driver.core
+        self._driver.wait(core.can_start)
+        cmd = core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
+        self._driver.started()
+        return SyncProcess(self._driver, cmd)
 
     def run(
         self,
@@ -270,208 +569,51 @@ class BlockingConnection:
         stdin: bytes | int | None = None,
         stdout: Sink | None = None,
         stderr: Sink | None = None,
-        poll: PollHook | None = None,
-        wakeup_fd: int | None = None,
+        check: bool = False,
     ) -> Result:
-        """Run one command. Output goes to the sinks as it arrives, else into the Result.
+        """Run to completion. Output goes to the sinks as it arrives, else into the Result.
 
-        stdin: bytes to send, a file descriptor to stream until EOF, or None for EOF at once.
-        poll/wakeup_fd: the CLI's Ctrl-C hook; wakeup_fd becomes readable when poll has news.
+        stdin: bytes, a file descriptor to stream until EOF, or None (EOF at once).
+        Raises ExecError if it could not start, CommandFailed/CommandTimeout with check.
         """
-        if self.info is None:
-            raise LocalProtocolError("run() before connect()")
-        conn = self._conn
-        name: str | tuple[str, ...] = command if isinstance(command, str) else tuple(command)
-        channel = conn.send_exec(
-            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin is not None
-        )
-        if isinstance(stdin, bytes):
-            conn.send_stdin(channel, stdin)
-            conn.send_stdin_eof(channel)
-        self._flush_queue()
-        chunks: dict[int, list[bytes]] = {1: [], 2: []}
-        sinks = {1: stdout, 2: stderr}
-        stdin_fd = stdin if isinstance(stdin, int) else None
-        error: Exception | None = None
-        reading_stdin = False
-        if wakeup_fd is not None:
-            self._sel.register(wakeup_fd, selectors.EVENT_READ)
-        try:
-            while True:
-                want_stdin = stdin_fd is not None and len(self._out) < OUT_HIGH_WATER
-                if want_stdin != reading_stdin:
-                    assert stdin_fd is not None
-                    if want_stdin:
-                        self._sel.register(stdin_fd, selectors.EVENT_READ)
-                    else:
-                        self._sel.unregister(stdin_fd)
-                    reading_stdin = want_stdin
-                events = self._pump(KEEPALIVE_IDLE / 3)
-                if self.ready_extra:
-                    stdin_fd = self._extra_ready(channel, stdin_fd, wakeup_fd, poll)
-                    if stdin_fd is None and reading_stdin:
-                        reading_stdin = False
-                if not events and not self.ready_extra:
-                    self._keepalive()
-                for event in events:
-                    if isinstance(event, OutputReceived) and event.channel == channel:
-                        if len(event.data) >= BULK:
-                            keep_heap()  # a bulk stream: worth pinning the heap (once)
-                        sink = sinks[event.stream]
-                        if sink is None:
-                            chunks[event.stream].append(event.data)
-                        else:
-                            sink(event.data)
-                    elif isinstance(event, ExitReceived) and event.channel == channel:
-                        if error is not None:  # the command never started
-                            if isinstance(error, ExecError):
-                                error.exit_code = event.status.exit_code
-                            raise error
-                        return Result.from_status(
-                            name, event.status, b"".join(chunks[1]), b"".join(chunks[2])
-                        )
-                    elif isinstance(event, ErrorReceived):
-                        if event.channel == 0:
-                            raise RemoteError(event.code, event.message)
-                        if event.channel == channel:
-                            error = channel_error(event.code, event.message)
-                    elif isinstance(event, CloseReceived):
-                        raise TruncatedError(
-                            "server closed the connection before the command's exit status"
-                        )
-        finally:
-            if reading_stdin and stdin_fd is not None:
-                self._sel.unregister(stdin_fd)
-            if wakeup_fd is not None:
-                self._sel.unregister(wakeup_fd)
+        if isinstance(stdin, bool):
+            raise TypeError("stdin must be bytes, a file descriptor or None")
+        proc = self.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin is not None)
+        if stdin is not None:
+            proc.feed(stdin)
+        result = proc.wait(stdout=stdout, stderr=stderr)
+        return result.check() if check else result
 
-    def _extra_ready(
-        self, channel: int, stdin_fd: int | None, wakeup_fd: int | None, poll: PollHook | None
-    ) -> int | None:
-        """Handle local stdin and the signal wake-up; returns the still-open stdin fd."""
-        conn = self._conn
-        if wakeup_fd is not None and poll is not None:
-            signum = poll()
-            if signum is not None and channel in conn.channels:
-                conn.send_signal(channel, signum)
-        if stdin_fd is not None:
-            try:
-                data = os.read(stdin_fd, MAX_PAYLOAD)
-            except BlockingIOError:
-                data = None
-            except OSError:
-                data = b""
-            if data is not None and channel in conn.channels:
-                if len(data) >= BULK:
-                    keep_heap()
-                if data:
-                    conn.send_stdin(channel, data)
-                else:
-                    conn.send_stdin_eof(channel)
-                    self._sel.unregister(stdin_fd)
-                    stdin_fd = None
-            elif data is not None and not data:
-                self._sel.unregister(stdin_fd)
-                stdin_fd = None
-        self._flush_queue()
-        return stdin_fd
+    def watch(self, fd: int, callback: Callable[[], object]) -> None:
+        """Call `callback()` whenever `fd` is readable while this client waits (say, a signal
+        wake-up pipe: `rexec run` forwards Ctrl-C this way). An exception it raises ends the
+        wait and reaches the waiter."""
+        self._driver.watch(fd, callback)
+
+    def unwatch(self, fd: int) -> None:
+        self._driver.unwatch(fd)
 
     def check_alive(self) -> str | None:
         """Without blocking: None while the connection is usable, else why it is not.
 
         Lets an interactive front end notice a server's idle timeout or shutdown before the
-        user's next command is sent into a closed connection.
+        user's next command goes into a closed connection.
         """
-        if self._sock is None or self._closed:
+        driver = self._driver
+        with contextlib.suppress(Exception):
+            driver.poll()
+        error = driver.core.error
+        if error is None and driver.closed:
             return "connection closed"
-        why: str | None = None
-        try:
-            for event in self._pump(0):
-                if isinstance(event, ErrorReceived) and event.channel == 0:
-                    why = f"server said: {event.message}"
-                elif isinstance(event, CloseReceived):
-                    why = why or "the server closed the connection"
-        except RexecError as exc:
-            return str(exc)
-        if why is None and self._conn.close_received:
-            why = "the server closed the connection"
-        return why
-
-    # ---- closing -------------------------------------------------------------------
+        return None if error is None else str(error)
 
     def close(self) -> None:
-        """Send CLOSE, wait briefly for the server's, and close the socket."""
-        if self._closed or self._sock is None:
-            return
-        self._closed = True
-        try:
-            self._conn.send_close()
-            self._flush_queue()
-            deadline = time.monotonic() + CLOSE_WAIT
-            while not self._conn.close_received and time.monotonic() < deadline:
-                self._pump(deadline - time.monotonic())
-        except (ConnectionLost, OSError):
-            pass
-        finally:
-            self._abort()
+        """Say CLOSE, wait briefly for the server's (it ends what still runs), and disconnect."""
+        self._driver.close()
 
-    def _abort(self) -> None:
-        self._closed = True
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(sock)
-            if not self._conn.close_received:
-                # An abnormal end: reset rather than FIN, which would queue behind unsent
-                # stdin that a stalled server may never read (it could not see us leave).
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            sock.close()
-        self._sel.close()
-
-
-class Client:
-    """Synchronous API: `with rexec.Client("host", token=...) as c: c.run("uname -a")`.
-
-    Commands run one after another on one connection. For concurrency, use the async API
-    (`rexec.connect`).
-    """
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | Token | None = None,
-        token_file: str | None = None,
-        connect_timeout: float | None = None,
-        suite: Suite = Suite.AESGCM,
-    ) -> None:
-        resolved = resolve(target, token=token, token_file=token_file)
-        self.target = resolved.name
-        self._conn = BlockingConnection(
-            resolved.endpoint,
-            resolved.token,
-            connect_timeout=connect_timeout or resolved.connect_timeout,
-            suite=suite,
-        )
-        self.info = self._conn.connect()
-
-    def run(
-        self,
-        command: str | Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-        check: bool = False,
-    ) -> Result:
-        """Run and collect; raises ExecError if it could not start, CommandFailed with check."""
-        result = self._conn.run(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
-        return result.check() if check else result
-
-    def close(self) -> None:
-        self._conn.close()
+    def abort(self) -> None:
+        """Disconnect now, without the CLOSE exchange; the server kills what still runs."""
+        self._driver.abort()
 
     def __enter__(self) -> Client:
         return self

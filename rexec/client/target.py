@@ -303,15 +303,16 @@ def read_credential(path: str | os.PathLike[str]) -> Token | FleetToken:
 def resolve_target(
     target: str,
     *,
+    token: str | Token | None = None,
     token_file: str | None = None,
     config_path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> ResolvedTarget:
     """Resolve an alias or address to (endpoint, token, connect timeout).
 
-    Token precedence: `token_file` argument > $REXEC_TOKEN (the token text) >
-    $REXEC_TOKEN_FILE > the alias's token_file > [defaults].token_file >
-    `<config dir>/token` if it exists.
+    Token precedence: `token` argument (a Token or its text) > `token_file` argument >
+    $REXEC_TOKEN (the token text) > $REXEC_TOKEN_FILE > the alias's token_file >
+    [defaults].token_file > `<config dir>/token` if it exists.
     """
     env = os.environ if env is None else env
     config = load_client_config(config_path, env)
@@ -324,15 +325,26 @@ def resolve_target(
         except ConfigError as exc:
             where = f" in {config.path}" if config.path else ""
             raise ConfigError(f"{exc} (and no host alias {target!r}{where})") from None
-    token, source = _resolve_token(target, token_file, config, host, env)
-    if not isinstance(token, Token):  # a fleet token: derive this server's own key
+    cred: Token | FleetToken
+    if isinstance(token, Token):
+        cred, source = token, "the token argument"
+    elif token is not None:
+        try:
+            cred, source = parse_credential(token), "the token argument"
+        except TokenError as exc:
+            raise TokenError(f"the token argument: {exc}") from None
+    else:
+        cred, source = _resolve_token(target, token_file, config, host, env)
+    if isinstance(cred, Token):
+        tok = cred
+    else:  # a fleet token: derive this server's own key
         name = fleet_server_name(target, host, endpoint)
-        source = f"{source} (fleet {token.name}, server {name})"
-        token = token.derive(name)
+        source = f"{source} (fleet {cred.name}, server {name})"
+        tok = cred.derive(name)
     timeout = config.connect_timeout
     if host is not None and host.connect_timeout is not None:
         timeout = host.connect_timeout
-    return ResolvedTarget(target, endpoint, token, timeout, source)
+    return ResolvedTarget(target, endpoint, tok, timeout, source)
 
 
 def fleet_server_name(target: str, host: HostEntry | None, endpoint: Endpoint) -> str:

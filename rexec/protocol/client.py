@@ -13,7 +13,7 @@ from rexec.errors import (
 )
 from rexec.protocol import messages as m
 from rexec.protocol.connection import ChannelState, Connection, TraceFn
-from rexec.protocol.events import Event, ExitReceived, HandshakeComplete, OutputReceived
+from rexec.protocol.events import Event, ExitReceived, HandshakeComplete, OutputReceived, Stream
 from rexec.protocol.frames import (
     MAX_CHANNEL,
     MAX_MSG2_LEN,
@@ -182,7 +182,8 @@ class ClientConnection(Connection):
         if ftype is FrameType.STDOUT or ftype is FrameType.STDERR:
             if channel not in self.channels:
                 raise RemoteProtocolError(f"{ftype.name} for channel {channel}, which is not open")
-            events.append(OutputReceived(channel, 1 if ftype is FrameType.STDOUT else 2, payload))
+            stream = Stream.STDOUT if ftype is FrameType.STDOUT else Stream.STDERR
+            events.append(OutputReceived(channel, stream, payload))
         elif ftype is FrameType.EXIT:
             if channel not in self.channels:
                 raise RemoteProtocolError(f"EXIT for channel {channel}, which is not open")

@@ -6,12 +6,21 @@ start-up path (DESIGN.md 2a). Events are values: compare them, never modify them
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from rexec._record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from rexec.protocol.messages import ExitStatus, ServerInfo
     from rexec.protocol.models import ExecRequest
+
+
+class Stream(IntEnum):
+    """Which output stream bytes belong to: the numbers are the file descriptors'."""
+
+    STDOUT = 1
+    STDERR = 2
 
 
 class Event(Record):
@@ -35,15 +44,15 @@ class HandshakeComplete(Event):
 
 
 class OutputReceived(Event):
-    """STDOUT (stream 1) or STDERR (stream 2) bytes of a channel."""
+    """STDOUT or STDERR bytes of a channel."""
 
     __match_args__ = ("channel", "stream", "data")
     __slots__ = __match_args__
     channel: int
-    stream: int
+    stream: Stream
     data: bytes
 
-    def __init__(self, channel: int, stream: int, data: bytes) -> None:
+    def __init__(self, channel: int, stream: Stream, data: bytes) -> None:
         self.channel = channel
         self.stream = stream
         self.data = data

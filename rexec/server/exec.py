@@ -32,6 +32,7 @@ from signal import SIGCONT, SIGKILL, SIGTERM
 from typing import Protocol
 
 from rexec.errors import ExecError
+from rexec.protocol.events import Stream
 from rexec.protocol.pty import PtyRequest
 from rexec.server.pty import controlling_terminal, open_pty, session_groups, set_winsize
 
@@ -89,7 +90,7 @@ class ExecOutcome:
 class OutputSink(Protocol):
     """Receives output; returning means "ready for more" (backpressure: see module doc)."""
 
-    async def __call__(self, stream: int, data: bytes) -> None: ...
+    async def __call__(self, stream: Stream, data: bytes) -> None: ...
 
 
 class _Pump:
@@ -97,7 +98,7 @@ class _Pump:
 
     __slots__ = ("fd", "nbytes", "owed", "stream", "task", "waiter")
 
-    def __init__(self, stream: int, fd: int) -> None:
+    def __init__(self, stream: Stream, fd: int) -> None:
         self.stream = stream
         self.fd = fd
         self.nbytes = 0  # bytes the sink accepted
@@ -232,7 +233,7 @@ class Execution:
         proc: subprocess.Popen[bytes] | None = None
         env = dict(spec.env)
         preexec = None
-        outputs: list[tuple[int, int]] = []  # (stream, our end)
+        outputs: list[tuple[Stream, int]] = []  # (stream, our end)
         try:
             try:
                 if spec.pty is not None:
@@ -243,7 +244,7 @@ class Execution:
                     if spec.stdin:  # its own fd: closing stdin must not close the master
                         stdin_w = os.dup(master)
                         parent_fds.append(stdin_w)
-                    outputs.append((1, master))
+                    outputs.append((Stream.STDOUT, master))
                     env["TERM"] = spec.pty.term
                     preexec = controlling_terminal
                 else:
@@ -257,7 +258,7 @@ class Execution:
                     err_r, err_w = _pipe()
                     parent_fds.append(err_r)
                     child_fds.append(err_w)
-                    outputs += [(1, out_r), (2, err_r)]
+                    outputs += [(Stream.STDOUT, out_r), (Stream.STDERR, err_r)]
             except OSError as exc:  # out of file descriptors
                 raise ExecError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
             try:
@@ -333,20 +334,41 @@ class Execution:
                 fd = self._stdin_fd
                 if fd < 0:
                     return
-                try:
-                    n = os.write(fd, view)
-                except BlockingIOError:
+                n = self._write_some(fd, view)
+                if n < 0:
                     await self._writable(fd)
                     continue
-                except (BrokenPipeError, ConnectionResetError):
-                    self._close_stdin_now()
-                    return
-                except OSError as exc:  # a pty whose every slave is closed: EIO
-                    if exc.errno != errno.EIO:
-                        raise
-                    self._close_stdin_now()
-                    return
                 view = view[n:]
+
+    def write_stdin_now(self, data: bytes) -> int:
+        """What of data the pipe (or pty) takes at once, without waiting: how much it took.
+
+        0 while a write_stdin() waits (order is kept). Saves an interactive key the trip
+        through a task; the caller hands the rest to write_stdin(). Dropped data counts as
+        taken, as in write_stdin().
+        """
+        fd = self._stdin_fd
+        if fd < 0:
+            return len(data)
+        if self._stdin_lock.locked():
+            return 0
+        return max(0, self._write_some(fd, data))
+
+    def _write_some(self, fd: int, data: bytes | memoryview) -> int:
+        """One write to stdin: bytes written; -1 if it is full; all of data when it is gone
+        (the child closed it, or a pty's every slave is closed: EIO)."""
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return -1
+        except (BrokenPipeError, ConnectionResetError):
+            self._close_stdin_now()
+            return len(data)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            self._close_stdin_now()
+            return len(data)
 
     async def close_stdin(self) -> None:
         """EOF to the child, after any write in progress; idempotent."""
@@ -417,8 +439,9 @@ class Execution:
                 await sink(p.stream, data)
                 p.nbytes += len(data)
                 # A sink that never suspends would let a fast child starve the loop (deadline,
-                # the other pipe): yield once per chunk, a negligible cost at 256 KiB.
-                await asyncio.sleep(0)
+                # the other pipe): yield once per full chunk, a negligible cost at 256 KiB.
+                if len(data) == size:
+                    await asyncio.sleep(0)
         except Exception as exc:  # the sink failed: the output has nowhere to go
             if self._sink_error is None:
                 self._sink_error = exc
@@ -602,8 +625,8 @@ class Execution:
             signal=-rc if rc < 0 else None,
             timed_out=timed_out,
             duration=self._t_reaped - self._t0,
-            stdout_bytes=sum(p.nbytes for p in self._pumps if p.stream == 1),
-            stderr_bytes=sum(p.nbytes for p in self._pumps if p.stream == 2),
+            stdout_bytes=sum(p.nbytes for p in self._pumps if p.stream == Stream.STDOUT),
+            stderr_bytes=sum(p.nbytes for p in self._pumps if p.stream == Stream.STDERR),
         )
         return self._outcome
 

@@ -55,6 +55,7 @@ class ChannelRun:
     stdin_task: asyncio.Task[None] | None = None
     decision: Decision | None = None  # the token policy's verdict, with the spec to run
     window: tuple[int, int] | None = None  # a pty's size from WINDOW before it started
+    stdin_queued: int = 0  # stdin chunks queued or being written (0: may write directly)
 
 
 class _Protocol(FramedProtocol):
@@ -290,6 +291,11 @@ class Session:
         run = self.runs.get(channel)
         if run is None or run.request is None:
             return
+        if run.stdin_queued == 0 and run.execution is not None:  # a key: straight in
+            data = data[run.execution.write_stdin_now(data) :]
+            if not data:
+                return
+        run.stdin_queued += 1
         run.stdin.put_nowait(data)
         self._pending_stdin += len(data)
         if self._pending_stdin > STDIN_HIGH and not self._held:
@@ -310,6 +316,7 @@ class Session:
             try:
                 await execution.write_stdin(data)
             finally:
+                run.stdin_queued -= 1
                 self._stdin_done(len(data))
         await execution.close_stdin()
         # Anything queued after EOF (nothing, by protocol) still counts as consumed.

@@ -22,9 +22,8 @@ from typing import Any
 
 import pytest
 
-from rexec.address import parse_address
-from rexec.client.blocking import BlockingConnection
-from rexec.protocol.token import Token, parse_token
+from rexec import Client, Token
+from rexec.protocol.token import parse_token
 
 PYTHON = sys.executable
 REXEC = str(Path(sys.executable).parent / "rexec")
@@ -198,14 +197,9 @@ class ServerProc:
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
 
-    def connect(self, address: str | None = None, token: str | None = None) -> BlockingConnection:
-        conn = BlockingConnection(
-            parse_address(address or self.address),
-            parse_token(token or self.token),
-            connect_timeout=10.0,
-        )
-        conn.connect()
-        return conn
+    def connect(self, address: str | None = None, token: str | None = None) -> Client:
+        """A sync Client, connected and authenticated."""
+        return Client(address or self.address, token=token or self.token, connect_timeout=10.0)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import pytest
 
 import rexec
-from rexec.errors import (
+from rexec import (
     AuthError,
     CommandFailed,
     CommandTimeout,
@@ -171,7 +171,7 @@ def test_unix_socket(server: Any) -> None:
 
 def test_typed_connection_errors(server_factory: Callable[..., Any]) -> None:
     srv = server_factory()
-    wrong = rexec.protocol.token.Token(srv.token_obj.key_id, b"\x01" * 32)
+    wrong = rexec.Token(srv.token_obj.key_id, b"\x01" * 32)
 
     async def wrong_token() -> None:
         await rexec.connect(srv.address, token=wrong)

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from rexec.errors import ErrorCode, RemoteError
+from rexec import ErrorCode, Token
 from rexec.protocol.client import ClientConnection
-from rexec.protocol.events import ExitReceived, HandshakeComplete, OutputReceived
-from rexec.protocol.token import Token, parse_token
+from rexec.protocol.events import ErrorReceived, ExitReceived, HandshakeComplete, OutputReceived
+from rexec.protocol.token import parse_token
 
 
 def _closed_within(sock: socket.socket, timeout: float) -> bool:
@@ -167,31 +167,69 @@ def _try_connect(srv: Any) -> Any:
         return None
 
 
+def _raw_flood(address: str, token: Token, commands: list[str]) -> dict[int, Any]:
+    """Send every EXEC at once, as no rexec client would (they wait for a free channel), and
+    collect per channel: ("error", code, text) and/or ("exit", code, stdout)."""
+    host, port = address.rsplit(":", 1)
+    conn = ClientConnection(token)
+    conn.initiate()
+    got: dict[int, Any] = {}
+    exits = 0
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(conn.data_to_send())
+        deadline = time.monotonic() + 10
+        out: dict[int, bytes] = {}
+        while exits < len(commands):
+            assert time.monotonic() < deadline, f"only {exits} EXITs in 10s"
+            data = sock.recv(65536)
+            assert data, "server closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, HandshakeComplete):
+                    for command in commands:
+                        conn.send_exec(command)
+                elif isinstance(event, OutputReceived):
+                    out[event.channel] = out.get(event.channel, b"") + event.data
+                elif isinstance(event, ErrorReceived):
+                    got.setdefault(event.channel, []).append(("error", event.code, event.message))
+                elif isinstance(event, ExitReceived):
+                    exits += 1
+                    code = event.status.exit_code
+                    got.setdefault(event.channel, []).append(
+                        ("exit", code, out.get(event.channel, b""))
+                    )
+            sock.sendall(conn.data_to_send())
+    return got
+
+
 def test_max_channels_per_connection(server_factory: Any, e2e: Any) -> None:
     srv = server_factory("[limits]\nmax_channels = 2\n")
-    conn = srv.connect()
     other = srv.connect()
     try:
-        conn._conn.send_exec("sleep 0.6; echo one")
-        conn._conn.send_exec("sleep 0.6; echo two")
-        conn._flush_queue()
-        assert e2e.wait_until(lambda: len(srv.log_events("command started")) == 2, 5)
-        with pytest.raises(RemoteError) as info:
-            conn.run("echo three")
-        assert info.value.code == ErrorCode.LIMIT
-        assert info.value.message == "too many commands on this connection (max_channels=2)"
+        got = _raw_flood(
+            srv.address,
+            srv.token_obj,
+            ["sleep 0.6; echo one", "sleep 0.6; echo two", "echo three"],
+        )
+        limit = "too many commands on this connection (max_channels=2)"
+        assert got == {
+            1: [("exit", 0, b"one\n")],
+            2: [("exit", 0, b"two\n")],
+            3: [("error", ErrorCode.LIMIT, limit), ("exit", 255, b"")],
+        }
         # the limit is per connection
         assert other.run("echo other").stdout == b"other\n"
-        # once the two finish, the connection runs commands again
-        assert e2e.wait_until(lambda: len(srv.log_events("command finished")) >= 3, 10)
-        assert conn.run("echo four").stdout == b"four\n"
+        # the client itself never hits it: a third start waits for a free channel
+        first = other.start("sleep 0.3; echo a")
+        second = other.start("sleep 0.3; echo b")
+        third = other.start("echo c")
+        assert first.status is not None or second.status is not None  # one had to end first
+        assert [p.wait().stdout for p in (first, second, third)] == [b"a\n", b"b\n", b"c\n"]
     finally:
-        conn.close()
         other.close()
     hits = srv.log_events("limit hit: max_channels")
     assert len(hits) == 1 and hits[0]["max_channels"] == 2
-    errors = [r.get("error") for r in srv.wait_audit(5)]
-    assert errors.count("limit: too many commands on this connection (max_channels=2)") == 1
+    errors = [r.get("error") for r in srv.wait_audit(7)]
+    assert errors.count(f"limit: {limit}") == 1
 
 
 # ---- start-up checks ----------------------------------------------------------------
@@ -285,22 +323,6 @@ def test_max_timeout_caps_every_command(server_factory: Any, e2e: Any) -> None:
     assert e2e.cmdline_pids(marker) == []
 
 
-def _seconds_until_eof(sock: socket.socket, timeout: float) -> float | None:
-    """Read (and drop) whatever arrives until EOF; seconds until then, or None."""
-    t0 = time.monotonic()
-    while True:
-        remaining = t0 + timeout - time.monotonic()
-        if remaining <= 0:
-            return None
-        ready, _, _ = select.select([sock], [], [], remaining)
-        if ready:
-            try:
-                if not sock.recv(65536):
-                    return time.monotonic() - t0
-            except ConnectionResetError:
-                return time.monotonic() - t0
-
-
 def test_idle_timeout_spares_running_commands(server_factory: Any, e2e: Any) -> None:
     srv = server_factory("[limits]\nidle_timeout = 1.0\n")
     idle = srv.connect()
@@ -311,11 +333,11 @@ def test_idle_timeout_spares_running_commands(server_factory: Any, e2e: Any) -> 
         busy = srv.connect()
         result = busy.run("sleep 1.6; echo still-connected")
         assert (result.exit_code, result.stdout) == (0, b"still-connected\n")
-        assert idle._sock is not None
-        closed_after = _seconds_until_eof(idle._sock, 3.0)
-        assert closed_after is not None, "the idle connection was never closed"
+        why = e2e.wait_until(idle.check_alive, 3.0)
+        assert why is not None, "the idle connection was never closed"
+        assert "idle" in why, why
     finally:
-        idle._abort()
+        idle.abort()
         if busy is not None:
             busy.close()
     events = srv.log_events("idle timeout; closing connection")
@@ -330,8 +352,7 @@ def test_second_sigterm_hurries_the_shutdown(server_factory: Any, e2e: Any) -> N
     marker = e2e.marker("1000.61")
     conn = srv.connect()
     try:
-        conn._conn.send_exec(f"sleep {marker}")
-        conn._flush_queue()
+        conn.start(f"sleep {marker}")
         assert e2e.wait_until(lambda: srv.log_events("command started"), 5)
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
@@ -342,7 +363,7 @@ def test_second_sigterm_hurries_the_shutdown(server_factory: Any, e2e: Any) -> N
         assert srv.proc.wait(10) == 0
         assert time.monotonic() - t0 < 6
     finally:
-        conn._abort()
+        conn.abort()
     assert srv.log_events("second shutdown request: killing commands now")
     records = srv.audit_records()
     assert len(records) == 1 and records[0]["signal"] == signal.SIGTERM

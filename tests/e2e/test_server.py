@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from rexec import Stream
 from rexec.protocol.client import ClientConnection
-from rexec.protocol.events import ExitReceived, OutputReceived
 from rexec.protocol.frames import HELLO, MAGIC
 from rexec.protocol.token import generate_token, parse_token
 
@@ -255,6 +255,21 @@ def _garbage_kinds(srv: Any) -> list[tuple[str, Any]]:
     ]
 
 
+def _authenticated(srv: Any) -> socket.socket:
+    """A socket past the handshake and AUTH, made with the public protocol core."""
+    host, port = srv.address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    conn = ClientConnection(parse_token(srv.token))
+    conn.initiate()
+    sock.sendall(conn.data_to_send())
+    while not conn.handshake_done:
+        data = sock.recv(65536)
+        assert data, "the server closed the connection in the handshake"
+        conn.receive_data(data)
+    sock.sendall(conn.data_to_send())  # AUTH
+    return sock
+
+
 def test_garbage_peers_never_disturb_50_clients(server_factory: Any) -> None:
     srv = server_factory(GARBAGE_CONFIG)
     host, port = srv.address.rsplit(":", 1)
@@ -271,12 +286,9 @@ def test_garbage_peers_never_disturb_50_clients(server_factory: Any) -> None:
             i += 1
             if i % 7 == 0:  # authenticate for real, then corrupt the encrypted stream
                 try:
-                    conn = srv.connect()
-                    assert conn._sock is not None
-                    conn._sock.setblocking(True)
-                    conn._sock.sendall(struct.pack(">I", 100) + os.urandom(100))
-                    stats["post-auth garbage"].append(_wait_closed(conn._sock, 5))
-                    conn._abort()
+                    with _authenticated(srv) as sock:
+                        sock.sendall(struct.pack(">I", 100) + os.urandom(100))
+                        stats["post-auth garbage"].append(_wait_closed(sock, 5))
                 except Exception as exc:
                     errors.append(f"post-auth: {exc!r}")
                 continue
@@ -595,29 +607,25 @@ def test_concurrent_channels_on_one_connection_demultiplex_exactly(
         files.append((path, _random_file(path, 2 * MiB + i)))
     conn = server.connect()
     try:
-        channels = {}
+        procs = []
         for i, (path, _) in enumerate(files):
             stream = "" if i % 2 else " >&2"  # odd ones to stdout, even ones to stderr
-            channels[conn._conn.send_exec(f"cat {path}{stream}; exit {i}")] = i
-        conn._flush_queue()
-        out: dict[int, list[bytes]] = {ch: [] for ch in channels}
+            procs.append(conn.start(f"cat {path}{stream}; exit {i}"))
+        assert len({p.channel for p in procs}) == 8  # all eight run at once
+        out: dict[int, list[bytes]] = {i: [] for i in range(8)}
         exits: dict[int, int | None] = {}
-        deadline = time.monotonic() + 60
-        while len(exits) < len(channels):
-            assert time.monotonic() < deadline, f"only {len(exits)} EXITs in 60s"
-            for event in conn._pump(1.0):
-                if isinstance(event, OutputReceived):
-                    assert event.stream == (1 if channels[event.channel] % 2 else 2)
-                    out[event.channel].append(event.data)
-                elif isinstance(event, ExitReceived):
-                    exits[event.channel] = event.status.exit_code
+        for i, proc in enumerate(procs):  # waiting on one serves them all meanwhile
+            for stream, chunk in proc:
+                assert stream == (Stream.STDOUT if i % 2 else Stream.STDERR)
+                out[i].append(chunk)
+            exits[i] = proc.wait().exit_code
         assert conn.run("echo after").stdout == b"after\n"
     finally:
         conn.close()
-    for ch, i in channels.items():
-        data = b"".join(out[ch])
+    for i in range(8):
+        data = b"".join(out[i])
         assert (len(data), hashlib.sha256(data).hexdigest()) == (2 * MiB + i, files[i][1])
-        assert exits[ch] == i
+        assert exits[i] == i
 
 
 @pytest.mark.slow

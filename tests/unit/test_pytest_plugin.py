@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 import rexec
-from rexec.errors import CommandFailed, CommandTimeout
 from rexec.pytest_plugin import (
     HostCommandFailed,
     HostCommandTimeout,
@@ -13,7 +12,7 @@ from rexec.pytest_plugin import (
     describe_failure,
     expand_hosts,
 )
-from rexec.result import Result
+from rexec.result import CommandFailed, CommandTimeout, Result
 
 
 def test_failure_names_host_status_command_and_stderr_tail() -> None:

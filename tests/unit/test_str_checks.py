@@ -9,8 +9,7 @@ import re
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from rexec.address import _is_hostname, _is_ipv6
-from rexec.address import is_alias as _is_alias
+from rexec.address import is_alias, is_hostname, is_ipv6
 from rexec.errors import TokenError
 from rexec.protocol.token import parse_token
 
@@ -35,7 +34,7 @@ NEARBY = st.text(
 @example("a.")
 @example("host\n")
 def test_hostname(text: str) -> None:
-    assert _is_hostname(text) == bool(HOSTNAME.fullmatch(text))
+    assert is_hostname(text) == bool(HOSTNAME.fullmatch(text))
 
 
 @given(NEARBY)
@@ -46,14 +45,14 @@ def test_hostname(text: str) -> None:
 @example("1.2.3.4")
 @example("::1%a%b")
 def test_ipv6(text: str) -> None:
-    assert _is_ipv6(text) == bool(IPV6.fullmatch(text))
+    assert is_ipv6(text) == bool(IPV6.fullmatch(text))
 
 
 @given(NEARBY)
 @example("a" * 64)
 @example("a" * 65)
 def test_alias(text: str) -> None:
-    assert _is_alias(text) == bool(ALIAS.fullmatch(text))
+    assert is_alias(text) == bool(ALIAS.fullmatch(text))
 
 
 @given(

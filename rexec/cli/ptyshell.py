@@ -1,0 +1,190 @@
+"""A command on a remote pseudo-terminal, driven from the local one: `rexec shell HOST` on a
+terminal (the remote user's interactive shell, as `ssh HOST` gives) and `rexec run -t`.
+
+The local terminal goes raw, so every key (Ctrl-C, Ctrl-Z, arrows) reaches the remote pty as
+typed and the remote line discipline does the rest; output goes to the screen as it arrives.
+SIGWINCH is forwarded as WINDOW. `~.` at the start of a line disconnects and `~?` lists the
+escapes, as in ssh. The terminal's settings are given back on every way out (terminal.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from rexec import Client, ExecError, PtyRequest, RexecError, SyncProcess
+from rexec.cli.common import err, writer
+from rexec.cli.terminal import (
+    DISCONNECT,
+    ESCAPE_HELP,
+    HELP,
+    EscapeParser,
+    RawTerminal,
+    TerminalSignal,
+    WindowWatch,
+    pty_request,
+    window_size,
+)
+from rexec.result import EXIT_FAILURE
+
+# The remote user's shell, interactive but not a login shell; the server's $SHELL (its
+# configured shell, or the user's own for a run-as token), else /bin/sh. `exec`: the shell
+# itself leads the pty's session, so its exit status is the session's.
+SHELL_COMMAND = 'exec "${SHELL:-/bin/sh}" -i'
+READ_SIZE = 16384
+
+
+class Disconnect(Exception):
+    """`~.` was typed: leave now, without waiting for the remote side."""
+
+
+class PtySession:
+    """One command on a remote pty, with the local terminal (stdin_fd) as its keyboard."""
+
+    def __init__(
+        self, client: Client, proc: SyncProcess, stdin_fd: int = 0, stdout_fd: int = 1
+    ) -> None:
+        self.client = client
+        self.proc = proc
+        self.stdin_fd = stdin_fd
+        self.write = writer(stdout_fd)
+        self.escapes = EscapeParser()
+        self._winch: WindowWatch | None = None
+
+    def run(self) -> int:
+        """Until the command ends: returns its exit status (as `rexec run` reports it).
+
+        Raises Disconnect for `~.`, and the connection's error if it ends first.
+        """
+        client, proc = self.client, self.proc
+        self._winch = WindowWatch()
+        client.watch(self.stdin_fd, self._keys)
+        client.watch(self._winch.read_fd, self._resized)
+        try:
+            self._resized()  # the size may have changed since the request was made
+            for _, data in proc:
+                self.write(data)
+            return proc.wait().shell_status
+        finally:
+            client.unwatch(self.stdin_fd)
+            client.unwatch(self._winch.read_fd)
+            self._winch.close()
+
+    def _keys(self) -> None:
+        try:
+            data = os.read(self.stdin_fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the local terminal is gone (hung up)
+            self.client.unwatch(self.stdin_fd)
+            self.proc.close_stdin()
+            return
+        send, actions = self.escapes.feed(data)
+        if send:
+            # write() may wait for the server's window; meanwhile keys stay unread (and keep
+            # their order) instead of re-entering here
+            self.client.unwatch(self.stdin_fd)
+            try:
+                self.proc.write(send)
+            finally:
+                if self.proc.status is None:
+                    self.client.watch(self.stdin_fd, self._keys)
+        for action in actions:
+            if action == HELP:
+                self.write(ESCAPE_HELP)
+            elif action == DISCONNECT:
+                raise Disconnect
+
+    def _resized(self) -> None:
+        if self._winch is not None:
+            self._winch.drain()
+        rows, cols = window_size(self.stdin_fd)
+        if rows and cols:
+            self.proc.resize(rows, cols)
+
+
+def run_on_pty(
+    client: Client,
+    command: str | Sequence[str],
+    *,
+    target: str,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float | None = None,
+    stdin: bool = True,
+) -> int:
+    """Run `command` on a remote pty; returns the exit status for the CLI.
+
+    With a local terminal on stdin: raw mode, keys, resizes and escapes (a PtySession).
+    Without one (`rexec run -t` in a pipe): stdin is forwarded as it is, unless `stdin` is
+    False, and the output (one stream) goes to stdout.
+    """
+    interactive = stdin and os.isatty(0)
+    if interactive:
+        req = pty_request(0)
+    else:
+        req = pty_request(1) if window_size(1)[0] else PtyRequest(_term(), 24, 80)
+    try:
+        proc = client.start(
+            command, env=env, cwd=cwd, timeout=timeout, stdin=interactive or stdin, pty=req
+        )
+        if not interactive:
+            if stdin:
+                proc.feed(0)
+            return proc.wait(stdout=writer(1)).shell_status
+        try:
+            with RawTerminal(0):
+                status = PtySession(client, proc).run()
+        except Disconnect:
+            client.abort()
+            err(f"disconnected from {target} (~.)")
+            return EXIT_FAILURE
+        if proc.status is not None and proc.status.timed_out:
+            err("command timed out (killed by the server)")
+        return status
+    except ExecError as exc:
+        err(str(exc))
+        return exc.exit_code or 127
+    except TerminalSignal as exc:
+        client.abort()
+        return 128 + exc.signum
+    except RexecError as exc:
+        err(str(exc))
+        return EXIT_FAILURE
+
+
+def _term() -> str:
+    term = os.environ.get("TERM", "")
+    try:
+        return PtyRequest(term).term
+    except RexecError:
+        return "dumb"
+
+
+def shell_main(args: object) -> int:
+    """`rexec shell TARGET` on a terminal: the remote user's interactive shell on a pty."""
+    target: str = getattr(args, "target")  # noqa: B009 - argparse Namespace
+    client: Client | None = None
+    try:
+        from rexec import Suite
+
+        chacha = getattr(args, "suite", None) == "chachapoly"
+        client = Client(
+            target,
+            token_file=getattr(args, "token_file", None),
+            connect_timeout=getattr(args, "connect_timeout", None),
+            suite=Suite.CHACHAPOLY if chacha else Suite.AESGCM,
+        )
+        status = run_on_pty(client, SHELL_COMMAND, target=target)
+        client.close()
+        return status
+    except RexecError as exc:
+        err(str(exc))
+        return EXIT_FAILURE
+    finally:
+        if client is not None:
+            client.abort()
+        sys.stdout.flush()
