@@ -9,6 +9,7 @@ escapes, as in ssh. The terminal's settings are given back on every way out (ter
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -43,10 +44,16 @@ class PtySession:
     """One command on a remote pty, with the local terminal (stdin_fd) as its keyboard."""
 
     def __init__(
-        self, client: Client, proc: SyncProcess, stdin_fd: int = 0, stdout_fd: int = 1
+        self,
+        client: Client,
+        proc: SyncProcess,
+        size: tuple[int, int],
+        stdin_fd: int = 0,
+        stdout_fd: int = 1,
     ) -> None:
         self.client = client
         self.proc = proc
+        self.size = size  # what the remote pty was last told
         self.stdin_fd = stdin_fd
         self.write = writer(stdout_fd)
         self.escapes = EscapeParser()
@@ -101,9 +108,10 @@ class PtySession:
     def _resized(self) -> None:
         if self._winch is not None:
             self._winch.drain()
-        rows, cols = window_size(self.stdin_fd)
-        if rows and cols:
-            self.proc.resize(rows, cols)
+        size = window_size(self.stdin_fd)
+        if size != self.size and all(size):
+            self.size = size
+            self.proc.resize(*size)
 
 
 def run_on_pty(
@@ -137,7 +145,7 @@ def run_on_pty(
             return proc.wait(stdout=writer(1)).shell_status
         try:
             with RawTerminal(0):
-                status = PtySession(client, proc).run()
+                status = PtySession(client, proc, (req.rows, req.cols)).run()
         except Disconnect:
             client.abort()
             err(f"disconnected from {target} (~.)")
@@ -164,19 +172,19 @@ def _term() -> str:
         return "dumb"
 
 
-def shell_main(args: object) -> int:
-    """`rexec shell TARGET` on a terminal: the remote user's interactive shell on a pty."""
-    target: str = getattr(args, "target")  # noqa: B009 - argparse Namespace
+def shell_main(args: argparse.Namespace) -> int:
+    """`rexec shell TARGET` on a terminal (`rexec shell`'s parsed options): the remote user's
+    interactive shell on a pty."""
+    target: str = args.target
     client: Client | None = None
     try:
         from rexec import Suite
 
-        chacha = getattr(args, "suite", None) == "chachapoly"
         client = Client(
             target,
-            token_file=getattr(args, "token_file", None),
-            connect_timeout=getattr(args, "connect_timeout", None),
-            suite=Suite.CHACHAPOLY if chacha else Suite.AESGCM,
+            token_file=args.token_file,
+            connect_timeout=args.connect_timeout,
+            suite=Suite.CHACHAPOLY if args.suite == "chachapoly" else Suite.AESGCM,
         )
         status = run_on_pty(client, SHELL_COMMAND, target=target)
         client.close()

@@ -19,6 +19,9 @@ from typing import Any
 import pexpect  # type: ignore[import-untyped]
 import pytest
 
+import rexec
+from rexec import PtyRequest
+
 TIMEOUT = 10
 PROMPT = "rx$ "
 Spawn = Callable[..., pexpect.spawn]
@@ -262,6 +265,7 @@ def test_terminal_restored_after_sigterm(pty_server: Any, spawn: Spawn, e2e: Any
     assert (after, rc) == (before, 128 + signal.SIGTERM)
 
 
+@pytest.mark.slow  # a server of its own
 def test_terminal_restored_when_the_server_is_killed(
     server_factory: Any, spawn: Spawn, e2e: Any
 ) -> None:
@@ -286,3 +290,45 @@ def test_terminal_restored_after_a_ctrl_c_storm(pty_server: Any, spawn: Spawn, e
     child.send("exit 0\r")
     before, after, rc = settings(child)
     assert (after, rc) == (before, 0)
+
+
+# ---- the API: conn.start(..., pty=PtyRequest(...)) and process.resize() ---------------------
+
+SIZE_SCRIPT = "stty size; read x; stty size; echo got:$x; exit 5"
+
+
+def test_async_api_pty_and_resize(pty_server: Any) -> None:
+    import asyncio
+
+    async def go() -> tuple[bytes, bytes, int | None]:
+        async with rexec.connect(pty_server.address, token=pty_server.token) as conn:
+            proc = await conn.start(SIZE_SCRIPT, stdin=True, pty=PtyRequest("vt100", 24, 80))
+            first = await proc.stdout.read_chunk()
+            while b"\n" not in first:
+                first += await proc.stdout.read_chunk()
+            proc.resize(30, 100)
+            await proc.write(b"hi\r")
+            result = await proc.wait()
+            return first, result.stdout, result.exit_code
+
+    first, rest, code = asyncio.run(asyncio.wait_for(go(), 30))
+    assert first == b"24 80\r\n"
+    assert rest == b"hi\r\n30 100\r\ngot:hi\r\n"  # the terminal echoes what was typed
+    assert code == 5
+
+
+def test_sync_api_pty_and_resize(pty_server: Any) -> None:
+    with rexec.Client(pty_server.address, token=pty_server.token) as client:
+        proc = client.start(SIZE_SCRIPT, stdin=True, pty=PtyRequest("vt100", 24, 80))
+        first = proc.stdout.read_chunk()
+        while b"\n" not in first:
+            first += proc.stdout.read_chunk()
+        proc.resize(30, 100)
+        proc.write(b"hi\r")
+        result = proc.wait()
+    assert first == b"24 80\r\n"
+    assert (result.stdout, result.stderr, result.exit_code) == (
+        b"hi\r\n30 100\r\ngot:hi\r\n",
+        b"",
+        5,
+    )
