@@ -113,5 +113,9 @@ class ConfigError(RexecError):
     """A config, token or token-store file is invalid, unsafe or missing."""
 
 
+class AuditLogError(RexecError):
+    """An audit record could not be written (full disk, the file was replaced by an unsafe one)."""
+
+
 class TokenError(ConfigError):
     """A token string is malformed."""

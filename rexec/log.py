@@ -23,7 +23,8 @@ from typing import Any, TextIO, cast
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from rexec.errors import ConfigError
+from rexec.errors import AuditLogError, ConfigError
+from rexec.statefile import open_trusted
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -176,45 +177,152 @@ class AuditLog:
     or processes never interleave; there is no user-space buffer, so a crash loses nothing
     already written. json.dumps escapes non-ASCII (and surrogate-escaped bytes), so every
     line is valid ASCII JSON whatever the command line held.
+
+    The file is trusted state (rexec.statefile): opened with O_NOFOLLOW, created 0600, and
+    refused if it is not ours, gives group or others access, or sits in a directory others
+    can write. Rotation: every write first checks that the path still names our file (one
+    lstat) and reopens it if not, so logrotate without copytruncate (rename, then the next
+    record creates a new file) loses nothing; `reopen()` (the server's SIGHUP) forces it.
+    When a record cannot be written, `error` says why until a later write succeeds, and that
+    write is preceded by an "audit-log-recovered" record counting what was lost.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self.path = Path(path)
         self._fsync = fsync
-        self._lock = threading.Lock()  # guards _fd against close() during a write
+        self._lock = threading.Lock()  # guards _fd against close() or reopen during a write
+        self._fd: int | None = None
+        self._ident: tuple[int, int] = (0, 0)  # st_dev, st_ino of the open file
+        self._closed = False
+        self.error: str | None = None  # why the last write or reopen failed; None if healthy
+        self._lost = 0  # records not written since the error
+        self._failed_since = 0.0
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self._fd: int | None = os.open(self.path, flags, 0o600)
         except OSError as exc:
             raise ConfigError(f"cannot open audit log {self.path}: {exc.strerror}") from None
+        self._open()  # an untrusted audit log stops the server from starting
+
+    def _open(self) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        fd, st = open_trusted(self.path, flags, "audit log", 0o600)
+        self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _current(self) -> int:
+        """The descriptor of the file the path names now, reopened if it was moved away."""
+        try:
+            st = os.lstat(self.path)
+            ident: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            ident = None
+        if self._fd is None or ident != self._ident:
+            self._close_fd()
+            self._open()
+        assert self._fd is not None
+        return self._fd
+
+    def _append(self, line: bytes) -> None:
+        fd = self._current()
+        written = os.write(fd, line)
+        while written < len(line):  # only on a full disk or similar; keep the rest
+            written += os.write(fd, line[written:])
+        if self._fsync:
+            os.fsync(fd)
+
+    def _fail(self, exc: BaseException) -> str:
+        if self.error is None:
+            self._failed_since = datetime.now(UTC).timestamp()
+        self.error = str(exc) if isinstance(exc, ConfigError) else _os_error(self.path, exc)
+        return self.error
+
+    def _recovered_line(self) -> bytes:
+        doc = {
+            "ts": _iso(datetime.now(UTC).timestamp()),
+            "event": "audit-log-recovered",
+            "failed_since": _iso(self._failed_since),
+            "lost_records": self._lost,
+            "error": self.error,
+        }
+        return (json.dumps(doc, separators=(",", ":")) + "\n").encode("ascii")
+
+    def _write_locked(self, line: bytes | None) -> None:
+        """Write line (None: only the recovery record, as a probe); raise AuditLogError."""
+        if self._closed:
+            raise ValueError("audit log is closed")
+        try:
+            if self.error is not None:
+                self._append(self._recovered_line())
+                self.error, self._lost = None, 0
+            if line is not None:
+                self._append(line)
+        except (OSError, ConfigError) as exc:
+            if line is not None:
+                self._lost += 1
+            raise AuditLogError(self._fail(exc)) from None
 
     def write(self, record: AuditRecord | MutableMapping[str, Any]) -> None:
-        """Append one record (an AuditRecord, or a ready dict for custom events)."""
+        """Append one record (an AuditRecord, or a ready dict for custom events).
+
+        Raises AuditLogError (with `error` set) when the record could not be written.
+        """
         doc = record.to_dict() if isinstance(record, AuditRecord) else dict(record)
         line = (json.dumps(doc, separators=(",", ":"), default=str) + "\n").encode("ascii")
         with self._lock:
-            if self._fd is None:
-                raise ValueError("audit log is closed")
-            fd = self._fd
-            written = os.write(fd, line)
-            while written < len(line):  # only on a full disk or similar; keep the rest
-                written += os.write(fd, line[written:])
-            if self._fsync:
-                os.fsync(fd)
+            self._write_locked(line)
+
+    def check(self) -> str | None:
+        """None if records can be written now, else why not.
+
+        Checks that the path still names a file we can trust (reopening it if it was moved),
+        and after a failure tries to write the recovery record: a full disk that has room
+        again, or a rotated or repaired file, makes the log healthy on the next check.
+        """
+        with self._lock:
+            if self._closed:
+                return "audit log is closed"
+            try:
+                if self.error is None:
+                    self._current()
+                else:
+                    self._write_locked(None)
+            except (OSError, ConfigError) as exc:
+                self._fail(exc)
+            except AuditLogError:
+                pass
+            return self.error
+
+    def reopen(self) -> None:
+        """Close and open the path again (SIGHUP after rotation); raise AuditLogError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._close_fd()
+            try:
+                self._open()
+            except (OSError, ConfigError) as exc:
+                raise AuditLogError(self._fail(exc)) from None
 
     def close(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._closed = True
+            self._close_fd()
 
     @property
     def closed(self) -> bool:
-        return self._fd is None
+        return self._closed
 
     def __enter__(self) -> AuditLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _os_error(path: Path, exc: BaseException) -> str:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"cannot write audit log {path}: {reason}"

@@ -2,7 +2,8 @@
 
 One place for the rule "refuse secret files readable by others": the mode is checked with
 fstat on the descriptor we then read, so there is no window between check and read.
-Standard library only: `rexec run` reads a token file on its start-up path.
+Standard library only: `rexec run` reads a token file on its start-up path. The server reads
+its token store with `trusted=True`: the StrictModes rule of rexec.statefile applies on top.
 """
 
 from __future__ import annotations
@@ -23,19 +24,28 @@ def check_mode(path: str, mode: int, what: str) -> None:
 
 
 def read_secret_file(
-    path: str, what: str, limit: int | None = None
+    path: str, what: str, limit: int | None = None, *, trusted: bool = False
 ) -> tuple[bytes, os.stat_result] | None:
     """The file's bytes and stat, or None when it does not exist (the caller decides).
 
     With `limit`, at most limit + 1 bytes are read, so the caller can refuse a file that
-    is too large without reading all of it.
+    is too large without reading all of it. With `trusted`, the file must also pass
+    rexec.statefile's StrictModes rule (owner, no symbolic link, safe directories).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if trusted:
+        from rexec.statefile import open_trusted
+
+        try:
+            fd, st = open_trusted(path, os.O_RDONLY, what)
+        except FileNotFoundError:
+            return None
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -62,17 +62,32 @@ def cmd_serve(argv: list[str]) -> int:
     try:
         import asyncio
 
-        from rexec.log import configure_logging
+        from rexec.log import configure_logging, get_logger
         from rexec.server.auth import TokenStore
         from rexec.server.config import load_server_config
         from rexec.server.service import serve
+        from rexec.statefile import check_state_dir
 
         config = load_server_config(args.config, overrides or None)
         configure_logging(config.server.log_level, config.server.log_format)
         state = Path(config.server.state_dir)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state = check_state_dir(state)
         store = TokenStore.load(config.server.tokens)
-        first = _first_token(store, state) if not len(store) and args.config is None else None
+        first = None
+        if not len(store):
+            if args.config is None:
+                first = _first_token(store, state)
+            else:  # a configured server nobody can log in to: say so, and how to fix it
+                import pwd
+
+                user = pwd.getpwuid(os.geteuid()).pw_name
+                get_logger().warning(
+                    f"the token store {store.path} is empty: nobody can log in. Add a token "
+                    f"(no restart needed), as user {user}: "
+                    f"rexec token new --id NAME --store {store.path}",
+                    token_count=0,
+                )
 
         def on_ready(addresses: list[str]) -> None:
             if first is not None:
@@ -94,11 +109,12 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def _first_token(store: Any, state: Any) -> Any:
-    """A fresh machine: make a token and save the client's copy (mode 0600)."""
+    """A fresh machine: make a token and save the client's copy (a new 0600 file, replacing
+    whatever was at that path rather than writing through it)."""
+    from rexec.statefile import write_secret
+
     token = store.add("default")
-    fd = os.open(state / "client.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token.format() + "\n")
+    write_secret(state / "client.token", (token.format() + "\n").encode(), "client token file")
     return token
 
 
@@ -114,15 +130,29 @@ def _self_command() -> str:
 
 
 def _print_first_token(token: Any, state: Any, store_path: Any, address: str) -> None:
-    """Print what to paste, with the address actually bound (port 0 resolved)."""
+    """Print what to paste, with the address actually bound (port 0 resolved).
+
+    The secret itself goes to a terminal only: captured output (a log file, the journal, CI)
+    gets the path of the 0600 file instead.
+    """
     client_file = state / "client.token"
-    sys.stdout.write(
+    text = (
         f"rexec: created the first token 'default' in {store_path}\n"
         f"rexec: the client's copy is in {client_file} (mode 0600); run commands with:\n\n"
         f"    REXEC_TOKEN_FILE={client_file} {_self_command()} run {address} uname -a\n\n"
-        f"rexec: on another machine, put this token line in a file of mode 0600 and point\n"
-        f"rexec: REXEC_TOKEN_FILE (or --token-file) at it:\n\n    {token.format()}\n\n"
     )
+    if sys.stdout.isatty():
+        text += (
+            f"rexec: on another machine, put this token line in a file of mode 0600 and point\n"
+            f"rexec: REXEC_TOKEN_FILE (or --token-file) at it:\n\n    {token.format()}\n\n"
+        )
+    else:
+        text += (
+            f"rexec: on another machine, use a copy of {client_file} (keep it mode 0600) as\n"
+            f"rexec: REXEC_TOKEN_FILE (or --token-file); the token is not printed here because\n"
+            f"rexec: this output is not a terminal\n\n"
+        )
+    sys.stdout.write(text)
     sys.stdout.flush()
 
 

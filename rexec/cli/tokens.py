@@ -9,7 +9,7 @@
     import   add a token line (a fleet server's derived key) read from a file or stdin
     learned  --allow patterns built from what a --learn token ran
 
-Every store change is one atomic replace of the file (rexec.server.auth.write_atomic), which
+Every store change is one atomic replace of the file (rexec.statefile.write_secret), which
 a running server picks up by itself (ServerContext.watch_tokens).
 """
 
@@ -170,6 +170,7 @@ def _store_action(args: argparse.Namespace) -> int:
         )
     elif action == "list":
         _list(store)
+        _say_which_store(store, explicit=bool(args.store or args.config or args.state_dir))
     elif action == "revoke":
         info = store.revoke(args.ident)
         sys.stderr.write(
@@ -235,6 +236,8 @@ def _policy(args: argparse.Namespace, base: Any) -> Any:
 def _list(store: Any) -> None:
     from rexec.server.usage import read_last_used
 
+    if not len(store):
+        return  # nothing to list: _say_which_store says so on stderr
     used = read_last_used(store.used_path)
     rows = [("NAME", "KEY_ID", "CREATED", "EXPIRES", "LAST_USED", "POLICY")]
     for e in store.entries():
@@ -246,6 +249,20 @@ def _list(store: Any) -> None:
         )
     for row in rows:
         print("\t".join(row))
+
+
+def _say_which_store(store: Any, *, explicit: bool) -> None:
+    """On stderr: which store was read, so an empty listing is never a silent mystery."""
+    count = len(store)
+    if store.path.exists():
+        err(f"{count} token{'s' if count != 1 else ''} in {store.path}")
+    else:
+        err(f"no token store at {store.path} (no tokens)")
+    if explicit:
+        return
+    err("that is the default store; for another one pass --state-dir, --store or --config")
+    if os.path.isfile(os.path.join(".state", "tokens.json")):
+        err("`make serve` keeps its tokens in ./.state: rexec token list --state-dir .state")
 
 
 def _learned(store: Any, ident: str) -> None:

@@ -1,9 +1,10 @@
 """Server-side authentication: the token store, the per-address failure limiter, the proof.
 
 The token store is a small JSON file (mode 0600) that `rexec token new` edits and a running
-server re-reads when it changes, so a new token works without a restart. Secrets leave this
-module only as the bytes `lookup()` returns to the handshake: never in a listing, repr or
-error message.
+server re-reads when it changes, so a new token works without a restart. Every read, the hot
+reloads included, applies rexec.statefile's StrictModes rule: a store another user owns or
+could replace is refused. Secrets leave this module only as the bytes `lookup()` returns to
+the handshake: never in a listing, repr or error message.
 
 Lifecycle (docs/PROTOCOL.md 3.2): an entry may carry `expires`, `previous` (old secrets of a
 rotated token, each valid until its overlap ends) and a `policy` (rexec.server.policy).
@@ -15,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import json
 import os
 import re
-import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from rexec.protocol.messages import auth_proof, verify_auth_proof
 from rexec.protocol.token import Token, encode_secret, generate_token, parse_token
 from rexec.secretfile import read_secret_file
 from rexec.server.policy import Policy, check_run_as
+from rexec.statefile import write_secret
 
 __all__ = [
     "AuthRateLimiter",
@@ -43,7 +43,6 @@ __all__ = [
     "parse_duration",
     "parse_expiry",
     "verify_auth_proof",
-    "write_atomic",
 ]
 
 STORE_VERSION = 1
@@ -53,6 +52,15 @@ _OPTIONAL_KEYS = frozenset({"expires", "previous", "policy"})
 REVOKED = "token revoked"
 EXPIRED = "token expired"
 RETIRED = "token rotated: this secret's overlap is over"
+
+
+# inode, size, mtime, ctime: ctime changes with chmod and chown, which the StrictModes
+# checks must see as well as new contents.
+_Signature = tuple[int, int, int, int]
+
+
+def _signature(st: os.stat_result) -> _Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -177,7 +185,7 @@ class TokenStore:
         self.path = Path(path)
         self._entries: list[_Entry] = []
         self._by_id: dict[bytes, tuple[_Entry, Token, float | None]] = {}
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: _Signature | None = None
         self.serving = False  # loaded by a server: check run-as policies against our uid
         self.disabled: dict[str, str] = {}  # token name -> why this server refuses it
 
@@ -202,13 +210,13 @@ class TokenStore:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _read(self) -> tuple[list[_Entry], tuple[int, int, int] | None]:
-        """Parse the file. Mode is checked on the open descriptor, so no check/use race."""
-        found = read_secret_file(str(self.path), "token store")
+    def _read(self) -> tuple[list[_Entry], _Signature | None]:
+        """Parse the file; the StrictModes checks run on the open descriptor (no race)."""
+        found = read_secret_file(str(self.path), "token store", trusted=True)
         if found is None:
             return [], None
         data, st = found
-        return self._parse(data), (st.st_ino, st.st_size, st.st_mtime_ns)
+        return self._parse(data), _signature(st)
 
     def _parse(self, data: bytes) -> list[_Entry]:
         where = str(self.path)
@@ -282,7 +290,7 @@ class TokenStore:
             policy = Policy.from_json(label, raw["policy"])
         return _Entry(name, token, created, expires, tuple(old), policy)
 
-    def _set(self, entries: list[_Entry], signature: tuple[int, int, int] | None) -> None:
+    def _set(self, entries: list[_Entry], signature: _Signature | None) -> None:
         self._entries = entries
         self._by_id = {e.token.key_id: (e, e.token, None) for e in entries}
         for e in entries:
@@ -297,15 +305,15 @@ class TokenStore:
                     self.disabled[e.name] = f"token refused: {exc}"
         self._signature = signature
 
-    def _stat_signature(self) -> tuple[int, int, int] | None:
+    def _stat_signature(self) -> _Signature | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return _signature(st)
 
     def reload_if_changed(self) -> bool:
-        """Re-read the file if its inode, size or mtime changed; True if contents were replaced.
+        """Re-read the file if its inode, size, mtime or ctime changed; True if it was replaced.
 
         Cheap (one stat), so the server may call it on every new connection. If the new
         file is invalid the old tokens stay in force and ConfigError is raised once for that
@@ -488,31 +496,16 @@ class TokenStore:
             yield
 
     def _write(self, entries: list[_Entry]) -> None:
-        """Atomic replace (write_atomic); rotated-out secrets past their overlap are dropped."""
+        """Atomic replace with a fresh 0600 file (rexec.statefile.write_secret); rotated-out
+        secrets past their overlap are dropped."""
         now = time.time()
         entries = [
             dataclasses.replace(e, previous=tuple(p for p in e.previous if p.until > now))
             for e in entries
         ]
         doc = {"version": STORE_VERSION, "tokens": [e.to_json() for e in entries]}
-        write_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode("ascii"))
+        write_secret(self.path, (json.dumps(doc, indent=2) + "\n").encode("ascii"), "token store")
         self._set(entries, self._stat_signature())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Atomic replace: a temp file (0600 from mkstemp) in the same dir, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _time_value(label: str, key: str, value: object) -> float:
@@ -520,18 +513,6 @@ def _time_value(label: str, key: str, value: object) -> float:
         with contextlib.suppress(ValueError):
             return _parse_time(value)
     raise ConfigError(f"{label}: {key} must be an ISO-8601 UTC time string")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (best effort: some filesystems refuse fsync on a dir)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # pragma: no cover - filesystem-specific
-        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
 
 
 class AuthRateLimiter:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from rexec.protocol.noise import Suite
 
 DEFAULT_STATE_DIR = "~/.local/state/rexec-server"
+UNIX_SOCKET_NAME = "rexec.sock"  # in $RUNTIME_DIRECTORY when systemd gives us one
 _MAX_UNIX_PATH = 107  # sizeof(sun_path) - 1 on Linux
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -45,15 +46,38 @@ StrictBool = Annotated[bool, Strict()]
 StrictStr = Annotated[str, Strict()]
 
 
+def _systemd_dir(name: str) -> str | None:
+    """The first directory systemd passed in $STATE_DIRECTORY / $RUNTIME_DIRECTORY, if any."""
+    first = os.environ.get(name, "").split(":")[0]
+    return first if os.path.isabs(first) else None
+
+
+def default_state_dir() -> str:
+    """$STATE_DIRECTORY under systemd (StateDirectory=), else ~/.local/state/rexec-server."""
+    return _systemd_dir("STATE_DIRECTORY") or DEFAULT_STATE_DIR
+
+
+def default_unix() -> tuple[str, ...]:
+    """$RUNTIME_DIRECTORY/rexec.sock under systemd (RuntimeDirectory=), else no unix socket."""
+    runtime = _systemd_dir("RUNTIME_DIRECTORY")
+    return (os.path.join(runtime, UNIX_SOCKET_NAME),) if runtime else ()
+
+
 def _expand_path(value: Any, info: ValidationInfo) -> Any:
-    """`~` expanded, relative paths anchored at the config file's directory, then resolved."""
+    """`~` expanded, relative paths anchored at the config file's directory, directories resolved.
+
+    The last component is kept: it may be a symbolic link that the StrictModes checks must
+    see and refuse (rexec.statefile), not one silently followed here.
+    """
     if not isinstance(value, str | Path) or not str(value):
         return value  # let the Path type report the error
     path = Path(os.path.expanduser(str(value)))
     if not path.is_absolute():
         ctx = info.context if isinstance(info.context, dict) else {}
         path = Path(ctx.get("base_dir") or Path.cwd()) / path
-    return path.resolve()
+    if path.name in ("", ".", ".."):
+        return path.resolve()
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 ConfigPath = Annotated[Path, BeforeValidator(_expand_path)]
@@ -70,10 +94,13 @@ class ServerSection(_Model):
     """`[server]`: where to listen, where state lives, which suites, how to log."""
 
     listen: tuple[StrictStr, ...] = ("127.0.0.1:8222",)
-    unix: tuple[ConfigPath, ...] = ()
-    state_dir: ConfigPath = Field(default_factory=lambda: Path(DEFAULT_STATE_DIR).expanduser())
+    unix: tuple[ConfigPath, ...]  # default: $RUNTIME_DIRECTORY/rexec.sock, else none
+    unix_mode: Annotated[int, Strict()] = 0o600  # TOML octal: 0o660
+    unix_group: StrictStr | None = None
+    state_dir: ConfigPath  # default: $STATE_DIRECTORY, else ~/.local/state/rexec-server
     tokens: ConfigPath  # default derived from state_dir (see _derive_paths)
     audit_log: ConfigPath
+    audit_failure: Literal["log", "refuse"] = "log"
     suites: tuple[Suite_, ...] = Field(default=SUITE_NAMES, min_length=1)
     log_level: LogLevel = "info"
     log_format: Literal["auto", "console", "json"] = "auto"
@@ -81,11 +108,13 @@ class ServerSection(_Model):
     @model_validator(mode="before")
     @classmethod
     def _derive_paths(cls, data: Any) -> Any:
-        """tokens and audit_log default to files inside state_dir."""
+        """state_dir and unix default to systemd's directories; tokens and audit_log to files
+        inside state_dir."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        state = data.get("state_dir", DEFAULT_STATE_DIR)
+        data.setdefault("unix", default_unix())
+        state = data.setdefault("state_dir", default_state_dir())
         if isinstance(state, str | Path):
             data.setdefault("tokens", str(Path(state) / "tokens.json"))
             data.setdefault("audit_log", str(Path(state) / "audit.jsonl"))
@@ -107,6 +136,22 @@ class ServerSection(_Model):
                 raise ValueError(f"[{i}]: {text!r} is listed twice")
             out.append(str(ep))
         return tuple(out)
+
+    @field_validator("unix_mode")
+    @classmethod
+    def _file_mode(cls, value: int) -> int:
+        if not 0 <= value <= 0o777:
+            raise ValueError(
+                f"expected permission bits in octal such as 0o660, got {value} (octal 0o{value:o})"
+            )
+        return value
+
+    @field_validator("unix_group")
+    @classmethod
+    def _known_group(cls, value: str | None) -> str | None:
+        if value is not None:
+            unix_gid(value)  # refuses an unknown group now, not at bind time
+        return value
 
     @field_validator("suites")
     @classmethod
@@ -194,6 +239,7 @@ class ExecSection(_Model):
         default_factory=lambda: {"PATH": "/usr/local/bin:/usr/bin:/bin"}
     )
     keep_orphans: StrictBool = False
+    cgroup: Literal["auto", "off", "require"] = "auto"
 
     @field_validator("shell")
     @classmethod
@@ -235,6 +281,18 @@ class ServerConfig(_Model):
         return cls.model_validate({"server": server})
 
 
+def unix_gid(group: str) -> int:
+    """A group name or number as a gid; ValueError names an unknown group."""
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ValueError(f"unknown group {group!r}") from None
+
+
 def env_allowed(name: str, allowlist: Iterable[str]) -> bool:
     """May the client set variable `name`? Case-sensitive fnmatch, as env names are."""
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in allowlist)
@@ -250,16 +308,83 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+# What a key expects, in TOML words, by pydantic error type: one place for every message.
+_EXPECTS = {
+    "tuple_type": "a list",
+    "list_type": "a list",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "path_type": "a path (a string)",
+}
+
+
+def _toml_value(value: Any) -> str:
+    """How a TOML value reads to the person who wrote it: its type, and short scalars."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value:g}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _plain(err: Any) -> str | None:
+    """pydantic's error in plain words, or None to keep its (or our validator's) message."""
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind in _EXPECTS:
+        return f"expected {_EXPECTS[kind]}, got {_toml_value(value)}"
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected')}, got {_toml_value(value)}"
+    if kind == "greater_than":
+        return f"must be greater than {ctx.get('gt')}, got {value!r}"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx.get('ge')}, got {value!r}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx.get('le')}, got {value!r}"
+    if kind == "too_short":
+        n = ctx.get("min_length")
+        return f"must list at least {n} item{'s' if n != 1 else ''}"
+    if kind == "too_long":
+        n = ctx.get("max_length")
+        return f"must list at most {n} item{'s' if n != 1 else ''}"
+    return None
+
+
 def format_validation_error(where: str, exc: ValidationError) -> str:
-    """One line: `file: key: problem; key: problem`, with pydantic's noise removed."""
+    """One line: `file: key: problem; key: problem`, in plain words (no pydantic wording)."""
+    errors = exc.errors(include_url=False)
+    item_errors = {
+        err["loc"][:-1] for err in errors if err["loc"] and isinstance(err["loc"][-1], int)
+    }
     parts: list[str] = []
-    for err in exc.errors(include_url=False):
+    for err in errors:
         loc = _loc(err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "too_short" and err["loc"] in item_errors:
+            continue  # a bad item was dropped: its own message says why
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
         elif err["type"] == "missing":
             parts.append(f"{loc}: missing key")
+        elif (plain := _plain(err)) is not None:
+            parts.append(f"{loc}: {plain}" if loc else plain)
         elif loc and msg.startswith("["):  # our list-item errors: "listen[0]: ..."
             parts.append(f"{loc}{msg}")
         else:

@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from rexec import __version__
-from rexec.errors import ConfigError
+from rexec.errors import AuditLogError, ConfigError, ErrorCode
 from rexec.log import AuditLog, AuditRecord, get_logger
 from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ServerInfo
@@ -219,8 +219,18 @@ class ServerContext:
     def audit_write(self, record: AuditRecord) -> None:
         try:
             self.audit.write(record)
-        except (OSError, ValueError) as exc:
+        except (AuditLogError, ValueError) as exc:
             self.log.error("audit log write failed", error=str(exc))
+
+    def exec_refusal(self) -> tuple[ErrorCode, str] | None:
+        """Why no new command may start now, or None: audit_failure = "refuse" and the audit
+        log cannot take records (the command would run unrecorded)."""
+        if self.config.server.audit_failure != "refuse":
+            return None
+        problem = self.audit.check()
+        if problem is None:
+            return None
+        return ErrorCode.INTERNAL, f"audit log unavailable, commands refused: {problem}"
 
     def channel_finished(self) -> None:
         self._channel_done.set()

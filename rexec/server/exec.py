@@ -6,13 +6,34 @@ backpressure: a pipe is read only while its sink is ready, so a slow client bloc
 a full pipe instead of growing our memory.
 
 The command runs in its own session and process group; every kill acts on the whole group, and
-nothing in the group outlives the command. Linux only: pidfd_open (kernel 5.3+) tells us the
-leader exited without reaping it, and /proc tells live group members from zombies.
+nothing in the group outlives the command. Where the server set up cgroups
+(rexec.server.contain), "the group" is the command's cgroup instead: a process that left the
+process group (setsid) is still in it, and the kill is cgroup.kill. Linux only: pidfd_open
+(kernel 5.3+) tells us the leader exited without reaping it, and /proc tells live group
+members from zombies.
+
+Signals: a command starts with every signal at its default disposition and an empty signal
+mask, as under ssh, whatever the server inherited (`nohup rexec serve &` ignores SIGHUP, a
+background job of a script ignores SIGINT and SIGQUIT). No preexec_fn resets them in the
+child: it is unsafe once the process has threads and costs the vfork fast path (+4 ms a
+spawn in a server-sized process, measured); only the no-cgroup fallback of
+rexec.server.contain pays that, for prctl.
+Instead `prepare_signals()` uses what execve does: it resets a *caught* signal to its default
+but keeps an *ignored* one ignored. So the server never ignores a signal: one it inherited as
+ignored it catches with a handler that does nothing (the same effect for the server), and it
+unblocks its signal mask, which children inherit. Exceptions: SIGPIPE and SIGXFSZ, which
+Python ignores for itself and Popen's restore_signals resets in the child; and SIGTTOU, where
+a handler would make a background server's terminal writes retry forever under `stty
+tostop` (job-control shells never ignore it for their jobs); and glibc's own real-time signals
+32 and 33, which the C library refuses to change (GNU make 4.3 starts children with them
+ignored; no program can reset them through libc, sshd included).
 
 With a pty (rexec.server.pty), the command's stdin, stdout and stderr are the terminal's
 slave and its controlling terminal; its output is one stream (1), read from the master, and
 stdin is written to the master. A job-control shell there runs jobs in groups of their own
-within the command's session, so "the group" is then every group of that session.
+within the command's session, so without a cgroup "the group" is every group of that
+session. Making the terminal the controlling one needs a preexec_fn (an ioctl only the child
+can make for itself): pty commands, interactive by nature, pay the vfork cost.
 """
 
 from __future__ import annotations
@@ -22,11 +43,13 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal as _signal
 import subprocess
 import sys
 import termios
 import time
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from signal import SIGCONT, SIGKILL, SIGTERM
 from typing import Protocol
@@ -34,9 +57,10 @@ from typing import Protocol
 from rexec.errors import ExecError
 from rexec.protocol.events import Stream
 from rexec.protocol.pty import PtyRequest
+from rexec.server.contain import CommandCgroup, containment
 from rexec.server.pty import controlling_terminal, open_pty, session_groups, set_winsize
 
-__all__ = ["ExecOutcome", "ExecSpec", "Execution", "OutputSink"]
+__all__ = ["ExecOutcome", "ExecSpec", "Execution", "OutputSink", "prepare_signals"]
 
 # Once the group is dead, how long we still wait for pipe EOF. Only a process that escaped the
 # group (setsid) can hold a pipe that long; after this we close our ends and finish.
@@ -47,6 +71,34 @@ _KILL_BOUND = 2.0
 # chunk and lets the child keep writing while the sink is busy. Memory stays bounded by it.
 _PIPE_SIZE = 256 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+# Left ignored if inherited so: see the module docstring.
+_KEEP_IGNORED = frozenset({_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGTTOU})
+
+
+def _ignore(_signum: int, _frame: types.FrameType | None) -> None:
+    """Catch-and-ignore: for the server what SIG_IGN was; for a child, default after exec."""
+
+
+def prepare_signals() -> None:
+    """Make sure children start with default signal dispositions and nothing blocked.
+
+    Idempotent and cheap (a table lookup per signal, one sigprocmask); the server calls it
+    at start and every spawn calls it again. Needs the main thread, where
+    asyncio runs the server; elsewhere it does what it may.
+    """
+    for signum in _signal.valid_signals():
+        if signum in _KEEP_IGNORED:
+            continue
+        try:
+            if _signal.getsignal(signum) == _signal.SIG_IGN:
+                _signal.signal(signum, _ignore)
+        except (OSError, ValueError):  # not settable, or not the main thread
+            continue
+    blocked = _signal.pthread_sigmask(_signal.SIG_BLOCK, ())
+    if blocked:
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
 
 
 @dataclass(frozen=True)
@@ -160,6 +212,20 @@ def _live_members(pgid: int) -> bool:
     return False
 
 
+def _chain(
+    first: Callable[[], None] | None, second: Callable[[], None] | None
+) -> Callable[[], None] | None:
+    """One preexec_fn that runs both (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def both() -> None:
+        first()
+        second()
+
+    return both
+
+
 def _spawn_error(spec: ExecSpec, exc: OSError) -> ExecError:
     """Turn Popen's OSError into a message that names the program or the directory."""
     prog = spec.argv[0]
@@ -198,8 +264,16 @@ class Execution:
     and wait() re-raises the sink's exception (the outcome stays readable in `outcome`).
     """
 
-    def __init__(self, spec: ExecSpec, sink: OutputSink, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self,
+        spec: ExecSpec,
+        sink: OutputSink,
+        proc: subprocess.Popen[bytes],
+        cgroup: CommandCgroup | None = None,
+    ) -> None:
         self._spec = spec
+        self._cgroup = cgroup
+        self._contain = containment()
         self._sink = sink
         self._proc = proc
         self._pid = proc.pid
@@ -227,13 +301,16 @@ class Execution:
         """Spawn the command in its own session and start pumping; raise ExecError if it can't."""
         if not spec.argv:
             raise ExecError("empty command")
+        prepare_signals()
         t0 = time.monotonic()
         parent_fds: list[int] = []
         child_fds: list[int] = []
         proc: subprocess.Popen[bytes] | None = None
         env = dict(spec.env)
-        preexec = None
+        in_child = None  # a pty's preexec_fn
         outputs: list[tuple[Stream, int]] = []  # (stream, our end)
+        contain = containment()
+        cgroup = contain.new_cgroup()  # None unless the server uses cgroups
         try:
             try:
                 if spec.pty is not None:
@@ -246,7 +323,7 @@ class Execution:
                         parent_fds.append(stdin_w)
                     outputs.append((Stream.STDOUT, master))
                     env["TERM"] = spec.pty.term
-                    preexec = controlling_terminal
+                    in_child = controlling_terminal
                 else:
                     if spec.stdin:
                         stdin_r, stdin_w = _pipe()
@@ -262,20 +339,22 @@ class Execution:
             except OSError as exc:  # out of file descriptors
                 raise ExecError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
             try:
-                proc = subprocess.Popen(
-                    spec.argv,
-                    stdin=stdin_r if spec.stdin or spec.pty else subprocess.DEVNULL,
-                    stdout=out_w,
-                    stderr=err_w,
-                    env=env,
-                    cwd=spec.cwd,
-                    close_fds=True,
-                    start_new_session=True,
-                    preexec_fn=preexec,
-                    user=spec.uid,
-                    group=spec.gid,
-                    extra_groups=spec.groups,
-                )
+                with contain.spawning(cgroup) as preexec:
+                    proc = subprocess.Popen(
+                        spec.argv,
+                        stdin=stdin_r if spec.stdin or spec.pty else subprocess.DEVNULL,
+                        stdout=out_w,
+                        stderr=err_w,
+                        env=env,
+                        cwd=spec.cwd,
+                        close_fds=True,
+                        start_new_session=True,
+                        preexec_fn=_chain(preexec, in_child),
+                        user=spec.uid,
+                        group=spec.gid,
+                        extra_groups=spec.groups,
+                    )
+                contain.adopt(proc.pid)
             except OSError as exc:
                 raise _spawn_error(spec, exc) from exc
             except ValueError as exc:  # NUL byte in argv/env, "=" in an env name
@@ -287,7 +366,10 @@ class Execution:
         except BaseException:
             if proc is not None:  # unreaped, so its pgid is still ours to signal
                 os.killpg(proc.pid, SIGKILL)
+                if cgroup is not None:
+                    cgroup.kill()
                 proc.wait()
+            contain.finished(proc.pid if proc is not None else 0, cgroup)
             for fd in parent_fds:
                 os.close(fd)
             raise
@@ -295,7 +377,7 @@ class Execution:
             for fd in child_fds:
                 os.close(fd)
 
-        self = cls(spec, sink, proc)
+        self = cls(spec, sink, proc, cgroup)
         self._t0 = t0
         self._pidfd = pidfd
         self._loop.add_reader(self._pidfd, self._on_exit)
@@ -528,8 +610,17 @@ class Execution:
                 with contextlib.suppress(OSError):
                     os.killpg(pgid, signum)
 
+    def _kill_all(self, signum: int) -> None:
+        """Signal everything the command started: its cgroup if it has one, else its group."""
+        if self._cgroup is not None:
+            self._cgroup.signal(signum)
+        else:
+            self._killpg(signum)
+
     def _group_alive(self) -> bool:
-        """After the reap: does a live (non-zombie) member of the group remain?"""
+        """After the reap: does a live (non-zombie) member of the group (or cgroup) remain?"""
+        if self._cgroup is not None:
+            return self._cgroup.populated()
         if self._group_gone:
             return False
         try:
@@ -561,15 +652,15 @@ class Execution:
         """SIGTERM (and SIGCONT, for stopped members) the group, kill_grace, SIGKILL, reap."""
         grace = self._spec.kill_grace
         kill_at = self._loop.time() + grace
-        self._killpg(SIGTERM)
-        self._killpg(SIGCONT)
+        self._kill_all(SIGTERM)
+        self._kill_all(SIGCONT)
         if self._returncode is None:
             await asyncio.wait({self._exited}, timeout=grace)
             if self._exited.done():
                 self._reap()
         if self._returncode is not None and await self._group_gone_by(kill_at):
             return
-        self._killpg(SIGKILL)
+        self._kill_all(SIGKILL)
         if self._returncode is None:
             await self._exited  # SIGKILL cannot be caught
             self._reap()
@@ -608,7 +699,8 @@ class Execution:
             )
             if self._exited.done():
                 self._reap()
-                if self._group_alive():  # e.g. `sleep 1000 &` left behind by a shell
+                # e.g. `sleep 1000 &` left behind by a shell, unless keep_orphans lets it live
+                if not self._contain.keep_orphans and self._group_alive():
                     await self._terminate()
             else:
                 timed_out = not self._kill_req.done()
@@ -633,7 +725,7 @@ class Execution:
     async def _cleanup(self) -> None:
         """Leave nothing behind, even if the supervisor was cancelled or failed."""
         if self._returncode is None:  # only on cancellation or a bug: no grace, no hang
-            self._killpg(SIGKILL)
+            self._kill_all(SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._returncode = self._proc.wait(timeout=5)
             self._t_reaped = time.monotonic()
@@ -649,3 +741,6 @@ class Execution:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+        if self._cgroup is not None and self._cgroup.populated():
+            self._cgroup.kill()  # the channel ends: nothing in its cgroup lives on
+        self._contain.finished(self._pid, self._cgroup)

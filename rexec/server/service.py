@@ -14,11 +14,15 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from rexec.errors import AuditLogError, ConfigError
 from rexec.heap import keep_heap
 from rexec.log import AuditLog
 from rexec.server.auth import TokenStore
-from rexec.server.config import ServerConfig
+from rexec.server.config import ServerConfig, unix_gid
+from rexec.server.contain import Containment, use_containment
 from rexec.server.context import ServerContext
+from rexec.server.exec import prepare_signals
+from rexec.server.sdnotify import notify
 from rexec.server.session import Session
 
 FINAL_WAIT = 5.0  # after the last SIGKILL, how long EXITs may take to go out
@@ -34,6 +38,7 @@ class Server:
         )
         self.audit = AuditLog(config.server.audit_log)
         self.ctx: ServerContext | None = None
+        self.containment: Containment | None = None
         self._servers: list[asyncio.Server] = []
         self.addresses: list[str] = []
         self._stopped = asyncio.Event()
@@ -44,6 +49,9 @@ class Server:
         self.ctx = ctx
         ctx.spawn(ctx.watch_tokens())
         loop = asyncio.get_running_loop()
+        exec_cfg = self.config.exec
+        self.containment = Containment.start(exec_cfg.cgroup, exec_cfg.keep_orphans)
+        use_containment(self.containment)
 
         def factory() -> asyncio.BaseProtocol:
             return Session(ctx).protocol
@@ -53,8 +61,12 @@ class Server:
                 path = Path(ep.path)
                 if path.is_socket():
                     path.unlink()
-                server = await loop.create_unix_server(factory, str(path), backlog=256)
-                os.chmod(path, 0o600)
+                old_umask = os.umask(0o177)  # born 0600: no moment when others may connect
+                try:
+                    server = await loop.create_unix_server(factory, str(path), backlog=256)
+                finally:
+                    os.umask(old_umask)
+                self._socket_access(path)
                 self.addresses.append(f"unix:{path}")
             else:
                 assert ep.port is not None
@@ -65,6 +77,7 @@ class Server:
                     host, port = sock.getsockname()[:2]
                     self.addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             self._servers.append(server)
+        self.containment.announce(ctx.log)
         ctx.log.info(
             "listening",
             addresses=self.addresses,
@@ -72,6 +85,17 @@ class Server:
             suites=[s.label for s in ctx.suites],
         )
         return self.addresses
+
+    def _socket_access(self, path: Path) -> None:
+        """unix_group and unix_mode: who besides us may connect (connect needs write)."""
+        cfg = self.config.server
+        if cfg.unix_group is not None:
+            try:
+                gid = unix_gid(cfg.unix_group)
+            except ValueError as exc:  # deleted since the config was read
+                raise ConfigError(f"server.unix_group: {exc}") from None
+            os.chown(path, -1, gid)
+        os.chmod(path, cfg.unix_mode)
 
     def request_shutdown(self, grace: float | None = None) -> None:
         """Signal-handler entry: start the graceful shutdown once; a second call hurries it."""
@@ -83,12 +107,25 @@ class Server:
 
     _hurry = False
 
+    def reopen_audit(self) -> None:
+        """SIGHUP: reopen the audit log at its path (after logrotate moved the file away)."""
+        log = self.ctx.log if self.ctx is not None else None
+        try:
+            self.audit.reopen()
+        except AuditLogError as exc:
+            if log is not None:
+                log.error("audit log reopen failed", error=str(exc))
+            return
+        if log is not None:
+            log.info("audit log reopened", audit_log=str(self.audit.path))
+
     async def shutdown(self, grace: float | None = None) -> None:
         ctx = self.ctx
         if ctx is None or ctx.shutting_down:
             await self._stopped.wait()
             return
         ctx.shutting_down = True
+        _notify(ctx, "STOPPING=1\nSTATUS=shutting down")
         grace = self.config.limits.shutdown_grace if grace is None else grace
         for server in self._servers:
             server.close()
@@ -120,11 +157,21 @@ class Server:
                     Path(ep.path).unlink()
         ctx.flush_usage()
         self.audit.close()
+        if self.containment is not None:
+            self.containment.close()
         ctx.log.info("stopped")
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _notify(ctx: ServerContext, message: str) -> None:
+    """Tell systemd (Type=notify); a failure is logged, never fatal."""
+    try:
+        notify(message)
+    except OSError as exc:
+        ctx.log.warning("cannot notify the service manager", error=str(exc))
 
 
 def write_ready_file(path: Path, addresses: list[str]) -> None:
@@ -142,6 +189,7 @@ async def serve(
 ) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit status."""
     keep_heap()
+    prepare_signals()  # before any handler of ours: what we inherited as ignored gets caught
     server = Server(config)
     addresses = await server.start()
     if on_ready is not None:
@@ -149,11 +197,14 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_shutdown)
+    loop.add_signal_handler(signal.SIGHUP, server.reopen_audit)
     if ready_file is not None:
         write_ready_file(ready_file, addresses)
+    if server.ctx is not None:
+        _notify(server.ctx, f"READY=1\nSTATUS=listening on {' '.join(addresses)}")
     try:
         await server.wait_stopped()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0

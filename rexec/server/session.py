@@ -350,6 +350,8 @@ class Session:
         if self.ending is not None:
             self._refuse(channel, ErrorCode.AUTH, self.ending, req)
             return
+        if (refusal := ctx.exec_refusal()) is not None:  # audit_failure = "refuse"
+            return self._refuse(channel, *refusal, req)
         if len(self.runs) >= limits.max_channels:
             self._refuse(
                 channel,

@@ -5,8 +5,9 @@ its mtime keeps meaning "the tokens changed" (the server reloads on it), and a b
 does not rewrite its credentials file on every connection.
 
 - `<store>.used`: the server keeps last-use times in memory and writes the file atomically
-  (write_atomic) at most every FLUSH_INTERVAL seconds when something changed, and once at
-  shutdown. `rexec token list` may therefore lag by up to FLUSH_INTERVAL. Format:
+  (rexec.statefile.write_secret) at most every FLUSH_INTERVAL seconds when something
+  changed, and once at shutdown. `rexec token list` may therefore lag by up to
+  FLUSH_INTERVAL. Format:
   `{"version": 1, "last_used": {"<token name>": "<ISO-8601 UTC>"}}`.
 - `<store>.learned`: JSON lines `{"token": NAME, "argv": [...]}` or `{"token": NAME,
   "command": "..."}`, appended (O_APPEND, one write per line) the first time this server
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from rexec.errors import ConfigError
 from rexec.secretfile import read_secret_file
-from rexec.server.auth import iso_time, write_atomic
+from rexec.server.auth import iso_time
+from rexec.statefile import write_secret
 
 __all__ = ["FLUSH_INTERVAL", "LastUsed", "Learned", "read_last_used", "read_learned"]
 
@@ -61,7 +63,9 @@ class LastUsed:
             times = {}  # unreadable or invalid: start over rather than never record again
         times.update({name: iso_time(ts) for name, ts in pending.items()})
         doc = {"version": 1, "last_used": dict(sorted(times.items()))}
-        write_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode("ascii"))
+        write_secret(
+            self.path, (json.dumps(doc, indent=2) + "\n").encode("ascii"), "token usage file"
+        )
 
 
 def read_last_used(path: Path) -> dict[str, str]:

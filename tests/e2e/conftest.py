@@ -225,8 +225,13 @@ def start_server(
     listen: Sequence[str] = ("127.0.0.1:0",),
     unix: Sequence[str] = (),
     token_name: str = "t",
+    wrapper: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> ServerProc:
-    """Create a token store with one token and start `rexec serve` on it (JSON logs)."""
+    """Create a token store with one token and start `rexec serve` on it (JSON logs).
+
+    wrapper: a command prefix that execs the server (e.g. `nohup`); env: extra variables.
+    """
     base.mkdir(parents=True, exist_ok=True)
     state = base / "state"
     store = base / "tokens.json"
@@ -234,6 +239,7 @@ def start_server(
     ready = base / "ready"
     log_path = base / "server.log"
     args = [
+        *wrapper,
         REXEC,
         "serve",
         "--tokens",
@@ -255,7 +261,7 @@ def start_server(
         args += ["--config", str(cfg)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=clean_env()
+            args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=clean_env(env)
         )
     deadline = time.monotonic() + START_TIMEOUT
     while not (ready.exists() and ready.read_text().endswith("\n")):

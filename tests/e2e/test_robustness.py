@@ -442,7 +442,11 @@ def test_first_start_creates_a_token_and_says_how_to_use_it(e2e: Any, tmp_path: 
         assert (client_file.stat().st_mode & 0o777) == 0o600
         assert ((state / "tokens.json").stat().st_mode & 0o777) == 0o600
         text = out_path.read_text()
-        assert client_file.read_text().strip() in text
+        # stdout is a file, not a terminal: the secret is named by path, never printed
+        secret_line = client_file.read_text().strip()
+        assert secret_line.startswith("rexec1:")
+        assert secret_line.rsplit(":", 1)[1] not in text
+        assert f"use a copy of {client_file} (keep it mode 0600)" in text
         # the printed line works when pasted into a shell that does not have rexec on PATH
         [line] = [
             ln.strip() for ln in text.splitlines() if ln.strip().startswith("REXEC_TOKEN_FILE=")

@@ -566,3 +566,24 @@ def test_throughput_512mib(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(f"\nexec throughput: {rate:.0f} MB/s")
     assert rate > 200  # lenient: CI machines are loaded
+
+
+def test_children_get_default_signals_and_an_empty_mask() -> None:
+    """What we ignore or block (`nohup`, a background job) never reaches the command."""
+    old_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    old_quit = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    try:
+        out, sink = run(execute(sh("kill -HUP $$; echo not-killed")))
+        assert (out.exit_code, out.signal, bytes(sink.out)) == (None, signal.SIGHUP, b"")
+        out, sink = run(execute(spec("grep", "^Sig[IB]", "/proc/self/status")))
+        masks = dict(line.split(b":\t") for line in bytes(sink.out).splitlines())
+        assert int(masks[b"SigBlk"], 16) == 0
+        # glibc's own signals 32 and 33 cannot be reset (GNU make 4.3 ignores them)
+        assert int(masks[b"SigIgn"], 16) & ~((1 << 31) | (1 << 32)) == 0
+        # for this process nothing changed that matters: HUP is still not fatal
+        os.kill(os.getpid(), signal.SIGHUP)
+    finally:
+        signal.signal(signal.SIGHUP, old_hup)
+        signal.signal(signal.SIGQUIT, old_quit)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

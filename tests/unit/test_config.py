@@ -143,14 +143,23 @@ def test_models_are_frozen() -> None:
         ("[server]\nport = 1\n", "unknown key 'server.port'"),
         (
             "[limits]\nmax_connections = 'lots'\n",
-            "limits.max_connections: Input should be a valid integer",
+            "limits.max_connections: expected an integer, got the string 'lots'",
         ),
-        ("[limits]\nmax_connections = true\n", "limits.max_connections: Input should be a valid"),
-        ("[limits]\nmax_connections = 1.5\n", "limits.max_connections: Input should be a valid"),
-        ("[limits]\nmax_channels = 0\n", "limits.max_channels: Input should be greater than 0"),
-        ("[limits]\nhandshake_timeout = 0\n", "limits.handshake_timeout: Input should be greater"),
-        ("[limits]\nidle_timeout = -1\n", "limits.idle_timeout: Input should be greater than or"),
-        ("[limits]\nkill_grace = '2'\n", "limits.kill_grace: Input should be a valid number"),
+        (
+            "[limits]\nmax_connections = true\n",
+            "max_connections: expected an integer, got the boolean",
+        ),
+        (
+            "[limits]\nmax_connections = 1.5\n",
+            "max_connections: expected an integer, got the number",
+        ),
+        ("[limits]\nmax_channels = 0\n", "limits.max_channels: must be greater than 0, got 0"),
+        ("[limits]\nhandshake_timeout = 0\n", "limits.handshake_timeout: must be greater than 0"),
+        ("[limits]\nidle_timeout = -1\n", "limits.idle_timeout: must be at least 0.0, got -1"),
+        (
+            "[limits]\nkill_grace = '2'\n",
+            "limits.kill_grace: expected a number, got the string '2'",
+        ),
         (
             "[limits]\ndefault_timeout = 120\nmax_timeout = 60\n",
             "limits: default_timeout (120) must not exceed max_timeout (60)",
@@ -159,29 +168,55 @@ def test_models_are_frozen() -> None:
             "[limits]\nmax_unauthenticated = 500\n",
             "limits: max_unauthenticated (500) must not exceed max_connections (256)",
         ),
-        ("[server]\nsuites = ['AES']\n", "server.suites[0]: Input should be 'AESGCM' or"),
-        ("[server]\nsuites = []\n", "server.suites: Tuple should have at least 1 item"),
+        (
+            "[server]\nsuites = ['AES']\n",
+            "server.suites[0]: expected one of 'AESGCM' or 'ChaChaPoly', got the string 'AES'",
+        ),
+        ("[server]\nsuites = []\n", "server.suites: must list at least 1 item"),
         ("[server]\nsuites = ['AESGCM', 'AESGCM']\n", "server.suites: a suite is listed twice"),
         ("[server]\nlisten = ['h:99999']\n", "server.listen[0]: invalid address 'h:99999'"),
         ("[server]\nlisten = ['a:1', '::1']\n", "server.listen[1]: invalid address '::1'"),
         ("[server]\nlisten = ['unix:/x']\n", "server.listen[0]: 'unix:/x': put unix sockets"),
         ("[server]\nlisten = ['a:1', 'a:1']\n", "server.listen[1]: 'a:1' is listed twice"),
-        ("[server]\nlisten = 'a:1'\n", "server.listen: Input should be a valid tuple"),
+        ("[server]\nlisten = 'a:1'\n", "server.listen: expected a list, got the string 'a:1'"),
         ("[server]\nlisten = []\n", "server: no listener: set server.listen or server.unix"),
         ("[server]\nunix = ['/' , '/']\n", "server: unix: a socket path is listed twice"),
         ("[server]\nunix = ['/" + "x" * 120 + "']\n", "is longer than 107 bytes"),
-        ("[server]\nlog_level = 'loud'\n", "server.log_level: Input should be 'debug'"),
-        ("[server]\nlog_format = 'xml'\n", "server.log_format: Input should be 'auto'"),
-        ("[server]\ntokens = 5\n", "server.tokens: Input is not a valid path"),
+        ("[server]\nlog_level = 'loud'\n", "server.log_level: expected one of 'debug', 'info'"),
+        ("[server]\nlog_format = 'xml'\n", "server.log_format: expected one of 'auto', 'console'"),
+        ("[server]\ntokens = 5\n", "server.tokens: expected a path (a string), got the integer 5"),
         ("[exec]\nshell = 'sh'\n", "exec.shell: must be an absolute path, got 'sh'"),
-        ("[exec]\nkeep_orphans = 1\n", "exec.keep_orphans: Input should be a valid boolean"),
+        (
+            "[exec]\nkeep_orphans = 1\n",
+            "exec.keep_orphans: expected true or false, got the integer 1",
+        ),
         ("[exec]\nbase_env = { 'A B' = 'x' }\n", "exec.base_env: 'A B' is not a valid environment"),
-        ("[exec]\nbase_env = { A = 1 }\n", "exec.base_env.A: Input should be a valid string"),
+        ("[exec]\nbase_env = { A = 1 }\n", "exec.base_env.A: expected a string, got the integer 1"),
+        (
+            "[server]\nunix_mode = 660\n",
+            "server.unix_mode: expected permission bits in octal such as 0o660, got 660 (octal",
+        ),
+        (
+            "[server]\nunix_group = 'no-such-group-x'\n",
+            "server.unix_group: unknown group 'no-such-group-x'",
+        ),
+        (
+            "[server]\naudit_failure = 'ignore'\n",
+            "server.audit_failure: expected one of 'log' or 'refuse', got the string 'ignore'",
+        ),
+        (
+            "[exec]\ncgroup = true\n",
+            "exec.cgroup: expected one of 'auto', 'off' or 'require', got the boolean true",
+        ),
+        ("limits = 3\n", "limits: expected a table, got the integer 3"),
         ("[exec]\nenv_allowlist = ['A=*']\n", "exec.env_allowlist[0]: 'A=*' is not an environment"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
-    assert message in error_of(tmp_path, text)
+    error = error_of(tmp_path, text)
+    assert message in error
+    for pydantic_words in ("Input should", "valid tuple", "Tuple should", "after validation"):
+        assert pydantic_words not in error
 
 
 def test_several_errors_on_one_line(tmp_path: Path) -> None:
@@ -241,3 +276,29 @@ def test_env_allowed() -> None:
     for name in ("PATH", "LD_PRELOAD", "lang", "LANGUAGE", "XLANG", "TERMCAP", "HOME"):
         assert not env_allowed(name, allow), name
     assert not env_allowed("LANG", [])
+
+
+def test_systemd_directories_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """StateDirectory=/RuntimeDirectory= reach us as $STATE_DIRECTORY/$RUNTIME_DIRECTORY."""
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/rexec:/var/lib/other")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/rexec")
+    cfg = parse_server_config({})
+    assert cfg.server.state_dir == Path("/var/lib/rexec")
+    assert cfg.server.tokens == Path("/var/lib/rexec/tokens.json")
+    assert cfg.server.audit_log == Path("/var/lib/rexec/audit.jsonl")
+    assert cfg.server.unix == (Path("/run/rexec/rexec.sock"),)
+    explicit = parse_server_config({"server": {"state_dir": "/srv/st", "unix": []}})
+    assert (explicit.server.state_dir, explicit.server.unix) == (Path("/srv/st"), ())
+    monkeypatch.setenv("STATE_DIRECTORY", "relative/ignored")
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    cfg = parse_server_config({})
+    assert cfg.server.state_dir == Path("~/.local/state/rexec-server").expanduser()
+    assert cfg.server.unix == ()
+
+
+def test_last_path_component_is_not_resolved(tmp_path: Path) -> None:
+    """A symlinked audit log must reach the StrictModes check as the link, not its target."""
+    (tmp_path / "target").write_text("")
+    (tmp_path / "audit.jsonl").symlink_to(tmp_path / "target")
+    cfg = parse_server_config({"server": {"audit_log": str(tmp_path / "audit.jsonl")}})
+    assert cfg.server.audit_log == tmp_path / "audit.jsonl"

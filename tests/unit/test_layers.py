@@ -21,6 +21,7 @@ LEAVES = {
     "rexec.log",
     "rexec.result",
     "rexec.secretfile",
+    "rexec.statefile",
     "rexec.tomlfile",
     "rexec.transport",
 }

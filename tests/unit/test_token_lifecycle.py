@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import time
 from pathlib import Path
@@ -124,7 +123,10 @@ def test_a_server_that_is_not_root_refuses_run_as_tokens_only(
     store = store_at(tmp_path)
     plain = store.add("plain")
     run_as = store.add("ops", policy=Policy.build(run_as="nobody"))
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    import rexec.server.auth as auth
+
+    real = auth.check_run_as  # as if the server ran as uid 1000 (the files stay root's)
+    monkeypatch.setattr(auth, "check_run_as", lambda policy, _uid: real(policy, 1000))
     served = TokenStore.load(store.path, serving=True)
     assert served.lookup(plain.key_id) == plain.secret
     assert served.lookup(run_as.key_id) is None
