@@ -12,10 +12,13 @@ percentile of each round (its median over rounds is reported).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import statistics
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Callable
 
@@ -31,26 +34,28 @@ class Terminal:
     """A client command on a fresh local pty (40x120); we write keys and read the screen."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.master, slave = os.openpty()
-        try:
-            import fcntl
-            import struct
-            import termios
-
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
-        finally:
-            os.close(slave)
+        self.master, self.slave = os.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=self.slave,
+            stdout=self.slave,
+            stderr=self.slave,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
         procs.on_cleanup("keystroke client", self.close)
         self.seen = bytearray()
+
+    def wait_raw(self, timeout: float) -> None:
+        """Until the client has put its terminal in raw mode: a key typed before that would
+        be echoed by the local terminal, not the remote one."""
+        deadline = time.monotonic() + timeout
+        while termios.tcgetattr(self.slave)[3] & termios.ICANON:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise Unavailable("the client never put its terminal in raw mode")
+            time.sleep(0.005)
 
     def read_until(self, needle: bytes, timeout: float) -> None:
         """Read the screen until `needle` shows (everything before it is consumed)."""
@@ -93,6 +98,7 @@ class Terminal:
                 except subprocess.TimeoutExpired:
                     procs.stop_popen(proc)
             os.close(self.master)
+            os.close(self.slave)
             self.master = -1
 
 
@@ -100,6 +106,7 @@ def session(argv: list[str], env: dict[str, str], keys: int, gap: float) -> list
     """One session: `keys` timed keystrokes (milliseconds)."""
     term = Terminal(argv, env)
     try:
+        term.wait_raw(READY_TIMEOUT)
         # ready once a key echoes: the session is up and cat reads
         deadline = time.monotonic() + READY_TIMEOUT
         while True:

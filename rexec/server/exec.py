@@ -140,7 +140,13 @@ class ExecOutcome:
 
 
 class OutputSink(Protocol):
-    """Receives output; returning means "ready for more" (backpressure: see module doc)."""
+    """Receives output; returning means "ready for more" (backpressure: see module doc).
+
+    A sink may also have `send_now(stream, data) -> bool`: take the data at once if it can
+    without waiting (else False, and the data comes again through the call). A pty's output
+    then goes out from the loop's readiness callback itself: a keystroke's echo skips the
+    pump task's wake-up, a loop turn and two selector changes.
+    """
 
     async def __call__(self, stream: Stream, data: bytes) -> None: ...
 
@@ -148,7 +154,7 @@ class OutputSink(Protocol):
 class _Pump:
     """State of one output pipe; shared by its pump task and the supervisor."""
 
-    __slots__ = ("fd", "nbytes", "owed", "stream", "task", "waiter")
+    __slots__ = ("error", "fd", "nbytes", "owed", "pending", "stream", "task", "waiter", "watched")
 
     def __init__(self, stream: Stream, fd: int) -> None:
         self.stream = stream
@@ -157,6 +163,11 @@ class _Pump:
         self.owed = 0  # bytes in the pipe when the group died: delivered whatever the time
         self.waiter: asyncio.Future[None] | None = None  # set while waiting for readability
         self.task: asyncio.Task[None] | None = None
+        # the send_now path (a pty's): what the callback read and left for the pump
+        # (b"": end of file), a failure of send_now, and whether the reader stays registered
+        self.pending: bytes | None = None
+        self.error: Exception | None = None
+        self.watched = False
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -291,6 +302,8 @@ class Execution:
         self._pidfd = -1
         self._drain_deadline: float | None = None
         self._sink_error: BaseException | None = None
+        send_now = getattr(sink, "send_now", None) if spec.pty is not None else None
+        self._send_now: Callable[[Stream, bytes], bool] | None = send_now
         self._outcome: ExecOutcome | None = None
         self._supervisor: asyncio.Task[ExecOutcome] | None = None
 
@@ -497,11 +510,14 @@ class Execution:
         sink = self._sink
         try:
             while True:
+                if p.error is not None:
+                    raise p.error
                 deadline = self._drain_deadline
                 if deadline is not None and p.owed <= 0 and loop.time() >= deadline:
                     return
                 try:
-                    data = os.read(p.fd, size)
+                    data = p.pending if p.pending is not None else os.read(p.fd, size)
+                    p.pending = None
                 except BlockingIOError:
                     if deadline is None:
                         await self._readable(p, None)
@@ -532,9 +548,18 @@ class Execution:
             self._close_pump(p)
 
     async def _readable(self, p: _Pump, timeout: float | None) -> None:
-        """Wait until p.fd is readable, the timeout passes, or the supervisor wakes us."""
+        """Wait until p.fd is readable, the timeout passes, or the supervisor wakes us.
+
+        With send_now, the reader stays registered between waits and reads by itself
+        (_read_now); it wakes us only for what the sink cannot take at once.
+        """
         fut = self._loop.create_future()
-        self._loop.add_reader(p.fd, _wake, fut)
+        direct = self._send_now is not None
+        if not direct:
+            self._loop.add_reader(p.fd, _wake, fut)
+        elif not p.watched:
+            self._loop.add_reader(p.fd, self._read_now, p)
+            p.watched = True
         timer = None if timeout is None else self._loop.call_later(timeout, _wake, fut)
         p.waiter = fut
         try:
@@ -543,7 +568,34 @@ class Execution:
             p.waiter = None
             if timer is not None:
                 timer.cancel()
-            self._loop.remove_reader(p.fd)
+            if not direct:
+                self._loop.remove_reader(p.fd)
+
+    def _read_now(self, p: _Pump) -> None:
+        """p.fd is readable while its pump waits: read, and hand the data to send_now."""
+        send_now = self._send_now
+        assert send_now is not None
+        if p.waiter is None or p.waiter.done():  # the pump is busy: it will read itself
+            self._loop.remove_reader(p.fd)  # (level-triggered: would fire until then)
+            p.watched = False
+            return
+        try:
+            data = os.read(p.fd, self._spec.chunk_size)
+        except BlockingIOError:  # already read (a readiness event from before)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: a pty master once every slave is closed
+                p.error = exc
+            data = b""
+        try:
+            if data and send_now(p.stream, data):
+                p.owed -= len(data)
+                p.nbytes += len(data)
+                return
+        except Exception as exc:  # the pump reports it, as a failing sink call
+            p.error = exc
+        p.pending = data  # end of file, or the sink wants to be awaited: the pump's turn
+        _wake(p.waiter)
 
     def _close_pump(self, p: _Pump) -> None:
         if p.fd >= 0:

@@ -58,6 +58,39 @@ class ChannelRun:
     stdin_queued: int = 0  # stdin chunks queued or being written (0: may write directly)
 
 
+class _ChannelSink:
+    """Where a channel's output goes: to the client as fast as the socket drains."""
+
+    __slots__ = ("channel", "session")
+
+    def __init__(self, session: Session, channel: int) -> None:
+        self.session = session
+        self.channel = channel
+
+    async def __call__(self, stream: int, data: bytes) -> None:
+        session = self.session
+        if session.lost:
+            return
+        session.conn.send_output(self.channel, stream, data)
+        session.protocol.flush()
+        try:
+            await session.protocol.drain()
+        except RexecError:
+            return
+
+    def send_now(self, stream: int, data: bytes) -> bool:
+        """Send at once if nothing waits to be written (a keystroke's echo); else False."""
+        session = self.session
+        if session.lost:
+            return True  # nobody to send it to
+        transport = session.protocol.transport
+        if transport is None or transport.get_write_buffer_size():
+            return False
+        session.conn.send_output(self.channel, stream, data)
+        session.protocol.flush()
+        return True
+
+
 class _Protocol(FramedProtocol):
     def __init__(self, session: Session) -> None:
         super().__init__(session.conn, session.on_events, session.on_lost)
@@ -420,18 +453,8 @@ class Session:
         try:
             spec = run.decision.spec if run.decision and run.decision.spec else self._spec(req)
 
-            async def sink(stream: int, data: bytes) -> None:
-                if self.lost:
-                    return
-                self.conn.send_output(channel, stream, data)
-                self.protocol.flush()
-                try:
-                    await self.protocol.drain()
-                except RexecError:
-                    return
-
             try:
-                execution = await Execution.start(spec, sink)
+                execution = await Execution.start(spec, _ChannelSink(self, channel))
             except ExecError as exc:
                 error = str(exc)
                 code = 127 if "not found" in error else 126

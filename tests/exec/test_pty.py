@@ -156,3 +156,47 @@ def test_no_fd_leak() -> None:
 
     run(go())
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+class Immediate(Collect):
+    """A sink with send_now that takes every other chunk at once and refuses the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken_now = 0
+        self._refuse = False
+
+    def send_now(self, stream: int, data: bytes) -> bool:
+        self._refuse = not self._refuse
+        if self._refuse:
+            return False  # this chunk comes again through the awaited call
+        self.streams.add(stream)
+        self.out.extend(data)
+        self.taken_now += 1
+        self.changed.set()
+        return True
+
+
+def test_send_now_and_awaited_output_keep_order() -> None:
+    async def go() -> tuple[ExecOutcome, Immediate]:
+        sink = Immediate()
+        script = "for i in $(seq 1 40); do echo line$i; sleep 0.005; done; exit 9"
+        ex = await Execution.start(sh(script), sink)
+        return await ex.wait(), sink
+
+    outcome, sink = run(go())
+    assert outcome.exit_code == 9
+    assert bytes(sink.out) == b"".join(b"line%d\r\n" % i for i in range(1, 41))
+    assert sink.taken_now > 5  # both paths were used
+    assert outcome.stdout_bytes == len(sink.out)
+
+
+def test_send_now_is_not_used_without_a_pty() -> None:
+    async def go() -> Immediate:
+        sink = Immediate()
+        ex = await Execution.start(ExecSpec(argv=("/bin/sh", "-c", "echo a"), env=ENV), sink)
+        await ex.wait()
+        return sink
+
+    sink = run(go())
+    assert (bytes(sink.out), sink.taken_now) == (b"a\n", 0)
