@@ -991,6 +991,30 @@ def keystroke(env: Env) -> Group:
     )
 
 
+# ---- fleet: one command on N hosts at once ---------------------------------------------------
+def _fleet(env: Env, count: int) -> Group:
+    from benchmarks.fleet import fleet_group
+
+    contenders, comparisons = fleet_group(env, count)
+    quick = env.cfg.quick
+    rounds = (2 if quick else 3) if count <= 100 else (1 if quick else 2)
+    return Group(
+        f"fleet: `true` and `uname -a` on {count} loopback hosts at once",
+        contenders,
+        rounds,
+        60 if quick else 600,
+        comparisons,
+    )
+
+
+def fleet(env: Env) -> Group:
+    return _fleet(env, 100)
+
+
+def fleet1000(env: Env) -> Group:
+    return _fleet(env, 1000)
+
+
 MEASURES: dict[str, Callable[[Env], Group]] = {
     "cold": cold_cli,
     "cold-api": cold_api,
@@ -999,4 +1023,6 @@ MEASURES: dict[str, Callable[[Env], Group]] = {
     "upload": stream_up,
     "concurrency": concurrency,
     "keystroke": keystroke,
+    "fleet": fleet,
+    "fleet1000": fleet1000,
 }

@@ -6,6 +6,9 @@
     with rexec.Client("lab1") as client:
         client.run("make test", check=True)
 
+    async for r in rexec.run_many("lab[01-40]", "uptime"):   # many hosts, as each finishes
+        print(r.host, r.status, r.stdout)
+
 The public API is loaded lazily (PEP 562) so that `rexec run` pays only for what it uses.
 """
 
@@ -30,7 +33,10 @@ _EXPORTS = {
     "ErrorCode": "rexec.errors",
     "ExecError": "rexec.errors",
     "ExitStatus": "rexec.protocol.messages",
+    "FleetRun": "rexec.client.fleet",
     "FrameType": "rexec.protocol.frames",
+    "HostResult": "rexec.client.fleet",
+    "HostSetError": "rexec.errors",
     "OutputStream": "rexec.client.aio",
     "PolicyError": "rexec.errors",
     "Process": "rexec.client.aio",
@@ -47,6 +53,10 @@ _EXPORTS = {
     "Token": "rexec.protocol.token",
     "TruncatedError": "rexec.errors",
     "connect": "rexec.client.aio",
+    "expand_hosts": "rexec.client.hosts",
+    "fold_hosts": "rexec.client.hosts",
+    "run_many": "rexec.client.fleet",
+    "run_many_sync": "rexec.client.fleet",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -60,6 +70,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export
     from rexec.client.blocking import Client as Client
     from rexec.client.blocking import SyncOutputStream as SyncOutputStream
     from rexec.client.blocking import SyncProcess as SyncProcess
+    from rexec.client.fleet import FleetRun as FleetRun
+    from rexec.client.fleet import HostResult as HostResult
+    from rexec.client.fleet import run_many as run_many
+    from rexec.client.fleet import run_many_sync as run_many_sync
+    from rexec.client.hosts import expand_hosts as expand_hosts
+    from rexec.client.hosts import fold_hosts as fold_hosts
     from rexec.errors import AuthError as AuthError
     from rexec.errors import CommandError as CommandError
     from rexec.errors import ConfigError as ConfigError
@@ -67,6 +83,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export
     from rexec.errors import ConnectTimeout as ConnectTimeout
     from rexec.errors import ErrorCode as ErrorCode
     from rexec.errors import ExecError as ExecError
+    from rexec.errors import HostSetError as HostSetError
     from rexec.errors import PolicyError as PolicyError
     from rexec.errors import ProtocolError as ProtocolError
     from rexec.errors import RemoteError as RemoteError

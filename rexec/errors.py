@@ -119,3 +119,7 @@ class AuditLogError(RexecError):
 
 class TokenError(ConfigError):
     """A token string is malformed."""
+
+
+class HostSetError(ConfigError):
+    """A host set (`lab[01-40]`, `@group`, `-x`) is malformed, too large or names no group."""

@@ -29,6 +29,17 @@ def open_std_fds() -> None:
             os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
 
 
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    """`-e K=V` options as a dict; ValueError names a malformed one."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"-e expects K=V, got {pair!r}")
+        env[key] = value
+    return env
+
+
 def writer(fd: int) -> Any:
     """A sink writing raw bytes to fd. A closed reader (EPIPE) raises BrokenPipeError, which
     ends the command as SIGPIPE would end a local writer (`rexec run H yes | head -1`)."""

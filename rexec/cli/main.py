@@ -22,7 +22,8 @@ usage: rexec run TARGET [options] CMD...    run one command (exit code = remote 
                                             manage tokens, their policy, fleet tokens
        rexec demo [truncation|sticky|empty|all] [--show-frames]
                                             why framing matters, with real bytes
-TARGET is host[:port], [v6addr]:port, unix:/path, or an alias from the client config.
+TARGET is host[:port], [v6addr]:port, unix:/path, or an alias from the client config;
+for run, also a host set: lab[01-40], a,b, @group (see `rexec run --help`).
 Run `rexec SUBCOMMAND --help` for the options of each.
 """
 

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rexec.cli.common import Interrupts, err, open_std_fds, trace_fn, writer
+from rexec.cli.common import Interrupts, err, open_std_fds, parse_env, trace_fn, writer
 
 # ---- run ---------------------------------------------------------------------------
 
@@ -18,14 +18,19 @@ from rexec.cli.common import Interrupts, err, open_std_fds, trace_fn, writer
 RUN_HELP = """\
 usage: rexec run [-h] [--token-file FILE] [-e K=V] [-C DIR] [--timeout SECS]
                  [--connect-timeout SECS] [-n] [-t | -T] [--json] [--trace]
-                 [--suite {aesgcm,chachapoly}] TARGET [options] CMD...
+                 [--suite {aesgcm,chachapoly}] [--fanout N] [-x HOSTS] [-b] [--outdir DIR]
+                 [--failed-to FILE] TARGET [options] CMD...
+       rexec run --hosts-from FILE [options] CMD...
 
-Run one command on TARGET. One CMD argument is a shell command line (run by /bin/sh -c, as
-with ssh); several are an exact argv (no shell). Options go before or after TARGET: the first
-argument after TARGET that is not an option starts CMD, and `--` ends the options.
+Run one command on TARGET, or on every host of a host set. One CMD argument is a shell
+command line (run by /bin/sh -c, as with ssh); several are an exact argv (no shell). Options
+go before or after TARGET: the first argument after TARGET that is not an option starts CMD,
+and `--` ends the options.
 
 positional arguments:
-  TARGET                host[:port], unix:/path, or a client-config alias
+  TARGET                host[:port], unix:/path, or a client-config alias; or a host set:
+                        lab1,lab2  lab[01-40]  rack[1-2]-node[1-4]  127.0.1.[1-9]:8300
+                        @group (client config [groups])  a[1-9]!a5 (! & ^: minus, and, xor)
   CMD...                the command to run
 
 options:
@@ -45,6 +50,20 @@ options:
   --trace               print every frame's type, channel and length to stderr
   --suite {aesgcm,chachapoly}
                         Noise cipher suite (default aesgcm)
+
+many hosts (a host set, or any option below): output lines prefixed `host: ` as they come,
+a summary line on stderr, exit status 0 when every host succeeded, else the highest status
+of a host (255 unreachable, auth or protocol failure; 124 timeout; 128+N signal N); stdin,
+when not a terminal, is read once (up to 64 MiB) and sent to every host:
+  --fanout N            hosts connected at once (default 256)
+  -x HOSTS, --exclude HOSTS
+                        leave these hosts out (a host set; repeatable)
+  --hosts-from FILE     read the host set from FILE (one per line, or folded); no TARGET
+  -b, --gather          at the end, hosts with the same output and status folded under a
+                        header: ---------------- lab[01-38] (38) exit 0
+  --json                one JSON object per host (JSON Lines) as each finishes
+  --outdir DIR          write DIR/HOST.out, DIR/HOST.err and DIR/HOST.status
+  --failed-to FILE      write the hosts that did not succeed (for --hosts-from FILE)
 """
 
 # (long, short, attribute), in --help order. A hand-written parser, not argparse: `rexec run`
@@ -64,8 +83,15 @@ _RUN_OPTIONS = (
     ("--json", "", "json"),
     ("--trace", "", "trace"),
     ("--suite", "", "suite"),
+    # many hosts (rexec.cli.fleet)
+    ("--fanout", "", "fanout"),
+    ("--exclude", "-x", "exclude"),
+    ("--hosts-from", "", "hosts_from"),
+    ("--gather", "-b", "gather"),
+    ("--outdir", "", "outdir"),
+    ("--failed-to", "", "failed_to"),
 )
-_RUN_FLAGS = frozenset({"help", "no_stdin", "tty", "no_tty", "json", "trace"})
+_RUN_FLAGS = frozenset({"help", "no_stdin", "tty", "no_tty", "json", "trace", "gather"})
 _SUITES = ("aesgcm", "chachapoly")
 
 
@@ -90,6 +116,12 @@ class RunArgs:
         self.trace = False
         self.suite = "aesgcm"
         self.help = False
+        self.fanout: int | None = None
+        self.exclude: list[str] = []
+        self.hosts_from: str | None = None
+        self.gather = False
+        self.outdir: str | None = None
+        self.failed_to: str | None = None
 
 
 def _is_negative_number(arg: str) -> bool:
@@ -136,8 +168,13 @@ def _set_option(
         if not rest or (_is_option(rest[0]) and " " not in rest[0]):
             raise UsageError(f"argument {shown}: expected one argument")
         value = rest.pop(0)
-    if attr == "env":
-        args.env.append(value)
+    if attr in ("env", "exclude"):
+        getattr(args, attr).append(value)
+    elif attr == "fanout":
+        try:
+            args.fanout = int(value)
+        except ValueError:
+            raise UsageError(f"argument {shown}: invalid int value: {value!r}") from None
     elif attr in ("timeout", "connect_timeout"):
         try:
             setattr(args, attr, float(value))
@@ -191,7 +228,7 @@ def parse_run_args(argv: Sequence[str]) -> RunArgs:
         arg = rest.pop(0)
         if arg == "--" or not _is_option(arg):
             positionals = rest if arg == "--" else [arg, *rest]
-            if args.target is None and positionals:
+            if args.target is None and positionals and args.hosts_from is None:
                 args.target = positionals.pop(0)
                 if arg != "--":
                     rest = positionals
@@ -205,19 +242,24 @@ def parse_run_args(argv: Sequence[str]) -> RunArgs:
             _short_options(args, arg, rest)
         if args.help:
             return args
-    if args.target is None:
+    if args.target is None and args.hosts_from is None:
         raise UsageError("the following arguments are required: target, command")
     return args
 
 
-def _parse_env(pairs: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"-e expects K=V, got {pair!r}")
-        env[key] = value
-    return env
+def names_many_hosts(args: RunArgs) -> bool:
+    """A host set (`a,b`, `lab[1-3]`, `@group`) or a fleet option: rexec.cli.fleet's job.
+    `[v6addr]:port` and `unix:/path` name one host."""
+    if args.hosts_from is not None or args.exclude or args.fanout is not None:
+        return True
+    if args.gather or args.outdir is not None or args.failed_to is not None:
+        return True
+    target = args.target or ""
+    if target.startswith("unix:"):
+        return False
+    if target.startswith("@") or "," in target:
+        return True
+    return "[" in target and not (target.startswith("[") and ":" in target.partition("]")[0])
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -227,9 +269,19 @@ def cmd_run(argv: list[str]) -> int:
     except UsageError as exc:
         sys.stderr.write(f"rexec run: error: {exc}\n")
         return 2
-    if args.help or args.target is None:  # no TARGET only with --help
+    if args.help or (args.target is None and args.hosts_from is None):  # only with --help
         sys.stdout.write(RUN_HELP)
         return 0
+    if args.tty and names_many_hosts(args):
+        err("-t takes one host: a terminal's keys cannot go to many")
+        return 2
+    if names_many_hosts(args):  # many hosts: asyncio, in rexec.cli.fleet (never for one)
+        from rexec.cli.fleet import cmd_fleet
+
+        code = cmd_fleet(args)
+        if code is not None:
+            return code  # else the set was one plain host (lab[7]): args.target names it
+    assert args.target is not None  # --hosts-from always went to the fleet
     command = args.command
     if not command:
         err("no command given (use `rexec shell TARGET` for an interactive shell)")
@@ -238,7 +290,7 @@ def cmd_run(argv: list[str]) -> int:
     from rexec.result import EXIT_FAILURE
 
     try:
-        env = _parse_env(args.env)
+        env = parse_env(args.env)
     except ValueError as exc:
         err(str(exc))
         return 2

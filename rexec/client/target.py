@@ -60,15 +60,33 @@ class HostEntry(FrozenRecord):
 _NO_HOSTS: Mapping[str, HostEntry] = MappingProxyType({})
 
 
+class GroupEntry(FrozenRecord):
+    """One `[groups]` entry: `lab = ["lab[01-40]", "gpu1"]`, or a `[groups.NAME]` table with
+    `hosts` and a `token_file` for every host of the group (a host's own alias comes first)."""
+
+    __match_args__ = ("hosts", "token_file")
+    __slots__ = __match_args__
+    hosts: tuple[str, ...]  # host-set strings, expanded by rexec.client.hosts when used
+    token_file: Path | None
+
+    def __init__(self, hosts: tuple[str, ...], token_file: Path | None = None) -> None:
+        setfield(self, "hosts", hosts)
+        setfield(self, "token_file", token_file)
+
+
+_NO_GROUPS: Mapping[str, GroupEntry] = MappingProxyType({})
+
+
 class ClientConfig(FrozenRecord):
     """The client config file, validated. `path` is None when no file was read."""
 
-    __match_args__ = ("path", "token_file", "connect_timeout", "hosts")
+    __match_args__ = ("path", "token_file", "connect_timeout", "hosts", "groups")
     __slots__ = __match_args__
     path: Path | None
     token_file: Path | None
     connect_timeout: float
     hosts: Mapping[str, HostEntry]
+    groups: Mapping[str, GroupEntry]
 
     def __init__(
         self,
@@ -76,11 +94,13 @@ class ClientConfig(FrozenRecord):
         token_file: Path | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         hosts: Mapping[str, HostEntry] = _NO_HOSTS,
+        groups: Mapping[str, GroupEntry] = _NO_GROUPS,
     ) -> None:
         setfield(self, "path", path)
         setfield(self, "token_file", token_file)
         setfield(self, "connect_timeout", connect_timeout)
         setfield(self, "hosts", hosts)
+        setfield(self, "groups", groups)
 
 
 class ResolvedTarget(FrozenRecord):
@@ -214,7 +234,7 @@ def _validate_client_config(
     doc: dict[str, Any], path: Path, env: Mapping[str, str]
 ) -> ClientConfig:
     where, base = str(path), str(path.parent)
-    _check_keys(where, doc, ("defaults", "hosts"), "")
+    _check_keys(where, doc, ("defaults", "hosts", "groups"), "")
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError(f"{where}: defaults: must be a table")
@@ -259,7 +279,47 @@ def _validate_client_config(
         if server_id is not None and (not isinstance(server_id, str) or not server_id):
             raise ConfigError(f"{where}: {key}.server_id: must be a non-empty string")
         hosts[name] = HostEntry(endpoint, host_token, host_timeout, server_id)
-    return ClientConfig(path, token_file, timeout, MappingProxyType(hosts))
+    groups = _validate_groups(where, doc.get("groups", {}), env, base)
+    return ClientConfig(path, token_file, timeout, MappingProxyType(hosts), groups)
+
+
+def _host_sets(where: str, key: str, value: object) -> tuple[str, ...]:
+    """A host-set string or a non-empty list of them (their syntax is checked when used)."""
+    items = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(items, list)
+        or not items
+        or not all(isinstance(item, str) and item.strip() for item in items)
+    ):
+        raise ConfigError(
+            f"{where}: {key}: must be a host set string or a non-empty list of them, "
+            f'e.g. ["lab[01-40]", "gpu1"]'
+        )
+    return tuple(items)
+
+
+def _validate_groups(
+    where: str, doc: object, env: Mapping[str, str], base: str
+) -> Mapping[str, GroupEntry]:
+    """`[groups]`: NAME = host sets, or a [groups.NAME] table with hosts and token_file."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: groups: must be a table of NAME = [host sets]")
+    groups: dict[str, GroupEntry] = {}
+    for name, value in doc.items():
+        key = f"groups.{name}"
+        if not is_alias(name):
+            raise ConfigError(f"{where}: {key}: group names may use only A-Z a-z 0-9 . _ -")
+        if not isinstance(value, dict):
+            groups[name] = GroupEntry(_host_sets(where, key, value))
+            continue
+        _check_keys(where, value, ("hosts", "token_file"), f"{key}.")
+        if "hosts" not in value:
+            raise ConfigError(f"{where}: {key}.hosts: missing key")
+        token_file = None
+        if "token_file" in value:
+            token_file = _path_value(where, f"{key}.token_file", value["token_file"], env, base)
+        groups[name] = GroupEntry(_host_sets(where, f"{key}.hosts", value["hosts"]), token_file)
+    return MappingProxyType(groups)
 
 
 def read_token_file(path: str | os.PathLike[str]) -> Token:
@@ -335,12 +395,7 @@ def resolve_target(
             raise TokenError(f"the token argument: {exc}") from None
     else:
         cred, source = _resolve_token(target, token_file, config, host, env)
-    if isinstance(cred, Token):
-        tok = cred
-    else:  # a fleet token: derive this server's own key
-        name = fleet_server_name(target, host, endpoint)
-        source = f"{source} (fleet {cred.name}, server {name})"
-        tok = cred.derive(name)
+    tok, source = _server_token(cred, source, target, host, endpoint)
     timeout = config.connect_timeout
     if host is not None and host.connect_timeout is not None:
         timeout = host.connect_timeout
@@ -364,12 +419,43 @@ def fleet_server_name(target: str, host: HostEntry | None, endpoint: Endpoint) -
     return normalize_server_name(name)
 
 
+def resolve_host_token(
+    name: str,
+    *,
+    token_file: str | None = None,
+    group_token_file: Path | None = None,
+    config: ClientConfig | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[Token, str]:
+    """The token for one host of a set, and where it came from: resolve_target's precedence,
+    with `group_token_file` (that of a `[groups.NAME]` holding the host) after the alias's."""
+    env = os.environ if env is None else env
+    config = load_client_config(None, env) if config is None else config
+    host = config.hosts.get(name)
+    cred, source = _resolve_token(name, token_file, config, host, env, group_token_file)
+    if isinstance(cred, Token):
+        return cred, source
+    endpoint = host.address if host is not None else parse_address(name)
+    return _server_token(cred, source, name, host, endpoint)
+
+
+def _server_token(
+    cred: Token | FleetToken, source: str, target: str, host: HostEntry | None, endpoint: Endpoint
+) -> tuple[Token, str]:
+    """The token to use with this server: `cred` itself, or a fleet token's per-server key."""
+    if isinstance(cred, Token):
+        return cred, source
+    name = fleet_server_name(target, host, endpoint)
+    return cred.derive(name), f"{source} (fleet {cred.name}, server {name})"
+
+
 def _resolve_token(
     target: str,
     token_file: str | None,
     config: ClientConfig,
     host: HostEntry | None,
     env: Mapping[str, str],
+    group_token_file: Path | None = None,
 ) -> tuple[Token | FleetToken, str]:
     if token_file:
         path = _expand(token_file, env)
@@ -384,6 +470,8 @@ def _resolve_token(
         return read_credential(path), path
     if host is not None and host.token_file is not None:
         return read_credential(host.token_file), str(host.token_file)
+    if group_token_file is not None:
+        return read_credential(group_token_file), str(group_token_file)
     if config.token_file is not None:
         return read_credential(config.token_file), str(config.token_file)
     default = _config_dir(env) + "/token"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from rexec.cli.main import main
-from rexec.cli.run import RUN_HELP, UsageError, parse_run_args
+from rexec.cli.run import RUN_HELP, UsageError, names_many_hosts, parse_run_args
 
 DEFAULTS: dict[str, Any] = {
     "target": "h",
@@ -27,6 +27,12 @@ DEFAULTS: dict[str, Any] = {
     "json": False,
     "trace": False,
     "suite": "aesgcm",
+    "fanout": None,
+    "exclude": [],
+    "hosts_from": None,
+    "gather": False,
+    "outdir": None,
+    "failed_to": None,
 }
 
 
@@ -108,6 +114,23 @@ def parsed(argv: list[str]) -> dict[str, Any]:
         (["--to", "f", "h", "t"], {"token_file": "f"}),
         (["--co", "3", "h", "t"], {"connect_timeout": 3.0}),
         (["--su=chachapoly", "h", "t"], {"suite": "chachapoly"}),
+        # many hosts (rexec.cli.fleet)
+        (["--fanout", "8", "h", "t"], {"fanout": 8}),
+        (["-x", "a", "-xb", "--exclude=c", "h", "t"], {"exclude": ["a", "b", "c"]}),
+        (["-b", "h", "t"], {"gather": True}),
+        (["h", "--gather", "t"], {"gather": True}),
+        (["-nb", "h", "t"], {"no_stdin": True, "gather": True}),
+        (["--outdir", "d", "--failed-to", "f", "h", "t"], {"outdir": "d", "failed_to": "f"}),
+        (["--fan", "2", "h", "t"], {"fanout": 2}),
+        # --hosts-from: no TARGET, the first positional starts CMD
+        (
+            ["--hosts-from", "f", "ls", "-l"],
+            {"target": None, "hosts_from": "f", "command": ["ls", "-l"]},
+        ),
+        (
+            ["--hosts-from=f", "-b", "--", "-x"],
+            {"target": None, "hosts_from": "f", "gather": True, "command": ["-x"]},
+        ),
     ],
 )
 def test_parse(argv: list[str], changes: dict[str, Any]) -> None:
@@ -122,7 +145,7 @@ def test_parse(argv: list[str], changes: dict[str, Any]) -> None:
         (["--"], "the following arguments are required: target, command"),
         (["--bogus", "h", "t"], "unrecognized arguments: --bogus"),
         (["h", "--bogus", "t"], "unrecognized arguments: --bogus"),
-        (["-x", "h", "t"], "unrecognized arguments: -x"),
+        (["-y", "h", "t"], "unrecognized arguments: -y"),
         (["---x", "h", "t"], "unrecognized arguments: ---x"),
         (["--timeout", "x", "h", "t"], "argument --timeout: invalid float value: 'x'"),
         (["--connect-timeout=", "h", "t"], "argument --connect-timeout: invalid float value: ''"),
@@ -135,7 +158,7 @@ def test_parse(argv: list[str], changes: dict[str, Any]) -> None:
         (["-C", "--", "h", "t"], "argument -C/--cwd: expected one argument"),
         (["--token-file", "--json", "h", "t"], "argument --token-file: expected one argument"),
         (["-n=1", "h", "t"], "argument -n/--no-stdin: ignored explicit argument '1'"),
-        (["-nx", "h", "t"], "argument -n/--no-stdin: ignored explicit argument 'x'"),
+        (["-ny", "h", "t"], "argument -n/--no-stdin: ignored explicit argument 'y'"),
         (["--json=1", "h", "t"], "argument --json: ignored explicit argument '1'"),
         (
             ["--suite", "x", "h", "t"],
@@ -146,6 +169,10 @@ def test_parse(argv: list[str], changes: dict[str, Any]) -> None:
             "ambiguous option: --t could match --token-file, --timeout, --tty, --trace",
         ),
         (["--c", "3", "h", "t"], "ambiguous option: --c could match --cwd, --connect-timeout"),
+        (["--fanout", "x", "h", "t"], "argument --fanout: invalid int value: 'x'"),
+        (["-x"], "argument -x/--exclude: expected one argument"),
+        (["--f", "1", "h", "t"], "ambiguous option: --f could match --fanout, --failed-to"),
+        (["--hosts-from"], "argument --hosts-from: expected one argument"),
     ],
 )
 def test_errors(argv: list[str], message: str) -> None:
@@ -177,3 +204,32 @@ def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().err.startswith("rexec: no command given")
     assert main(["run", "-e", "NOEQUALS", "h", "t"]) == 2
     assert capsys.readouterr().err == "rexec: -e expects K=V, got 'NOEQUALS'\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "many"),
+    [
+        (["h", "t"], False),
+        (["h:8300", "t"], False),
+        (["10.0.0.7:8300", "t"], False),
+        (["[::1]:8222", "t"], False),
+        (["[fe80::1%eth0]", "t"], False),
+        (["unix:/run/a,b[1].sock", "t"], False),
+        (["a,b", "t"], True),
+        (["lab[01-40]", "t"], True),
+        (["lab[7]", "t"], True),  # a set (of one): the fleet code hands lab7 back
+        (["[1-3]x", "t"], True),
+        (["@lab", "t"], True),
+        (["a[1-9]!a5", "t"], True),
+        (["bad host!", "t"], False),  # a bad address, reported as today
+        (["-x", "h", "h", "t"], True),
+        (["--fanout", "1", "h", "t"], True),
+        (["-b", "h", "t"], True),
+        (["--outdir", "d", "h", "t"], True),
+        (["--failed-to", "f", "h", "t"], True),
+        (["--hosts-from", "f", "t"], True),
+    ],
+)
+def test_many_hosts_dispatch(argv: list[str], many: bool) -> None:
+    """Only host sets and fleet options leave the single-host path (and its lean imports)."""
+    assert names_many_hosts(parse_run_args(argv)) is many

@@ -1,0 +1,456 @@
+"""`rexec run HOSTS ...` when HOSTS names several hosts: the fan-out front end.
+
+`rexec.cli.run` hands over here when HOSTS is a host set (`lab[01-40]`, `a,b`, `@group`) or a
+fleet option is given; one plain host stays on its lean path. Output modes: live lines
+prefixed `host: ` (default), `-b/--gather` (hosts with the same output folded under one
+header), `--json` (JSON Lines, one object per host as it finishes) and `--outdir DIR` (files
+per host); then one summary line on stderr. The exit status is the highest per-host status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from rexec.cli.common import err, parse_env, writer
+from rexec.client.fleet import DEFAULT_FANOUT, STATUSES, HostResult, config_tokens, run_many
+from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
+from rexec.client.target import load_client_config
+from rexec.errors import ConfigError, HostSetError
+from rexec.protocol.noise import Suite
+from rexec.protocol.token import Token
+from rexec.result import EXIT_FAILURE
+
+if TYPE_CHECKING:
+    from rexec.client.fleet import FleetRun
+
+
+class RunArgs(Protocol):
+    """The parsed `rexec run` command line (rexec.cli.run.RunArgs) as far as used here."""
+
+    target: str | None
+    command: list[str]
+    token_file: str | None
+    env: list[str]
+    cwd: str | None
+    timeout: float | None
+    connect_timeout: float | None
+    no_stdin: bool
+    json: bool
+    trace: bool
+    suite: str
+    fanout: int | None
+    exclude: list[str]
+    hosts_from: str | None
+    gather: bool
+    outdir: str | None
+    failed_to: str | None
+
+
+STDIN_LIMIT = 64 * 1024 * 1024  # the same stdin goes to every host: read once, in memory
+RULE = "-" * 16
+SUMMARY_HOSTS = 160  # characters of folded host names per summary entry
+PROGRESS_EVERY = 0.2
+EXIT_USAGE = 2
+EXIT_SIGPIPE = 128 + signal.SIGPIPE
+EXIT_SIGINT = 128 + signal.SIGINT
+
+
+def _is_plain(args: RunArgs) -> bool:
+    """No group, file, exclusion or fleet-only option: a set of one host runs as one host."""
+    return (
+        args.hosts_from is None
+        and not args.exclude
+        and "@" not in (args.target or "")
+        and not (args.gather or args.outdir or args.failed_to or args.fanout is not None)
+    )
+
+
+def select_hosts(args: RunArgs) -> list[str]:
+    """HOSTS (or --hosts-from FILE) minus every -x set; groups from the client config."""
+    config = load_client_config()
+    groups = {name: entry.hosts for name, entry in config.groups.items()}
+    where = str(config.path) if config.path else None
+    if args.hosts_from is not None:
+        hosts = read_hosts_file(args.hosts_from, groups=groups, where=where)
+    else:
+        hosts = expand_hosts(args.target or "", groups=groups, where=where)
+    for text in args.exclude:
+        excluded = set(expand_hosts(text, groups=groups, where=where))
+        hosts = [host for host in hosts if host not in excluded]
+    return hosts
+
+
+def read_stdin(limit: int = STDIN_LIMIT) -> bytes:
+    """All of stdin (for every host); ValueError past the limit."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := os.read(0, 1024 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(
+                f"stdin is larger than {limit // (1024 * 1024)} MiB: every host gets the same "
+                "stdin, read into memory once (copy the file to the hosts, or use -n)"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value:g}")
+
+
+def cmd_fleet(args: RunArgs) -> int | None:
+    """Run args.command on the host set; None when the set is one plain host (run.py runs it)."""
+    if args.hosts_from is not None and args.target is not None:
+        err("give HOSTS or --hosts-from FILE, not both")
+        return EXIT_USAGE
+    try:
+        hosts = select_hosts(args)
+    except HostSetError as exc:
+        err(str(exc))
+        return EXIT_USAGE
+    except ConfigError as exc:
+        err(str(exc))
+        return EXIT_FAILURE
+    if len(hosts) == 1 and _is_plain(args):
+        args.target = hosts[0]
+        return None
+    command = args.command
+    if not command:
+        err("no command given")
+        return EXIT_USAGE
+    if not hosts:
+        err("no hosts: the set is empty once -x is applied")
+        return EXIT_USAGE
+    try:
+        if args.json and args.gather:
+            raise ValueError("--json and -b/--gather do not go together")
+        if args.fanout is not None and args.fanout < 1:
+            raise ValueError(f"--fanout must be at least 1, got {args.fanout}")
+        _positive("--timeout", args.timeout)
+        _positive("--connect-timeout", args.connect_timeout)
+        env = parse_env(args.env)
+    except ValueError as exc:
+        err(str(exc))
+        return EXIT_USAGE
+    try:
+        resolve = config_tokens(token_file=args.token_file)
+        tokens = {host: resolve(host) for host in hosts}
+    except ConfigError as exc:
+        err(str(exc))
+        return EXIT_FAILURE
+    if args.outdir is not None:
+        try:
+            os.makedirs(args.outdir, exist_ok=True)
+        except OSError as exc:
+            err(f"--outdir {args.outdir}: {exc.strerror}")
+            return EXIT_FAILURE
+    stdin: bytes | None = None
+    try:
+        if not args.no_stdin and not os.isatty(0):
+            stdin = read_stdin()
+    except ValueError as exc:
+        err(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_SIGINT
+    except OSError:
+        stdin = None  # no readable stdin (a closed or odd descriptor): as -n
+    fleet = Fleet(args, hosts, command, env, stdin, tokens)
+    return asyncio.run(fleet.main())
+
+
+def _file_name(host: str) -> str:
+    """A host as a file name: `/` (unix:/path) and `%` escaped as %2F and %25."""
+    return host.replace("%", "%25").replace("/", "%2F")
+
+
+def _summary(results: Sequence[HostResult]) -> str:
+    """`40 hosts: 37 ok, 1 exit 2 (lab07), 1 timeout (lab12), 1 unreachable (lab40)`."""
+    order = {status: i for i, status in enumerate(STATUSES)}
+    by_label: dict[tuple[int, int, str], list[str]] = {}
+    for r in results:
+        rank = order[r.status]
+        number = r.exit_code if r.status == "exit" else r.signal if r.status == "signal" else 0
+        key = (rank, number or 0, "ok" if r.ok else r.label)
+        by_label.setdefault(key, []).append(r.host)
+    parts = []
+    for (_, _, label), hosts in sorted(by_label.items()):
+        if label == "ok":
+            parts.append(f"{len(hosts)} ok")
+            continue
+        folded = fold_hosts(hosts)
+        if len(folded) > SUMMARY_HOSTS:
+            folded = folded[: SUMMARY_HOSTS - 3] + "..."
+        parts.append(f"{len(hosts)} {label} ({folded})")
+    count = len(results)
+    return f"{count} host{'s' if count != 1 else ''}: {', '.join(parts)}"
+
+
+class Screen:
+    """stdout and stderr, written whole lines at a time (batched per loop turn), and the
+    progress line on a terminal, cleared before anything else is written."""
+
+    def __init__(self, progress: bool) -> None:
+        self._out = bytearray()
+        self._err = bytearray()
+        self._write_out = writer(1)
+        self._write_err = writer(2)
+        self._scheduled = False
+        self.progress = progress and os.isatty(2)
+        self._drawn = False
+        self.broken: Callable[[], None] | None = None  # called when stdout's reader left
+
+    def stdout(self, data: bytes) -> None:
+        self._out += data
+        self._schedule()
+
+    def stderr(self, data: bytes) -> None:
+        self._err += data
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._out or self._err:
+            self.clear_progress()
+        if self._out:
+            data = bytes(self._out)
+            self._out.clear()
+            try:
+                self._write_out(data)
+            except BrokenPipeError:
+                if self.broken is not None:
+                    self.broken()
+        if self._err:
+            data = bytes(self._err)
+            self._err.clear()
+            with contextlib.suppress(BrokenPipeError):
+                self._write_err(data)
+
+    def draw_progress(self, text: str) -> None:
+        if self.progress:
+            with contextlib.suppress(OSError):
+                self._write_err(f"\r{text}\x1b[K".encode())
+                self._drawn = True
+
+    def clear_progress(self) -> None:
+        if self._drawn:
+            self._drawn = False
+            with contextlib.suppress(OSError):
+                self._write_err(b"\r\x1b[K")
+
+
+class Fleet:
+    """One `rexec run HOSTS` invocation: the run, its output mode, Ctrl-C, and the summary."""
+
+    def __init__(
+        self,
+        args: RunArgs,
+        hosts: list[str],
+        command: list[str],
+        env: dict[str, str],
+        stdin: bytes | None,
+        tokens: dict[str, Token | str],
+    ) -> None:
+        self.args = args
+        self.hosts = hosts
+        self.command = command
+        self.env = env
+        self.stdin = stdin
+        self.tokens = tokens
+        self.live = not (args.json or args.gather or args.outdir is not None)
+        self.screen = Screen(progress=True)
+        self.results: list[HostResult] = []
+        self.interrupts = 0
+        self.aborted = False
+        self.pipe_closed = False
+        self.finishing = False
+        self.prefix: dict[str, bytes] = {}
+
+    # ---- output ------------------------------------------------------------------------
+
+    def on_line(self, host: str, fd: int, line: bytes) -> None:
+        prefix = self.prefix.get(host)
+        if prefix is None:
+            prefix = self.prefix[host] = f"{host}: ".encode()
+        text = prefix + line if line.endswith(b"\n") else prefix + line + b"\n"
+        (self.screen.stdout if fd == 1 else self.screen.stderr)(text)
+
+    def on_result(self, result: HostResult) -> None:
+        self.results.append(result)
+        if self.args.json:
+            self.screen.stdout(json.dumps(result.to_json_dict()).encode() + b"\n")
+        elif result.error is not None:
+            self.screen.stderr(f"{result.host}: rexec: {result.error}\n".encode())
+        if self.args.outdir is not None:
+            self._write_files(result)
+
+    def _write_files(self, result: HostResult) -> None:
+        base = os.path.join(self.args.outdir or ".", _file_name(result.host))
+        status = result.label + (f": {result.error}" if result.error else "") + "\n"
+        try:
+            for suffix, data in (
+                (".out", result.stdout),
+                (".err", result.stderr),
+                (".status", status.encode()),
+            ):
+                with open(base + suffix, "wb") as f:
+                    f.write(data)
+        except OSError as exc:
+            self.screen.stderr(f"rexec: --outdir: {base}: {exc.strerror}\n".encode())
+
+    def gathered(self) -> None:
+        """Hosts with the same status and output, folded under one header each."""
+        rank = {host: i for i, host in enumerate(sort_hosts(r.host for r in self.results))}
+        groups: dict[tuple[str, bytes, bytes], list[str]] = {}
+        for r in self.results:
+            groups.setdefault((r.label, r.stdout, r.stderr), []).append(r.host)
+        for (label, out, errout), hosts in sorted(
+            groups.items(), key=lambda item: min(rank[h] for h in item[1])
+        ):
+            header = f"{RULE} {fold_hosts(hosts)} ({len(hosts)}) {label}\n".encode()
+            self.screen.stdout(header + out + (b"\n" if out and not out.endswith(b"\n") else b""))
+            if errout:
+                end = b"\n" if not errout.endswith(b"\n") else b""
+                self.screen.stderr(header + errout + end)
+
+    def progress_text(self, run: FleetRun) -> str:
+        failed = sum(1 for r in self.results if not r.ok)
+        return (
+            f"rexec: {len(self.results)}/{len(self.hosts)} done, {failed} failed, "
+            f"{len(run.running)} running"
+        )
+
+    # ---- Ctrl-C ------------------------------------------------------------------------
+
+    def on_sigint(self, run: FleetRun, main: asyncio.Task[int]) -> None:
+        self.interrupts += 1
+        if self.interrupts >= 3:
+            self.screen.stderr(b"rexec: interrupted: closing every connection\n")
+            self.aborted = True
+            main.cancel()
+            return
+        run.stop()
+        signum = signal.SIGINT if self.interrupts == 1 else signal.SIGKILL
+        hosts = run.signal(signum)
+        name = signal.Signals(signum).name
+        still = f": {fold_hosts(hosts)}" if hosts else ""
+        again = "SIGKILL" if self.interrupts == 1 else "closes every connection"
+        self.screen.stderr(
+            f"rexec: {name} sent; {len(hosts)} host(s) still running{still} "
+            f"(Ctrl-C again: {again})\n".encode()
+        )
+
+    def on_broken_pipe(self, main: asyncio.Task[int]) -> None:
+        """stdout's reader left: stop the run (closing the connections stops the commands)."""
+        if not self.pipe_closed:
+            self.pipe_closed = True
+            if not self.finishing:
+                main.cancel()
+
+    # ---- the run -------------------------------------------------------------------------
+
+    async def main(self) -> int:
+        args = self.args
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+        run = run_many(
+            self.hosts,
+            self.command[0] if len(self.command) == 1 else self.command,
+            fanout=args.fanout or DEFAULT_FANOUT,
+            timeout=args.timeout,
+            connect_timeout=args.connect_timeout,
+            env=self.env or None,
+            cwd=args.cwd,
+            stdin=self.stdin,
+            token_for=self.tokens.__getitem__,
+            suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
+            on_line=self.on_line if self.live else None,
+            keep_output=not self.live,
+            trace=self._trace if args.trace else None,
+        )
+        self.screen.broken = lambda: self.on_broken_pipe(main)
+        loop.add_signal_handler(signal.SIGINT, self.on_sigint, run, main)
+        ticker = self._tick(run) if self.screen.progress else None
+        try:
+            async with contextlib.aclosing(run.__aiter__()) as results:
+                async for result in results:
+                    self.on_result(result)
+        except asyncio.CancelledError:
+            if not (self.aborted or self.pipe_closed):
+                raise
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            if ticker is not None:
+                ticker.cancel()
+        return self.finish()
+
+    def _tick(self, run: FleetRun) -> _Ticker:
+        loop = asyncio.get_running_loop()
+        ticker = _Ticker()
+
+        def tick() -> None:
+            self.screen.draw_progress(self.progress_text(run))
+            ticker.handle = loop.call_later(PROGRESS_EVERY, tick)
+
+        ticker.handle = loop.call_later(PROGRESS_EVERY, tick)
+        return ticker
+
+    def _trace(self, host: str, direction: str, ftype: object, channel: int, length: int) -> None:
+        arrow = ">" if direction == "send" else "<"
+        name = getattr(ftype, "name", ftype)
+        self.screen.stderr(f"{host}: rexec: {arrow} {name} ch={channel} len={length}\n".encode())
+
+    def finish(self) -> int:
+        """Gathered output, --failed-to, the summary line; returns the exit status."""
+        self.finishing = True
+        if self.args.gather and not self.pipe_closed:
+            self.gathered()
+        self.screen.flush()
+        self.screen.clear_progress()
+        if self.pipe_closed:
+            return EXIT_SIGPIPE
+        done = {r.host for r in self.results}
+        failed = [r.host for r in self.results if not r.ok] + [
+            h for h in self.hosts if h not in done
+        ]
+        if self.args.failed_to is not None:
+            try:
+                with open(self.args.failed_to, "w", encoding="utf-8") as f:
+                    f.write(fold_hosts(failed) + "\n" if failed else "")
+            except OSError as exc:
+                err(f"--failed-to {self.args.failed_to}: {exc.strerror}")
+        missing = len(self.hosts) - len(done)
+        line = _summary(self.results)
+        if missing:
+            line += f" ({missing} not finished: interrupted)"
+        with contextlib.suppress(BrokenPipeError):
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        if self.aborted:
+            return EXIT_SIGINT
+        return max((r.shell_status for r in self.results), default=0)
+
+
+class _Ticker:
+    """The progress line's timer: cancel() stops the latest scheduled tick."""
+
+    handle: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()

@@ -1,0 +1,566 @@
+"""One command on many hosts at once: `async for r in rexec.run_many("lab[01-40]", "uptime")`.
+
+Built on the public async API only (`rexec.connect`, `Connection.start`, `Process`): one
+connection per host, at most `fanout` of them open at a time, and every host's outcome as a
+`HostResult` as soon as it is known (an unreachable host is a result, not an exception).
+Ctrl-C handling belongs to the caller: `FleetRun.signal()` reaches every running command and
+`FleetRun.stop()` keeps the hosts not yet started from starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from rexec._record import FrozenRecord, setfield
+from rexec.client.aio import connect
+from rexec.client.hosts import expand_hosts
+from rexec.client.target import ClientConfig, load_client_config, resolve_host_token
+from rexec.errors import AuthError, ConnectionLost, ExecError, RexecError
+from rexec.protocol.noise import Suite
+from rexec.protocol.token import Token
+from rexec.result import EXIT_FAILURE, EXIT_TIMEOUT, Result
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from rexec.client.aio import Connection, OutputStream, Process
+
+Status = Literal["ok", "exit", "signal", "timeout", "unreachable", "auth_failed", "error"]
+STATUSES: tuple[Status, ...] = (
+    "ok",
+    "exit",
+    "signal",
+    "timeout",
+    "unreachable",
+    "auth_failed",
+    "error",
+)
+DEFAULT_FANOUT = 256
+EXIT_GRACE = 10.0  # past --timeout: the server's kill grace and the EXIT's way back
+STDIN_CHUNK = 256 * 1024
+MAX_LINE = 64 * 1024  # a longer line reaches the line callback in pieces
+FD_RESERVE = 64  # descriptors kept free for everything but the connections
+NOT_STARTED = "not started: the run was stopped first"
+
+TokenFor = Callable[[str], "Token | str"]
+LineFn = Callable[[str, int, bytes], None]
+HostTraceFn = Callable[[str, str, Any, int, int], None]
+
+
+class HostResult(FrozenRecord):
+    """What happened on one host. `status` says which fields mean something:
+
+    ok / exit / signal / timeout: the command ran (exit_code or signal, its output);
+    unreachable / auth_failed / error: it did not, or the connection broke (`error` says why).
+    `duration` is the client's: from starting to connect to the command's exit.
+    """
+
+    __match_args__ = (
+        "host",
+        "status",
+        "command",
+        "exit_code",
+        "signal",
+        "duration",
+        "stdout",
+        "stderr",
+        "error",
+    )
+    __slots__ = __match_args__
+    host: str
+    status: Status
+    command: str | tuple[str, ...]
+    exit_code: int | None
+    signal: int | None
+    duration: float
+    stdout: bytes
+    stderr: bytes
+    error: str | None
+
+    def __init__(
+        self,
+        host: str,
+        status: Status,
+        command: str | tuple[str, ...],
+        exit_code: int | None = None,
+        signal: int | None = None,
+        duration: float = 0.0,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+        error: str | None = None,
+    ) -> None:
+        setfield(self, "host", host)
+        setfield(self, "status", status)
+        setfield(self, "command", command)
+        setfield(self, "exit_code", exit_code)
+        setfield(self, "signal", signal)
+        setfield(self, "duration", duration)
+        setfield(self, "stdout", stdout)
+        setfield(self, "stderr", stderr)
+        setfield(self, "error", error)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def shell_status(self) -> int:
+        """As `rexec run` on one host: the code, 128+N, 124 for a timeout, 255 otherwise."""
+        if self.status in ("ok", "exit"):
+            return self.exit_code or 0
+        if self.status == "signal":
+            return 128 + (self.signal or 0)
+        if self.status == "timeout":
+            return EXIT_TIMEOUT
+        return EXIT_FAILURE
+
+    @property
+    def label(self) -> str:
+        """`exit 0`, `exit 2`, `signal 9`, `timeout`, `unreachable`, `auth_failed`, `error`."""
+        if self.status in ("ok", "exit"):
+            return f"exit {self.exit_code}"
+        if self.status == "signal":
+            return f"signal {self.signal}"
+        return self.status
+
+    def to_result(self) -> Result:
+        return Result(
+            self.command,
+            self.exit_code,
+            self.signal,
+            self.status == "timeout",
+            self.duration,
+            self.stdout,
+            self.stderr,
+        )
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Result.to_json_dict (output as UTF-8 text or base64) with host, status and error."""
+        return {
+            "host": self.host,
+            "status": self.status,
+            **self.to_result().to_json_dict(),
+            "error": self.error,
+        }
+
+
+def _finished(host: str, result: Result, duration: float) -> HostResult:
+    """The HostResult of a command that ran to its exit."""
+    status: Status
+    error = None
+    if result.timed_out:
+        status = "timeout"
+        error = f"command timed out after {result.duration:.1f}s (killed by the server)"
+    elif result.exit_code == 0:
+        status = "ok"
+    elif result.exit_code is not None:
+        status = "exit"
+    else:
+        status = "signal"
+    return HostResult(
+        host,
+        status,
+        result.command,
+        result.exit_code,
+        result.signal,
+        duration,
+        result.stdout,
+        result.stderr,
+        error,
+    )
+
+
+# ---- tokens ------------------------------------------------------------------------------
+
+
+def _group_token_files(config: ClientConfig) -> dict[str, Path]:
+    """host -> token_file of the first `[groups.NAME]` with a token_file that holds it."""
+    groups = {name: entry.hosts for name, entry in config.groups.items()}
+    where = str(config.path) if config.path else None
+    files: dict[str, Path] = {}
+    for name, entry in config.groups.items():
+        if entry.token_file is not None:
+            for host in expand_hosts(f"@{name}", groups=groups, where=where):
+                files.setdefault(host, entry.token_file)
+    return files
+
+
+def config_tokens(
+    *,
+    token: str | Token | None = None,
+    token_file: str | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Callable[[str], Token | str]:
+    """The default `token_for` of run_many: a host's token from the client config.
+
+    `token` > `token_file` > $REXEC_TOKEN > $REXEC_TOKEN_FILE > the host alias's token_file
+    > a token group's token_file > [defaults].token_file > the default token file.
+    This is the hook for per-host fleet tokens: pass another `token_for(host) -> token`.
+    Each token file is read once per run, however many hosts share it.
+    """
+    if token is not None:
+        fixed = token
+        return lambda host: fixed
+    env = os.environ if env is None else env
+    config = load_client_config(config_path, env)
+    group_files: dict[str, Path] | None = None
+    cache: dict[tuple[Path | None, Path | None], Token] = {}
+
+    def token_for(host: str) -> Token:
+        nonlocal group_files
+        if group_files is None:
+            group_files = _group_token_files(config)
+        entry = config.hosts.get(host)
+        group_file = group_files.get(host)
+        key = (entry.token_file if entry is not None else None, group_file)
+        if key not in cache:
+            cache[key] = resolve_host_token(
+                host, token_file=token_file, group_token_file=group_file, config=config, env=env
+            )[0]
+        return cache[key]
+
+    return token_for
+
+
+# ---- descriptors ---------------------------------------------------------------------------
+
+
+def raise_nofile(wanted: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit when `wanted` descriptors do not fit
+    under it (1000+ hosts need no ulimit tuning); returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or wanted <= soft:
+        return wanted if soft == resource.RLIM_INFINITY else soft
+    target = hard if hard != resource.RLIM_INFINITY else wanted
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+class FleetRun:
+    """One command on many hosts (from `run_many`): iterate it once for the results.
+
+    `signal(n)` delivers signal n to every command still running; `stop()` starts no more
+    hosts (those waiting for a slot end as `error`, NOT_STARTED). Leaving the iteration
+    early (break, an exception, aclose) closes every connection, which stops the commands.
+    """
+
+    def __init__(
+        self,
+        hosts: list[str],
+        command: str | Sequence[str],
+        *,
+        fanout: int,
+        timeout: float | None,
+        connect_timeout: float | None,
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        stdin: bytes | None,
+        token_for: Callable[[str], Token | str],
+        suite: Suite,
+        on_line: LineFn | None,
+        keep_output: bool,
+        trace: HostTraceFn | None,
+    ) -> None:
+        if fanout < 1:
+            raise ValueError(f"fanout must be at least 1, got {fanout}")
+        self.hosts = hosts
+        self.command = command
+        self._name: str | tuple[str, ...] = command if isinstance(command, str) else tuple(command)
+        self.fanout = fanout
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._env = env
+        self._cwd = cwd
+        self._stdin = stdin
+        self._token_for = token_for
+        self._suite = suite
+        self._on_line = on_line
+        self._keep = keep_output
+        self._trace = trace
+        self._running: dict[str, Process] = {}
+        self._stopped = False
+        self._iterated = False
+
+    @property
+    def running(self) -> list[str]:
+        """The hosts whose command has started and not yet ended."""
+        return list(self._running)
+
+    def signal(self, signum: int) -> list[str]:
+        """Deliver signum to every running command; returns the hosts it went to."""
+        for proc in self._running.values():
+            proc.signal(signum)
+        return list(self._running)
+
+    def stop(self) -> None:
+        """Start no more hosts; those already running carry on."""
+        self._stopped = True
+
+    def __aiter__(self) -> AsyncGenerator[HostResult, None]:
+        if self._iterated:
+            raise RuntimeError("a FleetRun can be iterated only once")
+        self._iterated = True
+        return self._results()
+
+    async def _results(self) -> AsyncGenerator[HostResult, None]:
+        slots = min(self.fanout, len(self.hosts))
+        limit = raise_nofile(slots + FD_RESERVE)
+        slots = max(1, min(slots, limit - FD_RESERVE))
+        queue: asyncio.Queue[HostResult] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+        launcher = asyncio.create_task(self._launch(queue, tasks, slots))
+        done = False
+        try:
+            for _ in self.hosts:
+                yield await queue.get()
+            done = True
+        finally:
+            if not done:
+                self._stopped = True
+                launcher.cancel()
+                for task in tasks:
+                    task.cancel()
+            await asyncio.gather(launcher, *tasks, return_exceptions=True)
+
+    async def _launch(
+        self, queue: asyncio.Queue[HostResult], tasks: set[asyncio.Task[None]], slots: int
+    ) -> None:
+        free = asyncio.Semaphore(slots)
+
+        def finished(host: str, task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            free.release()
+            if not task.cancelled() and task.exception() is not None:  # a bug: say so, not hang
+                error = f"internal error: {task.exception()!r}"
+                queue.put_nowait(HostResult(host, "error", self._name, error=error))
+
+        for host in self.hosts:
+            await free.acquire()
+            if self._stopped:
+                free.release()
+                queue.put_nowait(HostResult(host, "error", self._name, error=NOT_STARTED))
+                continue
+            task = asyncio.create_task(self._host(host, queue))
+            tasks.add(task)
+            task.add_done_callback(functools.partial(finished, host))
+
+    async def _host(self, host: str, queue: asyncio.Queue[HostResult]) -> None:
+        start = time.monotonic()
+        conn: Connection | None = None
+
+        def failed(status: Status, exc: BaseException) -> HostResult:
+            return HostResult(
+                host, status, self._name, duration=time.monotonic() - start, error=str(exc)
+            )
+
+        try:
+            try:
+                trace = functools.partial(self._trace, host) if self._trace else None
+                conn = await connect(
+                    host,
+                    token=self._token_for(host),
+                    connect_timeout=self._connect_timeout,
+                    suite=self._suite,
+                    trace=trace,
+                )
+            except AuthError as exc:
+                result = failed("auth_failed", exc)
+            except ConnectionLost as exc:  # refused, no route, DNS, connect timeout
+                result = failed("unreachable", exc)
+            except RexecError as exc:  # a bad address, no token, a protocol error
+                result = failed("error", exc)
+            else:
+                result = await self._run_on(host, conn, start)
+            queue.put_nowait(result)
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    async def _run_on(self, host: str, conn: Connection, start: float) -> HostResult:
+        if self._stopped:
+            return HostResult(host, "error", self._name, error=NOT_STARTED)
+        out, err = bytearray(), bytearray()
+        feeder: asyncio.Task[None] | None = None
+        deadline = self._timeout + EXIT_GRACE if self._timeout else None
+        try:
+            proc = await conn.start(
+                self.command,
+                env=self._env,
+                cwd=self._cwd,
+                timeout=self._timeout,
+                stdin=self._stdin is not None,
+            )
+            self._running[host] = proc
+            if self._stdin is not None:
+                feeder = asyncio.create_task(self._feed(proc, self._stdin))
+            async with asyncio.timeout(deadline):
+                if self._on_line is None:
+                    result = await proc.wait()
+                else:
+                    err_pump = asyncio.create_task(self._pump(host, 2, proc.stderr, err))
+                    try:
+                        await self._pump(host, 1, proc.stdout, out)
+                        await err_pump
+                    except BaseException:  # cancelled (the run was closed): no orphan pump
+                        err_pump.cancel()
+                        raise
+                    result = await proc.wait()
+        except ExecError as exc:  # the server could not start it: as the shell's 126/127
+            return HostResult(
+                host,
+                "exit",
+                self._name,
+                exc.exit_code or 127,
+                duration=time.monotonic() - start,
+                error=str(exc),
+            )
+        except TimeoutError:
+            return HostResult(
+                host,
+                "timeout",
+                self._name,
+                duration=time.monotonic() - start,
+                stdout=bytes(out),
+                stderr=bytes(err),
+                error=f"no exit status from the server within {deadline or 0:g}s",
+            )
+        except RexecError as exc:  # the connection broke, or the server refused the command
+            return HostResult(
+                host,
+                "error",
+                self._name,
+                duration=time.monotonic() - start,
+                stdout=bytes(out),
+                stderr=bytes(err),
+                error=str(exc),
+            )
+        finally:
+            self._running.pop(host, None)
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
+        if self._on_line is not None:
+            result = Result(
+                result.command,
+                result.exit_code,
+                result.signal,
+                result.timed_out,
+                result.duration,
+                bytes(out) if self._keep else b"",
+                bytes(err) if self._keep else b"",
+            )
+        elif not self._keep:
+            result = Result(result.command, result.exit_code, result.signal, result.timed_out)
+        return _finished(host, result, time.monotonic() - start)
+
+    async def _feed(self, proc: Process, data: bytes) -> None:
+        """The same stdin bytes to this host, in chunks, then EOF."""
+        with contextlib.suppress(RexecError):
+            view = memoryview(data)
+            for offset in range(0, len(data), STDIN_CHUNK):
+                await proc.write(bytes(view[offset : offset + STDIN_CHUNK]))
+            await proc.close_stdin()
+
+    async def _pump(self, host: str, fd: int, stream: OutputStream, keep: bytearray) -> None:
+        """Hand every complete line to on_line (and a last partial one at the end)."""
+        assert self._on_line is not None
+        on_line = self._on_line
+        partial = b""
+        async for chunk in stream:
+            if self._keep:
+                keep += chunk
+            data = partial + chunk if partial else bytes(chunk)
+            begin = 0
+            while (end := data.find(b"\n", begin)) >= 0:
+                on_line(host, fd, data[begin : end + 1])
+                begin = end + 1
+            partial = data[begin:]
+            while len(partial) >= MAX_LINE:
+                on_line(host, fd, partial[:MAX_LINE])
+                partial = partial[MAX_LINE:]
+        if partial:
+            on_line(host, fd, partial)
+
+
+def run_many(
+    hosts: str | Iterable[str],
+    command: str | Sequence[str],
+    *,
+    fanout: int = DEFAULT_FANOUT,
+    timeout: float | None = None,
+    connect_timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    stdin: bytes | None = None,
+    token: str | Token | None = None,
+    token_file: str | None = None,
+    token_for: Callable[[str], Token | str] | None = None,
+    suite: Suite = Suite.AESGCM,
+    on_line: LineFn | None = None,
+    keep_output: bool = True,
+    trace: HostTraceFn | None = None,
+) -> FleetRun:
+    """Run `command` on every host; `async for result in run_many(...)` as each finishes.
+
+    `hosts` is a host set (`"lab[01-40],@gpu"`) or an iterable of hosts. `timeout` is the
+    server-enforced deadline per host; `stdin` bytes go to every host. `token_for(host)` gives
+    each host's token (default: `config_tokens(token=..., token_file=...)`). `on_line(host,
+    fd, line)` sees output live, line by line (fd 1 or 2; the last line may lack its "\\n");
+    with `keep_output=False` the results carry no output.
+    """
+    names = expand_hosts(hosts) if isinstance(hosts, str) else list(dict.fromkeys(hosts))
+    return FleetRun(
+        names,
+        command,
+        fanout=fanout,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        env=env,
+        cwd=cwd,
+        stdin=stdin,
+        token_for=token_for or config_tokens(token=token, token_file=token_file),
+        suite=suite,
+        on_line=on_line,
+        keep_output=keep_output,
+        trace=trace,
+    )
+
+
+def run_many_sync(
+    hosts: str | Iterable[str], command: str | Sequence[str], **options: Any
+) -> Iterator[HostResult]:
+    """run_many for synchronous code, on an event loop of its own: results as they finish.
+
+    Nothing happens on the network between two results the caller has not asked for yet.
+    """
+    run = run_many(hosts, command, **options)
+    with asyncio.Runner() as runner:
+        results = run.__aiter__()
+
+        async def step() -> HostResult:
+            return await results.__anext__()
+
+        try:
+            while True:
+                try:
+                    result = runner.run(step())
+                except StopAsyncIteration:
+                    return
+                yield result
+        finally:
+            runner.run(results.aclose())
