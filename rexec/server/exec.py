@@ -330,6 +330,8 @@ class Execution:
                     master, slave = open_pty(spec.pty)
                     parent_fds.append(master)
                     child_fds.append(slave)
+                    if spec.uid is not None:  # run-as: the terminal is the user's, as sshd does
+                        os.fchown(slave, spec.uid, -1 if spec.gid is None else spec.gid)
                     stdin_r = out_w = err_w = slave
                     if spec.stdin:  # its own fd: closing stdin must not close the master
                         stdin_w = os.dup(master)

@@ -332,3 +332,21 @@ def test_sync_api_pty_and_resize(pty_server: Any) -> None:
         b"",
         5,
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--run-as needs a server running as root")
+def test_run_as_owns_its_terminal(pty_server: Any, e2e: Any) -> None:
+    token = e2e.new_token(pty_server.store, "asnobody")
+    edited = e2e.run_cli(
+        ["token", "edit", "asnobody", "--run-as", "nobody", "--store", str(pty_server.store)]
+    )
+    assert edited.returncode == 0, edited.stderr
+    deadline = time.monotonic() + 5
+    while True:  # the server notices the store within ~0.5 s
+        proc = e2e.run_cli(
+            ["run", "-t", pty_server.address, 'id -un; stat -c %U "$(tty)"'], token=token
+        )
+        if proc.stdout.startswith(b"nobody") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (proc.returncode, proc.stdout) == (0, b"nobody\r\nnobody\r\n"), proc.stderr
