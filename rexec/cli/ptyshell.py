@@ -58,6 +58,8 @@ class PtySession:
         self.write = writer(stdout_fd)
         self.escapes = EscapeParser()
         self._winch: WindowWatch | None = None
+        self._writing = False  # proc.write() is under way (it may wait, serving the loop)
+        self._paused = False  # stdin is not watched until that write is done
 
     def run(self) -> int:
         """Until the command ends: returns its exit status (as `rexec run` reports it).
@@ -79,6 +81,10 @@ class PtySession:
             self._winch.close()
 
     def _keys(self) -> None:
+        if self._writing:  # a write below waits for the server's window: keys stay unread
+            self.client.unwatch(self.stdin_fd)  # (and in order) until it is done
+            self._paused = True
+            return
         try:
             data = os.read(self.stdin_fd, READ_SIZE)
         except BlockingIOError:
@@ -91,13 +97,13 @@ class PtySession:
             return
         send, actions = self.escapes.feed(data)
         if send:
-            # write() may wait for the server's window; meanwhile keys stay unread (and keep
-            # their order) instead of re-entering here
-            self.client.unwatch(self.stdin_fd)
+            self._writing = True
             try:
                 self.proc.write(send)
             finally:
-                if self.proc.status is None:
+                self._writing = False
+                if self._paused and self.proc.status is None:
+                    self._paused = False
                     self.client.watch(self.stdin_fd, self._keys)
         for action in actions:
             if action == HELP:
