@@ -357,13 +357,13 @@ def test_a_large_paste_arrives_whole(pty_server: Any, spawn: Spawn) -> None:
 
     data = b"0123456789abcdefghijklmnopqrstuvwxyz\n" * 6000  # 222 KB, far over the pty's buffer
     child = shell(spawn, pty_server)
-    child.send("stty raw -echo; head -c %d | md5sum; stty sane\r" % len(data))
+    child.send(f"stty raw -echo; head -c {len(data)} | md5sum; stty sane\r")
     child.expect_exact("stty sane\r\n")
     time.sleep(0.3)  # the remote terminal is raw by now
     child.delaybeforesend = None
     for i in range(0, len(data), 4096):
         child.send(data[i : i + 4096].decode())
-    child.expect_exact(hashlib.md5(data).hexdigest(), timeout=30)  # noqa: S324 - a checksum
+    child.expect_exact(hashlib.md5(data).hexdigest(), timeout=30)
     child.expect_exact(PROMPT)
     child.send("exit\r")
     assert end(child) == 0
