@@ -14,8 +14,8 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from rexec import Client, ExecError, PtyRequest, RexecError, SyncProcess
-from rexec.cli.common import err, writer
+from rexec import Client, ExecError, RexecError, SyncProcess
+from rexec.cli.common import Interrupts, err, writer
 from rexec.cli.terminal import (
     DISCONNECT,
     ESCAPE_HELP,
@@ -137,18 +137,19 @@ def run_on_pty(
     False, and the output (one stream) goes to stdout.
     """
     interactive = stdin and os.isatty(0)
-    if interactive:
-        req = pty_request(0)
-    else:
-        req = pty_request(1) if window_size(1)[0] else PtyRequest(_term(), 24, 80)
+    req = pty_request(0 if interactive else 1)
     try:
-        proc = client.start(
-            command, env=env, cwd=cwd, timeout=timeout, stdin=interactive or stdin, pty=req
-        )
-        if not interactive:
+        proc = client.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=req)
+        if not interactive:  # no keyboard: stdin as `rexec run` forwards it, Ctrl-C as SIGINT
             if stdin:
                 proc.feed(0)
-            return proc.wait(stdout=writer(1)).shell_status
+            interrupts = Interrupts()
+            try:
+                client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
+                return proc.wait(stdout=writer(1)).shell_status
+            finally:
+                client.unwatch(interrupts.read_fd)
+                interrupts.close()
         try:
             with RawTerminal(0):
                 status = PtySession(client, proc, (req.rows, req.cols)).run()
@@ -168,14 +169,6 @@ def run_on_pty(
     except RexecError as exc:
         err(str(exc))
         return EXIT_FAILURE
-
-
-def _term() -> str:
-    term = os.environ.get("TERM", "")
-    try:
-        return PtyRequest(term).term
-    except RexecError:
-        return "dumb"
 
 
 def shell_main(args: argparse.Namespace) -> int:
@@ -198,6 +191,9 @@ def shell_main(args: argparse.Namespace) -> int:
     except RexecError as exc:
         err(str(exc))
         return EXIT_FAILURE
+    except KeyboardInterrupt:  # Ctrl-C while connecting (raw mode makes it a key later)
+        sys.stderr.write("\n")
+        return 128 + 2
     finally:
         if client is not None:
             client.abort()

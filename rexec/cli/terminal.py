@@ -90,7 +90,8 @@ def window_size(fd: int) -> tuple[int, int]:
 
 
 def pty_request(fd: int, term: str | None = None) -> PtyRequest:
-    """The pty to ask for: this terminal's type ($TERM), size and modes (erase, intr, ...)."""
+    """The pty to ask for: the terminal on fd's type ($TERM), size and modes (erase, intr,
+    ...); 24x80 and the server's default modes when fd is no terminal."""
     term = term or os.environ.get("TERM") or "dumb"
     if term_problem(term) is not None:  # an odd $TERM: still a terminal
         term = "xterm"
@@ -99,6 +100,8 @@ def pty_request(fd: int, term: str | None = None) -> PtyRequest:
         modes = read_modes(termios.tcgetattr(fd))
     except termios.error:
         modes = {}
+    if not rows or not cols:
+        rows, cols = 24, 80
     return PtyRequest(term, rows, cols, modes)
 
 

@@ -367,3 +367,25 @@ def test_a_large_paste_arrives_whole(pty_server: Any, spawn: Spawn) -> None:
     child.expect_exact(PROMPT)
     child.send("exit\r")
     assert end(child) == 0
+
+
+def test_run_t_in_a_pipe_forwards_ctrl_c(pty_server: Any, e2e: Any) -> None:
+    import subprocess
+
+    marker = e2e.marker("100")
+    env = e2e.clean_env({"REXEC_TOKEN": pty_server.token})
+    proc = subprocess.Popen(
+        [e2e.REXEC, "run", "-t", pty_server.address, f"sleep {marker}"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert e2e.wait_until(lambda: e2e.cmdline_pids(f"sleep {marker}"), TIMEOUT)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 128 + signal.SIGINT
+    finally:
+        proc.kill()
+        proc.wait()
+    assert e2e.wait_until(lambda: not e2e.cmdline_pids(f"sleep {marker}"), 2)
