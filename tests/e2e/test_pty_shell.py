@@ -381,8 +381,9 @@ def test_run_t_in_a_pipe_forwards_ctrl_c(pty_server: Any, e2e: Any) -> None:
         stderr=subprocess.PIPE,
         env=env,
     )
-    try:
-        assert e2e.wait_until(lambda: e2e.cmdline_pids(f"sleep {marker}"), TIMEOUT)
+    try:  # the remote sleep (not the client, whose argv holds the same words)
+        remote = lambda: set(e2e.cmdline_pids(f"sleep {marker}")) - {proc.pid}  # noqa: E731
+        assert e2e.wait_until(remote, TIMEOUT)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT) == 128 + signal.SIGINT
     finally:
