@@ -46,6 +46,8 @@ log_level = "warning"
 [limits]
 max_connections = 4096
 max_unauthenticated = 2048
+max_unauthenticated_per_source = 2048  # every host is 127.0.0.1 to the server, and this
+unauthenticated_drop_start = 2048  # measures speed, not admission control
 """
 SSH_CONFIG = """\
 # every host alias is the private sshd on 127.0.0.1

@@ -34,6 +34,8 @@ log_level = "warning"
 [limits]
 max_connections = 1024
 max_unauthenticated = 1024
+max_unauthenticated_per_source = 1024
+unauthenticated_drop_start = 1024
 max_channels = 1024
 """
 

@@ -37,6 +37,7 @@ _EXPORTS = {
     "FrameType": "rexec.protocol.frames",
     "HostResult": "rexec.client.fleet",
     "HostSetError": "rexec.errors",
+    "NotRexecServer": "rexec.errors",
     "OutputStream": "rexec.client.aio",
     "PolicyError": "rexec.errors",
     "Process": "rexec.client.aio",
@@ -46,6 +47,7 @@ _EXPORTS = {
     "Result": "rexec.result",
     "RexecError": "rexec.errors",
     "ServerInfo": "rexec.protocol.messages",
+    "ServerRefused": "rexec.errors",
     "Stream": "rexec.protocol.events",
     "Suite": "rexec.protocol.noise",
     "SyncOutputStream": "rexec.client.blocking",
@@ -84,10 +86,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export
     from rexec.errors import ErrorCode as ErrorCode
     from rexec.errors import ExecError as ExecError
     from rexec.errors import HostSetError as HostSetError
+    from rexec.errors import NotRexecServer as NotRexecServer
     from rexec.errors import PolicyError as PolicyError
     from rexec.errors import ProtocolError as ProtocolError
     from rexec.errors import RemoteError as RemoteError
     from rexec.errors import RexecError as RexecError
+    from rexec.errors import ServerRefused as ServerRefused
     from rexec.errors import TruncatedError as TruncatedError
     from rexec.protocol.events import Stream as Stream
     from rexec.protocol.frames import FrameType as FrameType

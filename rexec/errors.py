@@ -57,6 +57,24 @@ class AuthFailed(AuthError, RemoteProtocolError):
     """
 
 
+class NotRexecServer(RemoteProtocolError):
+    """The peer answered in another protocol (an SSH banner, an HTTP reply)."""
+
+
+class ServerRefused(RexecError):
+    """The server turned the connection away for a reason it may tell: busy, rate limited,
+    a cipher suite or protocol version it does not take, or shutting down.
+
+    `code` is the refusal notice's reason (rexec.protocol.notice.RefusalCode) and
+    `retry_after` its hint in seconds (0: none). Never raised for a wrong token.
+    """
+
+    def __init__(self, code: int, retry_after: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
+
+
 class ConnectionLost(RexecError):
     """The connection failed or closed while we still needed it."""
 

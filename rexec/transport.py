@@ -28,6 +28,25 @@ EventHandler = Callable[[list[Event]], None]
 LostHandler = Callable[[RexecError | None], None]
 
 
+def _no_events(events: list[Event]) -> None:
+    """The handler of a connection that is gone."""
+
+
+def _no_loss(error: RexecError | None) -> None:
+    """The loss handler once the loss is reported."""
+
+
+def _forget_frames(exc: BaseException | None) -> None:
+    """Drop the tracebacks of a kept error and the errors it chains to: their frames hold
+    the protocol and the connection that keep the error, a cycle that would keep both (and
+    their buffers) until a full garbage collection."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 class FramedProtocol(asyncio.BufferedProtocol):
     """One socket bound to one Connection. Errors end the connection and reach `on_lost`.
 
@@ -95,7 +114,13 @@ class FramedProtocol(asyncio.BufferedProtocol):
         if self._error is None and not self.conn.close_received:
             self._error = TruncatedError("connection closed without CLOSE")
         self._wake_drainers()
-        self._on_lost(self._error)
+        # The handlers are the owner's bound methods and the owner holds us: drop them (and
+        # the kept error's frames), so that refcounting alone frees a finished connection.
+        on_lost, self._on_lost, self._on_events = self._on_lost, _no_loss, _no_events
+        try:
+            on_lost(self._error)
+        finally:
+            _forget_frames(self._error)
 
     def pause_writing(self) -> None:
         self._paused = True

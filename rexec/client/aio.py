@@ -21,12 +21,14 @@ from rexec.client.core import (
     Chunk,
     ClientCore,
     Command,
+    ConnectAttempts,
     connect_failed,
     connect_timed_out,
     connection_broke,
+    is_reset,
 )
 from rexec.client.target import resolve_target
-from rexec.errors import ConnectionLost, RexecError
+from rexec.errors import ConnectionLost, RexecError, ServerRefused
 from rexec.heap import keep_heap
 from rexec.protocol.connection import Connection as ProtocolConnection
 from rexec.protocol.connection import TraceFn
@@ -251,11 +253,13 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None
         self.info: ServerInfo | None = None
 
-    async def _open(self, timeout: float) -> None:
+    async def _open(self, timeout: float, limit: float | None = None) -> None:
+        """Connect and handshake within `limit` seconds (default: `timeout`, the figure an
+        expired deadline names)."""
         keep_heap()
         loop = self._loop
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout if limit is None else limit):
                 try:
                     if self.endpoint.path is not None:
                         await loop.create_unix_connection(lambda: self._proto, self.endpoint.path)
@@ -271,7 +275,10 @@ class Connection:
         except TimeoutError:
             self._proto.abort()
             connected = self._proto.transport is not None
-            raise connect_timed_out(self.endpoint, timeout, connected=connected) from None
+            received = self._core.conn.reply_received
+            raise connect_timed_out(
+                self.endpoint, timeout, connected=connected, received=received
+            ) from None
         except BaseException:
             self._proto.abort()
             raise
@@ -299,7 +306,9 @@ class Connection:
     def _on_lost(self, error: RexecError | None) -> None:
         proto = self._proto
         if proto.os_error is not None:
-            reset = isinstance(proto.os_error, ConnectionResetError)
+            # A failed write ends an asyncio transport at once, unread bytes and all: a notice
+            # sent before it is lost unless the server half-closed and read (as it does).
+            reset = is_reset(proto.os_error)
             error = connection_broke(self.endpoint, proto.os_error)
         else:
             reset = False
@@ -470,9 +479,18 @@ class Connecting:
     async def _make(self) -> Connection:
         target, token, token_file, connect_timeout, suite, trace = self._args
         resolved = resolve_target(target, token=token, token_file=token_file)
-        conn = Connection(resolved.endpoint, resolved.token, suite, trace, resolved.name)
-        await conn._open(connect_timeout or resolved.connect_timeout)
-        return conn
+        loop = asyncio.get_running_loop()
+        attempts = ConnectAttempts(connect_timeout or resolved.connect_timeout, loop.time())
+        while True:  # a busy server is tried again (the core's ConnectAttempts decides)
+            conn = Connection(resolved.endpoint, resolved.token, suite, trace, resolved.name)
+            try:
+                await conn._open(attempts.timeout, attempts.remaining(loop.time()))
+                return conn
+            except ServerRefused as exc:
+                delay = attempts.retry_delay(exc, loop.time())
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
 
     def __await__(self) -> Generator[Any, None, Connection]:
         return self._make().__await__()

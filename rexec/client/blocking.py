@@ -14,7 +14,6 @@ waiting on one serves them all.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import math
 import os
@@ -31,12 +30,14 @@ from rexec.client.core import (
     Chunk,
     ClientCore,
     Command,
+    ConnectAttempts,
     connect_failed,
     connect_timed_out,
     connection_broke,
+    is_reset,
 )
 from rexec.client.target import resolve_target
-from rexec.errors import ConnectionLost, LocalProtocolError
+from rexec.errors import ConnectionLost, LocalProtocolError, ServerRefused
 from rexec.heap import BULK, keep_heap
 from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import Stream
@@ -54,8 +55,9 @@ _SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP send queue not yet sent
 Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
 
 
-def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
-    """Connect with a deadline; TCP_NODELAY because every frame is one complete write."""
+def open_socket(endpoint: Endpoint, timeout: float, named: float | None = None) -> socket.socket:
+    """Connect with a deadline; TCP_NODELAY because every frame is one complete write.
+    `named`: the timeout an expired deadline names (default: timeout)."""
     try:
         if endpoint.path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -75,7 +77,8 @@ def open_socket(endpoint: Endpoint, timeout: float) -> socket.socket:
             sock = socket.create_connection((addr, endpoint.port), timeout=timeout)  # type: ignore[arg-type]
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except TimeoutError:
-        raise connect_timed_out(endpoint, timeout, connected=False) from None
+        named = timeout if named is None else named
+        raise connect_timed_out(endpoint, named, connected=False) from None
     except OSError as exc:
         raise connect_failed(endpoint, exc) from None
     return sock
@@ -126,10 +129,12 @@ class SocketDriver:
 
     # ---- connection --------------------------------------------------------------------
 
-    def connect(self, timeout: float) -> ServerInfo:
-        """Open the socket and run the handshake, all within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        self._sock = open_socket(self.endpoint, timeout)
+    def connect(self, timeout: float, deadline: float | None = None) -> ServerInfo:
+        """Open the socket and run the handshake, all within `timeout` seconds (or by
+        `deadline`, a time.monotonic() value; `timeout` is then what an expiry names)."""
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        self._sock = open_socket(self.endpoint, max(0.001, deadline - time.monotonic()), timeout)
         self._sock.setblocking(False)
         self._sel.register(self._sock, selectors.EVENT_READ)
         self._sock_events = selectors.EVENT_READ
@@ -137,7 +142,8 @@ class SocketDriver:
         try:
             core.initiate()
             if not self.wait(lambda: core.info is not None, deadline):
-                raise connect_timed_out(self.endpoint, timeout, connected=True)
+                received = core.conn.reply_received
+                raise connect_timed_out(self.endpoint, timeout, connected=True, received=received)
         except BaseException:
             self.abort()
             raise
@@ -218,7 +224,7 @@ class SocketDriver:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self._broken(exc)
+                self._broken(exc, sending=True)
                 return
             del self._out[:sent]
         self._set_sock_events()
@@ -245,9 +251,14 @@ class SocketDriver:
             self._set_sock_events()  # nothing more to read; only our last words to send
         self.flush()
 
-    def _broken(self, exc: OSError) -> None:
-        reset = exc.errno in (errno.ECONNRESET, errno.EPIPE)
-        self.core.connection_lost(connection_broke(self.endpoint, exc), reset=reset)
+    def _broken(self, exc: OSError, *, sending: bool = False) -> None:
+        """The socket failed; a failed send in the handshake leaves reading on (the core's
+        send_failed: a refusal notice may be waiting)."""
+        error = connection_broke(self.endpoint, exc)
+        if sending:
+            self.core.send_failed(error, reset=is_reset(exc))
+        else:
+            self.core.connection_lost(error, reset=is_reset(exc))
         self._out.clear()
         self._set_sock_events()
 
@@ -531,9 +542,18 @@ class Client:
         resolved = resolve_target(target, token=token, token_file=token_file)
         self.target = resolved.name
         self.endpoint = resolved.endpoint
-        core = ClientCore(resolved.token, suite, target=resolved.name, trace=trace)
-        self._driver = SocketDriver(resolved.endpoint, core)
-        self.info = self._driver.connect(connect_timeout or resolved.connect_timeout)
+        attempts = ConnectAttempts(connect_timeout or resolved.connect_timeout, time.monotonic())
+        while True:  # a busy server is tried again (the core's ConnectAttempts decides)
+            core = ClientCore(resolved.token, suite, target=resolved.name, trace=trace)
+            self._driver = SocketDriver(resolved.endpoint, core)
+            try:
+                self.info = self._driver.connect(attempts.timeout, attempts.deadline)
+                return
+            except ServerRefused as exc:
+                delay = attempts.retry_delay(exc, time.monotonic())
+                if delay is None:
+                    raise
+            time.sleep(delay)
 
     def start(
         self,

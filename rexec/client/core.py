@@ -12,6 +12,10 @@ Both client drivers only move bytes, wait, and tell this core the time: rexec.cl
   the error of every command the end leaves without an EXIT, and in `ClientCore.error`;
 - the server's CLOSE is answered with ours; a command it leaves without an EXIT, or an EOF
   before CLOSE, is `TruncatedError`; the server closing during the handshake is `AuthError`;
+- in place of message 2, a refusal notice is `ServerRefused` and an SSH or HTTP reply is
+  `NotRexecServer` (found by rexec.protocol.notice, raised unchanged); a "busy" server is
+  tried again a few times within one connect deadline (`ConnectAttempts`); a handshake
+  write that fails is not the end until what the server sent has been read (a notice);
 - keepalive, while a command runs: a PING after `KEEPALIVE_IDLE` seconds of silence,
   `ConnectionLost` after `KEEPALIVE_DEAD`;
 - flow: never more stdin than the server's window (`ClientConnection.stdin_room`); output
@@ -25,6 +29,7 @@ the connection), and the drivers raise it to whoever waits for them.
 
 from __future__ import annotations
 
+import errno
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,6 +45,7 @@ from rexec.errors import (
     ProtocolError,
     RemoteError,
     RexecError,
+    ServerRefused,
     TruncatedError,
 )
 from rexec.protocol.client import ClientConnection
@@ -57,6 +63,7 @@ from rexec.protocol.events import (
 from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.noise import Suite
+from rexec.protocol.notice import busy_retry_delay, stalled_handshake
 from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
@@ -66,7 +73,7 @@ KEEPALIVE_DEAD = 30.0  # seconds of server silence before we give up on it
 CLOSE_WAIT = 2.0  # how long a client waits for the server's CLOSE after its own
 HANDSHAKE_CLOSED = (
     "authentication failed: the server closed the connection during the handshake "
-    "(wrong or unknown token, or the server refused the connection: see its log)"
+    "(wrong or unknown token; the server's log has the reason)"
 )
 
 Data = bytes | bytearray  # a data frame's payload may be the buffer it was decrypted into
@@ -78,10 +85,40 @@ def connect_failed(endpoint: object, exc: OSError) -> ConnectionLost:
     return ConnectionLost(f"cannot connect to {endpoint}: {exc.strerror or exc}")
 
 
-def connect_timed_out(endpoint: object, timeout: float, *, connected: bool) -> ConnectTimeout:
-    """The error for the client's connect deadline: in connect(), or in the handshake."""
-    what = f"handshake with {endpoint}" if connected else f"connecting to {endpoint}"
-    return ConnectTimeout(f"{what} timed out after {timeout:g}s")
+def connect_timed_out(
+    endpoint: object, timeout: float, *, connected: bool, received: int = 0
+) -> ConnectTimeout:
+    """The error for the client's connect deadline: in connect(), or in the handshake (then
+    `received`, the bytes of the server's reply in so far, says whether it answered at all)."""
+    if connected:
+        return ConnectTimeout(stalled_handshake(str(endpoint), timeout, received))
+    return ConnectTimeout(f"connecting to {endpoint} timed out after {timeout:g}s")
+
+
+def is_reset(exc: OSError) -> bool:
+    """The peer reset the connection, or closed it under our write (both drivers' one rule)."""
+    return exc.errno in (errno.ECONNRESET, errno.EPIPE)
+
+
+class ConnectAttempts:
+    """One connect deadline over every attempt: a server that says it is busy is tried again
+    (notice.busy_retry_delay: a few times, with jitter), never past the deadline. The drivers
+    sleep and reconnect, each attempt with a fresh ClientCore."""
+
+    def __init__(self, timeout: float, now: float) -> None:
+        self.timeout = timeout  # the figure a ConnectTimeout names
+        self.deadline = now + timeout
+        self.retries = 0
+
+    def remaining(self, now: float) -> float:
+        return self.deadline - now
+
+    def retry_delay(self, exc: ServerRefused, now: float) -> float | None:
+        """Seconds to wait before the next attempt after `exc`, or None: raise it."""
+        delay = busy_retry_delay(exc, self.retries, self.deadline - now)
+        if delay is not None:
+            self.retries += 1
+        return delay
 
 
 def connection_broke(endpoint: object, exc: OSError) -> ConnectionLost:
@@ -190,7 +227,7 @@ class ClientCore:
         self.heard(now)
         try:
             events = self.conn.buffer_updated(nbytes)
-        except ProtocolError as exc:
+        except (ProtocolError, ServerRefused) as exc:  # NotRexecServer is a ProtocolError
             return self.connection_lost(exc)
         return self.handle(events, now)
 
@@ -198,7 +235,7 @@ class ClientCore:
         """As buffer_updated, for bytes in hand."""
         try:
             events = self.conn.receive_data(data)
-        except ProtocolError as exc:
+        except (ProtocolError, ServerRefused) as exc:
             return self.connection_lost(exc)
         return self.handle(events, now)
 
@@ -259,7 +296,8 @@ class ClientCore:
         """The stream ended: `error` says how (None: after the server's CLOSE, cleanly).
 
         `reset`: the server reset the connection. In the handshake, a reset or an EOF means
-        it refused us (a bad token gets no answer): AuthError. The first reason wins.
+        it refused us (a bad token gets no answer): AuthError. A refusal notice or a foreign
+        reply (ServerRefused, NotRexecServer) stays what it is. The first reason wins.
         """
         if self.error is not None:
             return []
@@ -269,6 +307,15 @@ class ClientCore:
         elif error is None:
             error = self._closed_error()
         return self._end(error)
+
+    def send_failed(self, error: ConnectionLost, *, reset: bool) -> bool:
+        """A write to the server failed. True: keep reading, the handshake's EOF or error
+        ends it (a server that refused us may have said why before it closed: read the
+        notice first; our unsent bytes are moot). False: the connection has ended."""
+        if reset and self.info is None and self.error is None:
+            return True
+        self.connection_lost(error, reset=reset)
+        return False
 
     def _closed_error(self) -> ConnectionLost:
         if self._closing:

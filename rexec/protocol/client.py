@@ -25,6 +25,7 @@ from rexec.protocol.frames import (
     encode_frame,
 )
 from rexec.protocol.noise import DHLEN, TAGLEN, NNpsk0Handshake, Suite
+from rexec.protocol.notice import NOTICE_LEN, inspect_reply
 from rexec.protocol.token import Token
 
 TYPE_CHECKING = False
@@ -63,6 +64,11 @@ class ClientConnection(Connection):
         self.server_info: m.ServerInfo | None = None
         self.handshake_hash: bytes | None = None
 
+    @property
+    def reply_received(self) -> int:
+        """Bytes of the server's handshake reply in so far (for a connect-timeout message)."""
+        return 0 if self._send is not None else len(self._buf)
+
     def initiate(self) -> None:
         """Queue HELLO and Noise message 1."""
         if self._initiated:
@@ -75,6 +81,9 @@ class ClientConnection(Connection):
         if self._send is None:
             if not self._initiated:
                 raise LocalProtocolError("receive_data before initiate()")
+            # a refusal notice, SSH or HTTP in place of message 2: raise at once
+            if inspect_reply(self._buf.peek(NOTICE_LEN), suite=self.hello.suite.label):
+                return events
             body = self._buf.next_body()
             if body is None:
                 return events

@@ -12,6 +12,7 @@ from enum import IntEnum
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import RemoteProtocolError
 from rexec.protocol.noise import DHLEN, TAGLEN, Suite
+from rexec.protocol.notice import HelloRefused, RefusalCode
 
 MAGIC = b"RXEC"
 VERSION = 1
@@ -30,6 +31,7 @@ MAX_CHANNEL = 2**32 - 1
 RECV_INITIAL = 64 * 1024  # most connections carry small frames: start small (and cheap)
 RECV_CAPACITY = 4 * (4 + MAX_TRANSPORT_BODY)  # bulk streams grow to a few frames per recv
 MIN_RECV = 64 * 1024
+PREAUTH_RECV = 4096  # a server's whole receive buffer until AUTH: unearned bytes buy no memory
 
 
 class FrameType(IntEnum):
@@ -73,13 +75,18 @@ class Hello(FrozenRecord):
         if magic != MAGIC:
             raise RemoteProtocolError("not a rexec client: bad magic in HELLO")
         if version != VERSION:
-            raise RemoteProtocolError(f"unsupported protocol version {version} (this is rexec/1)")
+            raise HelloRefused(
+                RefusalCode.VERSION_NOT_SUPPORTED,
+                f"unsupported protocol version {version} (this is rexec/1)",
+            )
         if reserved != 0:
             raise RemoteProtocolError("HELLO reserved field must be zero")
         try:
             s = Suite(suite)
         except ValueError:
-            raise RemoteProtocolError(f"unknown cipher suite {suite} in HELLO") from None
+            raise HelloRefused(
+                RefusalCode.SUITE_NOT_ALLOWED, f"unknown cipher suite {suite} in HELLO"
+            ) from None
         return cls(s, key_id, version)
 
 
@@ -95,17 +102,24 @@ class FrameBuffer:
     out its free tail for `recv_into`, `buffer_updated(n)` commits it. Bodies come out as
     memoryviews of the buffer, so the only copy of a frame between the socket and the AEAD
     is the kernel's. A view must be released before the next fill (the caller's job).
+
+    While `limit` is set the buffer stays that size and never grows: a server keeps it so
+    until the peer authenticates, so that pre-authentication bytes (`RXEC` read as a length,
+    say) cannot make it allocate. Its max_body must then leave the frame room in `limit`.
     """
 
-    __slots__ = ("_buf", "_end", "_start", "max_body", "min_body", "what")
+    __slots__ = ("_buf", "_end", "_start", "limit", "max_body", "min_body", "what")
 
-    def __init__(self, max_body: int, min_body: int = 0, what: str = "frame") -> None:
-        self._buf = bytearray(RECV_INITIAL)
+    def __init__(
+        self, max_body: int, min_body: int = 0, what: str = "frame", *, limit: int | None = None
+    ) -> None:
+        self._buf = bytearray(limit or RECV_INITIAL)
         self._start = 0
         self._end = 0
         self.max_body = max_body
         self.min_body = min_body
         self.what = what
+        self.limit = limit
 
     def __len__(self) -> int:
         return self._end - self._start
@@ -140,6 +154,9 @@ class FrameBuffer:
         if self._start == self._end:
             self._start = self._end = 0
         size = self._end - self._start
+        if self.limit is not None:
+            self._room(max(1, self.limit - size))
+            return memoryview(self._buf)[self._end :]
         grow_to = 0
         if size >= 4 and len(self._buf) < RECV_CAPACITY:
             (n,) = LENGTH.unpack_from(self._buf, self._start)
@@ -153,6 +170,10 @@ class FrameBuffer:
         if not 0 <= n <= len(self._buf) - self._end:
             raise ValueError(f"buffer_updated({n}) beyond the buffer handed out")
         self._end += n
+
+    def peek(self, n: int) -> bytes:
+        """Up to the next n buffered bytes, left in the buffer."""
+        return bytes(self._buf[self._start : min(self._end, self._start + n)])
 
     def take_raw(self, n: int) -> bytes | None:
         """The next n unframed bytes (the HELLO), or None until they are all here."""

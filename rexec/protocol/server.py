@@ -2,7 +2,9 @@
 
 Handshake rules: a HELLO naming an unknown key id is answered exactly like a wrong secret
 (message 1 is checked against a dummy PSK), so timing and behaviour reveal nothing about
-which key ids exist; a failed message 1 raises AuthFailed before any byte is queued.
+which key ids exist; a failed message 1 raises AuthFailed before any byte is queued. A HELLO
+refused for a reason that is no secret (version, suite) queues a refusal notice first.
+Until AUTH the receive buffer is small and fixed (frames.PREAUTH_RECV).
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from rexec.protocol.events import (
 )
 from rexec.protocol.frames import (
     HELLO_LEN,
+    LENGTH,
     MAX_SERVER_INFO,
     MAX_TRANSPORT_BODY,
     MIN_TRANSPORT_BODY,
     MSG1_LEN,
+    PREAUTH_RECV,
+    VERSION,
     FrameBuffer,
     FrameType,
     Hello,
@@ -36,6 +41,7 @@ from rexec.protocol.frames import (
 )
 from rexec.protocol.models import parse_exec_request
 from rexec.protocol.noise import NNpsk0Handshake, Suite
+from rexec.protocol.notice import HelloRefused, RefusalCode, encode_notice
 
 KeyLookup = Callable[[bytes], "bytes | None"]
 
@@ -56,7 +62,9 @@ class ServerConnection(Connection):
         trace: TraceFn | None = None,
         ephemeral: bytes | None = None,
     ) -> None:
-        super().__init__(FrameBuffer(MSG1_LEN, MSG1_LEN, "handshake message 1"), trace)
+        super().__init__(
+            FrameBuffer(MSG1_LEN, MSG1_LEN, "handshake message 1", limit=PREAUTH_RECV), trace
+        )
         self._lookup = lookup
         self._info = info.to_json()
         if len(self._info) > MAX_SERVER_INFO:
@@ -68,6 +76,7 @@ class ServerConnection(Connection):
         self._hs: NNpsk0Handshake | None = None
         self.authenticated = False
         self.key_id: bytes | None = None
+        self.refused: RefusalCode | None = None
 
     def _process(self) -> list[Event]:
         events: list[Event] = []
@@ -75,9 +84,16 @@ class ServerConnection(Connection):
             raw = self._buf.take_raw(HELLO_LEN)
             if raw is None:
                 return events
-            hello = Hello.unpack(raw)
-            if hello.suite not in self._suites:
-                raise RemoteProtocolError(f"cipher suite {hello.suite.label} is not allowed here")
+            try:
+                hello = Hello.unpack(raw)
+                if hello.suite not in self._suites:
+                    raise HelloRefused(
+                        RefusalCode.SUITE_NOT_ALLOWED,
+                        f"cipher suite {hello.suite.label} is not allowed here",
+                    )
+            except HelloRefused as exc:
+                self.refuse(exc.refusal)
+                raise
             self.hello = hello
         if self._send is None:
             body = self._buf.next_body()
@@ -110,9 +126,24 @@ class ServerConnection(Connection):
         self._send, self._recv = hs.split()
         self._hs = hs
         self._secret = secret
-        self._buf.max_body = MAX_TRANSPORT_BODY
+        self._buf.max_body = PREAUTH_RECV - LENGTH.size  # AUTH is far smaller; bigger comes after
         self._buf.min_body = MIN_TRANSPORT_BODY
         self._buf.what = "frame"
+
+    def refuse(self, code: RefusalCode, retry_after: float = 0) -> bool:
+        """Queue a refusal notice in place of message 2 (docs/PROTOCOL.md 6.6); then close.
+
+        Only for reasons that are no secret: a failed authentication is never announced.
+        False, and nothing queued, once message 2 is out (the peer would read the notice as
+        a frame) or a notice already is.
+        """
+        if self._send is not None or self.refused is not None:
+            return False
+        self.refused = code
+        self._out.append(encode_notice(code, retry_after, VERSION))
+        if self._error is None:  # nothing more is read from a refused peer
+            self._error = LocalProtocolError(f"connection refused ({code.name.lower()})")
+        return True
 
     # ---- receiving ----------------------------------------------------------------
 
@@ -132,6 +163,8 @@ class ServerConnection(Connection):
             raise RemoteProtocolError("AUTH must be on channel 0 with a 32-byte proof")
         if not m.verify_auth_proof(self._secret, self._hs.handshake_hash, payload):
             raise AuthFailed("authentication failed: bad AUTH proof")
+        self._buf.max_body = MAX_TRANSPORT_BODY  # authenticated: full-size frames, a buffer
+        self._buf.limit = None  # that grows to take them
         self.authenticated = True
         self.key_id = self.hello.key_id
         events.append(Authenticated(self.hello.key_id))

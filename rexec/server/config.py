@@ -41,6 +41,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # TOML is typed, so take its types at their word: `true` is not 1 and "10" is not 10.
 PosInt = Annotated[int, Strict(), Field(gt=0)]
 PosFloat = Annotated[float, Strict(), Field(gt=0)]
+Percent = Annotated[int, Strict(), Field(ge=0, le=100)]
 NonNegFloat = Annotated[float, Strict(), Field(ge=0)]
 StrictBool = Annotated[bool, Strict()]
 StrictStr = Annotated[str, Strict()]
@@ -194,8 +195,13 @@ class LimitsSection(_Model):
     """`[limits]`: resource and time bounds. 0 means "none" where the comment says so."""
 
     max_connections: PosInt = 256
-    max_unauthenticated: PosInt = 32
-    handshake_timeout: PosFloat = 10.0
+    # Before authentication (as OpenSSH's MaxStartups start:rate:full, PerSourceMaxStartups):
+    max_unauthenticated: PosInt = 64  # "full": every newcomer is refused
+    unauthenticated_drop_start: PosInt = 32  # "start": from here newcomers are dropped ...
+    unauthenticated_drop_rate: Percent = 30  # ... with this % chance, rising to 100 at full
+    max_unauthenticated_per_source: PosInt = 16  # per IP address, or per uid on unix sockets
+    hello_timeout: PosFloat = 5.0  # accept -> HELLO + message 1 in ("first flight")
+    handshake_timeout: PosFloat = 10.0  # accept -> valid AUTH
     idle_timeout: NonNegFloat = 3600.0  # 0 disables
     max_channels: PosInt = 256
     default_timeout: NonNegFloat = 0.0  # 0 = no deadline unless the client asks
@@ -217,7 +223,33 @@ class LimitsSection(_Model):
                 f"max_unauthenticated ({self.max_unauthenticated}) must not exceed "
                 f"max_connections ({self.max_connections})"
             )
+        # Set explicitly, these must fit under their ceiling; left at their defaults they
+        # shrink to it (a config that only lowers max_unauthenticated stays valid).
+        explicit = self.model_fields_set
+        for key, ceiling in (
+            ("unauthenticated_drop_start", "max_unauthenticated"),
+            ("max_unauthenticated_per_source", "max_unauthenticated"),
+            ("hello_timeout", "handshake_timeout"),
+        ):
+            value, top = getattr(self, key), getattr(self, ceiling)
+            if key in explicit and value > top:
+                raise ValueError(f"{key} ({value:g}) must not exceed {ceiling} ({top:g})")
         return self
+
+    @property
+    def drop_start(self) -> int:
+        """unauthenticated_drop_start, at most max_unauthenticated."""
+        return min(self.unauthenticated_drop_start, self.max_unauthenticated)
+
+    @property
+    def per_source(self) -> int:
+        """max_unauthenticated_per_source, at most max_unauthenticated."""
+        return min(self.max_unauthenticated_per_source, self.max_unauthenticated)
+
+    @property
+    def first_flight_timeout(self) -> float:
+        """hello_timeout, at most handshake_timeout."""
+        return min(self.hello_timeout, self.handshake_timeout)
 
     def effective_timeout(self, requested: float | None) -> float | None:
         """The deadline for one command: the client's (or the default), capped by max_timeout.

@@ -21,6 +21,8 @@ from rexec.log import AuditLog, AuditRecord, get_logger
 from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ServerInfo
 from rexec.protocol.models import ExecRequest
+from rexec.protocol.notice import RefusalCode
+from rexec.server.admission import BUSY_RETRY_AFTER, Admission, Refusal
 from rexec.server.auth import REVOKED, AuthRateLimiter, TokenStore
 from rexec.server.config import ServerConfig
 from rexec.server.exec import ExecSpec
@@ -35,6 +37,11 @@ class Member(Protocol):
 
     @property
     def peer_host(self) -> str: ...
+
+    @property
+    def source(self) -> str:
+        """What per-source limits count it under (admission.source_key)."""
+        ...
 
     @property
     def done(self) -> asyncio.Event:
@@ -94,6 +101,12 @@ class ServerContext:
         self.log = get_logger()
         limits = config.limits
         self.limiter = AuthRateLimiter(limits.auth_failures, limits.auth_window)
+        self.admission = Admission(
+            limits.max_unauthenticated,
+            limits.drop_start,
+            limits.unauthenticated_drop_rate,
+            limits.per_source,
+        )
         self.suites = config.server.allowed_suites()
         self.base_env = _base_env(config)
         user = pwd.getpwuid(os.getuid()).pw_name
@@ -108,9 +121,9 @@ class ServerContext:
         )
         self.sessions: set[Member] = set()
         self._admitted: set[Member] = set()
-        self._unauthenticated: set[Member] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
+        self.lingering = 0  # refused connections waiting for their peer's close
         self._channel_done = asyncio.Event()
         self.last_used = LastUsed(store.used_path)
         self.learned = Learned(store.learned_path)
@@ -128,28 +141,38 @@ class ServerContext:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("background task failed", error=repr(task.exception()))
 
-    def admit(self, session: Member) -> str | None:
-        """None to accept the new connection, else the reason to refuse it."""
+    def admit(self, session: Member) -> Refusal | None:
+        """None to accept the new connection, else why it is refused (and what to tell it)."""
         limits = self.config.limits
         if self.shutting_down:
-            return "server is shutting down"
-        if not self.limiter.allowed(session.peer_host, time.monotonic()):
-            return f"too many failed authentications from {session.peer_host}"
-        if len(self._admitted) >= limits.max_connections:
-            self.log.warning("limit hit: max_connections", max_connections=limits.max_connections)
-            return "max_connections reached"
-        if len(self._unauthenticated) >= limits.max_unauthenticated:
-            self.log.warning(
-                "limit hit: max_unauthenticated", max_unauthenticated=limits.max_unauthenticated
+            return Refusal(RefusalCode.SHUTTING_DOWN, 0, "server is shutting down")
+        if not self.limiter.allowed(session.source, time.monotonic()):
+            return Refusal(
+                RefusalCode.RATE_LIMITED,
+                limits.auth_window,  # an upper bound: the oldest failure may expire sooner
+                f"too many failed authentications from {session.source}",
             )
-            return "max_unauthenticated reached"
+        refusal: Refusal | None
+        if len(self._admitted) >= limits.max_connections:
+            refusal = Refusal(
+                RefusalCode.BUSY,
+                BUSY_RETRY_AFTER,
+                "max_connections reached",
+                "max_connections",
+                limits.max_connections,
+            )
+        else:
+            refusal = self.admission.enter(session, session.source)
+        if refusal is not None:
+            hit = {refusal.limit: refusal.value}
+            self.log.warning(f"limit hit: {refusal.limit}", source=session.source, **hit)
+            return refusal
         self.reload_tokens()
         self._admitted.add(session)
-        self._unauthenticated.add(session)
         return None
 
     def authenticated(self, session: Member) -> None:
-        self._unauthenticated.discard(session)
+        self.admission.leave(session)
         key_id = session.token_key_id
         name = self.store.name_for(key_id) if key_id is not None else None
         if name is not None:
@@ -214,7 +237,7 @@ class ServerContext:
 
     def unadmit(self, session: Member) -> None:
         self._admitted.discard(session)
-        self._unauthenticated.discard(session)
+        self.admission.leave(session)
 
     def audit_write(self, record: AuditRecord) -> None:
         try:

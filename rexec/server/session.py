@@ -29,7 +29,9 @@ from rexec.protocol.events import (
 )
 from rexec.protocol.messages import ExitStatus
 from rexec.protocol.models import ExecRequest
+from rexec.protocol.notice import RefusalCode
 from rexec.protocol.server import ServerConnection
+from rexec.server.admission import MAX_LINGERING, REFUSAL_LINGER, source_key
 from rexec.server.config import env_allowed
 from rexec.server.context import ServerContext
 from rexec.server.exec import ExecOutcome, ExecSpec, Execution
@@ -94,11 +96,14 @@ class _ChannelSink:
 class _Protocol(FramedProtocol):
     def __init__(self, session: Session) -> None:
         super().__init__(session.conn, session.on_events, session.on_lost)
-        self._session = session
+        self._session: Session | None = session
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._session.started()
+        # from here the context holds the session; a reference back would be a cycle
+        session, self._session = self._session, None
+        assert session is not None
+        session.started()
 
 
 class Session:
@@ -120,6 +125,9 @@ class Session:
         self._pending_stdin = 0
         self._held = False
         self._timer: asyncio.TimerHandle | None = None
+        self._first_timer: asyncio.TimerHandle | None = None
+        self.source = "?"
+        self._lingering = False
         self._last_rx = 0.0
         self.done = asyncio.Event()
 
@@ -138,16 +146,49 @@ class Session:
 
     def started(self) -> None:
         ctx = self.ctx
+        transport = self.protocol.transport
+        assert transport is not None
+        self.source = source_key(
+            transport.get_extra_info("socket"), transport.get_extra_info("peername")
+        )
         self.log = self.log.bind(peer=self.peer)
         loop = asyncio.get_running_loop()
         self._last_rx = loop.time()
         ctx.sessions.add(self)
-        refuse = ctx.admit(self)
-        if refuse is not None:
-            self.log.warning("connection refused", reason=refuse)
-            self.protocol.abort()
+        refusal = ctx.admit(self)
+        if refusal is not None:
+            self.log.warning("connection refused", reason=refusal.reason, source=self.source)
+            self.conn.refuse(refusal.code, refusal.retry_after)  # tell it why, then close
+            self._close_refused()
             return
-        self._timer = loop.call_later(ctx.config.limits.handshake_timeout, self._handshake_expired)
+        limits = ctx.config.limits
+        self._timer = loop.call_later(limits.handshake_timeout, self._handshake_expired)
+        self._first_timer = loop.call_later(limits.first_flight_timeout, self._first_flight_expired)
+
+    def _close_refused(self) -> None:
+        """Send the queued refusal notice and close; half-close and linger first, if few
+        others do (admission.REFUSAL_LINGER says why)."""
+        self.protocol.flush()
+        transport = self.protocol.transport
+        ctx = self.ctx
+        if ctx.lingering >= MAX_LINGERING or transport is None or not transport.can_write_eof():
+            self.protocol.close()
+            return
+        ctx.lingering += 1
+        self._lingering = True
+        transport.write_eof()  # its bytes or EOF end the connection (a refused conn reads none)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(REFUSAL_LINGER, self.protocol.abort)
+
+    def _first_flight_expired(self) -> None:
+        """HELLO and message 1 go out together at connect: a peer still short of them is
+        idle or trickling bytes to hold a handshake slot."""
+        if not self.conn.handshake_done and not self.lost:
+            self.log.warning(
+                "first flight deadline hit; dropping connection",
+                timeout=self.ctx.config.limits.first_flight_timeout,
+            )
+            self.protocol.abort()
 
     def _handshake_expired(self) -> None:
         if not self.authenticated and not self.lost:
@@ -180,11 +221,15 @@ class Session:
 
     def on_lost(self, error: RexecError | None) -> None:
         self.lost = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._first_timer):
+            if timer is not None:
+                timer.cancel()
         ctx = self.ctx
+        if self._lingering:
+            self._lingering = False
+            ctx.lingering -= 1
         if isinstance(error, AuthError):
-            ctx.limiter.record_failure(self.peer_host, time.monotonic())
+            ctx.limiter.record_failure(self.source, time.monotonic())
             self.log.warning("authentication failed", reason=str(error))
         elif error is not None and self.runs:
             self.log.warning(
@@ -305,6 +350,8 @@ class Session:
                 self.conn.farewell(ErrorCode.SHUTDOWN, "server is shutting down")
                 self.protocol.flush()
                 self.protocol.close()
+            elif self.conn.refuse(RefusalCode.SHUTTING_DOWN):  # before message 2: say so
+                self._close_refused()
             else:
                 self.protocol.abort()
 

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pytest
@@ -28,18 +29,22 @@ from rexec import (
     CommandFailed,
     CommandTimeout,
     ConnectionLost,
+    ConnectTimeout,
     ErrorCode,
     ExecError,
     FrameType,
+    NotRexecServer,
     RemoteError,
     Result,
     ServerInfo,
+    ServerRefused,
     Stream,
     Token,
     TruncatedError,
 )
 from rexec.protocol.client import ClientConnection
 from rexec.protocol.events import ExecReceived
+from rexec.protocol.notice import RefusalCode
 from rexec.protocol.server import ServerConnection
 from rexec.protocol.token import generate_token
 
@@ -504,3 +509,137 @@ def test_output_handed_over_is_reported_consumed(
     assert sum(len(chunk) for _, chunk in proc.chunks()) == 301000  # taken as a stream
     proc.wait()
     assert list(consumed.values()) == [301000, 301000]
+
+
+# ---- refusals and foreign servers (docs/PROTOCOL.md 6.6) ----------------------------------
+
+FULL = "[limits]\nmax_connections = 1\nmax_unauthenticated = 1\n"
+BUSY = "the server refused the connection: busy, too many connections (try again in 1s)"
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+def test_a_full_server_refuses_saying_why(
+    drive: Drive, server_factory: Any, tmp_path: Path, over: str
+) -> None:
+    srv = server_factory(FULL, unix=[str(tmp_path / "s")])
+    target = srv.address if over == "tcp" else f"unix:{tmp_path / 's'}"
+    held = srv.connect()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ServerRefused) as info:
+            drive.connect(target, srv.token, connect_timeout=1.5)
+        took = time.monotonic() - t0
+    finally:
+        held.close()
+    assert (info.value.code, info.value.retry_after, str(info.value)) == (
+        RefusalCode.BUSY,
+        1,
+        BUSY,
+    )
+    assert took < 3.0, f"busy retries went past the connect deadline: {took:.1f}s"
+    reasons = [r["reason"] for r in srv.log_events("connection refused")]
+    assert 2 <= len(reasons) <= 4, reasons  # tried again (a retry waits under 1 s), bounded
+    assert set(reasons) == {"max_connections reached"}
+    assert not srv.log_events("authentication failed")  # a refusal is no failed auth
+
+
+def test_a_busy_server_is_tried_again_until_a_slot_frees(
+    drive: Drive, server_factory: Any, e2e: Any
+) -> None:
+    srv = server_factory(FULL)
+    held = srv.connect()
+
+    def free_a_slot_once_refused() -> None:
+        e2e.wait_until(lambda: srv.log_events("connection refused"), STEP)
+        held.close()
+
+    freer = threading.Thread(target=free_a_slot_once_refused, daemon=True)
+    freer.start()
+    try:
+        conn = drive.connect(srv.address, srv.token, connect_timeout=10.0)
+    finally:
+        freer.join(STEP)
+    assert conn.run(["echo", "in"]).stdout == b"in\n"
+    assert 1 <= len(srv.log_events("connection refused")) <= 3
+
+
+def test_a_late_hello_still_reads_its_notice(
+    drive: Drive, server_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server half-closes after a notice and reads what comes: a client whose HELLO goes
+    out after the refusal (on a unix socket that write would fail) still reads why."""
+    srv = server_factory(FULL, unix=[str(tmp_path / "s")])
+    held = srv.connect()
+    initiate = ClientConnection.initiate
+
+    def late(self: ClientConnection) -> None:
+        time.sleep(0.2)  # the server refuses meanwhile
+        initiate(self)
+
+    monkeypatch.setattr(ClientConnection, "initiate", late)
+    try:
+        with pytest.raises(ServerRefused, match="busy"):
+            drive.connect(f"unix:{tmp_path / 's'}", srv.token, connect_timeout=0.5)
+    finally:
+        held.close()
+
+
+@contextlib.contextmanager
+def foreign_server(reply: bytes) -> Iterator[str]:
+    """A loopback listener that sends `reply` to each connection, then reads and never
+    closes first: what the client concludes comes from the bytes, not from an EOF."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        conns: list[socket.socket] = []
+        while not stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            conns.append(sock)
+            with contextlib.suppress(OSError):
+                sock.sendall(reply)
+        for sock in conns:
+            sock.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(STEP)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "speaks"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", "SSH"),
+        (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "HTTP"),
+    ],
+    ids=["ssh", "http"],
+)
+def test_a_foreign_server_is_named(drive: Drive, reply: bytes, speaks: str) -> None:
+    with foreign_server(reply) as address, pytest.raises(NotRexecServer) as info:
+        drive.connect(address, generate_token(), connect_timeout=5.0)
+    assert str(info.value) == f"not a rexec server (it speaks {speaks})"
+
+
+@pytest.mark.parametrize(
+    ("reply", "detail"),
+    [
+        (b"", "the server sent nothing back (it may not be a rexec server)"),
+        (b"\x00\x00\x00", "the server's reply stopped after 3 bytes"),
+    ],
+    ids=["silent", "stalled"],
+)
+def test_a_stalled_handshake_says_what_came_back(drive: Drive, reply: bytes, detail: str) -> None:
+    with foreign_server(reply) as address, pytest.raises(ConnectTimeout) as info:
+        drive.connect(address, generate_token(), connect_timeout=0.5)
+    assert str(info.value) == f"handshake with {address} timed out after 0.5s: {detail}"

@@ -33,6 +33,8 @@ SERVER_CONFIG = """
 [limits]
 max_connections = 4096
 max_unauthenticated = 2048
+max_unauthenticated_per_source = 2048  # every host is 127.0.0.1 to the server, and this
+unauthenticated_drop_start = 2048  # measures speed, not admission control
 auth_failures = 10000
 [exec]
 base_env = {{ PATH = "/usr/local/bin:/usr/bin:/bin", ROLE = "{role}" }}

@@ -19,10 +19,14 @@ from rexec.protocol.client import ClientConnection
 from rexec.protocol.events import ErrorReceived, ExitReceived, HandshakeComplete, OutputReceived
 from rexec.protocol.token import parse_token
 
+BUSY_NOTICE = b"RXNO\x01\x01\x00\x01"  # docs/PROTOCOL.md 6.6: busy, retry after 1 s
+RATE_LIMITED_NOTICE = b"RXNO\x01\x02\x00\x3c"  # rate limited, retry after 60 s
 
-def _closed_within(sock: socket.socket, timeout: float) -> bool:
-    """Did the peer close (EOF or reset) within timeout, without sending us anything?"""
+
+def _closed_within(sock: socket.socket, timeout: float, notice: bytes = b"") -> bool:
+    """Did the peer close (EOF or reset) within timeout, sending us `notice` and no more?"""
     deadline = time.monotonic() + timeout
+    data = b""
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -31,10 +35,13 @@ def _closed_within(sock: socket.socket, timeout: float) -> bool:
         if not ready:
             continue
         try:
-            data = sock.recv(4096)
+            chunk = sock.recv(4096)
         except ConnectionResetError:
-            return True
-        assert data == b"", f"the server sent {data!r} to a connection it should close"
+            chunk = b""
+        if chunk:
+            data += chunk
+            continue
+        assert data == notice, f"the server sent {data!r} to a connection it should close"
         return True
 
 
@@ -80,17 +87,18 @@ def test_auth_failures_lock_out_the_source(server_factory: Any, e2e: Any) -> Non
         assert proc.stdout == b""
         assert proc.stderr.startswith(b"rexec: authentication failed"), proc.stderr
     assert e2e.wait_until(lambda: len(srv.log_events("authentication failed")) == 3, 3)
-    # the 4th connection from 127.0.0.1 is closed at once, before any byte is exchanged
+    # the 4th connection from 127.0.0.1 is told "rate limited" and closed at once
     with _connect_from("127.0.0.1", srv.address) as s:
         t0 = time.monotonic()
-        assert _closed_within(s, 1.0), "4th connection from 127.0.0.1 was not closed"
+        assert _closed_within(s, 1.0, RATE_LIMITED_NOTICE), "4th connection was not closed"
         assert time.monotonic() - t0 < 0.5
-    # ... even with the right token
+    # ... even with the right token, which is not blamed
     t0 = time.monotonic()
     proc = e2e.run_cli(["run", srv.address, "echo yes"], token=srv.token)
     assert proc.returncode == 255
     assert proc.stdout == b""
-    assert proc.stderr.startswith(b"rexec: ") and proc.stderr.count(b"\n") == 1
+    assert proc.stderr.startswith(b"rexec: the server refused the connection: rate limited")
+    assert proc.stderr.count(b"\n") == 1
     assert time.monotonic() - t0 < 5
     refusals = [
         r
@@ -116,6 +124,7 @@ def test_auth_failures_lock_out_the_source(server_factory: Any, e2e: Any) -> Non
 def test_max_connections_and_max_unauthenticated(server_factory: Any, e2e: Any) -> None:
     srv = server_factory(
         "[limits]\nmax_connections = 4\nmax_unauthenticated = 2\nhandshake_timeout = 30.0\n"
+        "hello_timeout = 30.0\n"  # the idle raw connections below hold their slots
     )
     a1, a2 = srv.connect(), srv.connect()
     raws: list[socket.socket] = []
@@ -126,16 +135,17 @@ def test_max_connections_and_max_unauthenticated(server_factory: Any, e2e: Any) 
         time.sleep(0.3)
         # 4 admitted (2 authenticated, 2 in the handshake): a 5th is refused at once
         with _connect_from("127.0.0.1", srv.address) as extra:
-            assert _closed_within(extra, 1.0)
+            assert _closed_within(extra, 1.0, BUSY_NOTICE)
         assert e2e.wait_until(lambda: srv.log_events("limit hit: max_connections"), 3)
         proc = e2e.run_cli(["run", srv.address, "echo no"], token=srv.token)
         assert proc.returncode == 255
-        assert proc.stderr.startswith(b"rexec: ") and proc.stderr.count(b"\n") == 1
+        assert proc.stderr.startswith(b"rexec: the server refused the connection: busy")
+        assert proc.stderr.count(b"\n") == 1
         # one authenticated connection leaves: 3 admitted, but 2 still in the handshake
         a1.close()
         assert e2e.wait_until(lambda: len(srv.log_events("connection closed")) >= 1, 3)
         with _connect_from("127.0.0.1", srv.address) as extra:
-            assert _closed_within(extra, 1.0)
+            assert _closed_within(extra, 1.0, BUSY_NOTICE)
         hits = e2e.wait_until(lambda: srv.log_events("limit hit: max_unauthenticated"), 3)
         assert hits and hits[0]["max_unauthenticated"] == 2
         # the admitted ones were not disturbed

@@ -216,6 +216,8 @@ GARBAGE_CONFIG = """
 [limits]
 max_connections = 400
 max_unauthenticated = 200
+max_unauthenticated_per_source = 200  # all from 127.0.0.1: this test is not about rationing
+unauthenticated_drop_start = 200
 auth_failures = 100000
 """
 

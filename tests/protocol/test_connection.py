@@ -54,6 +54,7 @@ from rexec.protocol.frames import (
 from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.models import parse_exec_request
 from rexec.protocol.noise import MAX_NONCE, CipherState, Suite
+from rexec.protocol.notice import HelloRefused
 from rexec.protocol.server import ServerConnection
 from rexec.protocol.token import Token, generate_token
 
@@ -188,22 +189,25 @@ def test_suite_not_allowed_by_the_server() -> None:
     client = ClientConnection(tok, Suite.AESGCM)
     server = ServerConnection({tok.key_id: tok.secret}.get, INFO, suites=(Suite.CHACHAPOLY,))
     client.initiate()
-    expect(server, client.data_to_send(), RemoteProtocolError, "AESGCM is not allowed")
-    assert server.data_to_send() == b""
+    exc = expect(server, client.data_to_send(), HelloRefused, "AESGCM is not allowed")
+    assert isinstance(exc, RemoteProtocolError)
+    assert server.data_to_send() == b"RXNO\x01\x03\x00\x00"  # a notice: suite not allowed
 
 
-def _hello_flip_expectation(index: int, mask: int) -> tuple[type[Exception], str]:
+def _hello_flip_expectation(index: int, mask: int) -> tuple[type[Exception], str, bytes]:
+    """What a HELLO with byte `index` flipped raises, and what the server sends back: a
+    refusal notice for a version or suite it does not take, else nothing at all."""
     if index < 4:
-        return RemoteProtocolError, "bad magic"
+        return RemoteProtocolError, "bad magic", b""
     if index == 4:
-        return RemoteProtocolError, "unsupported protocol version"
+        return HelloRefused, "unsupported protocol version", b"RXNO\x01\x05\x00\x00"
     if index == 5:
         if (1 ^ mask) == 2:  # AESGCM -> ChaChaPoly: valid byte, but the prologue differs
-            return AuthFailed, "authentication failed"
-        return RemoteProtocolError, "unknown cipher suite"
+            return AuthFailed, "authentication failed", b""
+        return HelloRefused, "unknown cipher suite", b"RXNO\x01\x03\x00\x00"
     if index in (6, 7):
-        return RemoteProtocolError, "reserved field must be zero"
-    return AuthFailed, "authentication failed"  # key id
+        return RemoteProtocolError, "reserved field must be zero", b""
+    return AuthFailed, "authentication failed", b""  # key id
 
 
 @pytest.mark.parametrize("any_key", [False, True], ids=["lookup-by-id", "lookup-any-id"])
@@ -222,9 +226,9 @@ def test_tampered_hello_every_byte(any_key: bool) -> None:
             server = ServerConnection(lookup, INFO)
             client.initiate()
             wire = client.data_to_send()
-            exc_type, words = _hello_flip_expectation(index, mask)
+            exc_type, words, reply = _hello_flip_expectation(index, mask)
             expect(server, flip(wire, index, mask), exc_type, words)
-            assert server.data_to_send() == b"", (index, mask)
+            assert server.data_to_send() == reply, (index, mask)
 
 
 @pytest.mark.parametrize("suite", SUITES)

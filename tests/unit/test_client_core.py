@@ -15,13 +15,15 @@ from rexec import (
     ErrorCode,
     ExecError,
     ExitStatus,
+    NotRexecServer,
     RemoteError,
     Result,
     ServerInfo,
+    ServerRefused,
     Stream,
     TruncatedError,
 )
-from rexec.client.core import HANDSHAKE_CLOSED, ClientCore, Command
+from rexec.client.core import HANDSHAKE_CLOSED, ClientCore, Command, ConnectAttempts
 from rexec.errors import LocalProtocolError, RemoteProtocolError
 from rexec.protocol.events import (
     CloseReceived,
@@ -32,6 +34,7 @@ from rexec.protocol.events import (
     StdinClosed,
     StdinReceived,
 )
+from rexec.protocol.notice import BUSY_RETRIES, RefusalCode, encode_notice
 from rexec.protocol.server import ServerConnection
 from rexec.protocol.token import generate_token
 
@@ -200,6 +203,68 @@ def test_the_server_closing_the_handshake_is_an_auth_error(how: str) -> None:
         error = TruncatedError("x") if how == "truncated" else ConnectionLost("reset")
         core.connection_lost(error, reset=how == "reset")
     assert isinstance(core.error, AuthError) and str(core.error) == HANDSHAKE_CLOSED
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "byte-by-byte"])
+def test_a_refusal_notice_is_server_refused_unchanged(split: bool) -> None:
+    pair = Pair()
+    pair.core.initiate()
+    assert pair.server.refuse(RefusalCode.BUSY, 1)  # at accept, before it reads a byte
+    wire = pair.server.data_to_send()
+    for chunk in [wire[i : i + 1] for i in range(len(wire))] if split else [wire]:
+        assert pair.core.error is None
+        pair.core.receive_data(chunk, pair.now)
+    error = pair.core.error
+    assert isinstance(error, ServerRefused) and (error.code, error.retry_after) == (1, 1)
+    pair.core.receive_eof()  # the close that follows the notice changes nothing
+    assert pair.core.error is error
+
+
+def test_a_foreign_reply_is_not_a_rexec_server() -> None:
+    core = ClientCore(generate_token())
+    core.initiate()
+    core.receive_data(b"SSH-2.0-OpenSSH_9.6\r\n", 0.0)
+    assert isinstance(core.error, NotRexecServer)
+    assert str(core.error) == "not a rexec server (it speaks SSH)"
+
+
+@pytest.mark.parametrize("then", ["notice", "eof"])
+def test_a_failed_handshake_write_reads_on(then: str) -> None:
+    """A server that refused us may have said why before it closed under our HELLO."""
+    core = ClientCore(generate_token())
+    core.initiate()
+    assert core.send_failed(ConnectionLost("broken pipe"), reset=True)
+    assert core.error is None  # not yet: read first
+    if then == "notice":
+        core.receive_data(encode_notice(RefusalCode.SHUTTING_DOWN), 0.0)
+        assert isinstance(core.error, ServerRefused)
+    else:
+        core.receive_eof()
+        assert isinstance(core.error, AuthError) and str(core.error) == HANDSHAKE_CLOSED
+
+
+def test_a_failed_write_after_the_handshake_ends_the_connection(pair: Pair) -> None:
+    cmd = pair.start()
+    error = ConnectionLost("broken pipe")
+    assert not pair.core.send_failed(error, reset=True)
+    assert pair.core.error is error and cmd.error is error
+    core = ClientCore(generate_token())  # and in the handshake, an error that is no reset
+    core.initiate()
+    assert not core.send_failed(ConnectionLost("no route"), reset=False)
+    assert str(core.error) == "no route"
+
+
+def test_busy_is_retried_a_few_times_within_the_deadline() -> None:
+    busy = ServerRefused(RefusalCode.BUSY, 1, "busy")
+    attempts = ConnectAttempts(100.0, 0.0)
+    delays = [attempts.retry_delay(busy, 0.0) for _ in range(BUSY_RETRIES + 1)]
+    assert all(d is not None and 0.5 <= d <= 1.0 for d in delays[:-1]) and delays[-1] is None
+    assert attempts.retry_delay(busy, 0.0) is None  # and never again
+    late = ConnectAttempts(1.0, 0.0)
+    assert late.retry_delay(busy, 0.99) is None  # the wait would pass the deadline
+    for code in (RefusalCode.RATE_LIMITED, RefusalCode.SHUTTING_DOWN):
+        other = ServerRefused(code, 1, "no")
+        assert ConnectAttempts(100.0, 0.0).retry_delay(other, 0.0) is None
 
 
 def test_a_protocol_error_ends_everything(pair: Pair) -> None:
