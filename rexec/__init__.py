@@ -29,6 +29,7 @@ _EXPORTS = {
     "Connecting": "rexec.client.aio",
     "Connection": "rexec.client.aio",
     "ConnectionLost": "rexec.errors",
+    "Disconnected": "rexec.errors",
     "Endpoint": "rexec.address",
     "ErrorCode": "rexec.errors",
     "ExecError": "rexec.errors",
@@ -83,6 +84,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export
     from rexec.errors import ConfigError as ConfigError
     from rexec.errors import ConnectionLost as ConnectionLost
     from rexec.errors import ConnectTimeout as ConnectTimeout
+    from rexec.errors import Disconnected as Disconnected
     from rexec.errors import ErrorCode as ErrorCode
     from rexec.errors import ExecError as ExecError
     from rexec.errors import HostSetError as HostSetError

@@ -12,7 +12,7 @@ import base64
 from typing import Any
 
 from rexec._record import FrozenRecord, setfield
-from rexec.errors import CommandError
+from rexec.errors import CommandError, ErrorCode
 from rexec.protocol.messages import ExitStatus
 
 EXIT_TIMEOUT = 124  # as coreutils `timeout`
@@ -154,6 +154,57 @@ class Result(FrozenRecord):
                 out[name] = base64.b64encode(data).decode("ascii")
                 out[f"{name}_encoding"] = "base64"
         return out
+
+
+def timeout_message(duration: float) -> str:
+    """What a command's server-side deadline did, in words (stderr, `--json`, JUnit)."""
+    return f"command timed out after {duration:.1f}s (killed by the server)"
+
+
+# An error's kind (`error.kind` in `rexec run --json`, HostResult.error_kind): that of the first
+# class in its MRO named here. By name, so a class this version of rexec.errors does not have
+# yet costs nothing. CommandTimeout: a command's deadline (exit 124); ConnectTimeout: connecting.
+_KIND_BY_CLASS = {
+    "HostSetError": "usage",
+    "ConfigError": "config",
+    "ServerRefused": "refused",
+    "NotRexecServer": "protocol",
+    "AuthError": "auth",
+    "ConnectTimeout": "timeout",
+    "CommandTimeout": "timeout",
+    "TruncatedError": "truncated",
+    "ConnectionLost": "connect",
+    "PolicyError": "policy",
+    "RemoteError": "server",
+    "ExecError": "exec",
+    "ProtocolError": "protocol",
+}
+_REFUSAL_CODES = frozenset({ErrorCode.LIMIT, ErrorCode.SHUTDOWN})
+
+
+def error_kind(exc: BaseException, *, started: bool = False) -> str:
+    """The kind of error `exc` is: `connect`, `auth`, `refused`, `policy`, `protocol`, ...
+
+    `started`: the command had been sent when it happened. A connection that breaks then is
+    `truncated` (the command may have run: never retry it); before, it is `connect`.
+    A server ERROR saying it is at a limit or shutting down is a refusal.
+    """
+    kind = "internal"
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _KIND_BY_CLASS:
+            kind = _KIND_BY_CLASS[cls.__name__]
+            break
+    if kind == "connect" and started:
+        return "truncated"
+    if kind == "server" and getattr(exc, "code", None) in _REFUSAL_CODES:
+        return "refused"
+    return kind
+
+
+def error_fields(exit_status: int, kind: str | None, message: str | None) -> dict[str, Any]:
+    """The end of every `--json` object: `exit_status`, and `error` ({kind, message} or null)."""
+    error = None if kind is None else {"kind": kind, "message": message or ""}
+    return {"exit_status": exit_status, "error": error}
 
 
 class _ResultError(CommandError):

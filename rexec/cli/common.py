@@ -119,3 +119,58 @@ class Interrupts:
         self._signal.signal(self._signal.SIGINT, self._old_handler)
         os.close(self.read_fd)
         os.close(self.write_fd)
+
+
+SUBCOMMANDS = ("run", "shell", "serve", "token", "demo", "help")
+
+
+def _bare_word(word: str) -> bool:
+    """A name with no address syntax (no dot, colon, slash, bracket, @ or comma): it could be
+    a subcommand as well as a host."""
+    return bool(word) and word.isascii() and all(c.isalnum() or c in "-_" for c in word)
+
+
+def unknown_command(word: str, resolve: Callable[..., object] | None = None) -> str | None:
+    """The error for `rexec WORD ...` when WORD is neither a subcommand, nor a client-config
+    alias, nor a host name that resolves; None when it may be a host.
+
+    A name with address syntax (`lab1.example.net`, `10.0.0.7`, `h:8300`) is a host however
+    it resolves, and so is a bare word when the lookup cannot say (DNS down: connecting will
+    report it). The message suggests the subcommand the word is closest to, if any.
+    """
+    import socket
+
+    if not _bare_word(word):
+        return None
+    from rexec.client.target import load_client_config
+    from rexec.errors import ConfigError
+
+    try:
+        if word in load_client_config().hosts:
+            return None
+    except ConfigError:
+        return None  # a broken config: the run reports it
+    not_found = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+    try:
+        # bytes: a str would load the IDNA codec (start-up time, as blocking.open_socket)
+        (resolve or socket.getaddrinfo)(word.encode("ascii"), None)
+        return None
+    except socket.gaierror as exc:
+        if exc.errno not in not_found:
+            return None
+    except OSError:
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
+    hint = f" (did you mean `rexec {close[0]}`?)" if close else ""
+    return f"unknown command or host {word!r}{hint}"
+
+
+class TerminalSignal(Exception):
+    """SIGTERM, SIGHUP or SIGQUIT arrived while rexec.cli.terminal had the terminal in a mode
+    of its own: unwind (the `finally` restores it), then exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

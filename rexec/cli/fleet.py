@@ -11,21 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from rexec.cli.common import err, parse_env, writer
+from rexec.cli.outcome import (
+    EXIT_INTERRUPTED,
+    EXIT_SIGPIPE,
+    JUnitCase,
+    Outcome,
+    UsageError,
+    fail_early,
+    json_line,
+    of_host,
+    retry_notice,
+    write_junit,
+)
+from rexec.client.core import DEFAULT_RETRY_DELAY
 from rexec.client.fleet import DEFAULT_FANOUT, STATUSES, HostResult, config_tokens, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
 from rexec.client.target import load_client_config
-from rexec.errors import ConfigError, HostSetError
+from rexec.errors import ConfigError, RexecError
 from rexec.protocol.noise import Suite
 from rexec.protocol.token import Token
-from rexec.result import EXIT_FAILURE
 
 if TYPE_CHECKING:
     from rexec.client.fleet import FleetRun
@@ -41,8 +53,11 @@ class RunArgs(Protocol):
     cwd: str | None
     timeout: float | None
     connect_timeout: float | None
+    retry: int
+    retry_delay: float | None
     no_stdin: bool
     json: bool
+    junit: str | None
     trace: bool
     suite: str
     fanout: int | None
@@ -57,9 +72,6 @@ STDIN_LIMIT = 64 * 1024 * 1024  # the same stdin goes to every host: read once, 
 RULE = "-" * 16
 SUMMARY_HOSTS = 160  # characters of folded host names per summary entry
 PROGRESS_EVERY = 0.2
-EXIT_USAGE = 2
-EXIT_SIGPIPE = 128 + signal.SIGPIPE
-EXIT_SIGINT = 128 + signal.SIGINT
 
 
 def _is_plain(args: RunArgs) -> bool:
@@ -102,69 +114,47 @@ def read_stdin(limit: int = STDIN_LIMIT) -> bytes:
     return b"".join(chunks)
 
 
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value:g}")
-
-
 def cmd_fleet(args: RunArgs) -> int | None:
-    """Run args.command on the host set; None when the set is one plain host (run.py runs it)."""
-    if args.hosts_from is not None and args.target is not None:
-        err("give HOSTS or --hosts-from FILE, not both")
-        return EXIT_USAGE
+    """Run args.command on the host set; None when the set is one plain host (run.py runs it).
+
+    A failure before any host runs (a usage or config error) is one error line, and with
+    --json one object as for a single target (rexec.cli.outcome.fail_early).
+    """
+
+    def usage(message: str) -> UsageError:
+        return UsageError(message, parse=False)
+
     try:
-        hosts = select_hosts(args)
-    except HostSetError as exc:
-        err(str(exc))
-        return EXIT_USAGE
-    except ConfigError as exc:
-        err(str(exc))
-        return EXIT_FAILURE
-    if len(hosts) == 1 and _is_plain(args):
-        args.target = hosts[0]
-        return None
-    command = args.command
-    if not command:
-        err("no command given")
-        return EXIT_USAGE
-    if not hosts:
-        err("no hosts: the set is empty once -x is applied")
-        return EXIT_USAGE
-    try:
-        if args.json and args.gather:
-            raise ValueError("--json and -b/--gather do not go together")
-        if args.fanout is not None and args.fanout < 1:
-            raise ValueError(f"--fanout must be at least 1, got {args.fanout}")
-        _positive("--timeout", args.timeout)
-        _positive("--connect-timeout", args.connect_timeout)
-        env = parse_env(args.env)
-    except ValueError as exc:
-        err(str(exc))
-        return EXIT_USAGE
-    try:
+        if args.hosts_from is not None and args.target is not None:
+            raise usage("give HOSTS or --hosts-from FILE, not both")
+        hosts = select_hosts(args)  # HostSetError: a usage error (its kind says so)
+        if len(hosts) == 1 and _is_plain(args):
+            args.target = hosts[0]
+            return None
+        if not args.command:
+            raise usage("no command given")
+        if not hosts:
+            raise usage("no hosts: the set is empty once -x is applied")
         resolve = config_tokens(token_file=args.token_file)
         tokens = {host: resolve(host) for host in hosts}
-    except ConfigError as exc:
-        err(str(exc))
-        return EXIT_FAILURE
-    if args.outdir is not None:
+        if args.outdir is not None:
+            try:
+                os.makedirs(args.outdir, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--outdir {args.outdir}: {exc.strerror}") from None
+        stdin: bytes | None = None
         try:
-            os.makedirs(args.outdir, exist_ok=True)
-        except OSError as exc:
-            err(f"--outdir {args.outdir}: {exc.strerror}")
-            return EXIT_FAILURE
-    stdin: bytes | None = None
-    try:
-        if not args.no_stdin and not os.isatty(0):
-            stdin = read_stdin()
-    except ValueError as exc:
-        err(str(exc))
-        return EXIT_USAGE
+            if not args.no_stdin and not os.isatty(0):
+                stdin = read_stdin()
+        except ValueError as exc:
+            raise usage(str(exc)) from None
+        except OSError:
+            stdin = None  # no readable stdin (a closed or odd descriptor): as -n
+    except (UsageError, RexecError) as exc:
+        return fail_early(args, exc)
     except KeyboardInterrupt:
-        return EXIT_SIGINT
-    except OSError:
-        stdin = None  # no readable stdin (a closed or odd descriptor): as -n
-    fleet = Fleet(args, hosts, command, env, stdin, tokens)
+        return EXIT_INTERRUPTED
+    fleet = Fleet(args, hosts, args.command, parse_env(args.env), stdin, tokens)
     return asyncio.run(fleet.main())
 
 
@@ -272,6 +262,7 @@ class Fleet:
         self.stdin = stdin
         self.tokens = tokens
         self.live = not (args.json or args.gather or args.outdir is not None)
+        self.started = time.time()
         self.screen = Screen(progress=True)
         self.results: list[HostResult] = []
         self.interrupts = 0
@@ -292,7 +283,7 @@ class Fleet:
     def on_result(self, result: HostResult) -> None:
         self.results.append(result)
         if self.args.json:
-            self.screen.stdout(json.dumps(result.to_json_dict()).encode() + b"\n")
+            self.screen.stdout(json_line(result.to_json_dict()))
         elif result.error is not None:
             self.screen.stderr(f"{result.host}: rexec: {result.error}\n".encode())
         if self.args.outdir is not None:
@@ -380,8 +371,11 @@ class Fleet:
             token_for=self.tokens.__getitem__,
             suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
             on_line=self.on_line if self.live else None,
-            keep_output=not self.live,
+            keep_output=not self.live or args.junit is not None,
             trace=self._trace if args.trace else None,
+            retry=args.retry,
+            retry_delay=args.retry_delay or DEFAULT_RETRY_DELAY,
+            on_retry=self._on_retry if args.retry else None,
         )
         self.screen.broken = lambda: self.on_broken_pipe(main)
         loop.add_signal_handler(signal.SIGINT, self.on_sigint, run, main)
@@ -410,6 +404,10 @@ class Fleet:
         ticker.handle = loop.call_later(PROGRESS_EVERY, tick)
         return ticker
 
+    def _on_retry(self, host: str, exc: RexecError, n: int, wait: float) -> None:
+        notice = retry_notice(exc, n, self.args.retry, wait)
+        self.screen.stderr(f"{host}: rexec: {notice}\n".encode())
+
     def _trace(self, host: str, direction: str, ftype: object, channel: int, length: int) -> None:
         arrow = ">" if direction == "send" else "<"
         name = getattr(ftype, "name", ftype)
@@ -422,6 +420,8 @@ class Fleet:
             self.gathered()
         self.screen.flush()
         self.screen.clear_progress()
+        if self.args.junit is not None:
+            self.write_junit()
         if self.pipe_closed:
             return EXIT_SIGPIPE
         done = {r.host for r in self.results}
@@ -442,8 +442,22 @@ class Fleet:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
         if self.aborted:
-            return EXIT_SIGINT
-        return max((r.shell_status for r in self.results), default=0)
+            return EXIT_INTERRUPTED
+        return max((of_host(r).exit_status for r in self.results), default=0)
+
+    def write_junit(self) -> None:
+        """One testcase per host, in host order; a host that never finished is interrupted."""
+        assert self.args.junit is not None
+        by_host = {r.host: r for r in self.results}
+        cases = []
+        for host in sort_hosts(self.hosts):
+            r = by_host.get(host)
+            if r is None:
+                outcome = Outcome(EXIT_INTERRUPTED, "interrupted", "not finished: interrupted")
+                cases.append(JUnitCase(host, outcome, 0.0))
+            else:
+                cases.append(JUnitCase(host, of_host(r), r.duration, r.stdout, r.stderr))
+        write_junit(self.args.junit, self.command, cases, self.started)
 
 
 class _Ticker:

@@ -3,7 +3,9 @@
 Start-up is latency for `rexec run` (a process per command), so this module imports only
 what each subcommand needs, inside that subcommand: `run` never loads asyncio or pydantic.
 Exit codes for `run`: the remote code; 128+N when killed by signal N; 124 when the server's
-deadline killed it; 255 for connection, auth, protocol or usage failures (as ssh does).
+deadline killed it; 255 for connection, auth, protocol, refusal or policy failures (as ssh
+does); 2 for usage errors, and for `rexec WORD` when WORD is neither a subcommand, nor an
+alias, nor a host that resolves (the table: rexec.cli.outcome.EXIT_STATUS_HELP).
 """
 
 from __future__ import annotations
@@ -63,7 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) > 1:
         from rexec.cli.run import cmd_run
 
-        return cmd_run(args)
+        return cmd_run(args, implicit=True)  # it checks TARGET once its options are read
+    from rexec.cli.common import unknown_command
+
+    unknown = unknown_command(cmd)
+    if unknown is not None:
+        err(unknown)
+        return 2
     from rexec.cli.shell import main as cmd_shell
 
     return cmd_shell(args)

@@ -14,15 +14,14 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from rexec import Client, ExecError, RexecError, SyncProcess
-from rexec.cli.common import Interrupts, err, writer
+from rexec import Client, Disconnected, ExecError, Result, RexecError, SyncProcess
+from rexec.cli.common import Interrupts, TerminalSignal, err, writer
 from rexec.cli.terminal import (
     DISCONNECT,
     ESCAPE_HELP,
     HELP,
     EscapeParser,
     RawTerminal,
-    TerminalSignal,
     WindowWatch,
     pty_request,
     window_size,
@@ -34,10 +33,6 @@ from rexec.result import EXIT_FAILURE
 # itself leads the pty's session, so its exit status is the session's.
 SHELL_COMMAND = 'exec "${SHELL:-/bin/sh}" -i'
 READ_SIZE = 16384
-
-
-class Disconnect(Exception):
-    """`~.` was typed: leave now, without waiting for the remote side."""
 
 
 class PtySession:
@@ -61,10 +56,10 @@ class PtySession:
         self._writing = False  # proc.write() is under way (it may wait, serving the loop)
         self._paused = False  # stdin is not watched until that write is done
 
-    def run(self) -> int:
-        """Until the command ends: returns its exit status (as `rexec run` reports it).
+    def run(self) -> Result:
+        """Until the command ends: its Result (the output went to the screen).
 
-        Raises Disconnect for `~.`, and the connection's error if it ends first.
+        Raises Disconnected for `~.`, and the connection's error if it ends first.
         """
         client, proc = self.client, self.proc
         self._winch = WindowWatch()
@@ -74,7 +69,7 @@ class PtySession:
             self._resized()  # the size may have changed since the request was made
             for _, data in proc:
                 self.write(data)
-            return proc.wait().shell_status
+            return proc.wait()
         finally:
             client.unwatch(self.stdin_fd)
             client.unwatch(self._winch.read_fd)
@@ -109,7 +104,7 @@ class PtySession:
             if action == HELP:
                 self.write(ESCAPE_HELP)
             elif action == DISCONNECT:
-                raise Disconnect
+                raise Disconnected("disconnected (~.)")
 
     def _resized(self) -> None:
         if self._winch is not None:
@@ -124,51 +119,33 @@ def run_on_pty(
     client: Client,
     command: str | Sequence[str],
     *,
-    target: str,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     timeout: float | None = None,
     stdin: bool = True,
-) -> int:
-    """Run `command` on a remote pty; returns the exit status for the CLI.
+) -> Result:
+    """Run `command` on a remote pty: its Result (output already written to stdout).
 
-    With a local terminal on stdin: raw mode, keys, resizes and escapes (a PtySession).
-    Without one (`rexec run -t` in a pipe): stdin is forwarded as it is, unless `stdin` is
-    False, and the output (one stream) goes to stdout.
+    With a local terminal on stdin: raw mode, keys, resizes and escapes (a PtySession); `~.`
+    raises Disconnected, SIGTERM/SIGHUP/SIGQUIT TerminalSignal, the terminal restored
+    first. Without one (`rexec run -t` in a pipe): stdin is forwarded as it is (unless
+    `stdin` is False), Ctrl-C as SIGINT, and the output (one stream) goes to stdout.
     """
     interactive = stdin and os.isatty(0)
     req = pty_request(0 if interactive else 1)
+    proc = client.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=req)
+    if interactive:
+        with RawTerminal(0):
+            return PtySession(client, proc, (req.rows, req.cols)).run()
+    if stdin:
+        proc.feed(0)
+    interrupts = Interrupts()
     try:
-        proc = client.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=req)
-        if not interactive:  # no keyboard: stdin as `rexec run` forwards it, Ctrl-C as SIGINT
-            if stdin:
-                proc.feed(0)
-            interrupts = Interrupts()
-            try:
-                client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
-                return proc.wait(stdout=writer(1)).shell_status
-            finally:
-                client.unwatch(interrupts.read_fd)
-                interrupts.close()
-        try:
-            with RawTerminal(0):
-                status = PtySession(client, proc, (req.rows, req.cols)).run()
-        except Disconnect:
-            client.abort()
-            err(f"disconnected from {target} (~.)")
-            return EXIT_FAILURE
-        if proc.status is not None and proc.status.timed_out:
-            err("command timed out (killed by the server)")
-        return status
-    except ExecError as exc:
-        err(str(exc))
-        return exc.exit_code or 127
-    except TerminalSignal as exc:
-        client.abort()
-        return 128 + exc.signum
-    except RexecError as exc:
-        err(str(exc))
-        return EXIT_FAILURE
+        client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
+        return proc.wait(stdout=writer(1))
+    finally:
+        client.unwatch(interrupts.read_fd)
+        interrupts.close()
 
 
 def shell_main(args: argparse.Namespace) -> int:
@@ -185,9 +162,14 @@ def shell_main(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             suite=Suite.CHACHAPOLY if args.suite == "chachapoly" else Suite.AESGCM,
         )
-        status = run_on_pty(client, SHELL_COMMAND, target=target)
+        result = run_on_pty(client, SHELL_COMMAND)
         client.close()
-        return status
+        return result.shell_status
+    except TerminalSignal as exc:
+        return 128 + exc.signum
+    except ExecError as exc:
+        err(str(exc))
+        return exc.exit_code or 127
     except RexecError as exc:
         err(str(exc))
         return EXIT_FAILURE

@@ -1,25 +1,57 @@
 """`rexec run`: one command on one host, on the lean path (no asyncio, no pydantic).
 
-Exit codes: the remote code; 128+N when killed by signal N; 124 when the server's deadline
-killed it; 255 for connection, auth or protocol failures (as ssh does); 2 for usage errors.
+Exit codes (the table is rexec.cli.outcome.EXIT_STATUS_HELP): the remote code; 128+N when
+killed by signal N; 124 when the server's deadline killed it; 255 for connection, auth,
+protocol, refusal or policy failures (as ssh does); 2 for usage errors.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 
-from rexec.cli.common import Interrupts, err, open_std_fds, parse_env, trace_fn, writer
+from rexec.cli.common import (
+    Interrupts,
+    TerminalSignal,
+    err,
+    open_std_fds,
+    parse_env,
+    trace_fn,
+    unknown_command,
+    writer,
+)
+from rexec.cli.outcome import (
+    EXIT_SIGPIPE,
+    EXIT_STATUS_HELP,
+    JUnitCase,
+    Outcome,
+    Tail,
+    UsageError,
+    check_junit_path,
+    fail_early,
+    json_line,
+    json_object,
+    of_error,
+    of_result,
+    retry_notice,
+    write_junit,
+    write_stdout,
+)
+from rexec.result import Result
 
 # ---- run ---------------------------------------------------------------------------
 
 
-RUN_HELP = """\
+RUN_HELP = (
+    """\
 usage: rexec run [-h] [--token-file FILE] [-e K=V] [-C DIR] [--timeout SECS]
-                 [--connect-timeout SECS] [-n] [-t | -T] [--json] [--trace]
-                 [--suite {aesgcm,chachapoly}] [--fanout N] [-x HOSTS] [-b] [--outdir DIR]
-                 [--failed-to FILE] TARGET [options] CMD...
+                 [--connect-timeout SECS] [--retry N] [--retry-delay SECS] [-n] [-t | -T]
+                 [--json] [--junit FILE] [--trace] [--suite {aesgcm,chachapoly}]
+                 [--fanout N] [-x HOSTS] [-b] [--outdir DIR] [--failed-to FILE]
+                 TARGET [options] CMD...
        rexec run --hosts-from FILE [options] CMD...
 
 Run one command on TARGET, or on every host of a host set. One CMD argument is a shell
@@ -41,12 +73,21 @@ options:
   --timeout SECS        server-enforced deadline; exit status 124 when it fires
   --connect-timeout SECS
                         deadline for connecting and the handshake
+  --retry N             when connecting fails (refused, unreachable, timed out, server
+                        busy, handshake broken off), try up to N more times; never after
+                        a failed authentication, never once the command was sent
+  --retry-delay SECS    the first retry's wait (default 1); each next one doubles, plus up
+                        to half at random, at most 30 s; none starts 300 s after the first
   -n, --no-stdin        do not forward stdin (the command gets EOF at once)
   -t, --tty             run the command on a pseudo-terminal (for top, sudo prompts,
                         progress bars): one output stream; from a terminal, keys go as
                         typed and ~. disconnects
   -T                    no pseudo-terminal (the default; after -t: cancels it)
-  --json                print one JSON result object instead of streaming output
+  --json                print one JSON object instead of streaming output, whatever the
+                        outcome: the result, `exit_status`, and `error` ({kind, message},
+                        null when the command ran to its exit); see README
+  --junit FILE          write a JUnit XML report: one testcase per host (a failure for a
+                        host that did not succeed: its status and the end of its stderr)
   --trace               print every frame's type, channel and length to stderr
   --suite {aesgcm,chachapoly}
                         Noise cipher suite (default aesgcm)
@@ -64,7 +105,10 @@ when not a terminal, is read once (up to 64 MiB) and sent to every host:
   --json                one JSON object per host (JSON Lines) as each finishes
   --outdir DIR          write DIR/HOST.out, DIR/HOST.err and DIR/HOST.status
   --failed-to FILE      write the hosts that did not succeed (for --hosts-from FILE)
+
 """
+    + EXIT_STATUS_HELP
+)
 
 # (long, short, attribute), in --help order. A hand-written parser, not argparse: `rexec run`
 # is a process per command and argparse (+gettext, shutil) costs it ~4-10 ms (DESIGN.md 2a).
@@ -77,10 +121,13 @@ _RUN_OPTIONS = (
     ("--cwd", "-C", "cwd"),
     ("--timeout", "", "timeout"),
     ("--connect-timeout", "", "connect_timeout"),
+    ("--retry", "", "retry"),
+    ("--retry-delay", "", "retry_delay"),
     ("--no-stdin", "-n", "no_stdin"),
     ("--tty", "-t", "tty"),
     ("", "-T", "no_tty"),  # no long name: `--no` stays short for --no-stdin
     ("--json", "", "json"),
+    ("--junit", "", "junit"),
     ("--trace", "", "trace"),
     ("--suite", "", "suite"),
     # many hosts (rexec.cli.fleet)
@@ -95,10 +142,6 @@ _RUN_FLAGS = frozenset({"help", "no_stdin", "tty", "no_tty", "json", "trace", "g
 _SUITES = ("aesgcm", "chachapoly")
 
 
-class UsageError(Exception):
-    """A bad `rexec run` command line (exit status 2)."""
-
-
 class RunArgs:
     """The parsed `rexec run` command line."""
 
@@ -110,9 +153,12 @@ class RunArgs:
         self.cwd: str | None = None
         self.timeout: float | None = None
         self.connect_timeout: float | None = None
+        self.retry = 0
+        self.retry_delay: float | None = None
         self.no_stdin = False
         self.tty = False  # -t and -T: the last one given wins
         self.json = False
+        self.junit: str | None = None
         self.trace = False
         self.suite = "aesgcm"
         self.help = False
@@ -170,12 +216,12 @@ def _set_option(
         value = rest.pop(0)
     if attr in ("env", "exclude"):
         getattr(args, attr).append(value)
-    elif attr == "fanout":
+    elif attr in ("fanout", "retry"):
         try:
-            args.fanout = int(value)
+            setattr(args, attr, int(value))
         except ValueError:
             raise UsageError(f"argument {shown}: invalid int value: {value!r}") from None
-    elif attr in ("timeout", "connect_timeout"):
+    elif attr in ("timeout", "connect_timeout", "retry_delay"):
         try:
             setattr(args, attr, float(value))
         except ValueError:
@@ -221,9 +267,12 @@ def parse_run_args(argv: Sequence[str]) -> RunArgs:
 
     Options may come before and after TARGET; the first argument after TARGET that is not an
     option starts CMD (the rest is CMD, options or not), and `--` ends the options.
+    After an error it reads on, and raises the first error once done: the error's `parsed`
+    then says whether `--json` wants the error as a JSON object too.
     """
     args = RunArgs()
     rest = list(argv)
+    first: UsageError | None = None
     while rest:
         arg = rest.pop(0)
         if arg == "--" or not _is_option(arg):
@@ -235,16 +284,57 @@ def parse_run_args(argv: Sequence[str]) -> RunArgs:
                     continue
             args.command = positionals
             break
-        if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            _set_option(args, _long_option(arg, name), value if eq else None, rest)
-        else:
-            _short_options(args, arg, rest)
-        if args.help:
+        try:
+            if arg.startswith("--"):
+                name, eq, value = arg.partition("=")
+                _set_option(args, _long_option(arg, name), value if eq else None, rest)
+            else:
+                _short_options(args, arg, rest)
+        except UsageError as exc:
+            first = first or exc
+        if args.help and first is None:
             return args
-    if args.target is None and args.hosts_from is None:
-        raise UsageError("the following arguments are required: target, command")
+    if first is None and args.target is None and args.hosts_from is None:
+        first = UsageError("the following arguments are required: target, command")
+    if first is not None:
+        first.parsed = args
+        raise first
     return args
+
+
+def check_args(args: RunArgs) -> None:
+    """The values a parser cannot judge alone, for one host and for many; raises UsageError."""
+
+    def usage(message: str) -> UsageError:
+        return UsageError(message, parse=False, parsed=args)
+
+    for name, value in (
+        ("--timeout", args.timeout),
+        ("--connect-timeout", args.connect_timeout),
+        ("--retry-delay", args.retry_delay),
+    ):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise usage(f"{name} must be a positive number of seconds, got {value:g}")
+    if args.retry < 0:
+        raise usage(f"--retry must be a whole number >= 0, got {args.retry}")
+    if args.fanout is not None and args.fanout < 1:
+        raise usage(f"--fanout must be at least 1, got {args.fanout}")
+    if args.json and args.gather:
+        raise usage("--json and -b/--gather do not go together")
+    if args.tty and args.json:
+        raise usage("--json and -t do not go together (a terminal has one output stream)")
+    if args.tty and names_many_hosts(args):
+        raise usage("-t takes one host: a terminal's keys cannot go to many")
+    try:
+        parse_env(args.env)
+    except ValueError as exc:
+        raise usage(str(exc)) from None
+    if args.junit is not None:
+        try:
+            check_junit_path(args.junit)
+        except UsageError as exc:
+            exc.parsed = args
+            raise
 
 
 def names_many_hosts(args: RunArgs) -> bool:
@@ -262,115 +352,146 @@ def names_many_hosts(args: RunArgs) -> bool:
     return "[" in target and not (target.startswith("[") and ":" in target.partition("]")[0])
 
 
-def cmd_run(argv: list[str]) -> int:
+def cmd_run(argv: list[str], *, implicit: bool = False) -> int:
+    """`rexec run ARGV`; `implicit`: typed as `rexec TARGET CMD...`, where TARGET may be a
+    mistyped subcommand (`rexec rnu ...`) rather than a host."""
     open_std_fds()
     try:
         args = parse_run_args(argv)
     except UsageError as exc:
-        sys.stderr.write(f"rexec run: error: {exc}\n")
-        return 2
+        return fail_early(exc.parsed, exc)
     if args.help or (args.target is None and args.hosts_from is None):  # only with --help
         sys.stdout.write(RUN_HELP)
         return 0
-    if args.tty and names_many_hosts(args):
-        err("-t takes one host: a terminal's keys cannot go to many")
-        return 2
+    try:
+        check_args(args)
+        unknown = unknown_command(args.target) if implicit and args.target else None
+        if unknown is not None:
+            raise UsageError(unknown, parse=False)
+    except UsageError as exc:
+        return fail_early(args, exc)
     if names_many_hosts(args):  # many hosts: asyncio, in rexec.cli.fleet (never for one)
         from rexec.cli.fleet import cmd_fleet
 
         code = cmd_fleet(args)
         if code is not None:
             return code  # else the set was one plain host (lab[7]): args.target names it
-    assert args.target is not None  # --hosts-from always went to the fleet
-    command = args.command
-    if not command:
-        err("no command given (use `rexec shell TARGET` for an interactive shell)")
-        return 2
-    from rexec.errors import ExecError, RexecError
-    from rexec.result import EXIT_FAILURE
+    if not args.command:
+        error = "no command given (use `rexec shell TARGET` for an interactive shell)"
+        return fail_early(args, UsageError(error, parse=False))
+    return run_one(args)
 
-    try:
-        env = parse_env(args.env)
-    except ValueError as exc:
-        err(str(exc))
-        return 2
-    if args.tty and args.json:
-        err("--json and -t do not mix (a terminal has one output stream)")
-        return 2
+
+def run_one(args: RunArgs) -> int:
+    """One command on one host; its Outcome decides the exit status, --json and --junit."""
+    assert args.target is not None  # --hosts-from always went to the fleet
+    target, command = args.target, args.command
+    from rexec.client.core import DEFAULT_RETRY_DELAY
+    from rexec.errors import RexecError
+
+    env = parse_env(args.env)  # checked by check_args
     interrupts: Interrupts | None = None
     client = None
+    started = False
+    began, wall = time.monotonic(), time.time()
+    tails = (Tail(), Tail()) if args.junit is not None and not args.json else None
     try:
         from rexec import Client, Suite
 
+        def notice(exc: RexecError, n: int, wait: float) -> None:
+            err(retry_notice(exc, n, args.retry, wait))
+
         client = Client(
-            args.target,
+            target,
             token_file=args.token_file,
             connect_timeout=args.connect_timeout,
             suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
             trace=trace_fn() if args.trace else None,
+            retry=args.retry,
+            retry_delay=args.retry_delay or DEFAULT_RETRY_DELAY,
+            on_retry=notice,
         )
-        if args.tty:
+        if args.tty:  # on a pseudo-terminal: rexec.cli.ptyshell (a terminal's keys, escapes)
             from rexec.cli.ptyshell import run_on_pty
 
-            status = run_on_pty(
+            started = True
+            result = run_on_pty(
                 client,
                 command[0] if len(command) == 1 else command,
-                target=args.target,
                 env=env or None,
                 cwd=args.cwd,
                 timeout=args.timeout,
                 stdin=not args.no_stdin,
             )
-            client.close()
-            return status
-        stdin: int | None = None
-        if not args.no_stdin and not os.isatty(0):
-            try:
-                os.fstat(0)
-                stdin = 0
-            except OSError:
-                stdin = None
-        interrupts = Interrupts()
-        proc = client.start(
-            command[0] if len(command) == 1 else command,
-            env=env or None,
-            cwd=args.cwd,
-            timeout=args.timeout,
-            stdin=stdin is not None,
-        )
-        if stdin is not None:
-            proc.feed(stdin)
-        client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
-        result = proc.wait(
-            stdout=None if args.json else writer(1), stderr=None if args.json else writer(2)
-        )
+        else:
+            stdin: int | None = None
+            if not args.no_stdin and not os.isatty(0):
+                try:
+                    os.fstat(0)
+                    stdin = 0
+                except OSError:
+                    stdin = None
+            interrupts = Interrupts()
+            started = True  # from here on, the command may run: a broken connection truncates it
+            proc = client.start(
+                command[0] if len(command) == 1 else command,
+                env=env or None,
+                cwd=args.cwd,
+                timeout=args.timeout,
+                stdin=stdin is not None,
+            )
+            if stdin is not None:
+                proc.feed(stdin)
+            client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
+            out = err_out = None
+            if not args.json:
+                out, err_out = writer(1), writer(2)
+                if tails is not None:
+                    out, err_out = tails[0].tee(out), tails[1].tee(err_out)
+            result = proc.wait(stdout=out, stderr=err_out)
         client.close()
-    except ExecError as exc:
-        err(str(exc))
-        return exc.exit_code or 127
-    except RexecError as exc:  # connection, auth, config or protocol failure
-        err(str(exc))
-        return EXIT_FAILURE
-    except BrokenPipeError:  # our reader went away: end quietly, as a SIGPIPE death would
-        return 128 + 13  # closing the connection makes the server kill the command
-    except KeyboardInterrupt:
-        err("interrupted: closing the connection (the server stops the command)")
-        return 128 + 2
+        outcome = of_result(result)
+    except (RexecError, KeyboardInterrupt, BrokenPipeError) as exc:
+        # BrokenPipeError: our reader went away; end quietly, as a SIGPIPE death would
+        # (closing the connection makes the server kill the command)
+        outcome = of_error(exc, started=started)
+    except TerminalSignal as exc:  # -t: SIGTERM/SIGHUP/SIGQUIT; the terminal is restored
+        outcome = Outcome(128 + exc.signum, "interrupted", f"ended by signal {exc.signum}")
     finally:
         if interrupts is not None:
             interrupts.close()
         if client is not None:
             client.abort()
-    if args.json:
-        import json
+    duration = time.monotonic() - began
+    if outcome.exit_status == EXIT_SIGPIPE and outcome.kind == "interrupted":
+        pass  # nobody reads stdout any more, and stderr says nothing on a SIGPIPE death
+    elif outcome.kind is not None and (outcome.result is None or not args.json):
+        err(outcome.message or outcome.kind)  # (--json tells of a command's timeout itself)
+    if args.junit is not None:
+        write_junit(args.junit, command, [_case(target, outcome, duration, tails)], wall)
+    if args.json and outcome.exit_status != EXIT_SIGPIPE:
+        line = json_line(json_object(target, command, outcome, duration))
+        if not write_stdout(line):
+            return EXIT_SIGPIPE  # the reader left: as SIGPIPE would end a local writer
+    return outcome.exit_status
 
-        try:
-            writer(1)(json.dumps(result.to_json_dict(args.target)).encode() + b"\n")
-        except BrokenPipeError:  # the reader left: as SIGPIPE would end a local writer
-            return 128 + 13
-    elif result.timed_out:
-        err(f"command timed out after {result.duration:.1f}s (killed by the server)")
-    return result.shell_status
+
+def _case(
+    target: str, outcome: Outcome, duration: float, tails: tuple[Tail, Tail] | None
+) -> JUnitCase:
+    """The JUnit testcase of one host: output from the Result, else the tails of what was
+    streamed (in the Result too, so that a failure quotes the end of stderr)."""
+    result = outcome.result
+    if tails is None:
+        out, errout = (result.stdout, result.stderr) if result is not None else (b"", b"")
+        return JUnitCase(target, outcome, duration, out, errout)
+    out, errout = bytes(tails[0].data), bytes(tails[1].data)
+    if result is not None:
+        r = result
+        outcome = of_result(
+            Result(r.command, r.exit_code, r.signal, r.timed_out, r.duration, out, errout, r.target)
+        )
+    return JUnitCase(target, outcome, duration, out, errout, (tails[0].dropped, tails[1].dropped))
 
 
 # ---- shell -------------------------------------------------------------------------

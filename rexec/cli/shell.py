@@ -31,7 +31,8 @@ from rexec import (
     RexecError,
     Suite,
 )
-from rexec.cli.terminal import RawTerminal, TerminalSignal
+from rexec.cli.common import TerminalSignal
+from rexec.cli.terminal import RawTerminal
 from rexec.result import EXIT_FAILURE
 
 if TYPE_CHECKING:

@@ -21,6 +21,7 @@ import struct
 import termios
 from types import FrameType, TracebackType
 
+from rexec.cli.common import TerminalSignal
 from rexec.protocol.pty import Attrs, PtyRequest, read_modes, term_problem
 
 ESCAPE = 0x7E  # ~
@@ -142,14 +143,6 @@ def cbreak_attrs(attrs: Attrs) -> Attrs:
     cc[termios.VTIME] = 0
     new[6] = cc
     return new
-
-
-class TerminalSignal(Exception):
-    """SIGTERM, SIGHUP or SIGQUIT arrived while the terminal was raw: unwind, restore, exit."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"signal {signum}")
-        self.signum = signum
 
 
 _UNWIND = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from rexec.address import Endpoint
-from rexec.client.blocking import unsent_bytes
+from rexec.client.blocking import jitter, unsent_bytes
 from rexec.client.core import (
     CLOSE_WAIT,
+    DEFAULT_RETRY_DELAY,
     Chunk,
     ClientCore,
     Command,
     ConnectAttempts,
+    Retry,
+    RetryFn,
     connect_failed,
     connect_timed_out,
     connection_broke,
@@ -472,17 +476,46 @@ class Connecting:
         connect_timeout: float | None,
         suite: Suite,
         trace: TraceFn | None,
+        retry: int = 0,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        on_retry: RetryFn | None = None,
     ) -> None:
+        Retry(retry, retry_delay, 0.0)  # bad values fail here, at the call
         self._args = (target, token, token_file, connect_timeout, suite, trace)
+        self._retry = (retry, retry_delay, on_retry)
         self._conn: Connection | None = None
+        self._core: ClientCore | None = None
 
     async def _make(self) -> Connection:
-        target, token, token_file, connect_timeout, suite, trace = self._args
+        target, token, token_file, connect_timeout = self._args[:4]
+        retry, retry_delay, on_retry = self._retry
+        retries = Retry(retry, retry_delay, time.monotonic())
         resolved = resolve_target(target, token=token, token_file=token_file)
+        timeout = connect_timeout or resolved.connect_timeout
+        while True:  # --retry: only connecting is tried again, no command has been sent yet
+            try:
+                return await self._attempt(
+                    resolved.endpoint, resolved.token, resolved.name, timeout
+                )
+            except RexecError as exc:
+                assert self._core is not None
+                wait = retries.after(exc, self._core, time.monotonic(), jitter())
+                if wait is None:
+                    raise
+                if on_retry is not None:
+                    on_retry(exc, retries.done, wait)
+                await asyncio.sleep(wait)
+
+    async def _attempt(
+        self, endpoint: Endpoint, token: Token, name: str, timeout: float
+    ) -> Connection:
+        """One attempt (for --retry): connect and authenticate within `timeout` seconds."""
+        suite, trace = self._args[4], self._args[5]
         loop = asyncio.get_running_loop()
-        attempts = ConnectAttempts(connect_timeout or resolved.connect_timeout, loop.time())
+        attempts = ConnectAttempts(timeout, loop.time())
         while True:  # a busy server is tried again (the core's ConnectAttempts decides)
-            conn = Connection(resolved.endpoint, resolved.token, suite, trace, resolved.name)
+            conn = Connection(endpoint, token, suite, trace, name)
+            self._core = conn._core  # the attempt's core: did it send anything? (Retry.after)
             try:
                 await conn._open(attempts.timeout, attempts.remaining(loop.time()))
                 return conn
@@ -517,6 +550,17 @@ def connect(
     connect_timeout: float | None = None,
     suite: Suite = Suite.AESGCM,
     trace: TraceFn | None = None,
+    retry: int = 0,
+    retry_delay: float = DEFAULT_RETRY_DELAY,
+    on_retry: RetryFn | None = None,
 ) -> Connecting:
-    """Connect and authenticate to TARGET (host[:port], unix:/path or a config alias)."""
-    return Connecting(target, token, token_file, connect_timeout, suite, trace)
+    """Connect and authenticate to TARGET (host[:port], unix:/path or a config alias).
+
+    `retry=N`: up to N more attempts when connecting fails before any command was sent
+    (refused, unreachable, timed out, busy; never a failed authentication), with backoff
+    from `retry_delay` seconds (rexec.client.core.Retry); `on_retry(error, n, wait)` hears
+    of each.
+    """
+    return Connecting(
+        target, token, token_file, connect_timeout, suite, trace, retry, retry_delay, on_retry
+    )

@@ -27,17 +27,20 @@ from types import TracebackType
 from rexec.address import Endpoint
 from rexec.client.core import (
     CLOSE_WAIT,
+    DEFAULT_RETRY_DELAY,
     Chunk,
     ClientCore,
     Command,
     ConnectAttempts,
+    Retry,
+    RetryFn,
     connect_failed,
     connect_timed_out,
     connection_broke,
     is_reset,
 )
 from rexec.client.target import resolve_target
-from rexec.errors import ConnectionLost, LocalProtocolError, ServerRefused
+from rexec.errors import ConnectionLost, LocalProtocolError, RexecError, ServerRefused
 from rexec.heap import BULK, keep_heap
 from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import Stream
@@ -82,6 +85,11 @@ def open_socket(endpoint: Endpoint, timeout: float, named: float | None = None) 
     except OSError as exc:
         raise connect_failed(endpoint, exc) from None
     return sock
+
+
+def jitter() -> float:
+    """A random number in [0, 1) for retry backoff (`random` would cost start-up time)."""
+    return int.from_bytes(os.urandom(2), "big") / 65536
 
 
 def unsent_bytes(sock: socket.socket | None) -> int:
@@ -522,7 +530,9 @@ class Client:
     """Synchronous API: `with rexec.Client("host", token=...) as c: c.run("uname -a")`.
 
     One authenticated connection; commands run on it one after another, or several at once
-    with `start()` (waiting on any of them serves them all).
+    with `start()` (waiting on any of them serves them all). `retry=N` tries connecting up
+    to N more times when it fails before any command was sent (see rexec.client.core.Retry);
+    `on_retry(error, n, wait)` hears of each retry.
     """
 
     target: str  # as the caller named it (an alias, or an address)
@@ -538,14 +548,33 @@ class Client:
         connect_timeout: float | None = None,
         suite: Suite = Suite.AESGCM,
         trace: TraceFn | None = None,
+        retry: int = 0,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        on_retry: RetryFn | None = None,
     ) -> None:
+        retries = Retry(retry, retry_delay, time.monotonic())
         resolved = resolve_target(target, token=token, token_file=token_file)
         self.target = resolved.name
         self.endpoint = resolved.endpoint
-        attempts = ConnectAttempts(connect_timeout or resolved.connect_timeout, time.monotonic())
+        timeout = connect_timeout or resolved.connect_timeout
+        while True:  # --retry: only connecting is tried again, no command has been sent yet
+            try:
+                self._connect(resolved.token, suite, trace, timeout)
+                return
+            except RexecError as exc:
+                wait = retries.after(exc, self._driver.core, time.monotonic(), jitter())
+                if wait is None:
+                    raise
+                if on_retry is not None:
+                    on_retry(exc, retries.done, wait)
+                time.sleep(wait)
+
+    def _connect(self, token: Token, suite: Suite, trace: TraceFn | None, timeout: float) -> None:
+        """One attempt (for --retry): connect and authenticate within `timeout` seconds."""
+        attempts = ConnectAttempts(timeout, time.monotonic())
         while True:  # a busy server is tried again (the core's ConnectAttempts decides)
-            core = ClientCore(resolved.token, suite, target=resolved.name, trace=trace)
-            self._driver = SocketDriver(resolved.endpoint, core)
+            core = ClientCore(token, suite, target=self.target, trace=trace)
+            self._driver = SocketDriver(self.endpoint, core)
             try:
                 self.info = self._driver.connect(attempts.timeout, attempts.deadline)
                 return

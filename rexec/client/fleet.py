@@ -19,12 +19,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rexec._record import FrozenRecord, setfield
 from rexec.client.aio import connect
+from rexec.client.core import DEFAULT_RETRY_DELAY, Retry
 from rexec.client.hosts import expand_hosts
 from rexec.client.target import ClientConfig, load_client_config, resolve_host_token
 from rexec.errors import AuthError, ConnectionLost, ExecError, RexecError
 from rexec.protocol.noise import Suite
 from rexec.protocol.token import Token
-from rexec.result import EXIT_FAILURE, EXIT_TIMEOUT, Result
+from rexec.result import (
+    EXIT_FAILURE,
+    EXIT_TIMEOUT,
+    Result,
+    error_fields,
+    error_kind,
+    timeout_message,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -51,6 +59,7 @@ NOT_STARTED = "not started: the run was stopped first"
 TokenFor = Callable[[str], "Token | str"]
 LineFn = Callable[[str, int, bytes], None]
 HostTraceFn = Callable[[str, str, Any, int, int], None]
+HostRetryFn = Callable[[str, RexecError, int, float], object]  # (host, error, retry n, wait)
 
 
 class HostResult(FrozenRecord):
@@ -58,6 +67,8 @@ class HostResult(FrozenRecord):
 
     ok / exit / signal / timeout: the command ran (exit_code or signal, its output);
     unreachable / auth_failed / error: it did not, or the connection broke (`error` says why).
+    `error_kind` names the error's kind (`connect`, `auth`, `policy`, `truncated`, `timeout`,
+    `exec`, ...: rexec.result.error_kind), None when there is none.
     `duration` is the client's: from starting to connect to the command's exit.
     """
 
@@ -71,6 +82,7 @@ class HostResult(FrozenRecord):
         "stdout",
         "stderr",
         "error",
+        "error_kind",
     )
     __slots__ = __match_args__
     host: str
@@ -82,6 +94,7 @@ class HostResult(FrozenRecord):
     stdout: bytes
     stderr: bytes
     error: str | None
+    error_kind: str | None
 
     def __init__(
         self,
@@ -94,6 +107,7 @@ class HostResult(FrozenRecord):
         stdout: bytes = b"",
         stderr: bytes = b"",
         error: str | None = None,
+        error_kind: str | None = None,
     ) -> None:
         setfield(self, "host", host)
         setfield(self, "status", status)
@@ -104,6 +118,7 @@ class HostResult(FrozenRecord):
         setfield(self, "stdout", stdout)
         setfield(self, "stderr", stderr)
         setfield(self, "error", error)
+        setfield(self, "error_kind", error_kind)
 
     @property
     def ok(self) -> bool:
@@ -122,14 +137,17 @@ class HostResult(FrozenRecord):
 
     @property
     def label(self) -> str:
-        """`exit 0`, `exit 2`, `signal 9`, `timeout`, `unreachable`, `auth_failed`, `error`."""
+        """`exit 0`, `exit 2`, `signal 9`, `timeout`, `unreachable`, `auth_failed`, and for
+        any other error its kind (`policy`, `truncated`, ...), else `error`."""
         if self.status in ("ok", "exit"):
             return f"exit {self.exit_code}"
         if self.status == "signal":
             return f"signal {self.signal}"
+        if self.status == "error":
+            return self.error_kind or "error"
         return self.status
 
-    def to_result(self) -> Result:
+    def to_result(self, target: str | None = None) -> Result:
         return Result(
             self.command,
             self.exit_code,
@@ -138,25 +156,27 @@ class HostResult(FrozenRecord):
             self.duration,
             self.stdout,
             self.stderr,
+            target,
         )
 
     def to_json_dict(self) -> dict[str, Any]:
-        """Result.to_json_dict (output as UTF-8 text or base64) with host, status and error."""
+        """Result.to_json_dict (output as UTF-8 text or base64) with host and status, then
+        `exit_status` and `error` ({kind, message} or null), as `rexec run --json` has them."""
         return {
             "host": self.host,
             "status": self.status,
             **self.to_result().to_json_dict(),
-            "error": self.error,
+            **error_fields(self.shell_status, self.error_kind, self.error),
         }
 
 
 def _finished(host: str, result: Result, duration: float) -> HostResult:
     """The HostResult of a command that ran to its exit."""
     status: Status
-    error = None
+    error = kind = None
     if result.timed_out:
         status = "timeout"
-        error = f"command timed out after {result.duration:.1f}s (killed by the server)"
+        error, kind = timeout_message(result.duration), "timeout"
     elif result.exit_code == 0:
         status = "ok"
     elif result.exit_code is not None:
@@ -173,6 +193,7 @@ def _finished(host: str, result: Result, duration: float) -> HostResult:
         result.stdout,
         result.stderr,
         error,
+        kind,
     )
 
 
@@ -274,9 +295,13 @@ class FleetRun:
         on_line: LineFn | None,
         keep_output: bool,
         trace: HostTraceFn | None,
+        retry: int = 0,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        on_retry: HostRetryFn | None = None,
     ) -> None:
         if fanout < 1:
             raise ValueError(f"fanout must be at least 1, got {fanout}")
+        Retry(retry, retry_delay, 0.0)  # bad values fail here, not once per host
         self.hosts = hosts
         self.command = command
         self._name: str | tuple[str, ...] = command if isinstance(command, str) else tuple(command)
@@ -291,6 +316,9 @@ class FleetRun:
         self._on_line = on_line
         self._keep = keep_output
         self._trace = trace
+        self._retry = retry
+        self._retry_delay = retry_delay
+        self._on_retry = on_retry
         self._running: dict[str, Process] = {}
         self._stopped = False
         self._iterated = False
@@ -346,13 +374,15 @@ class FleetRun:
             free.release()
             if not task.cancelled() and task.exception() is not None:  # a bug: say so, not hang
                 error = f"internal error: {task.exception()!r}"
-                queue.put_nowait(HostResult(host, "error", self._name, error=error))
+                queue.put_nowait(
+                    HostResult(host, "error", self._name, error=error, error_kind="internal")
+                )
 
         for host in self.hosts:
             await free.acquire()
             if self._stopped:
                 free.release()
-                queue.put_nowait(HostResult(host, "error", self._name, error=NOT_STARTED))
+                queue.put_nowait(self._not_started(host))
                 continue
             task = asyncio.create_task(self._host(host, queue))
             tasks.add(task)
@@ -364,18 +394,27 @@ class FleetRun:
 
         def failed(status: Status, exc: BaseException) -> HostResult:
             return HostResult(
-                host, status, self._name, duration=time.monotonic() - start, error=str(exc)
+                host,
+                status,
+                self._name,
+                duration=time.monotonic() - start,
+                error=str(exc),
+                error_kind=error_kind(exc),
             )
 
         try:
             try:
                 trace = functools.partial(self._trace, host) if self._trace else None
+                on_retry = functools.partial(self._on_retry, host) if self._on_retry else None
                 conn = await connect(
                     host,
                     token=self._token_for(host),
                     connect_timeout=self._connect_timeout,
                     suite=self._suite,
                     trace=trace,
+                    retry=self._retry,
+                    retry_delay=self._retry_delay,
+                    on_retry=on_retry,
                 )
             except AuthError as exc:
                 result = failed("auth_failed", exc)
@@ -390,9 +429,12 @@ class FleetRun:
             if conn is not None:
                 await conn.close()
 
+    def _not_started(self, host: str) -> HostResult:
+        return HostResult(host, "error", self._name, error=NOT_STARTED, error_kind="interrupted")
+
     async def _run_on(self, host: str, conn: Connection, start: float) -> HostResult:
         if self._stopped:
-            return HostResult(host, "error", self._name, error=NOT_STARTED)
+            return self._not_started(host)
         out, err = bytearray(), bytearray()
         feeder: asyncio.Task[None] | None = None
         deadline = self._timeout + EXIT_GRACE if self._timeout else None
@@ -427,6 +469,7 @@ class FleetRun:
                 exc.exit_code or 127,
                 duration=time.monotonic() - start,
                 error=str(exc),
+                error_kind="exec",
             )
         except TimeoutError:
             return HostResult(
@@ -437,6 +480,7 @@ class FleetRun:
                 stdout=bytes(out),
                 stderr=bytes(err),
                 error=f"no exit status from the server within {deadline or 0:g}s",
+                error_kind="timeout",
             )
         except RexecError as exc:  # the connection broke, or the server refused the command
             return HostResult(
@@ -447,6 +491,7 @@ class FleetRun:
                 stdout=bytes(out),
                 stderr=bytes(err),
                 error=str(exc),
+                error_kind=error_kind(exc, started=True),
             )
         finally:
             self._running.pop(host, None)
@@ -514,6 +559,9 @@ def run_many(
     on_line: LineFn | None = None,
     keep_output: bool = True,
     trace: HostTraceFn | None = None,
+    retry: int = 0,
+    retry_delay: float = DEFAULT_RETRY_DELAY,
+    on_retry: HostRetryFn | None = None,
 ) -> FleetRun:
     """Run `command` on every host; `async for result in run_many(...)` as each finishes.
 
@@ -521,7 +569,9 @@ def run_many(
     server-enforced deadline per host; `stdin` bytes go to every host. `token_for(host)` gives
     each host's token (default: `config_tokens(token=..., token_file=...)`). `on_line(host,
     fd, line)` sees output live, line by line (fd 1 or 2; the last line may lack its "\\n");
-    with `keep_output=False` the results carry no output.
+    with `keep_output=False` the results carry no output. `retry=N`: each host's connect is
+    tried up to N more times when it fails before the command was sent (as `rexec.connect`);
+    `on_retry(host, error, n, wait)` hears of each retry.
     """
     names = expand_hosts(hosts) if isinstance(hosts, str) else list(dict.fromkeys(hosts))
     return FleetRun(
@@ -538,6 +588,9 @@ def run_many(
         on_line=on_line,
         keep_output=keep_output,
         trace=trace,
+        retry=retry,
+        retry_delay=retry_delay,
+        on_retry=on_retry,
     )
 
 

@@ -277,6 +277,8 @@ def test_json_exact_fields(server: Any, e2e: Any) -> None:
         "stdout_encoding": "utf-8",
         "stderr": "err\n",
         "stderr_encoding": "utf-8",
+        "exit_status": 3,
+        "error": None,
     }
     proc = e2e.run_cli(["run", "--json", server.address, "echo", "a b"], token=server.token)
     assert json.loads(proc.stdout)["command"] == ["echo", "a b"]

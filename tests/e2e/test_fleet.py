@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,7 @@ def test_json_lines_one_object_per_host_as_it_finishes(e2e: Any, fleet: Fleet) -
             "stdout_encoding",
             "stderr",
             "stderr_encoding",
+            "exit_status",
             "error",
         ]
         assert isinstance(o["duration"], float) and o["duration"] >= 0
@@ -226,17 +228,28 @@ def test_json_lines_one_object_per_host_as_it_finishes(e2e: Any, fleet: Fleet) -
     common = {"signal": None, "stdout_encoding": "utf-8", "stderr_encoding": "utf-8"}
     out = {k: v for k, v in by_host["lab03"].items() if k not in ("duration", "command")}
     assert out == {**common, "host": "lab03", "status": "ok", "exit_code": 0, "timed_out": False,
-                   "stdout": "hello\n", "stderr": "", "error": None}  # fmt: skip
+                   "stdout": "hello\n", "stderr": "", "exit_status": 0, "error": None}  # fmt: skip
     out = {k: v for k, v in by_host["lab09"].items() if k not in ("duration", "command")}
-    assert out == {**common, "host": "lab09", "status": "exit", "exit_code": 2, "timed_out": False,
-                   "stdout": "bad\n", "stderr": "oops\n", "error": None}  # fmt: skip
+    assert out == {**common, "host": "lab09", "status": "exit", "exit_code": 2,
+                   "timed_out": False, "stdout": "bad\n", "stderr": "oops\n", "exit_status": 2,
+                   "error": None}  # fmt: skip
     slow = by_host["lab10"]
     assert (slow["status"], slow["exit_code"], slow["timed_out"]) == ("timeout", None, True)
-    assert slow["error"] == "command timed out after 2.0s (killed by the server)"
-    assert (by_host["lab11"]["status"], by_host["lab11"]["exit_code"]) == ("auth_failed", None)
-    assert by_host["lab11"]["error"].startswith("authentication failed")
-    assert by_host["lab12"]["status"] == "unreachable"
-    assert by_host["lab12"]["error"].startswith(f"cannot connect to 127.0.2.4:{fleet.port}")
+    assert slow["error"] == {
+        "kind": "timeout",
+        "message": "command timed out after 2.0s (killed by the server)",
+    }
+    assert slow["exit_status"] == 124
+    lab11, lab12 = by_host["lab11"], by_host["lab12"]
+    assert (lab11["status"], lab11["exit_code"], lab11["exit_status"]) == ("auth_failed", None, 255)
+    assert lab11["error"]["kind"] == "auth"
+    assert lab11["error"]["message"].startswith("authentication failed")
+    assert (lab12["status"], lab12["exit_status"], lab12["error"]["kind"]) == (
+        "unreachable",
+        255,
+        "connect",
+    )
+    assert lab12["error"]["message"].startswith(f"cannot connect to 127.0.2.4:{fleet.port}")
     _, summary = split_stderr(proc.stderr)
     assert summary.startswith(b"12 hosts: 8 ok, ")
 
@@ -272,6 +285,55 @@ def test_outdir_writes_out_err_and_status_per_host(e2e: Any, fleet: Fleet, tmp_p
     assert status.startswith(f"unreachable: cannot connect to 127.0.2.4:{fleet.port}: ")
     _, summary = split_stderr(proc.stderr)
     assert summary == b"4 hosts: 2 ok, 1 exit 2 (lab09), 1 unreachable (lab12)\n"
+
+
+def test_json_lines_use_the_single_host_error_kinds(e2e: Any, fleet: Fleet) -> None:
+    """A command that cannot start (an argv), and an unreachable host: as `rexec run` on one."""
+    proc = run(e2e, fleet, ["--json", "lab01,lab12", "no-such-cmd-e2e", "x"])
+    assert proc.returncode == 255, proc.stderr
+    by_host = {o["host"]: o for o in map(json.loads, lines(proc.stdout))}
+    lab01, lab12 = by_host["lab01"], by_host["lab12"]
+    assert (lab01["status"], lab01["exit_code"], lab01["exit_status"]) == ("exit", 127, 127)
+    assert lab01["error"] == {"kind": "exec", "message": "command not found: no-such-cmd-e2e"}
+    assert (lab12["status"], lab12["exit_status"], lab12["error"]["kind"]) == (
+        "unreachable",
+        255,
+        "connect",
+    )
+
+
+def test_junit_one_testcase_per_host(e2e: Any, fleet: Fleet, tmp_path: Path) -> None:
+    report = tmp_path / "fleet.xml"
+    proc = run(e2e, fleet, ["--junit", str(report), "--timeout", TIMEOUT, "lab[07-12]", ROLE_CMD])
+    assert proc.returncode == 255, proc.stderr
+    assert sorted(lines(proc.stdout))[:3] == [b"lab07: hello\n", b"lab08: hello\n", b"lab09: bad\n"]
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures")) == ("6", "4")
+    cases = {case.get("name"): case for case in suite.findall("testcase")}
+    assert list(cases) == [f"lab{n}" for n in ("07", "08", "09", "10", "11", "12")]
+    assert {case.get("classname") for case in cases.values()} == {"rexec"}
+    failures = {name: case.find("failure") for name, case in cases.items()}
+    assert failures["lab07"] is None and failures["lab08"] is None
+    assert cases["lab07"].findtext("system-out") == "hello\n"
+    assert cases["lab07"].find("system-err") is None
+    kinds = {name: f.get("type") for name, f in failures.items() if f is not None}
+    assert kinds == {"lab09": "exit", "lab10": "timeout", "lab11": "auth", "lab12": "connect"}
+    lab09 = failures["lab09"]
+    assert lab09 is not None
+    assert lab09.get("message", "").startswith("command failed with exit status 2 on lab09: ")
+    assert lab09.get("message", "").endswith("\n  stderr: oops")
+    assert cases["lab09"].findtext("system-err") == "oops\n"
+    lab10 = failures["lab10"]
+    assert lab10 is not None and lab10.get("message", "").startswith(
+        "command timed out after 2.0s on lab10: "
+    )
+    lab12 = failures["lab12"]
+    assert lab12 is not None and lab12.get("message", "").startswith(
+        f"exit status 255, connect: cannot connect to 127.0.2.4:{fleet.port}: "
+    )
+    for case in cases.values():
+        assert 0 <= float(case.get("time") or -1) < 20
 
 
 # ---- exit status -------------------------------------------------------------------------------
@@ -380,8 +442,13 @@ def test_one_host_of_a_set_runs_as_a_single_host(e2e: Any, fleet: Fleet) -> None
 def test_usage_errors(e2e: Any, fleet: Fleet, args: list[str], message: bytes) -> None:
     proc = run(e2e, fleet, args)
     assert proc.returncode == 2
-    assert proc.stdout == b""
     assert proc.stderr == message.replace(b"CONFIG", str(fleet.config).encode())
+    if "--json" not in args:
+        assert proc.stdout == b""
+        return
+    doc = json.loads(proc.stdout)  # --json: the error as one object too
+    assert (doc["target"], doc["exit_status"]) == (args[-2], 2)
+    assert doc["error"] == {"kind": "usage", "message": message[7:-1].decode()}
 
 
 # ---- stdin ---------------------------------------------------------------------------------------
@@ -490,8 +557,11 @@ def test_ctrl_c_starts_no_more_hosts(e2e: Any, fleet: Fleet) -> None:
     assert cli.returncode == 255, err
     by_host = {o["host"]: o for o in map(json.loads, lines(out))}
     assert [by_host[h]["status"] for h in sorted(by_host)] == ["signal"] * 2 + ["error"] * 6
-    assert by_host["lab08"]["error"] == "not started: the run was stopped first"
-    assert err.endswith(b"8 hosts: 2 signal 2 (lab[01-02]), 6 error (lab[03-08])\n")
+    assert by_host["lab08"]["error"] == {
+        "kind": "interrupted",
+        "message": "not started: the run was stopped first",
+    }
+    assert err.endswith(b"8 hosts: 2 signal 2 (lab[01-02]), 6 interrupted (lab[03-08])\n")
 
 
 def test_third_ctrl_c_closes_every_connection(e2e: Any, fleet: Fleet) -> None:

@@ -175,7 +175,7 @@ def test_bare_target_is_the_pty_shell_and_escapes(pty_server: Any, spawn: Spawn)
     child.send("~?")  # at the start of a line
     child.expect_exact("~.   - terminate connection")
     child.send("\r~.")
-    child.expect_exact("disconnected from")
+    child.expect_exact("rexec: disconnected (~.)")
     assert end(child) == 255
 
 
