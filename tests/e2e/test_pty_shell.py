@@ -187,6 +187,10 @@ def test_run_t_forces_a_pty_and_default_has_none(pty_server: Any, e2e: Any) -> N
     assert (plain.returncode, plain.stdout) == (1, b"not a tty\n")
     no = e2e.run_cli(["run", "-t", "-T", pty_server.address, "tty"], token=pty_server.token)
     assert (no.returncode, no.stdout) == (1, b"not a tty\n")
+    for bad in (["--json"], ["-x", "nohost"]):  # one output stream; one host
+        usage = e2e.run_cli(["run", "-t", *bad, pty_server.address, "tty"], token=pty_server.token)
+        assert usage.returncode == 2, usage.stderr
+        assert b"-t" in usage.stderr
     # one stream: stderr comes through the terminal, and the exit status is the command's
     both = e2e.run_cli(
         ["run", "-t", pty_server.address, "echo out; echo err >&2; exit 4"], token=pty_server.token
