@@ -27,7 +27,7 @@ class RexecError(Exception):
 
 
 class ProtocolError(RexecError):
-    """The rexec/1 rules were broken; the connection cannot continue."""
+    """The rexec/2 rules were broken; the connection cannot continue."""
 
     code: ErrorCode = ErrorCode.PROTOCOL
 

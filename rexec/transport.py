@@ -1,29 +1,39 @@
-"""asyncio glue: bytes between a socket and a sans-I/O Connection, with flow control.
+"""asyncio glue: bytes between a socket and a sans-I/O Connection, for both ends.
 
-Writes: every call flushes the connection's queue in one transport.write (header and body
-together, never split across writes). `drain()` waits while the socket is not draining,
-which is how the exec layer's pipe reading is paused for a slow peer.
-Reads: a consumer that falls behind pauses socket reading (`hold`/`release`), so memory
-stays bounded in both directions.
+Reads never pause: flow control is the protocol's (per-channel windows), so a peer that
+sends too much breaks the protocol instead of growing our memory, and its FIN, PING or
+SIGNAL is seen at once whatever else is queued.
+
+Writes: control frames always go to the socket at once; data frames are pulled from the
+connection (and only then encrypted) while the write buffer is under its high-water mark.
+`drain()` waits until the data queued so far has left the connection and the buffer is
+below that mark: that is how the exec layer's pipe reading is paused for a slow socket.
+Data goes into the buffer only up to the mark (plus the one frame that crosses it), so a
+peer that leaves more than MAX_BACKLOG unread on top of that is leaving control frames
+unread (PINGs whose PONGs it never reads) and is dropped: the one thing it could
+otherwise grow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
 from collections.abc import Callable
+from typing import TypeVar
 
 from rexec.errors import AuthError, ConnectionLost, ProtocolError, RexecError, TruncatedError
 from rexec.protocol.connection import Connection
 from rexec.protocol.events import Event
 
-# Socket write buffer watermarks: the most a slow peer can make us hold per connection.
+# Socket write buffer watermarks: the most data a slow peer can make us hold per connection.
 # 4 MiB/1 MiB measured ~7% faster streaming than 1 MiB/256 KiB (fewer pause/resume cycles).
 WRITE_HIGH = 4 * 1024 * 1024
 WRITE_LOW = 1024 * 1024
-HUP_CHECK = 0.5  # while reading is held, how often we look for a peer that went away
+DATA_BATCH = 1024 * 1024  # data pulled (encrypted) per write while the buffer has room
+MAX_BACKLOG = 512 * 1024  # control bytes a peer may leave unread beyond WRITE_HIGH
+CLOSE_LINGER = 10.0  # seconds a closing connection may spend flushing to a peer that stalls
 
+E = TypeVar("E", bound=BaseException)
 EventHandler = Callable[[list[Event]], None]
 LostHandler = Callable[[RexecError | None], None]
 
@@ -36,15 +46,18 @@ def _no_loss(error: RexecError | None) -> None:
     """The loss handler once the loss is reported."""
 
 
-def _forget_frames(exc: BaseException | None) -> None:
-    """Drop the tracebacks of a kept error and the errors it chains to: their frames hold
-    the protocol and the connection that keep the error, a cycle that would keep both (and
-    their buffers) until a full garbage collection."""
+def _untraced(exc: E) -> E:
+    """`exc` without its traceback, nor those of the errors it chains to. An error kept past
+    its handling keeps the frames it was raised through: they hold the protocol and the
+    connection that keep the error (a cycle), and asyncio's reading frame a view of our
+    receive buffer, so up to 1 MiB per connection would wait for the next full gc."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return exc
 
 
 class FramedProtocol(asyncio.BufferedProtocol):
@@ -61,16 +74,20 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._holds = 0
         self._error: RexecError | None = None
         self.closed = False
         self.peer = "?"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.last_rx = 0.0  # loop time of the last bytes received (liveness)
+        self.dropped: str | None = None  # why we dropped the peer, if we did
 
     # ---- asyncio callbacks ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
+        self.last_rx = self._loop.time()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -91,6 +108,8 @@ class FramedProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.closed or self._error is not None:
             return
+        if self._loop is not None:
+            self.last_rx = self._loop.time()
         try:
             events = self.conn.buffer_updated(nbytes)
         except (ProtocolError, RexecError) as exc:
@@ -104,11 +123,13 @@ class FramedProtocol(asyncio.BufferedProtocol):
         try:
             self.conn.receive_eof()
         except TruncatedError as exc:
-            self._error = exc
+            self._error = _untraced(exc)
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if exc is not None:
+            _untraced(exc)
         if self._error is None and exc is not None:
             self._error = ConnectionLost(f"connection lost: {exc}")
         if self._error is None and not self.conn.close_received:
@@ -120,34 +141,53 @@ class FramedProtocol(asyncio.BufferedProtocol):
         try:
             on_lost(self._error)
         finally:
-            _forget_frames(self._error)
+            if self._error is not None:
+                _untraced(self._error)
+            self.conn.release()
 
     def pause_writing(self) -> None:
         self._paused = True
 
     def resume_writing(self) -> None:
         self._paused = False
-        self._wake_drainers()
+        self.flush()  # pull the data that waited for room
 
     # ---- for the owner -------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write whatever the connection has queued, in one write."""
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+        """Write what the connection has queued: all control frames, and data while the
+        write buffer has room. Drops a peer that leaves too much unread."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        conn = self.conn
+        while True:
+            # data only up to the high-water mark (at least one frame, so that a buffer
+            # exactly at the mark still gets paused): it never crowds out MAX_BACKLOG
+            room = WRITE_HIGH - transport.get_write_buffer_size()
+            bufs = conn.buffers_to_send(0 if self._paused else min(DATA_BATCH, max(1, room)))
+            for buf in bufs:
+                transport.write(buf)
+            if not bufs or self._paused or not conn.has_pending:
+                break
+        unsent = transport.get_write_buffer_size()
+        if unsent > WRITE_HIGH + MAX_BACKLOG:
+            self.drop(f"peer does not read what we send ({unsent} bytes queued for it)")
+            return
+        if not self._paused and not conn.has_pending:
+            self._wake_drainers()
 
     async def drain(self) -> None:
-        """Wait until the socket's write buffer is below its low-water mark."""
-        if self.closed:
-            raise self._error or ConnectionLost("connection closed")
-        if not self._paused:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._drain_waiters.append(fut)
-        await fut
-        if self.closed:
-            raise self._error or ConnectionLost("connection closed")
+        """Wait until everything queued has left the connection and the socket's write
+        buffer is under its high-water mark."""
+        while True:
+            if self.closed:
+                raise self._error or ConnectionLost("connection closed")
+            if not self._paused and not self.conn.has_pending:
+                return
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(fut)
+            await fut
 
     def _wake_drainers(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -155,43 +195,13 @@ class FramedProtocol(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_result(None)
 
-    def hold(self) -> None:
-        """A consumer is behind: stop reading the socket until release()."""
-        self._holds += 1
-        if self._holds == 1 and self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-            asyncio.get_running_loop().call_later(HUP_CHECK, self._check_hup)
-
-    def _check_hup(self) -> None:
-        """While reading is paused asyncio cannot see the peer leave (its FIN waits behind
-        unread data), so ask the kernel; a vanished peer ends the connection as usual."""
-        if self.closed or self._holds == 0 or self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            poller = select.poll()
-            poller.register(sock.fileno(), select.POLLRDHUP)
-            if any(
-                ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
-                for _, ev in poller.poll(0)
-            ):
-                self._error = ConnectionLost("peer went away while its input was held")
-                self.abort()
-                return
-        asyncio.get_running_loop().call_later(HUP_CHECK, self._check_hup)
-
-    def release(self) -> None:
-        self._holds -= 1
-        if self._holds == 0 and self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-
     def fail(self, exc: RexecError) -> None:
         """End the connection because of `exc` (a protocol or auth error).
 
         A peer that proved its identity and then broke the protocol is told why (ERROR +
         CLOSE); one that never authenticated gets nothing but the closed socket.
         """
-        self._error = exc
+        self._error = _untraced(exc)
         if (
             isinstance(exc, ProtocolError)
             and not isinstance(exc, AuthError)
@@ -201,10 +211,24 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self.flush()
         self.close()
 
+    def drop(self, reason: str) -> None:
+        """Abort the connection for `reason` (the owner logs it from on_lost)."""
+        if self.closed:
+            return
+        self.dropped = reason
+        self._error = ConnectionLost(reason)
+        self.abort()
+
     def close(self) -> None:
-        """Close after the write buffer is flushed."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        """Close after the write buffer is flushed; abort if that takes CLOSE_LINGER."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            asyncio.get_running_loop().call_later(CLOSE_LINGER, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        if not self.closed:
+            self.drop(f"peer did not take our last {CLOSE_LINGER:g}s of output")
 
     def abort(self) -> None:
         if self.transport is not None:

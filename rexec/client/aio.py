@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from rexec.address import Endpoint
-from rexec.client.blocking import jitter, unsent_bytes
+from rexec.client.blocking import jitter
 from rexec.client.core import (
     CLOSE_WAIT,
     DEFAULT_RETRY_DELAY,
@@ -350,7 +350,7 @@ class Connection:
         if core.error is not None or self._proto.closed:
             return
         try:
-            due = core.keepalive(self._loop.time(), self._blocked)
+            due = core.keepalive(self._loop.time())
         except ConnectionLost:
             self._wake(list(self._procs_commands()))
             self._proto.abort()
@@ -361,14 +361,6 @@ class Connection:
 
     def _procs_commands(self) -> list[Command]:
         return [proc._cmd for proc in self._procs.values()]
-
-    def _blocked(self) -> bool:
-        transport = self._proto.transport
-        if transport is None:
-            return False
-        if transport.get_write_buffer_size() > 0:
-            return True
-        return unsent_bytes(transport.get_extra_info("socket")) > 0
 
     # ---- public API ----------------------------------------------------------------------
 

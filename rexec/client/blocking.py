@@ -8,7 +8,9 @@ while the server waits for us to read its output.
 
 Nothing runs in the background: the socket is served whenever the application waits on this
 client (iterating output, writing stdin, wait()); several processes may run at once, and
-waiting on one serves them all.
+waiting on one serves them all. The server PINGs a client that has been silent for its
+`keepalive` (30 s) while commands run, and drops it after as long again: a program that
+starts a command and then neither waits on it nor reads it for a minute loses it.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ from rexec.result import Result
 
 OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # unsent bytes we buffer before writers (and stdin) wait
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s (close sends a reset)
-_SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP send queue not yet sent
 
 Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
 
@@ -92,23 +93,6 @@ def jitter() -> float:
     return int.from_bytes(os.urandom(2), "big") / 65536
 
 
-def unsent_bytes(sock: socket.socket | None) -> int:
-    """Bytes queued in the kernel that the peer will not take yet (its window is shut, or
-    for a unix socket, it does not read). Sent-but-unacknowledged bytes do not count: a
-    dead host must still fail the keepalive. 0 when unknown."""
-    import fcntl
-    import termios
-
-    if sock is None:
-        return 0
-    request = termios.TIOCOUTQ if sock.family == socket.AF_UNIX else _SIOCOUTQNSD
-    try:
-        out = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
-    except OSError:
-        return 0
-    return int(struct.unpack("i", out)[0])
-
-
 class _StdinFeed:
     """Bytes, or a file descriptor read until EOF, going to one command's stdin."""
 
@@ -131,6 +115,7 @@ class SocketDriver:
         # poll, not epoll: a stdin feed may be a regular file, which epoll refuses
         self._sel: selectors.BaseSelector = selectors.PollSelector()
         self._sock_events = 0
+        self._unwritable = False  # a send failed: the socket takes nothing more
         self._feeds: dict[int, _StdinFeed] = {}  # by channel
         self._feed_fds: set[int] = set()  # feeds' fds registered in the selector now
         self._keepalive_due = 0.0
@@ -173,7 +158,7 @@ class SocketDriver:
             if deadline is not None and now >= deadline:
                 return False
             if now >= self._keepalive_due:
-                self._keepalive_due = core.keepalive(now, self._blocked)
+                self._keepalive_due = core.keepalive(now)
             timeout = self._keepalive_due - now
             if deadline is not None:
                 timeout = min(timeout, deadline - now)
@@ -192,13 +177,11 @@ class SocketDriver:
         self._keepalive_due = 0.0
         self.flush()
 
-    def _blocked(self) -> bool:
-        return bool(self._out) or unsent_bytes(self._sock) > 0
-
     @property
     def backlog(self) -> int:
-        """Bytes queued for the server that the socket has not taken yet."""
-        return len(self._out)
+        """Bytes queued for the server that the socket has not taken yet (ours, and the
+        stdin the core still holds: at most the server's window of it)."""
+        return len(self._out) + self.core.conn.pending_data
 
     def _step(self, timeout: float | None) -> None:
         self.flush()
@@ -209,21 +192,30 @@ class SocketDriver:
                 key.data()
             else:
                 if mask & selectors.EVENT_WRITE:
-                    self._send()
+                    self.flush()  # and pull the data that waited for room
                 if mask & selectors.EVENT_READ:
                     self._read()
 
     def flush(self) -> None:
-        """Send what the core queued, as far as the socket takes it now."""
-        data = self.core.data_to_send()
-        if data:
-            self._out += data
-        if self._out:
+        """Send what the core queued, as far as the socket takes it now.
+
+        Data is pulled from the core only while our buffer is under OUT_HIGH_WATER: the rest
+        waits there, so a SIGNAL or PONG queued later overtakes it.
+        """
+        core = self.core
+        while True:
+            data = core.data_to_send(max(0, OUT_HIGH_WATER - len(self._out)))
+            if data:
+                self._out += data
+            if not self._out:
+                return
             self._send()
+            if self._out or self._unwritable or self._sock is None or not core.conn.has_pending:
+                return  # the socket is full (we wait to write), gone, or has it all
 
     def _send(self) -> None:
         sock = self._sock
-        if sock is None:
+        if sock is None or self._unwritable:
             self._out.clear()
             return
         while self._out:
@@ -268,6 +260,7 @@ class SocketDriver:
         else:
             self.core.connection_lost(error, reset=is_reset(exc))
         self._out.clear()
+        self._unwritable = True  # what the core still queues will never leave
         self._set_sock_events()
 
     def _set_sock_events(self) -> None:
@@ -315,7 +308,7 @@ class SocketDriver:
                 continue
             if feed.fd is None:
                 continue
-            want = len(self._out) < OUT_HIGH_WATER and core.stdin_room(feed.cmd) > 0
+            want = self.backlog < OUT_HIGH_WATER and core.stdin_room(feed.cmd) > 0
             if want and feed.fd not in self._feed_fds:
                 callback = functools.partial(self._read_feed, feed)
                 self._sel.register(feed.fd, selectors.EVENT_READ, callback)
@@ -331,7 +324,7 @@ class SocketDriver:
             data = feed.data
             if data is None or feed.cmd.done:
                 continue
-            while data and len(self._out) < OUT_HIGH_WATER:
+            while data and self.backlog < OUT_HIGH_WATER:
                 n = core.write(feed.cmd, data)
                 if not n:
                     break

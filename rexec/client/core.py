@@ -17,7 +17,9 @@ Both client drivers only move bytes, wait, and tell this core the time: rexec.cl
   tried again a few times within one connect deadline (`ConnectAttempts`); a handshake
   write that fails is not the end until what the server sent has been read (a notice);
 - keepalive, while a command runs: a PING after `KEEPALIVE_IDLE` seconds of silence,
-  `ConnectionLost` after `KEEPALIVE_DEAD`;
+  `ConnectionLost` after `KEEPALIVE_DEAD` (the server reads at all times and its PONG
+  overtakes its data, so stdin it has not taken yet is no excuse for silence); the server's
+  own PINGs are answered by the connection, as long as a driver keeps reading;
 - flow: never more stdin than the server's window (`ClientConnection.stdin_room`); output
   is reported consumed (`output_consumed`) once it is handed to the application: taken from
   a stream, written to a sink, or collected into a Result;
@@ -287,8 +289,11 @@ class ClientCore:
         """Queue HELLO and the first handshake message."""
         self.conn.initiate()
 
-    def data_to_send(self) -> bytes | bytearray:
-        return self.conn.data_to_send()
+    def data_to_send(self, limit: int | None = None) -> bytes | bytearray:
+        """What to send now: every control frame, and data frames while under `limit` bytes
+        (None: all). A driver that leaves data queued here lets a later SIGNAL or PONG
+        overtake it."""
+        return self.conn.data_to_send(limit)
 
     def get_buffer(self) -> memoryview:
         return self.conn.get_buffer()
@@ -423,24 +428,17 @@ class ClientCore:
 
     # ---- keepalive ----------------------------------------------------------------------------
 
-    def keepalive(self, now: float, blocked: Callable[[], bool] | None = None) -> float:
+    def keepalive(self, now: float) -> float:
         """Decide about keepalive at time `now`; returns when to ask again.
 
         Only while a command runs: an idle connection is the server's to time out.
-        `blocked()` (asked only when the server has been silent a while): bytes we sent still
-        wait in our buffers or the kernel's because the server does not take them yet; it is
-        busy, not silent (its kernel's zero window is an answer).
         Raises ConnectionLost (and ends the connection) once the server has been silent for
         `keepalive_dead` seconds.
         """
         if self.error is not None or self.conn.close_sent:
             return math.inf
         last = self._last_rx
-        if (
-            not self.commands
-            or last is None
-            or (now - last >= self.keepalive_idle and blocked is not None and blocked())
-        ):
+        if not self.commands or last is None:
             self._last_rx = now
             self._pinged = False
             return now + self.keepalive_idle
@@ -511,9 +509,8 @@ class ClientCore:
         if not cmd.stdin_open:
             raise LocalProtocolError(f"stdin of {cmd.command!r} is closed or was not requested")
         n = min(len(data), self.stdin_room(cmd), MAX_PAYLOAD)
-        if n:
-            chunk = data if n == len(data) and isinstance(data, bytes) else bytes(data[:n])
-            self.conn.send_stdin(cmd.channel, chunk)
+        if n:  # (the connection copies it behind its frame header: no copy here)
+            self.conn.send_stdin(cmd.channel, data if n == len(data) else memoryview(data)[:n])
         return n
 
     def close_stdin(self, cmd: Command) -> None:

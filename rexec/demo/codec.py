@@ -1,6 +1,6 @@
 """The demo's framing codec: a big-endian u32 length, then exactly that many body bytes.
 
-It mirrors rexec/1's outer frame without the encryption, so a class can read every byte.
+It mirrors rexec/2's outer frame without the encryption, so a class can read every byte.
 The decoder is sans-I/O (bytes in, frames out), like rexec's own protocol layer, and it
 checks the length the moment the 4 header bytes are known: an oversize length is refused
 before a single body byte is buffered, so a peer cannot make us wait for, or allocate,
@@ -17,7 +17,7 @@ from rexec.errors import LocalProtocolError, RemoteProtocolError
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size  # 4
 
-# rexec/1's largest body: 8-byte inner header + 256 KiB payload + 16-byte AEAD tag.
+# rexec/2's largest body: 8-byte inner header + 256 KiB payload + 16-byte AEAD tag.
 MAX_BODY = 8 + 256 * 1024 + 16
 
 

@@ -159,7 +159,7 @@ def run_pair(
 
     Returns what `talk` returned and the server's log, once the server thread has ended.
     The client hangs up first, which is how the tutorial's server learns to stop.
-    `nodelay` sets TCP_NODELAY on both ends, as rexec/1 does (the tutorial does not).
+    `nodelay` sets TCP_NODELAY on both ends, as rexec/2 does (the tutorial does not).
     """
     log = ServerLog(deadline=time.monotonic() + deadline)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

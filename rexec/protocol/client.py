@@ -1,4 +1,4 @@
-"""The client role of rexec/1 (sans-I/O)."""
+"""The client role of rexec/2 (sans-I/O)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ from rexec.errors import (
     TruncatedError,
 )
 from rexec.protocol import messages as m
-from rexec.protocol.connection import ChannelState, Connection, TraceFn
+from rexec.protocol.connection import (
+    Channel,
+    ChannelEvent,
+    ChannelState,
+    Connection,
+    ConnEvent,
+    TraceFn,
+)
 from rexec.protocol.events import Event, ExitReceived, HandshakeComplete, OutputReceived, Stream
 from rexec.protocol.frames import (
     MAX_CHANNEL,
     MAX_MSG2_LEN,
     MAX_TRANSPORT_BODY,
     MIN_TRANSPORT_BODY,
+    VERSION,
     FrameBuffer,
     FrameType,
     Hello,
@@ -49,8 +57,10 @@ class ClientConnection(Connection):
         *,
         trace: TraceFn | None = None,
         ephemeral: bytes | None = None,
+        output_window: int = m.OUTPUT_WINDOW,
     ) -> None:
         super().__init__(FrameBuffer(MAX_MSG2_LEN, DHLEN + TAGLEN, "handshake message"), trace)
+        self.output_window = output_window
         self._token = token
         self.hello = Hello(suite, token.key_id)
         self._hs = NNpsk0Handshake(
@@ -82,7 +92,9 @@ class ClientConnection(Connection):
             if not self._initiated:
                 raise LocalProtocolError("receive_data before initiate()")
             # a refusal notice, SSH or HTTP in place of message 2: raise at once
-            if inspect_reply(self._buf.peek(NOTICE_LEN), suite=self.hello.suite.label):
+            if inspect_reply(
+                self._buf.peek(NOTICE_LEN), suite=self.hello.suite.label, version=VERSION
+            ):
                 return events
             body = self._buf.next_body()
             if body is None:
@@ -100,6 +112,7 @@ class ClientConnection(Connection):
             self._buf.max_body = MAX_TRANSPORT_BODY
             self._buf.min_body = MIN_TRANSPORT_BODY
             self._buf.what = "frame"
+            self._to(ConnEvent.MSG2_OK)
             self._queue_frame(
                 FrameType.AUTH, 0, m.auth_proof(self._token.secret, self.handshake_hash)
             )
@@ -117,50 +130,74 @@ class ClientConnection(Connection):
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        window: int | None = None,
         pty: PtyRequest | None = None,
     ) -> int:
-        """Open a channel running `command`; returns its channel number."""
-        body = m.exec_request_json(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
+        """Open a channel running `command`; returns its channel number.
+
+        `window`: the channel's output window (default `output_window`): how much output
+        the server may send before we report it consumed (`output_consumed`). `pty`: run it
+        on a pseudo-terminal (docs/PROTOCOL.md 10.2.1).
+        """
+        if self.server_info is None:
+            raise LocalProtocolError("cannot send EXEC before the handshake is done")
+        window = self.output_window if window is None else window
+        body = m.exec_request_json(
+            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, window=window, pty=pty
+        )
         if self.last_channel >= MAX_CHANNEL:
             raise LocalProtocolError("channel numbers exhausted: open a new connection")
         channel = self.last_channel + 1
         self._queue_frame(FrameType.EXEC, channel, body)
         self.last_channel = channel
-        self.channels[channel] = ChannelState(stdin_open=stdin)
+        ch = Channel(channel, ChannelState.UNUSED, self.server_info.window, window)
+        self._channels[channel] = ch
+        self._channel_to(ch, ChannelEvent.EXEC_STDIN if stdin else ChannelEvent.EXEC)
         return channel
 
-    def _open(self, channel: int, what: str) -> ChannelState:
-        state = self.channels.get(channel)
-        if state is None:
+    def _open(self, channel: int, what: str) -> Channel:
+        ch = self._channels.get(channel)
+        if ch is None:
             raise LocalProtocolError(f"cannot send {what}: channel {channel} is not open")
-        return state
+        return ch
 
-    def send_stdin(self, channel: int, data: bytes) -> None:
-        state = self._open(channel, "STDIN")
-        if not state.stdin_open:
+    def _stdin_channel(self, channel: int) -> Channel:
+        ch = self._open(channel, "STDIN")
+        if ch.state is not ChannelState.STDIN_OPEN:
             raise LocalProtocolError(f"stdin of channel {channel} is closed or was not requested")
-        if data:
-            self._queue_chunks(FrameType.STDIN, channel, data)
+        return ch
+
+    def send_stdin(self, channel: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue stdin for `channel`: at most stdin_room(channel) bytes."""
+        self._queue_data(FrameType.STDIN, self._stdin_channel(channel), data)
+
+    def send_stdin_buffer(self, channel: int, buf: bytearray) -> None:
+        """As send_stdin, for a payload read into a buffer behind frames.HEADROOM free bytes
+        (at most MAX_PAYLOAD of it): framed in place, no copy. The buffer is ours now."""
+        self._queue_data_buffer(FrameType.STDIN, self._stdin_channel(channel), buf)
 
     def stdin_room(self, channel: int) -> int:
         """Bytes of stdin the server accepts on `channel` right now (its credit window).
 
-        Placeholder until per-channel flow control lands: unbounded.
+        0 once the channel's stdin is closed; CreditReceived says when it grows.
         """
-        self._open(channel, "STDIN")
-        return 2**62
+        ch = self._open(channel, "STDIN")
+        return ch.send_room if ch.state is ChannelState.STDIN_OPEN else 0
 
     def output_consumed(self, channel: int, nbytes: int) -> None:
-        """The application has taken `nbytes` of the channel's output (may queue CREDIT).
+        """The application has taken `nbytes` of the channel's output (stdout + stderr).
 
-        Placeholder until per-channel flow control lands: nothing to grant.
+        Queues a CREDIT once half the channel's window is consumed. A channel that has
+        ended needs no credit: calls for it are ignored.
         """
+        self._consumed(channel, nbytes)
 
     def send_stdin_eof(self, channel: int) -> None:
-        state = self._open(channel, "STDIN_EOF")
-        if state.stdin_open:
-            state.stdin_open = False
-            self._queue_frame(FrameType.STDIN_EOF, channel)
+        """EOF on the channel's stdin, after the stdin already queued; idempotent."""
+        ch = self._open(channel, "STDIN_EOF")
+        if ch.state is ChannelState.STDIN_OPEN:
+            self._queue_frame(FrameType.STDIN_EOF, channel, ordered=ch)
+            self._channel_to(ch, ChannelEvent.STDIN_EOF)
 
     def send_signal(self, channel: int, signum: int) -> None:
         self._open(channel, "SIGNAL")
@@ -175,29 +212,36 @@ class ClientConnection(Connection):
     def receive_eof(self) -> None:
         """As the base, and a CLOSE that left our commands without an EXIT is truncation."""
         super().receive_eof()
-        if self._error is None and self.channels:
+        if self._error is None and self._channels:
             raise TruncatedError(
-                f"server closed the connection with {len(self.channels)} command(s) "
+                f"server closed the connection with {len(self._channels)} command(s) "
                 "still lacking an exit status"
             )
 
+    def _server_channel(self, ftype: FrameType, channel: int) -> Channel:
+        ch = self._channels.get(channel)
+        if ch is None:
+            raise RemoteProtocolError(f"{ftype.name} for channel {channel}, which is not open")
+        return ch
+
     def _channel_error(self, channel: int) -> None:
-        if channel not in self.channels:
-            raise RemoteProtocolError(f"ERROR for channel {channel}, which is not open")
+        self._server_channel(FrameType.ERROR, channel)
+
+    def _credited_channel(self, channel: int) -> Channel:
+        return self._server_channel(FrameType.CREDIT, channel)
 
     def _dispatch_role(
-        self, ftype: FrameType, channel: int, payload: bytes, events: list[Event]
+        self, ftype: FrameType, channel: int, payload: bytes | bytearray, events: list[Event]
     ) -> None:
         if ftype is FrameType.STDOUT or ftype is FrameType.STDERR:
-            if channel not in self.channels:
-                raise RemoteProtocolError(f"{ftype.name} for channel {channel}, which is not open")
+            ch = self._server_channel(ftype, channel)
+            self._received(ftype, ch, len(payload))
             stream = Stream.STDOUT if ftype is FrameType.STDOUT else Stream.STDERR
             events.append(OutputReceived(channel, stream, payload))
         elif ftype is FrameType.EXIT:
-            if channel not in self.channels:
-                raise RemoteProtocolError(f"EXIT for channel {channel}, which is not open")
-            status = m.ExitStatus.unpack(payload)
-            del self.channels[channel]
+            ch = self._server_channel(ftype, channel)
+            status = m.ExitStatus.unpack(bytes(payload))
+            self._channel_to(ch, ChannelEvent.EXIT)
             events.append(ExitReceived(channel, status))
         else:
             raise RemoteProtocolError(f"a server may not send {ftype.name}")

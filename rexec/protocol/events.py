@@ -44,15 +44,20 @@ class HandshakeComplete(Event):
 
 
 class OutputReceived(Event):
-    """STDOUT or STDERR bytes of a channel."""
+    """STDOUT or STDERR bytes of a channel.
+
+    `data` is the bytearray the frame was decrypted into (no copy). Once the application
+    has taken it, report that with `ClientConnection.output_consumed` so the server may
+    send more.
+    """
 
     __match_args__ = ("channel", "stream", "data")
     __slots__ = __match_args__
     channel: int
     stream: Stream
-    data: bytes
+    data: bytes | bytearray
 
-    def __init__(self, channel: int, stream: Stream, data: bytes) -> None:
+    def __init__(self, channel: int, stream: Stream, data: bytes | bytearray) -> None:
         self.channel = channel
         self.stream = stream
         self.data = data
@@ -72,7 +77,10 @@ class ExitReceived(Event):
 
 
 class CreditReceived(Event):
-    """The server opened more of a channel's stdin window: `room` bytes may be sent now."""
+    """The peer opened more of a channel's window: `room` bytes may be sent on it now.
+
+    On the client the window is the channel's stdin; on the server, its output.
+    """
 
     __match_args__ = ("channel", "room")
     __slots__ = __match_args__
@@ -129,12 +137,15 @@ class ExecRejected(Event):
 
 
 class StdinReceived(Event):
+    """STDIN bytes (a bytearray, as OutputReceived's); report them with `stdin_consumed`
+    once the command has them, so the client may send more."""
+
     __match_args__ = ("channel", "data")
     __slots__ = __match_args__
     channel: int
-    data: bytes
+    data: bytes | bytearray
 
-    def __init__(self, channel: int, data: bytes) -> None:
+    def __init__(self, channel: int, data: bytes | bytearray) -> None:
         self.channel = channel
         self.data = data
 

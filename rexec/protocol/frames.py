@@ -1,4 +1,4 @@
-"""rexec/1 framing: the 16-byte cleartext HELLO, then `u32 length` + body frames.
+"""rexec/2 framing: the 16-byte cleartext HELLO, then `u32 length` + body frames.
 
 Lengths are checked the moment the 4 header bytes are in, before any body byte is
 buffered, so a peer can never make us allocate more than one maximal frame.
@@ -15,12 +15,13 @@ from rexec.protocol.noise import DHLEN, TAGLEN, Suite
 from rexec.protocol.notice import HelloRefused, RefusalCode
 
 MAGIC = b"RXEC"
-VERSION = 1
+VERSION = 2  # rexec/2: per-channel flow control (CREDIT) changed the wire
 HELLO_LEN = 16
 HELLO = struct.Struct(">4sBBH8s")  # magic | version | suite | reserved | key_id
 LENGTH = struct.Struct(">I")
 INNER = struct.Struct(">BBHI")  # type | flags | reserved | channel
 INNER_LEN = INNER.size
+HEADROOM = INNER_LEN  # a data payload built with this much room in front is framed in place
 MAX_PAYLOAD = 256 * 1024
 MAX_TRANSPORT_BODY = INNER_LEN + MAX_PAYLOAD + TAGLEN
 MIN_TRANSPORT_BODY = INNER_LEN + TAGLEN
@@ -50,6 +51,7 @@ class FrameType(IntEnum):
     PING = 11
     PONG = 12
     CLOSE = 13
+    CREDIT = 14
 
 
 class Hello(FrozenRecord):
@@ -77,7 +79,7 @@ class Hello(FrozenRecord):
         if version != VERSION:
             raise HelloRefused(
                 RefusalCode.VERSION_NOT_SUPPORTED,
-                f"unsupported protocol version {version} (this is rexec/1)",
+                f"unsupported protocol version {version} (this is rexec/{VERSION})",
             )
         if reserved != 0:
             raise RemoteProtocolError("HELLO reserved field must be zero")
@@ -88,6 +90,17 @@ class Hello(FrozenRecord):
                 RefusalCode.SUITE_NOT_ALLOWED, f"unknown cipher suite {suite} in HELLO"
             ) from None
         return cls(s, key_id, version)
+
+
+def payload_buffer(payload: bytes | bytearray | memoryview) -> bytearray:
+    """`payload` copied behind HEADROOM free bytes: the form data frames are queued in.
+
+    Producers that can read straight into such a buffer (the server's pipe reader) skip
+    this copy; for everyone else it is the one copy a payload makes before encryption.
+    """
+    buf = bytearray(HEADROOM)
+    buf += payload
+    return buf
 
 
 def encode_frame(body: bytes) -> bytes:
@@ -138,6 +151,12 @@ class FrameBuffer:
             grown[:size] = buf[self._start : self._end]
             self._buf = grown
         self._start, self._end = 0, size
+
+    def release(self) -> None:
+        """Drop the buffer (the stream is over): its memory goes at once, not at the next
+        garbage collection of whatever still refers to us."""
+        self._buf = bytearray()
+        self._start = self._end = 0
 
     def feed(self, data: bytes) -> None:
         n = len(data)

@@ -7,6 +7,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rexec.errors import RemoteProtocolError
+from rexec.protocol.messages import MAX_WINDOW
 from rexec.protocol.pty import PtyRequest, modes_problem, size_problem, term_problem
 
 MAX_ARGS = 4096
@@ -49,6 +50,7 @@ class ExecRequest(BaseModel):
     cwd: str | None = None
     timeout: float | None = None
     stdin: bool = False
+    window: int = Field(ge=0, le=MAX_WINDOW)  # the channel's initial output window
     pty: PtyModel | None = None  # a pseudo-terminal for the command (PROTOCOL.md 10.2.1)
 
     @field_validator("timeout", mode="before")

@@ -1,6 +1,6 @@
 """Noise NNpsk0 (X25519, SHA256) on `cryptography` primitives, two cipher suites.
 
-Only what rexec/1 needs: the NNpsk0 pattern (`-> psk, e` / `<- e, ee`), the two AEADs, and
+Only what rexec/2 needs: the NNpsk0 pattern (`-> psk, e` / `<- e, ee`), the two AEADs, and
 the transport CipherStates after Split(). Written from the Noise spec (revision 34) and
 checked byte for byte against the cacophony vectors and against the `noiseprotocol` package.
 """
@@ -114,7 +114,7 @@ class CipherState:
         self.n = n + 1
         return ct
 
-    def encrypt_into(self, ad: bytes, plaintext: bytes, out: memoryview) -> None:
+    def encrypt_into(self, ad: bytes, plaintext: bytes | bytearray, out: memoryview) -> None:
         """Encrypt into `out` (exactly len(plaintext) + TAGLEN bytes): no extra copy."""
         if self._aead is None:
             raise LocalProtocolError("encrypt_into needs a keyed CipherState")
@@ -138,6 +138,26 @@ class CipherState:
             ) from None
         self.n = n + 1
         return pt
+
+    def decrypt_into(self, ad: bytes, ciphertext: bytes | memoryview, out: bytearray) -> None:
+        """Decrypt into `out` (exactly len(ciphertext) - TAGLEN bytes): no extra copy.
+
+        Same rules as decrypt; on failure `out` holds nothing usable and the counter stays.
+        """
+        if self._aead is None:
+            raise LocalProtocolError("decrypt_into needs a keyed CipherState")
+        n = self.n
+        if n >= MAX_NONCE:
+            raise RemoteProtocolError("peer exhausted the nonce counter")
+        if len(ciphertext) < TAGLEN:
+            raise DecryptError("encrypted frame shorter than its authentication tag")
+        try:
+            self._aead.decrypt_into(self._pack(n), ciphertext, ad, out)
+        except InvalidTag:
+            raise DecryptError(
+                "frame failed authentication (tampered, replayed, reordered or wrong key)"
+            ) from None
+        self.n = n + 1
 
 
 class SymmetricState:

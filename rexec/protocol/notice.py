@@ -54,13 +54,14 @@ class HelloRefused(RemoteProtocolError):
         self.refusal = refusal
 
 
-def encode_notice(code: RefusalCode, retry_after: float = 0, version: int = 1) -> bytes:
-    """The 8 bytes a server sends instead of message 2; retry_after in seconds, 0 = no hint."""
+def encode_notice(code: RefusalCode, retry_after: float = 0, *, version: int) -> bytes:
+    """The 8 bytes a server sends instead of message 2; retry_after in seconds, 0 = no hint;
+    `version`: the protocol version the server speaks (frames.VERSION)."""
     hint = min(MAX_RETRY_AFTER, max(0, round(retry_after)))
     return NOTICE.pack(NOTICE_MAGIC, version, int(code), hint)
 
 
-def refusal_error(notice: bytes, *, suite: str = "?", version: int = 1) -> ServerRefused:
+def refusal_error(notice: bytes, *, suite: str = "?", version: int) -> ServerRefused:
     """The client's error for a received notice (`suite`/`version`: what the client sent)."""
     _, server_version, code, retry_after = NOTICE.unpack(notice)
     try:
@@ -76,7 +77,7 @@ def refusal_error(notice: bytes, *, suite: str = "?", version: int = 1) -> Serve
     return ServerRefused(code, retry_after, message)
 
 
-def inspect_reply(head: bytes, *, suite: str = "?", version: int = 1) -> int:
+def inspect_reply(head: bytes, *, suite: str = "?", version: int) -> int:
     """Look at the first bytes the server sent, before message 2 is complete.
 
     Returns how many more bytes are needed to tell what they are, or 0 when they are the

@@ -1,4 +1,4 @@
-"""The server role of rexec/1 (sans-I/O).
+"""The server role of rexec/2 (sans-I/O).
 
 Handshake rules: a HELLO naming an unknown key id is answered exactly like a wrong secret
 (message 1 is checked against a dummy PSK), so timing and behaviour reveal nothing about
@@ -14,7 +14,15 @@ from collections.abc import Callable, Collection
 
 from rexec.errors import AuthFailed, DecryptError, LocalProtocolError, RemoteProtocolError
 from rexec.protocol import messages as m
-from rexec.protocol.connection import ChannelState, Connection, TraceFn
+from rexec.protocol.connection import (
+    Channel,
+    ChannelEvent,
+    ChannelState,
+    Connection,
+    ConnEvent,
+    ConnState,
+    TraceFn,
+)
 from rexec.protocol.events import (
     Authenticated,
     Event,
@@ -74,8 +82,8 @@ class ServerConnection(Connection):
         self.hello: Hello | None = None
         self._secret: bytes | None = None
         self._hs: NNpsk0Handshake | None = None
-        self.authenticated = False
         self.key_id: bytes | None = None
+        self.window = info.window  # every channel's initial stdin window
         self.refused: RefusalCode | None = None
 
     def _process(self) -> list[Event]:
@@ -129,6 +137,7 @@ class ServerConnection(Connection):
         self._buf.max_body = PREAUTH_RECV - LENGTH.size  # AUTH is far smaller; bigger comes after
         self._buf.min_body = MIN_TRANSPORT_BODY
         self._buf.what = "frame"
+        self._to(ConnEvent.MSG1_OK)
 
     def refuse(self, code: RefusalCode, retry_after: float = 0) -> bool:
         """Queue a refusal notice in place of message 2 (docs/PROTOCOL.md 6.6); then close.
@@ -140,20 +149,25 @@ class ServerConnection(Connection):
         if self._send is not None or self.refused is not None:
             return False
         self.refused = code
-        self._out.append(encode_notice(code, retry_after, VERSION))
+        self._out.append(encode_notice(code, retry_after, version=VERSION))
         if self._error is None:  # nothing more is read from a refused peer
             self._error = LocalProtocolError(f"connection refused ({code.name.lower()})")
         return True
 
     # ---- receiving ----------------------------------------------------------------
 
+    @property
+    def authenticated(self) -> bool:
+        """A valid AUTH arrived (whatever happened since)."""
+        return self.key_id is not None
+
     def _dispatch(
-        self, ftype: FrameType, channel: int, payload: bytes, events: list[Event]
+        self, ftype: FrameType, channel: int, payload: bytes | bytearray, events: list[Event]
     ) -> None:
-        if not self.authenticated:
+        if self._state is ConnState.AUTHENTICATING:
             if ftype is not FrameType.AUTH:
                 raise RemoteProtocolError(f"{ftype.name} frame before AUTH")
-            self._auth(channel, payload, events)
+            self._auth(channel, bytes(payload), events)
             return
         super()._dispatch(ftype, channel, payload, events)
 
@@ -163,25 +177,28 @@ class ServerConnection(Connection):
             raise RemoteProtocolError("AUTH must be on channel 0 with a 32-byte proof")
         if not m.verify_auth_proof(self._secret, self._hs.handshake_hash, payload):
             raise AuthFailed("authentication failed: bad AUTH proof")
+        self._to(ConnEvent.AUTH_OK)
         self._buf.max_body = MAX_TRANSPORT_BODY  # authenticated: full-size frames, a buffer
         self._buf.limit = None  # that grows to take them
-        self.authenticated = True
         self.key_id = self.hello.key_id
         events.append(Authenticated(self.hello.key_id))
 
     def _channel_error(self, channel: int) -> None:
         self._check_channel_number(channel)
 
-    def _known_channel(self, ftype: FrameType, channel: int) -> ChannelState | None:
+    def _known_channel(self, ftype: FrameType, channel: int) -> Channel | None:
         """The open channel, or None for one that has closed (late frames are dropped)."""
         self._check_channel_number(channel)
-        state = self.channels.get(channel)
-        if state is None and channel > self.last_channel:
+        ch = self._channels.get(channel)
+        if ch is None and channel > self.last_channel:
             raise RemoteProtocolError(f"{ftype.name} for channel {channel}, which was never opened")
-        return state
+        return ch
+
+    def _credited_channel(self, channel: int) -> Channel | None:
+        return self._known_channel(FrameType.CREDIT, channel)
 
     def _dispatch_role(
-        self, ftype: FrameType, channel: int, payload: bytes, events: list[Event]
+        self, ftype: FrameType, channel: int, payload: bytes | bytearray, events: list[Event]
     ) -> None:
         if ftype is FrameType.EXEC:
             self._check_channel_number(channel)
@@ -189,35 +206,43 @@ class ServerConnection(Connection):
                 raise RemoteProtocolError(f"EXEC reuses channel {channel}; numbers must increase")
             self.last_channel = channel
             try:
-                request = parse_exec_request(payload)
+                request = parse_exec_request(bytes(payload))
             except RemoteProtocolError as exc:
-                # stdin stays "open" so the client's in-flight STDIN is dropped, not fatal
-                self.channels[channel] = ChannelState(stdin_open=True)
+                # the client's in-flight STDIN (within the window) is dropped, not fatal
+                rejected = Channel(channel, ChannelState.UNUSED, 0, self.window)
+                self._channels[channel] = rejected
+                self._channel_to(rejected, ChannelEvent.EXEC_REJECTED)
                 events.append(ExecRejected(channel, str(exc)))
                 return
-            self.channels[channel] = ChannelState(stdin_open=request.stdin)
+            new = Channel(channel, ChannelState.UNUSED, request.window, self.window)
+            self._channels[channel] = new
+            self._channel_to(new, ChannelEvent.EXEC_STDIN if request.stdin else ChannelEvent.EXEC)
             events.append(ExecReceived(channel, request))
         elif ftype is FrameType.STDIN or ftype is FrameType.STDIN_EOF:
-            state = self._known_channel(ftype, channel)
-            if state is None:
+            ch = self._known_channel(ftype, channel)
+            if ch is None:
                 return
-            if not state.stdin_open:
+            if ch.state is ChannelState.STDIN_CLOSED:
                 raise RemoteProtocolError(
                     f"{ftype.name} on channel {channel} whose stdin is closed"
                 )
             if ftype is FrameType.STDIN:
-                events.append(StdinReceived(channel, payload))
+                self._received(ftype, ch, len(payload))
+                if ch.state is ChannelState.STDIN_OPEN:
+                    events.append(StdinReceived(channel, payload))
             else:
                 if payload:
                     raise RemoteProtocolError("STDIN_EOF must be empty")
-                state.stdin_open = False
-                events.append(StdinClosed(channel))
+                opened = ch.state is ChannelState.STDIN_OPEN
+                self._channel_to(ch, ChannelEvent.STDIN_EOF)
+                if opened:
+                    events.append(StdinClosed(channel))
         elif ftype is FrameType.SIGNAL:
-            signum = m.unpack_signal(payload)
+            signum = m.unpack_signal(bytes(payload))
             if self._known_channel(ftype, channel) is not None:
                 events.append(SignalReceived(channel, signum))
         elif ftype is FrameType.WINDOW:
-            rows, cols = m.unpack_window(payload)
+            rows, cols = m.unpack_window(bytes(payload))
             if self._known_channel(ftype, channel) is not None:
                 events.append(WindowChanged(channel, rows, cols))
         elif ftype is FrameType.AUTH:
@@ -227,25 +252,47 @@ class ServerConnection(Connection):
 
     # ---- sending ------------------------------------------------------------------
 
-    def _open(self, channel: int, what: str) -> None:
-        if channel not in self.channels:
+    def _open(self, channel: int, what: str) -> Channel:
+        ch = self._channels.get(channel)
+        if ch is None:
             raise LocalProtocolError(f"cannot send {what}: channel {channel} is not open")
+        return ch
 
-    def send_output(self, channel: int, stream: int, data: bytes) -> None:
-        """STDOUT (stream 1) or STDERR (stream 2); split into frames as needed."""
-        self._open(channel, "output")
+    def output_room(self, channel: int) -> int:
+        """Output bytes (stdout + stderr) the client accepts on `channel` now; 0 if closed."""
+        return self.send_room(channel)
+
+    @staticmethod
+    def _output_type(stream: int) -> FrameType:
         if stream not in (1, 2):
             raise LocalProtocolError(f"output stream must be 1 or 2, not {stream}")
-        if data:
-            ftype = FrameType.STDOUT if stream == 1 else FrameType.STDERR
-            self._queue_chunks(ftype, channel, data)
+        return FrameType.STDOUT if stream == 1 else FrameType.STDERR
+
+    def send_output(self, channel: int, stream: int, data: bytes | bytearray | memoryview) -> None:
+        """STDOUT (stream 1) or STDERR (stream 2), at most output_room(channel) bytes;
+        split into frames as needed."""
+        ch = self._open(channel, "output")
+        self._queue_data(self._output_type(stream), ch, data)
+
+    def send_output_buffer(self, channel: int, stream: int, buf: bytearray) -> None:
+        """As send_output, for a payload read into a buffer behind frames.HEADROOM free bytes
+        (at most MAX_PAYLOAD of it): framed in place, no copy. The buffer is ours now."""
+        ch = self._open(channel, "output")
+        self._queue_data_buffer(self._output_type(stream), ch, buf)
+
+    def stdin_consumed(self, channel: int, nbytes: int) -> None:
+        """The command has taken `nbytes` of the channel's stdin (written to its pipe, or
+        dropped): queues a CREDIT once half the window is consumed."""
+        self._consumed(channel, nbytes)
 
     def send_channel_error(self, channel: int, code: int, message: str) -> None:
-        self._open(channel, "ERROR")
-        self.send_error(channel, code, message)
+        """ERROR about a command: after any output of that channel still queued."""
+        ch = self._open(channel, "ERROR")
+        self._queue_frame(FrameType.ERROR, channel, m.pack_error(code, message), ordered=ch)
 
     def send_exit(self, channel: int, status: m.ExitStatus) -> None:
-        """EXIT closes the channel: it is always the channel's last frame."""
-        self._open(channel, "EXIT")
-        self._queue_frame(FrameType.EXIT, channel, status.pack())
-        del self.channels[channel]
+        """EXIT closes the channel: it is always the channel's last frame, after any output
+        still queued."""
+        ch = self._open(channel, "EXIT")
+        self._queue_frame(FrameType.EXIT, channel, status.pack(), ordered=ch)
+        self._channel_to(ch, ChannelEvent.EXIT)

@@ -203,6 +203,7 @@ class LimitsSection(_Model):
     hello_timeout: PosFloat = 5.0  # accept -> HELLO + message 1 in ("first flight")
     handshake_timeout: PosFloat = 10.0  # accept -> valid AUTH
     idle_timeout: NonNegFloat = 3600.0  # 0 disables
+    keepalive: NonNegFloat = 30.0  # PING a client this silent while it has commands; 0 disables
     max_channels: PosInt = 256
     default_timeout: NonNegFloat = 0.0  # 0 = no deadline unless the client asks
     max_timeout: NonNegFloat = 0.0  # 0 = no cap

@@ -15,7 +15,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from rexec import __version__
+from rexec import __version__, heap
 from rexec.errors import AuditLogError, ConfigError, ErrorCode
 from rexec.log import AuditLog, AuditRecord, get_logger
 from rexec.protocol.frames import MAX_PAYLOAD
@@ -125,6 +125,7 @@ class ServerContext:
         self.shutting_down = False
         self.lingering = 0  # refused connections waiting for their peer's close
         self._channel_done = asyncio.Event()
+        self._trim: asyncio.TimerHandle | None = None
         self.last_used = LastUsed(store.used_path)
         self.learned = Learned(store.learned_path)
         self.log_disabled_tokens()
@@ -257,6 +258,16 @@ class ServerContext:
 
     def channel_finished(self) -> None:
         self._channel_done.set()
+
+    def connection_ended(self) -> None:
+        """Give the buffers a finished connection freed back to the OS within a second (one
+        trim per second at most, however many connections end)."""
+        if self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(1.0, self._release)
+
+    def _release(self) -> None:
+        self._trim = None
+        heap.release()
 
     def running(self) -> int:
         return sum(s.running() for s in self.sessions)

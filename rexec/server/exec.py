@@ -71,6 +71,7 @@ _KILL_BOUND = 2.0
 # chunk and lets the child keep writing while the sink is busy. Memory stays bounded by it.
 _PIPE_SIZE = 256 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PTY_READ = 64 * 1024  # the most a pty's output is read at once
 
 
 # Left ignored if inherited so: see the module docstring.
@@ -112,6 +113,7 @@ class ExecSpec:
     timeout: float | None = None  # server-enforced deadline in seconds, from start
     kill_grace: float = 2.0  # seconds between SIGTERM and SIGKILL
     chunk_size: int = 256 * 1024  # max bytes handed to the sink at once
+    headroom: int = 0  # free bytes in front of each chunk: the sink frames it in place
     # run-as (a token policy, root servers only): Popen's user=, group=, extra_groups=
     uid: int | None = None
     gid: int | None = None
@@ -121,6 +123,8 @@ class ExecSpec:
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {self.chunk_size}")
+        if self.headroom < 0:
+            raise ValueError(f"headroom must be >= 0, not {self.headroom}")
         if self.kill_grace < 0:
             raise ValueError(f"kill_grace must be >= 0, not {self.kill_grace}")
         if self.timeout is not None and self.timeout < 0:
@@ -142,13 +146,16 @@ class ExecOutcome:
 class OutputSink(Protocol):
     """Receives output; returning means "ready for more" (backpressure: see module doc).
 
-    A sink may also have `send_now(stream, data) -> bool`: take the data at once if it can
-    without waiting (else False, and the data comes again through the call). A pty's output
-    then goes out from the loop's readiness callback itself: a keystroke's echo skips the
-    pump task's wake-up, a loop turn and two selector changes.
+    `data` is a fresh buffer, the sink's to keep: ExecSpec.headroom free bytes, then the
+    output (the pipe is read straight into it, so a sink that frames it copies nothing).
+
+    A sink may also have `send_now(stream, data) -> bool`: take the data (the same kind of
+    buffer) at once if it can without waiting, else False, and the data comes again through
+    the call. A pty's output then goes out from the loop's readiness callback itself: a
+    keystroke's echo skips the pump task's wake-up, a loop turn and two selector changes.
     """
 
-    async def __call__(self, stream: Stream, data: bytes) -> None: ...
+    async def __call__(self, stream: Stream, data: bytearray) -> None: ...
 
 
 class _Pump:
@@ -165,7 +172,7 @@ class _Pump:
         self.task: asyncio.Task[None] | None = None
         # the send_now path (a pty's): what the callback read and left for the pump
         # (b"": end of file), a failure of send_now, and whether the reader stays registered
-        self.pending: bytes | None = None
+        self.pending: bytearray | None = None
         self.error: Exception | None = None
         self.watched = False
 
@@ -303,7 +310,9 @@ class Execution:
         self._drain_deadline: float | None = None
         self._sink_error: BaseException | None = None
         send_now = getattr(sink, "send_now", None) if spec.pty is not None else None
-        self._send_now: Callable[[Stream, bytes], bool] | None = send_now
+        self._send_now: Callable[[Stream, bytearray], bool] | None = send_now
+        # a pty returns at most what its buffer holds (a few KiB): no use zeroing 256 KiB
+        self._read_size = min(spec.chunk_size, _PTY_READ) if spec.pty else spec.chunk_size
         self._outcome: ExecOutcome | None = None
         self._supervisor: asyncio.Task[ExecOutcome] | None = None
 
@@ -419,7 +428,7 @@ class Execution:
         """The outcome once the command is fully finished, else None."""
         return self._outcome
 
-    async def write_stdin(self, data: bytes) -> None:
+    async def write_stdin(self, data: bytes | bytearray) -> None:
         """Write all of data, waiting while the pipe is full (backpressure towards the client).
 
         Dropped silently when the child closed its stdin, stdin was not requested, or the
@@ -437,7 +446,7 @@ class Execution:
                     continue
                 view = view[n:]
 
-    def write_stdin_now(self, data: bytes) -> int:
+    def write_stdin_now(self, data: bytes | bytearray) -> int:
         """What of data the pipe (or pty) takes at once, without waiting: how much it took.
 
         0 while a write_stdin() waits (order is kept). Saves an interactive key the trip
@@ -451,7 +460,7 @@ class Execution:
             return 0
         return max(0, self._write_some(fd, data))
 
-    def _write_some(self, fd: int, data: bytes | memoryview) -> int:
+    def _write_some(self, fd: int, data: bytes | bytearray | memoryview) -> int:
         """One write to stdin: bytes written; -1 if it is full; all of data when it is gone
         (the child closed it, or a pty's every slave is closed: EIO)."""
         try:
@@ -508,7 +517,8 @@ class Execution:
     async def _pump(self, p: _Pump) -> None:
         """Read one pipe into the sink; the next read happens only once the sink returned."""
         loop = self._loop
-        size = self._spec.chunk_size
+        size = self._read_size
+        head = self._spec.headroom
         sink = self._sink
         try:
             while True:
@@ -517,30 +527,38 @@ class Execution:
                 deadline = self._drain_deadline
                 if deadline is not None and p.owed <= 0 and loop.time() >= deadline:
                     return
-                try:
-                    data = p.pending if p.pending is not None else os.read(p.fd, size)
-                    p.pending = None
-                except BlockingIOError:
-                    if deadline is None:
-                        await self._readable(p, None)
-                    else:
-                        remaining = deadline - loop.time()
-                        if remaining <= 0:
-                            return
-                        await self._readable(p, remaining)
-                    continue
-                except OSError as exc:  # a pty master once every slave is closed: its EOF
-                    if exc.errno != errno.EIO:
-                        raise
+                if p.pending is not None:  # read by _read_now: the sink wants to be awaited
+                    data, p.pending = p.pending, None
+                    n = len(data) - head
+                else:
+                    data = bytearray(head + size)
+                    try:
+                        with memoryview(data) as view:
+                            n = os.readv(p.fd, [view[head:]])
+                    except BlockingIOError:
+                        del data  # a quiet pipe must not pin a chunk's worth of memory
+                        if deadline is None:
+                            await self._readable(p, None)
+                        else:
+                            remaining = deadline - loop.time()
+                            if remaining <= 0:
+                                return
+                            await self._readable(p, remaining)
+                        continue
+                    except OSError as exc:  # a pty master once every slave is closed: EOF
+                        if exc.errno != errno.EIO:
+                            raise
+                        return
+                    if n < size:
+                        del data[head + n :]
+                if n <= 0:
                     return
-                if not data:
-                    return
-                p.owed -= len(data)
+                p.owed -= n
                 await sink(p.stream, data)
-                p.nbytes += len(data)
+                p.nbytes += n
                 # A sink that never suspends would let a fast child starve the loop (deadline,
                 # the other pipe): yield once per full chunk, a negligible cost at 256 KiB.
-                if len(data) == size:
+                if n == size:
                     await asyncio.sleep(0)
         except Exception as exc:  # the sink failed: the output has nowhere to go
             if self._sink_error is None:
@@ -582,17 +600,19 @@ class Execution:
             p.watched = False
             return
         try:
-            data = os.read(p.fd, self._spec.chunk_size)
+            raw = os.read(p.fd, self._read_size)
         except BlockingIOError:  # already read (a readiness event from before)
             return
         except OSError as exc:
             if exc.errno != errno.EIO:  # EIO: a pty master once every slave is closed
                 p.error = exc
-            data = b""
+            raw = b""
+        data = bytearray(self._spec.headroom)  # the sink's buffer: headroom, then the output
+        data += raw
         try:
-            if data and send_now(p.stream, data):
-                p.owed -= len(data)
-                p.nbytes += len(data)
+            if raw and send_now(p.stream, data):
+                p.owed -= len(raw)
+                p.nbytes += len(raw)
                 return
         except Exception as exc:  # the pump reports it, as a failing sink call
             p.error = exc

@@ -3,6 +3,11 @@
 The session turns protocol events into exec-layer calls and process output into frames.
 It owes every channel an EXIT (and the audit log a record) whatever happens: a command that
 cannot start gets ERROR + EXIT, a shutdown or a vanished client gets its processes killed.
+
+Flow control, per channel: stdin waits here (at most the channel's window) until the pipe
+takes it, and only then is it credited back to the client; output leaves the pipe only when
+the client's window for that channel has room and the socket is draining. The socket is read
+at all times, so a client's FIN, SIGNAL or PONG is seen at once however stalled its commands.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from rexec.log import AuditRecord
 from rexec.protocol.events import (
     Authenticated,
     CloseReceived,
+    CreditReceived,
     ErrorReceived,
     Event,
     ExecReceived,
@@ -25,8 +31,10 @@ from rexec.protocol.events import (
     SignalReceived,
     StdinClosed,
     StdinReceived,
+    Stream,
     WindowChanged,
 )
+from rexec.protocol.frames import HEADROOM
 from rexec.protocol.messages import ExitStatus
 from rexec.protocol.models import ExecRequest
 from rexec.protocol.notice import RefusalCode
@@ -38,8 +46,6 @@ from rexec.server.exec import ExecOutcome, ExecSpec, Execution
 from rexec.server.policy import Decision, resolve_cwd
 from rexec.transport import FramedProtocol
 
-STDIN_HIGH = 4 * 1024 * 1024  # pending stdin bytes per connection before we stop reading
-STDIN_LOW = 1024 * 1024
 EXIT_NOT_STARTED = 255
 END_WAIT = 0.7  # a revoked/expired token's connection: how long its killed commands may take
 _conn_ids = itertools.count(1)
@@ -47,21 +53,35 @@ _conn_ids = itertools.count(1)
 
 @dataclass
 class ChannelRun:
-    """A command in flight: its request, its process once started, its stdin queue."""
+    """A command in flight: its request, its process once started, its stdin queue (at most
+    the channel's stdin window), and the output sink's wait for credit."""
 
     channel: int
     request: ExecRequest | None
     execution: Execution | None = None
-    stdin: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    stdin: asyncio.Queue[bytes | bytearray | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     stdin_task: asyncio.Task[None] | None = None
     decision: Decision | None = None  # the token policy's verdict, with the spec to run
+    credit: asyncio.Future[None] | None = None
+
+    async def wait_credit(self) -> None:
+        """Until the client grants more output window (both output pumps may wait)."""
+        if self.credit is None:
+            self.credit = asyncio.get_running_loop().create_future()
+        await self.credit
+
+    def wake(self) -> None:
+        credit, self.credit = self.credit, None
+        if credit is not None and not credit.done():
+            credit.set_result(None)
+
     window: tuple[int, int] | None = None  # a pty's size from WINDOW before it started
     stdin_queued: int = 0  # stdin chunks queued or being written (0: may write directly)
 
 
 class _ChannelSink:
-    """Where a channel's output goes: to the client as fast as the socket drains."""
+    """Where a channel's output goes: to the client as its window and the socket allow."""
 
     __slots__ = ("channel", "session")
 
@@ -69,26 +89,23 @@ class _ChannelSink:
         self.session = session
         self.channel = channel
 
-    async def __call__(self, stream: int, data: bytes) -> None:
-        session = self.session
-        if session.lost:
-            return
-        session.conn.send_output(self.channel, stream, data)
-        session.protocol.flush()
-        try:
-            await session.protocol.drain()
-        except RexecError:
-            return
+    async def __call__(self, stream: Stream, data: bytearray) -> None:
+        # by channel, not `run`: run -> execution -> sink -> run would be a cycle
+        await self.session._output(self.channel, stream, data)
 
-    def send_now(self, stream: int, data: bytes) -> bool:
-        """Send at once if nothing waits to be written (a keystroke's echo); else False."""
-        session = self.session
-        if session.lost:
-            return True  # nobody to send it to
+    def send_now(self, stream: Stream, data: bytearray) -> bool:
+        """Send at once (a keystroke's echo) if the window has room and nothing waits to be
+        written; else False. `data` is a buffer behind HEADROOM free bytes, as for _output."""
+        session, channel = self.session, self.channel
+        conn = session.conn
+        if session.lost or not conn.may_send or channel not in conn.channels:
+            return True  # nobody to send it to: dropped, as _output drops it
         transport = session.protocol.transport
-        if transport is None or transport.get_write_buffer_size():
+        if conn.output_room(channel) < len(data) - HEADROOM or (
+            transport is None or transport.get_write_buffer_size()
+        ):
             return False
-        session.conn.send_output(self.channel, stream, data)
+        conn.send_output_buffer(channel, stream, data)
         session.protocol.flush()
         return True
 
@@ -122,13 +139,12 @@ class Session:
         self.lost = False
         self.closing = False
         self.ending: str | None = None  # why the token stopped being valid, once it has
-        self._pending_stdin = 0
-        self._held = False
         self._timer: asyncio.TimerHandle | None = None
+        self._ping_at: float | None = None  # when we PINGed a silent client, until it answers
+        self._idle_since = 0.0  # when the last command ended: idle time counts from there
         self._first_timer: asyncio.TimerHandle | None = None
         self.source = "?"
         self._lingering = False
-        self._last_rx = 0.0
         self.done = asyncio.Event()
 
     @property
@@ -153,7 +169,6 @@ class Session:
         )
         self.log = self.log.bind(peer=self.peer)
         loop = asyncio.get_running_loop()
-        self._last_rx = loop.time()
         ctx.sessions.add(self)
         refusal = ctx.admit(self)
         if refusal is not None:
@@ -199,25 +214,54 @@ class Session:
             self.protocol.abort()
 
     def _arm_idle(self) -> None:
-        idle = self.ctx.config.limits.idle_timeout
+        """(Re)start the liveness watch: idle timeout, or keepalive while commands run."""
         if self._timer is not None:
             self._timer.cancel()
-        if idle > 0 and not self.lost:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(self._last_rx + idle, self._idle_check)
+            self._timer = None
+        if not self.lost and self.authenticated:
+            self._idle_check()
 
     def _idle_check(self) -> None:
-        idle = self.ctx.config.limits.idle_timeout
-        now = asyncio.get_running_loop().time()
-        if self.runs:  # a running command is activity, however quiet
-            self._last_rx = now
-        if now - self._last_rx < idle:
-            self._arm_idle()
+        """Without commands, a connection silent for idle_timeout is closed. With commands,
+        a client silent for `keepalive` is PINGed and, silent as long again, dropped (its
+        commands killed): a running command is no proof the client is still there."""
+        limits = self.ctx.config.limits
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        last = self.protocol.last_rx
+        if self._ping_at is not None and last > self._ping_at:
+            self._ping_at = None  # it answered (any byte will do)
+        if self.runs and limits.keepalive > 0:
+            keepalive = limits.keepalive
+            if self._ping_at is not None:
+                if now - self._ping_at >= keepalive:
+                    silent = now - last
+                    self.log.warning(
+                        "client stopped responding; dropping it", silent=round(silent, 1)
+                    )
+                    self.protocol.drop(f"client silent for {silent:.0f}s while commands ran")
+                    return
+                due = self._ping_at + keepalive
+            elif now - last >= keepalive:
+                self._ping_at = now
+                self.conn.send_ping(b"keepalive")
+                self.protocol.flush()
+                due = now + keepalive
+            else:
+                due = last + keepalive
+        elif not self.runs and limits.idle_timeout > 0:
+            idle = limits.idle_timeout
+            last = max(last, self._idle_since)
+            if now - last >= idle:
+                self.log.info("idle timeout; closing connection", idle_timeout=idle)
+                self.conn.farewell(ErrorCode.IDLE_TIMEOUT, f"idle for {idle:g}s")
+                self.protocol.flush()
+                self.protocol.close()
+                return
+            due = last + idle
+        else:
             return
-        self.log.info("idle timeout; closing connection", idle_timeout=idle)
-        self.conn.farewell(ErrorCode.IDLE_TIMEOUT, f"idle for {idle:g}s")
-        self.protocol.flush()
-        self.protocol.close()
+        self._timer = loop.call_at(due, self._idle_check)
 
     def on_lost(self, error: RexecError | None) -> None:
         self.lost = True
@@ -231,6 +275,10 @@ class Session:
         if isinstance(error, AuthError):
             ctx.limiter.record_failure(self.source, time.monotonic())
             self.log.warning("authentication failed", reason=str(error))
+        elif self.protocol.dropped is not None:
+            self.log.warning(
+                "connection dropped", reason=self.protocol.dropped, running=len(self.runs)
+            )
         elif error is not None and self.runs:
             self.log.warning(
                 "connection lost; killing its commands", reason=str(error), running=len(self.runs)
@@ -243,6 +291,7 @@ class Session:
             if run.execution is not None and not ctx.config.exec.keep_orphans:
                 ctx.spawn(run.execution.kill())
             run.stdin.put_nowait(None)
+            run.wake()
         ctx.unadmit(self)
         self._maybe_done()
 
@@ -283,17 +332,21 @@ class Session:
             self.protocol.close()
 
     def _maybe_done(self) -> None:
-        if self.lost and not self.runs:
+        if self.lost and not self.runs and not self.done.is_set():
             self.ctx.sessions.discard(self)
             self.done.set()
+            self.ctx.connection_ended()
 
     # ---- events --------------------------------------------------------------------
 
     def on_events(self, events: list[Event]) -> None:
-        self._last_rx = asyncio.get_running_loop().time()
         for event in events:
             if isinstance(event, StdinReceived):
                 self._stdin(event.channel, event.data)
+            elif isinstance(event, CreditReceived):
+                run = self.runs.get(event.channel)
+                if run is not None:
+                    run.wake()
             elif isinstance(event, ExecReceived):
                 self._exec(event.channel, event.request)
             elif isinstance(event, StdinClosed):
@@ -367,26 +420,25 @@ class Session:
 
     # ---- stdin ---------------------------------------------------------------------
 
-    def _stdin(self, channel: int, data: bytes) -> None:
+    def _stdin(self, channel: int, data: bytes | bytearray) -> None:
+        """Queue stdin for the command; the protocol bounds it by the channel's window."""
         run = self.runs.get(channel)
-        if run is None or run.request is None:
+        if run is None:
             return
         if run.stdin_queued == 0 and run.execution is not None:  # a key: straight in
-            data = data[run.execution.write_stdin_now(data) :]
+            n = run.execution.write_stdin_now(data)
+            self._stdin_consumed(channel, n)
+            data = data[n:]
             if not data:
                 return
         run.stdin_queued += 1
         run.stdin.put_nowait(data)
-        self._pending_stdin += len(data)
-        if self._pending_stdin > STDIN_HIGH and not self._held:
-            self._held = True
-            self.protocol.hold()
 
-    def _stdin_done(self, n: int) -> None:
-        self._pending_stdin -= n
-        if self._held and self._pending_stdin < STDIN_LOW:
-            self._held = False
-            self.protocol.release()
+    def _stdin_consumed(self, channel: int, n: int) -> None:
+        """The pipe took (or dropped) n bytes: credit them back to the client."""
+        if not self.lost and n:
+            self.conn.stdin_consumed(channel, n)
+            self.protocol.flush()
 
     async def _feed_stdin(self, run: ChannelRun, execution: Execution) -> None:
         while True:
@@ -397,13 +449,8 @@ class Session:
                 await execution.write_stdin(data)
             finally:
                 run.stdin_queued -= 1
-                self._stdin_done(len(data))
+                self._stdin_consumed(run.channel, len(data))
         await execution.close_stdin()
-        # Anything queued after EOF (nothing, by protocol) still counts as consumed.
-        while not run.stdin.empty():
-            rest = run.stdin.get_nowait()
-            if rest:
-                self._stdin_done(len(rest))
 
     # ---- exec ----------------------------------------------------------------------
 
@@ -467,6 +514,8 @@ class Session:
         run = ChannelRun(channel, req, decision=decision)
         self.runs[channel] = run
         run.task = ctx.spawn(self._run(run))
+        if len(self.runs) == 1:
+            self._arm_idle()  # from the idle timeout to the keepalive watch
 
     def _spec(self, req: ExecRequest) -> ExecSpec:
         ctx = self.ctx
@@ -487,6 +536,7 @@ class Session:
             stdin=req.stdin,
             timeout=timeout,
             kill_grace=limits.kill_grace,
+            headroom=HEADROOM,
             pty=req.pty.request() if req.pty is not None else None,
         )
 
@@ -553,10 +603,45 @@ class Session:
             if run.stdin_task is not None:
                 run.stdin.put_nowait(None)
                 await asyncio.gather(run.stdin_task, return_exceptions=True)
+            while not run.stdin.empty():  # stdin the command never took: free it now
+                run.stdin.get_nowait()
             self.runs.pop(channel, None)
+            if not self.runs:
+                self._idle_since = asyncio.get_running_loop().time()
+                self._arm_idle()  # from the keepalive watch back to the idle timeout
             self._close_if_idle()
             self._maybe_done()
             self.ctx.channel_finished()
+
+    async def _output(self, channel: int, stream: Stream, buf: bytearray) -> None:
+        """Send one chunk of output (a buffer behind HEADROOM free bytes) as the client's
+        window for the channel allows; returns once it is all queued and the socket drains.
+
+        The chunk goes out framed in place; only a part cut off by a short window is copied.
+        """
+        conn, run = self.conn, self.runs.get(channel)
+        if run is None:
+            return
+        while not self.lost and conn.may_send and len(buf) > HEADROOM:
+            room = conn.output_room(channel)
+            if room <= 0:
+                if channel not in conn.channels:
+                    return
+                await run.wait_credit()
+                continue
+            size = len(buf) - HEADROOM
+            if room >= size:
+                conn.send_output_buffer(channel, stream, buf)
+                buf = bytearray(HEADROOM)
+            else:
+                with memoryview(buf) as view:
+                    conn.send_output(channel, stream, view[HEADROOM : HEADROOM + room])
+                del buf[:room]  # the sent bytes' tail becomes the rest's headroom
+            self.protocol.flush()
+            try:
+                await self.protocol.drain()
+            except RexecError:
+                return
 
     def _audit(
         self,

@@ -32,7 +32,7 @@ def test_cap_mirrors_rexec1_largest_body() -> None:
     # 8-byte inner header + 256 KiB payload + 16-byte AEAD tag.
     assert MAX_BODY == 262_168
     frames = pytest.importorskip("rexec.protocol.frames")
-    assert frames.MAX_TRANSPORT_BODY == MAX_BODY  # the lesson must not drift from rexec/1
+    assert frames.MAX_TRANSPORT_BODY == MAX_BODY  # the lesson must not drift from rexec/2
 
 
 def test_every_split_point_gives_back_the_exact_frames() -> None:

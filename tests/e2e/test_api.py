@@ -46,7 +46,7 @@ def test_public_api_is_sorted_and_lazy() -> None:
 def test_run_collects_output_and_status(server: Any) -> None:
     async def go() -> None:
         async with rexec.connect(server.address, token=server.token) as conn:
-            assert conn.info is not None and conn.info.protocol == "rexec/1"
+            assert conn.info is not None and conn.info.protocol == "rexec/2"
             r = await conn.run("printf 'out'; printf 'err' >&2; exit 7")
             assert (r.stdout, r.stderr, r.exit_code, r.signal, r.ok) == (
                 b"out",

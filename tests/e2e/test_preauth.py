@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-BUSY_NOTICE = b"RXNO\x01\x01\x00\x01"  # magic, rexec/1, reason 1 (busy), retry after 1 s
+BUSY_NOTICE = b"RXNO\x02\x01\x00\x01"  # magic, rexec/2, reason 1 (busy), retry after 1 s
 PER_SOURCE_DEFAULT = 16  # limits.max_unauthenticated_per_source
 MiB = 1024 * 1024
 
@@ -282,6 +282,14 @@ def test_closed_connections_are_freed_without_a_gc_pass(tmp_path: Path) -> None:
                 with contextlib.suppress(Exception):
                     async with connect(server.addresses[0], token=tok) as conn:
                         assert (await conn.run("echo hi")).stdout == b"hi\n"
+                        # flow control too: stdin credited back, output beyond a window
+                        # that waits for credit, a command killed while it waits
+                        big = await conn.run("cat", stdin=bytes(3 << 20))
+                        assert len(big.stdout) == 3 << 20
+                        proc = await conn.start("head -c 20000000 /dev/zero; sleep 9")
+                        await asyncio.sleep(0.2)
+                        proc.signal(9)
+                        assert (await proc.wait()).signal == 9
             ctx = server.ctx
             assert ctx is not None
             for _ in range(200):

@@ -114,7 +114,7 @@ def test_rate_limited_source_is_told_so_not_wrong_token(server_factory: Any, e2e
         assert (proc.returncode, proc.stdout, proc.stderr) == (255, b"", RATE_LIMITED)
     host, port = srv.address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as s:
-        assert _received(s) == b"RXNO\x01\x02\x00\x3c"  # reason 2, retry after 60 s
+        assert _received(s) == b"RXNO\x02\x02\x00\x3c"  # reason 2, retry after 60 s
     assert len(srv.log_events("authentication failed")) == 10  # refusals are not failures
 
 
@@ -139,7 +139,7 @@ def test_unauthenticated_peers_are_told_of_a_shutdown(server_factory: Any) -> No
     with socket.create_connection((host, int(port)), timeout=5) as s:
         time.sleep(0.2)  # accepted
         srv.stop()
-        assert _received(s) == b"RXNO\x01\x04\x00\x00"  # reason 4, no retry hint
+        assert _received(s) == b"RXNO\x02\x04\x00\x00"  # reason 4, no retry hint
 
 
 def test_unix_rate_limit_is_per_uid_and_apart_from_tcp(
@@ -227,7 +227,7 @@ def test_sync_client_reads_the_notice_after_its_hello_write_failed(
 
     def refuse_and_close() -> None:
         conn, _ = listener.accept()
-        conn.sendall(b"RXNO\x01\x04\x00\x00")  # shutting down
+        conn.sendall(b"RXNO\x02\x04\x00\x00")  # shutting down
         conn.close()
         closed.set()
 

@@ -19,8 +19,8 @@ from rexec.protocol.client import ClientConnection
 from rexec.protocol.events import ErrorReceived, ExitReceived, HandshakeComplete, OutputReceived
 from rexec.protocol.token import parse_token
 
-BUSY_NOTICE = b"RXNO\x01\x01\x00\x01"  # docs/PROTOCOL.md 6.6: busy, retry after 1 s
-RATE_LIMITED_NOTICE = b"RXNO\x01\x02\x00\x3c"  # rate limited, retry after 60 s
+BUSY_NOTICE = b"RXNO\x02\x01\x00\x01"  # docs/PROTOCOL.md 6.6: busy, retry after 1 s
+RATE_LIMITED_NOTICE = b"RXNO\x02\x02\x00\x3c"  # rate limited, retry after 60 s
 
 
 def _closed_within(sock: socket.socket, timeout: float, notice: bytes = b"") -> bool:

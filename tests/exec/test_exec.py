@@ -6,6 +6,7 @@ Every test runs under asyncio.wait_for, so a bug fails the test instead of hangi
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import random
@@ -49,9 +50,9 @@ class Collect:
         self.sizes: list[int] = []
         self.changed = asyncio.Event()
 
-    async def __call__(self, stream: int, data: bytes) -> None:
+    async def __call__(self, stream: int, data: bytearray) -> None:
         assert stream in (1, 2)
-        assert isinstance(data, bytes)
+        assert isinstance(data, bytearray)
         (self.out if stream == 1 else self.err).extend(data)
         self.sizes.append(len(data))
         self.changed.set()
@@ -110,6 +111,9 @@ def assert_dead(pid: int) -> None:
 
 
 def open_fds() -> set[str]:
+    """This process's fds, after a collection: an earlier test's garbage (an event loop, a
+    socket) must not close its fds in the middle of this test's count."""
+    gc.collect()
     return set(os.listdir("/proc/self/fd"))
 
 
@@ -173,6 +177,20 @@ def test_chunks_bounded_by_chunk_size() -> None:
     assert max(sink.sizes) <= 1000
 
 
+def test_headroom_in_front_of_every_chunk() -> None:
+    """The pipe is read straight behind `headroom` free bytes (the session frames in place)."""
+    script = "import sys; sys.stdout.write('a' * 70000); sys.stdout.flush(); print('b')"
+    out, sink = run(execute(spec(PY, "-c", script, chunk_size=65536, headroom=8)))
+    assert out.stdout_bytes == 70002
+    assert len(sink.out) == 70002 + 8 * len(sink.sizes) and len(sink.sizes) >= 2
+    pos, payload = 0, bytearray()
+    for size in sink.sizes:
+        assert sink.out[pos : pos + 8] == bytes(8) and 8 < size <= 8 + 65536
+        payload += sink.out[pos + 8 : pos + size]
+        pos += size
+    assert payload == b"a" * 70000 + b"b\n"
+
+
 BOTH_SCRIPT = """
 import random, sys
 a = random.Random(1).randbytes(20 << 20)
@@ -211,7 +229,7 @@ def test_slow_sink_blocks_the_child() -> None:
         written = [0]
         out = [0]
 
-        async def sink(stream: int, data: bytes) -> None:
+        async def sink(stream: int, data: bytearray) -> None:
             if stream == 2:
                 written[0] = int(data.rsplit(b"\n", 2)[-2])
                 return
@@ -236,7 +254,7 @@ def test_output_left_in_pipe_is_delivered_to_a_slow_sink() -> None:
     async def main() -> None:
         got = bytearray()
 
-        async def sink(stream: int, data: bytes) -> None:
+        async def sink(stream: int, data: bytearray) -> None:
             await asyncio.sleep(0.15)
             got.extend(data)
 

@@ -24,7 +24,7 @@ from rexec.errors import (
     TruncatedError,
 )
 from rexec.protocol.client import ClientConnection
-from rexec.protocol.connection import ChannelState, Connection
+from rexec.protocol.connection import Channel, ChannelState, Connection
 from rexec.protocol.events import (
     Authenticated,
     CloseReceived,
@@ -51,6 +51,7 @@ from rexec.protocol.frames import (
     MIN_TRANSPORT_BODY,
     FrameType,
 )
+from rexec.protocol.messages import OUTPUT_WINDOW as W
 from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.models import parse_exec_request
 from rexec.protocol.noise import MAX_NONCE, CipherState, Suite
@@ -191,7 +192,7 @@ def test_suite_not_allowed_by_the_server() -> None:
     client.initiate()
     exc = expect(server, client.data_to_send(), HelloRefused, "AESGCM is not allowed")
     assert isinstance(exc, RemoteProtocolError)
-    assert server.data_to_send() == b"RXNO\x01\x03\x00\x00"  # a notice: suite not allowed
+    assert server.data_to_send() == b"RXNO\x02\x03\x00\x00"  # a notice: suite not allowed
 
 
 def _hello_flip_expectation(index: int, mask: int) -> tuple[type[Exception], str, bytes]:
@@ -200,11 +201,11 @@ def _hello_flip_expectation(index: int, mask: int) -> tuple[type[Exception], str
     if index < 4:
         return RemoteProtocolError, "bad magic", b""
     if index == 4:
-        return HelloRefused, "unsupported protocol version", b"RXNO\x01\x05\x00\x00"
+        return HelloRefused, "unsupported protocol version", b"RXNO\x02\x05\x00\x00"
     if index == 5:
         if (1 ^ mask) == 2:  # AESGCM -> ChaChaPoly: valid byte, but the prologue differs
             return AuthFailed, "authentication failed", b""
-        return HelloRefused, "unknown cipher suite", b"RXNO\x01\x03\x00\x00"
+        return HelloRefused, "unknown cipher suite", b"RXNO\x02\x03\x00\x00"
     if index in (6, 7):
         return RemoteProtocolError, "reserved field must be zero", b""
     return AuthFailed, "authentication failed", b""  # key id
@@ -322,7 +323,7 @@ def test_message_2_with_a_low_order_point_is_rejected() -> None:
         (lambda d: d.update(admin=True), "unknown fields: admin"),
         (lambda d: d.pop("max_channels"), "lacks fields: max_channels"),
         (lambda d: d.update(max_payload="big"), "'max_payload' has the wrong type"),
-        (lambda d: d.update(protocol="rexec/9"), "not rexec/1"),
+        (lambda d: d.update(protocol="rexec/9"), "not rexec/2"),
     ],
 )
 def test_bad_server_info_is_a_protocol_error_at_the_client(
@@ -658,7 +659,7 @@ def test_frame_shorter_than_inner_header_and_tag() -> None:
 # ---- transport: inner header rules -------------------------------------------------------
 
 
-@pytest.mark.parametrize("ftype", [0, 14, 15, 128, 255])
+@pytest.mark.parametrize("ftype", [0, 15, 16, 128, 255])
 @pytest.mark.parametrize("side", ["server", "client"])
 def test_unknown_frame_type(ftype: int, side: str) -> None:
     p = ready()
@@ -719,7 +720,7 @@ def test_server_may_not_send_client_frames(ftype: FrameType) -> None:
 
 
 def test_exec_channel_numbers_must_increase() -> None:
-    body = b'{"command":"true"}'
+    body = b'{"command":"true","window":0}'
     for ch, words in ((5, "EXEC reuses channel 5"), (3, "EXEC reuses channel 3")):
         q = ready()
         assert q.server.receive_data(seal(q.client, FrameType.EXEC, 5, body)) == [
@@ -736,12 +737,12 @@ def test_exec_channel_numbers_must_increase() -> None:
 
 
 def _req(command: str) -> Any:
-    return parse_exec_request(f'{{"command":"{command}"}}'.encode())
+    return parse_exec_request(f'{{"command":"{command}","window":0}}'.encode())
 
 
 def test_exec_gaps_and_the_largest_channel_are_fine() -> None:
     p = ready()
-    body = b'{"command":"true"}'
+    body = b'{"command":"true","window":0}'
     assert p.server.receive_data(seal(p.client, FrameType.EXEC, 7, body)) == [
         ExecReceived(7, _req("true"))
     ]
@@ -931,30 +932,30 @@ def _send_raw_exec(p: Pair, body: bytes) -> int:
     ch = p.client.last_channel + 1
     p.client._queue_frame(FrameType.EXEC, ch, body)
     p.client.last_channel = ch
-    p.client.channels[ch] = ChannelState(stdin_open=False)
+    p.client._channels[ch] = Channel(ch, ChannelState.STDIN_CLOSED, 0, 1 << 20)
     return ch
 
 
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        (b'{"command":"x","shell":true}', "shell: Extra inputs are not permitted"),
-        (b'{"command":"x","argv":["x"]}', "exactly one of 'argv' or 'command'"),
-        (b"{}", "exactly one of 'argv' or 'command'"),
-        (b'{"argv":[]}', "'argv' must not be empty"),
-        (b'{"command":"a\\u0000b"}', "NUL bytes are not allowed"),
-        (b'{"argv":["ls","\\u0000"]}', "NUL bytes are not allowed"),
-        (b'{"command":"x","cwd":"/tmp\\u0000"}', "NUL bytes are not allowed"),
-        (b'{"command":"x","timeout":-1}', "'timeout' must be a positive number"),
-        (b'{"command":"x","timeout":0}', "'timeout' must be a positive number"),
-        (b'{"command":"x","timeout":"5"}', "timeout: Input should be a valid number"),
-        (b'{"command":"x","timeout":true}', "timeout: Input should be a valid number"),
-        (b'{"argv":"ls"}', "argv: Input should be a valid array"),
-        (b'{"command":["ls"]}', "command: Input should be a valid string"),
-        (b'{"command":"x","stdin":1}', "stdin: Input should be a valid boolean"),
-        (b'{"command":"x","env":["A=1"]}', "env: Input should be an object"),
-        (b'{"command":"x","env":{"A":1}}', "env.A: Input should be a valid string"),
-        (b'{"command":"x","env":{"A=B":"1"}}', "invalid environment variable"),
+        (b'{"window":1,"command":"x","shell":true}', "shell: Extra inputs are not permitted"),
+        (b'{"window":1,"command":"x","argv":["x"]}', "exactly one of 'argv' or 'command'"),
+        (b'{"window":1}', "exactly one of 'argv' or 'command'"),
+        (b'{"window":1,"argv":[]}', "'argv' must not be empty"),
+        (b'{"window":1,"command":"a\\u0000b"}', "NUL bytes are not allowed"),
+        (b'{"window":1,"argv":["ls","\\u0000"]}', "NUL bytes are not allowed"),
+        (b'{"window":1,"command":"x","cwd":"/tmp\\u0000"}', "NUL bytes are not allowed"),
+        (b'{"window":1,"command":"x","timeout":-1}', "'timeout' must be a positive number"),
+        (b'{"window":1,"command":"x","timeout":0}', "'timeout' must be a positive number"),
+        (b'{"window":1,"command":"x","timeout":"5"}', "timeout: Input should be a valid number"),
+        (b'{"window":1,"command":"x","timeout":true}', "timeout: Input should be a valid number"),
+        (b'{"window":1,"argv":"ls"}', "argv: Input should be a valid array"),
+        (b'{"window":1,"command":["ls"]}', "command: Input should be a valid string"),
+        (b'{"window":1,"command":"x","stdin":1}', "stdin: Input should be a valid boolean"),
+        (b'{"window":1,"command":"x","env":["A=1"]}', "env: Input should be an object"),
+        (b'{"window":1,"command":"x","env":{"A":1}}', "env.A: Input should be a valid string"),
+        (b'{"window":1,"command":"x","env":{"A=B":"1"}}', "invalid environment variable"),
         (b"[]", "Input should be an object"),
         (b"not json", "Invalid JSON"),
         (b"", "Invalid JSON"),
@@ -988,7 +989,7 @@ def test_rejected_exec_channel_number_is_used_up() -> None:
     assert isinstance(p.c2s()[0], ExecRejected)
     expect(
         p.server,
-        seal(p.client, FrameType.EXEC, ch, b'{"command":"x"}'),
+        seal(p.client, FrameType.EXEC, ch, b'{"command":"x","window":0}'),
         RemoteProtocolError,
         "reuses channel",
     )
@@ -1112,7 +1113,7 @@ def test_nothing_may_follow_close() -> None:
     ch = p.exec_("cat", stdin=True)
     p.client.send_close()
     p.c2s()
-    with pytest.raises(LocalProtocolError, match="cannot send STDIN after CLOSE"):
+    with pytest.raises(LocalProtocolError, match="cannot send STDIN in state CLOSE_SENT"):
         p.client.send_stdin(ch, b"x")
     expect(
         p.server,
@@ -1316,8 +1317,8 @@ def _check_event_sets(s_events: list[Event], c_events: list[Event], stdin_total:
     assert s_events == [
         Authenticated(SPLIT_TOKEN.key_id),
         PongReceived(b"first flight"),  # the client's PONG rides right behind its AUTH
-        ExecReceived(1, parse_exec_request(b'{"argv":["cat"],"stdin":true}')),
-        ExecReceived(2, parse_exec_request(b'{"command":"echo two"}')),
+        ExecReceived(1, parse_exec_request(b'{"argv":["cat"],"stdin":true,"window":%d}' % W)),
+        ExecReceived(2, parse_exec_request(b'{"command":"echo two","window":%d}' % W)),
         *stdin,
         StdinClosed(1),
         CloseReceived(),

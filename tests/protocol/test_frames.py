@@ -46,9 +46,9 @@ def test_limits_match_the_design() -> None:
 @pytest.mark.parametrize("suite", list(Suite))
 def test_hello_round_trip(suite: Suite) -> None:
     raw = Hello(suite, KEY_ID).pack()
-    assert raw == b"RXEC\x01" + bytes([int(suite)]) + b"\x00\x00" + KEY_ID
+    assert raw == b"RXEC\x02" + bytes([int(suite)]) + b"\x00\x00" + KEY_ID
     assert len(raw) == HELLO_LEN
-    assert Hello.unpack(raw) == Hello(suite, KEY_ID, 1)
+    assert Hello.unpack(raw) == Hello(suite, KEY_ID, 2)
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,8 @@ def test_hello_round_trip(suite: Suite) -> None:
         (0, ord("X"), "bad magic"),
         (3, ord("c"), "bad magic"),
         (4, 0, "unsupported protocol version 0"),
-        (4, 2, "unsupported protocol version 2"),
+        (4, 1, "unsupported protocol version 1 \\(this is rexec/2\\)"),
+        (4, 3, "unsupported protocol version 3"),
         (4, 255, "unsupported protocol version 255"),
         (5, 0, "unknown cipher suite 0"),
         (5, 3, "unknown cipher suite 3"),
@@ -298,6 +299,7 @@ def test_server_info_round_trip() -> None:
         "max_channels",
         "default_timeout",
         "max_timeout",
+        "window",
     }
     other = m.ServerInfo("s", "u", "h", 1, 1, default_timeout=2.5, max_timeout=None)
     assert m.ServerInfo.from_json(other.to_json()) == other
@@ -331,6 +333,9 @@ def test_server_info_rejects_missing_field(name: str) -> None:
         ("default_timeout", "10"),
         ("default_timeout", True),
         ("max_timeout", [60]),
+        ("window", 1.5),
+        ("window", None),
+        ("window", True),
     ],
 )
 def test_server_info_rejects_wrong_types(name: str, value: object) -> None:
@@ -341,8 +346,12 @@ def test_server_info_rejects_wrong_types(name: str, value: object) -> None:
 
 def test_server_info_rejects_bad_values() -> None:
     data = _info_dict()
-    data["protocol"] = "rexec/2"
-    _bad_info(data, "server speaks 'rexec/2', not rexec/1")
+    data["protocol"] = "rexec/1"
+    _bad_info(data, "server speaks 'rexec/1', not rexec/2")
+    for window in (-1, 2**32):
+        data = _info_dict()
+        data["window"] = window
+        _bad_info(data, "window must be within 0..4294967295")
     for field in ("max_payload", "max_channels"):
         data = _info_dict()
         data[field] = 0
@@ -366,6 +375,8 @@ def test_exec_request_json_round_trips_through_the_server_model() -> None:
     req = parse_exec_request(m.exec_request_json("echo hi"))
     assert req.command == "echo hi" and req.argv is None and req.stdin is False
     assert req.timeout is None and req.env == {}
+    assert req.window == m.OUTPUT_WINDOW
+    assert parse_exec_request(m.exec_request_json("x", window=0)).window == 0
 
 
 @pytest.mark.parametrize(
@@ -376,6 +387,8 @@ def test_exec_request_json_round_trips_through_the_server_model() -> None:
         (lambda: m.exec_request_json("x", timeout=0), "timeout must be positive"),
         (lambda: m.exec_request_json("x", timeout=-1), "timeout must be positive"),
         (lambda: m.exec_request_json("x", timeout=float("nan")), "timeout must be positive"),
+        (lambda: m.exec_request_json("x", window=-1), "window -1 out of range"),
+        (lambda: m.exec_request_json("x", window=2**32), "out of range 0..4294967295"),
     ],
 )
 def test_exec_request_json_refuses_locally(call: object, words: str) -> None:
@@ -386,8 +399,13 @@ def test_exec_request_json_refuses_locally(call: object, words: str) -> None:
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        (b'{"command":"x","timeout":1' + b"0" * 400 + b"}", "timeout.*too large"),
-        (b'{"command":"x","timeout":1e999}', "positive number"),
+        (b'{"command":"x","window":0,"timeout":1' + b"0" * 400 + b"}", "timeout.*too large"),
+        (b'{"command":"x","window":0,"timeout":1e999}', "positive number"),
+        (b'{"command":"x"}', "window: Field required"),
+        (b'{"command":"x","window":-1}', "window: Input should be greater than or equal to 0"),
+        (b'{"command":"x","window":4294967296}', "window: Input should be less than or equal"),
+        (b'{"command":"x","window":1.0}', "window: Input should be a valid integer"),
+        (b'{"command":"x","window":true}', "window: Input should be a valid integer"),
         (b"[" * 5000, "Invalid JSON"),
         (b"\xff", "Invalid JSON"),
     ],

@@ -1,4 +1,4 @@
-"""An independent rexec/1 client written from docs/PROTOCOL.md alone.
+"""An independent rexec/2 client written from docs/PROTOCOL.md alone.
 
 It proves the document is sufficient: nothing here imports rexec's client, noise, frames or
 connection modules. The Noise part uses the `noiseprotocol` package (and, to check the
@@ -39,7 +39,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 # ---- constants, as the document states them ------------------------------------------------
 
 MAGIC = b"RXEC"  # section 4
-VERSION = 1
+VERSION = 2
 SUITE_BYTE = {"AESGCM": 1, "ChaChaPoly": 2}
 NOISE_NAME = {
     "AESGCM": b"Noise_NNpsk0_25519_AESGCM_SHA256",
@@ -48,12 +48,13 @@ NOISE_NAME = {
 MSG1_LEN = 48  # section 6.3
 MAX_PAYLOAD = 256 * 1024  # section 8
 MAX_BODY = 8 + MAX_PAYLOAD + 16  # section 5
-AUTH_LABEL = b"rexec/1 client-auth"  # section 9
+AUTH_LABEL = b"rexec/2 client-auth"  # section 9
 
 # section 10: frame type numbers
 AUTH, EXEC, STDIN, STDIN_EOF, STDOUT, STDERR, EXIT = 1, 2, 3, 4, 5, 6, 7
-SIGNAL, WINDOW, ERROR, PING, PONG, CLOSE = 8, 9, 10, 11, 12, 13
+SIGNAL, WINDOW, ERROR, PING, PONG, CLOSE, CREDIT = 8, 9, 10, 11, 12, 13, 14
 BAD_REQUEST = 3  # section 11
+MAX_WINDOW = 2**32 - 1  # section 12.3
 
 U32 = struct.Struct(">I")
 INNER = struct.Struct(">BBHI")  # type | flags | reserved | channel
@@ -71,7 +72,9 @@ EX_INFO = ServerInfo(
     max_channels=64,
     default_timeout=None,
     max_timeout=3600.0,
+    window=2 * 1024 * 1024,
 )
+OUT_WINDOW = 8 * 1024 * 1024  # the output window our EXECs announce (section 10.2)
 
 
 def _names(events: list[Any]) -> list[str]:
@@ -210,7 +213,7 @@ class HandNoise:
 
 
 class DocClient:
-    """A minimal rexec/1 client: HELLO, handshake, AUTH, frames (sections 4 to 12)."""
+    """A minimal rexec/2 client: HELLO, handshake, AUTH, frames (sections 4 to 12)."""
 
     def __init__(
         self,
@@ -271,6 +274,7 @@ class DocClient:
 
 
 def exec_body(**fields: Any) -> bytes:
+    fields.setdefault("window", OUT_WINDOW)
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
@@ -323,7 +327,7 @@ def test_doc_token_parse_agrees_with_rexec() -> None:
 def test_full_session(suite: str) -> None:
     server, client, _ = handshake(suite)
     assert client.info == {
-        "protocol": "rexec/1",
+        "protocol": "rexec/2",
         "server": "rexec 0.1.0",
         "user": "alice",
         "host": "build01",
@@ -331,6 +335,7 @@ def test_full_session(suite: str) -> None:
         "max_channels": 64,
         "default_timeout": None,
         "max_timeout": 3600.0,
+        "window": 2097152,
     }
 
     # AUTH with the first EXEC pipelined behind it, in one write
@@ -456,13 +461,13 @@ def test_worked_example_bytes_are_in_the_document() -> None:
     fresh = DocClient(EX_TOKEN, "AESGCM", HandNoise, EX_CLIENT_E)
     assert isinstance(fresh.noise, HandNoise)
     assert fresh.noise.h.hex() in doc  # Appendix A check value: h after MixHash(HELLO)
-    assert fresh.hello.hex() == "5258454301010000a1b2c3d4e5f60718"
+    assert fresh.hello.hex() == "5258454302010000a1b2c3d4e5f60718"
     flight1 = fresh.first_flight()
     assert len(flight1) == 16 + 4 + 48
     assert flight1.hex() in doc
 
     server, client, msg2 = handshake("AESGCM", HandNoise)
-    assert len(msg2) == 212 and msg2[:4] == U32.pack(208)
+    assert len(msg2) == 229 and msg2[:4] == U32.pack(225)
     assert msg2.hex() in doc
     noise = client.noise
     assert isinstance(noise, HandNoise)
@@ -473,7 +478,7 @@ def test_worked_example_bytes_are_in_the_document() -> None:
 
     auth = client.auth_frame()
     exec_ = client.frame(EXEC, 1, exec_body(argv=["echo", "hi"]))
-    assert (len(auth), len(exec_)) == (60, 50)
+    assert (len(auth), len(exec_)) == (60, 67)
     assert auth.hex() in doc and exec_.hex() in doc
     assert _names(server.receive_data(auth + exec_)) == ["Authenticated", "ExecReceived"]
 
@@ -574,3 +579,78 @@ def test_eof_before_close_is_a_truncation() -> None:
     with pytest.raises(Exception) as info:
         server.receive_eof()
     assert _is(info.value, "TruncatedError")
+
+
+# ---- section 12.3: flow control --------------------------------------------------------
+
+
+def _authed(stdin: bool, window: int = OUT_WINDOW) -> tuple[Any, DocClient]:
+    server, client, _ = handshake("AESGCM", HandNoise)  # raw AEAD: 256 KiB frames (section 7)
+    flight = client.auth_frame() + client.frame(
+        EXEC, 1, exec_body(argv=["cat"], stdin=stdin, window=window)
+    )
+    assert _names(server.receive_data(flight)) == ["Authenticated", "ExecReceived"]
+    return server, client
+
+
+def test_stdin_window_is_the_server_infos_and_credit_reopens_it() -> None:
+    server, client = _authed(stdin=True)
+    assert client.info is not None
+    window = client.info["window"]
+    assert window == 2 * 1024 * 1024
+    chunk = bytes(MAX_PAYLOAD)
+    flight = b"".join(client.frame(STDIN, 1, chunk) for _ in range(window // MAX_PAYLOAD))
+    events = server.receive_data(flight)  # exactly the window: fine
+    assert _names(events) == ["StdinReceived"] * 8
+    # the command takes 1 MiB (half the window): the server grants it back
+    server.stdin_consumed(1, window // 2)
+    frames = client.receive(server.data_to_send())
+    assert frames == [(CREDIT, 1, U32.pack(window // 2))]
+    plain = INNER.pack(CREDIT, 0, 0, 1) + frames[0][2]  # section 10.14's example, exactly
+    quoted = f"{plain[:1].hex()} {plain[1:2].hex()} {plain[2:4].hex()} {plain[4:8].hex()}"
+    assert f"`{quoted} || {plain[8:].hex()}`" in DOC.read_text(encoding="utf-8")
+    flight = b"".join(client.frame(STDIN, 1, chunk) for _ in range(4))
+    assert _names(server.receive_data(flight)) == ["StdinReceived"] * 4
+    with pytest.raises(Exception) as info:  # one byte beyond the window
+        server.receive_data(client.frame(STDIN, 1, b"x"))
+    assert _is(info.value, "RemoteProtocolError") and "window" in str(info.value)
+
+
+def test_output_window_is_the_execs_and_credit_grows_it() -> None:
+    server, client = _authed(stdin=False, window=5)
+    server.send_output(1, 1, b"abc")
+    server.send_output(1, 2, b"de")  # STDOUT and STDERR share the window
+    assert client.receive(server.data_to_send()) == [(STDOUT, 1, b"abc"), (STDERR, 1, b"de")]
+    assert server.output_room(1) == 0
+    with pytest.raises(Exception) as info:  # the server keeps within the window
+        server.send_output(1, 1, b"f")
+    assert _is(info.value, "LocalProtocolError")
+    events = server.receive_data(client.frame(CREDIT, 1, U32.pack(7)))
+    assert _names(events) == ["CreditReceived"] and server.output_room(1) == 7
+    server.send_output(1, 1, b"fghijkl")
+    assert client.receive(server.data_to_send()) == [(STDOUT, 1, b"fghijkl")]
+
+
+def test_credit_rules() -> None:
+    server, client = _authed(stdin=False, window=0)
+    assert server.output_room(1) == 0
+    events = server.receive_data(client.frame(CREDIT, 1, U32.pack(7)))
+    assert _names(events) == ["CreditReceived"] and server.output_room(1) == 7
+    # a late CREDIT, after the channel's EXIT, is dropped (section 10.14)
+    server.send_exit(1, ExitStatus(exit_code=0))
+    client.receive(server.data_to_send())
+    assert server.receive_data(client.frame(CREDIT, 1, U32.pack(1))) == []
+    for channel, payload, words in [
+        (9, U32.pack(1), "never opened"),
+        (0, U32.pack(1), "not a command channel"),
+        (1, U32.pack(0), "at least 1"),
+        (1, b"\x00\x01", "4 bytes"),
+    ]:
+        server, client = _authed(stdin=False)
+        with pytest.raises(Exception) as info:
+            server.receive_data(client.frame(CREDIT, channel, payload))
+        assert _is(info.value, "RemoteProtocolError") and words in str(info.value)
+    server, client = _authed(stdin=False, window=MAX_WINDOW)
+    with pytest.raises(Exception) as info:  # beyond 2**32 - 1
+        server.receive_data(client.frame(CREDIT, 1, U32.pack(1)))
+    assert _is(info.value, "RemoteProtocolError") and "beyond" in str(info.value)

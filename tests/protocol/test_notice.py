@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from rexec.errors import LocalProtocolError, NotRexecServer, RemoteProtocolError, ServerRefused
-from rexec.protocol.frames import LENGTH, PREAUTH_RECV
+from rexec.protocol.frames import LENGTH, PREAUTH_RECV, VERSION
 from rexec.protocol.messages import ServerInfo
 from rexec.protocol.notice import (
     BUSY_RETRIES,
@@ -24,57 +24,57 @@ from rexec.protocol.token import generate_token
 
 INFO = ServerInfo(server="rexec test", user="u", host="h", max_payload=262144, max_channels=64)
 NOTICES = [
-    (RefusalCode.BUSY, 1, b"RXNO\x01\x01\x00\x01"),
-    (RefusalCode.RATE_LIMITED, 60, b"RXNO\x01\x02\x00\x3c"),
-    (RefusalCode.SUITE_NOT_ALLOWED, 0, b"RXNO\x01\x03\x00\x00"),
-    (RefusalCode.SHUTTING_DOWN, 0, b"RXNO\x01\x04\x00\x00"),
-    (RefusalCode.VERSION_NOT_SUPPORTED, 0, b"RXNO\x01\x05\x00\x00"),
+    (RefusalCode.BUSY, 1, b"RXNO\x02\x01\x00\x01"),
+    (RefusalCode.RATE_LIMITED, 60, b"RXNO\x02\x02\x00\x3c"),
+    (RefusalCode.SUITE_NOT_ALLOWED, 0, b"RXNO\x02\x03\x00\x00"),
+    (RefusalCode.SHUTTING_DOWN, 0, b"RXNO\x02\x04\x00\x00"),
+    (RefusalCode.VERSION_NOT_SUPPORTED, 0, b"RXNO\x02\x05\x00\x00"),
 ]
 
 
 @pytest.mark.parametrize(("code", "retry", "wire"), NOTICES)
 def test_notice_bytes(code: RefusalCode, retry: int, wire: bytes) -> None:
-    assert encode_notice(code, retry) == wire
+    assert encode_notice(code, retry, version=VERSION) == wire
     assert len(wire) == NOTICE_LEN
 
 
 def test_retry_hint_is_clamped_to_u16() -> None:
-    assert encode_notice(RefusalCode.BUSY, 10**9)[6:] == b"\xff\xff"
-    assert encode_notice(RefusalCode.BUSY, -5)[6:] == b"\x00\x00"
-    assert encode_notice(RefusalCode.BUSY, 1.6)[6:] == b"\x00\x02"
+    assert encode_notice(RefusalCode.BUSY, 10**9, version=VERSION)[6:] == b"\xff\xff"
+    assert encode_notice(RefusalCode.BUSY, -5, version=VERSION)[6:] == b"\x00\x00"
+    assert encode_notice(RefusalCode.BUSY, 1.6, version=VERSION)[6:] == b"\x00\x02"
 
 
 @pytest.mark.parametrize(
     ("wire", "message"),
     [
         (
-            b"RXNO\x01\x01\x00\x01",
+            b"RXNO\x02\x01\x00\x01",
             "the server refused the connection: busy, too many connections (try again in 1s)",
         ),
         (
-            b"RXNO\x01\x02\x00\x3c",
+            b"RXNO\x02\x02\x00\x3c",
             "the server refused the connection: rate limited, too many failed authentications "
             "from this address or user (try again in 60s)",
         ),
         (
-            b"RXNO\x01\x03\x00\x00",
+            b"RXNO\x02\x03\x00\x00",
             "the server refused the connection: cipher suite ChaChaPoly is not allowed",
         ),
-        (b"RXNO\x01\x04\x00\x00", "the server refused the connection: the server is shutting down"),
+        (b"RXNO\x02\x04\x00\x00", "the server refused the connection: the server is shutting down"),
         (
-            b"RXNO\x02\x05\x00\x00",
-            "the server refused the connection: protocol version rexec/1 is not supported "
-            "(the server speaks rexec/2)",
+            b"RXNO\x03\x05\x00\x00",
+            "the server refused the connection: protocol version rexec/2 is not supported "
+            "(the server speaks rexec/3)",
         ),
         (
-            b"RXNO\x01\x63\x00\x07",
+            b"RXNO\x02\x63\x00\x07",
             "the server refused the connection: reason code 99 (try again in 7s)",
         ),
     ],
 )
 def test_notice_message(wire: bytes, message: str) -> None:
     with pytest.raises(ServerRefused) as info:
-        inspect_reply(wire, suite="ChaChaPoly")
+        inspect_reply(wire, suite="ChaChaPoly", version=VERSION)
     assert str(info.value) == message
     assert info.value.code == wire[5]
     assert info.value.retry_after == int.from_bytes(wire[6:], "big")
@@ -88,7 +88,7 @@ def test_notice_message(wire: bytes, message: str) -> None:
         (b"\x00\x00\x00\xd0", 0),
         (b"R", 3),
         (b"RXN", 1),
-        (b"RXNO\x01", 3),
+        (b"RXNO\x02", 3),
         (b"S", 3),
         (b"SSH", 1),
         (b"H", 4),
@@ -99,7 +99,7 @@ def test_notice_message(wire: bytes, message: str) -> None:
     ],
 )
 def test_inspect_reply_needs(head: bytes, need: int) -> None:
-    assert inspect_reply(head) == need
+    assert inspect_reply(head, version=VERSION) == need
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_inspect_reply_needs(head: bytes, need: int) -> None:
 )
 def test_foreign_protocols_are_named(head: bytes, speaks: str) -> None:
     with pytest.raises(NotRexecServer, match=rf"^not a rexec server \(it speaks {speaks}\)$"):
-        inspect_reply(head)
+        inspect_reply(head, version=VERSION)
 
 
 def test_stalled_handshake_message() -> None:
@@ -141,7 +141,7 @@ def test_busy_retry_delay_is_bounded() -> None:
 @pytest.mark.parametrize(
     ("reply", "error", "words"),
     [
-        (b"RXNO\x01\x01\x00\x01", ServerRefused, "busy"),
+        (b"RXNO\x02\x01\x00\x01", ServerRefused, "busy"),
         (b"SSH-2.0-OpenSSH_9.2p1\r\n", NotRexecServer, "it speaks SSH"),
         (b"HTTP/1.0 200 OK\r\n\r\n", NotRexecServer, "it speaks HTTP"),
     ],
@@ -176,7 +176,7 @@ def test_refuse_only_before_message_2(make_pair: Any) -> None:
     p = make_pair()
     assert p.server.refuse(RefusalCode.BUSY, 1)
     assert not p.server.refuse(RefusalCode.BUSY, 1)  # one notice
-    assert p.server.data_to_send() == b"RXNO\x01\x01\x00\x01"
+    assert p.server.data_to_send() == b"RXNO\x02\x01\x00\x01"
     with pytest.raises(LocalProtocolError, match="refused"):  # nothing more is read
         p.server.receive_data(b"RXEC")
     q = make_pair()
@@ -196,7 +196,7 @@ def test_preauth_bytes_buy_no_buffer() -> None:
     """`RXEC` read as a frame length (1.38 GB) once grew the buffer to a MiB."""
     tok = generate_token()
     server = ServerConnection({tok.key_id: tok.secret}.get, INFO)
-    for chunk in (b"RXEC\x01", b"\x01\x00\x00", bytes(8)):
+    for chunk in (b"RXEC\x02", b"\x01\x00\x00", bytes(8)):
         with server.get_buffer() as view:
             assert len(view) <= PREAUTH_RECV
             view[: len(chunk)] = chunk
@@ -246,7 +246,7 @@ def test_protocol_doc_specifies_the_notice() -> None:
     assert "`struct` format: `>4sBBH`." in section
     for code in RefusalCode:
         assert f"| {code.value:<6} | {code.name:<21} |" in section, code
-    for hex_, code, retry in (("52584e4f01010001", 1, 1), ("52584e4f0102003c", 2, 60)):
+    for hex_, code, retry in (("52584e4f02010001", 1, 1), ("52584e4f0202003c", 2, 60)):
         spaced = " ".join(hex_[i : i + 2] for i in range(0, 16, 2))
         assert f"`{spaced}`" in section
-        assert encode_notice(RefusalCode(code), retry) == bytes.fromhex(hex_)
+        assert encode_notice(RefusalCode(code), retry, version=VERSION) == bytes.fromhex(hex_)

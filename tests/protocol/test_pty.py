@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rexec.errors import LocalProtocolError, RemoteProtocolError
-from rexec.protocol.messages import exec_request_json
+from rexec.protocol.messages import OUTPUT_WINDOW, exec_request_json
 from rexec.protocol.models import parse_exec_request
 from rexec.protocol.pty import PtyRequest, apply_modes, read_modes
 
@@ -20,6 +20,7 @@ def test_request_json_round_trip() -> None:
     assert json.loads(body) == {
         "command": "sh -i",
         "stdin": True,
+        "window": OUTPUT_WINDOW,
         "pty": {
             "term": "xterm-256color",
             "rows": 40,
@@ -68,13 +69,15 @@ def test_client_refuses_bad_requests(args: tuple[Any, ...], message: str) -> Non
     ],
 )
 def test_server_refuses_bad_pty(pty: Any, message: str) -> None:
-    body = json.dumps({"command": "sh", "pty": pty}).encode()
+    body = json.dumps({"command": "sh", "window": 0, "pty": pty}).encode()
     with pytest.raises(RemoteProtocolError, match=message):
         parse_exec_request(body)
 
 
 def test_server_ignores_unknown_modes() -> None:
-    body = b'{"command":"sh","pty":{"term":"xterm","rows":2,"cols":3,"modes":{"future":5}}}'
+    body = (
+        b'{"command":"sh","window":0,"pty":{"term":"xterm","rows":2,"cols":3,"modes":{"future":5}}}'
+    )
     parsed = parse_exec_request(body)
     assert parsed.pty is not None and parsed.pty.modes == {"future": 5}
 

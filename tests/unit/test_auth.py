@@ -378,7 +378,7 @@ def test_limiter_arguments_checked() -> None:
 
 def test_auth_proof_is_hmac_sha256_of_label_and_hash() -> None:
     secret, hh = b"s" * 32, b"h" * 32
-    expected = hmac.new(secret, b"rexec/1 client-auth" + hh, hashlib.sha256).digest()
+    expected = hmac.new(secret, b"rexec/2 client-auth" + hh, hashlib.sha256).digest()
     assert auth_proof(secret, hh) == expected
     assert verify_auth_proof(secret, hh, expected)
     assert not verify_auth_proof(secret, hh, expected[:-1] + bytes([expected[-1] ^ 1]))

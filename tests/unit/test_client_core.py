@@ -34,6 +34,7 @@ from rexec.protocol.events import (
     StdinClosed,
     StdinReceived,
 )
+from rexec.protocol.frames import VERSION
 from rexec.protocol.notice import BUSY_RETRIES, RefusalCode, encode_notice
 from rexec.protocol.server import ServerConnection
 from rexec.protocol.token import generate_token
@@ -236,7 +237,7 @@ def test_a_failed_handshake_write_reads_on(then: str) -> None:
     assert core.send_failed(ConnectionLost("broken pipe"), reset=True)
     assert core.error is None  # not yet: read first
     if then == "notice":
-        core.receive_data(encode_notice(RefusalCode.SHUTTING_DOWN), 0.0)
+        core.receive_data(encode_notice(RefusalCode.SHUTTING_DOWN, version=VERSION), 0.0)
         assert isinstance(core.error, ServerRefused)
     else:
         core.receive_eof()
@@ -297,19 +298,20 @@ def test_keepalive_pings_then_gives_up(pair: Pair) -> None:
     assert cmd.error is core.error and core.keepalive(300.0) == float("inf")
 
 
-def test_keepalive_counts_a_busy_server_as_alive(pair: Pair) -> None:
-    pair.start()
+def test_keepalive_pings_ahead_of_stdin_and_gives_up_on_a_server_that_takes_none(
+    pair: Pair,
+) -> None:
+    """The server reads at all times: stdin it has not taken is no sign it is busy."""
+    cmd = pair.start("cat", stdin=True)
     pair.core.keepalive(0.0)
-    asked: list[float] = []
-
-    def blocked() -> bool:
-        asked.append(1)
-        return True  # our bytes wait in the kernel: the server is busy, not silent
-
-    assert pair.core.keepalive(14.0, blocked) == 15.0
-    assert asked == []  # not asked before the idle time: the ioctl costs
-    assert pair.core.keepalive(40.0, blocked) == 55.0
-    assert asked and pair.c2s() == []  # no PING
+    assert pair.core.write(cmd, bytes(100_000)) == 100_000  # queued, never sent
+    assert pair.core.keepalive(15.0) == 30.0
+    ping = pair.core.data_to_send(0)  # control frames only: the PING overtakes the stdin
+    assert [type(e).__name__ for e in pair.server.receive_data(ping)] == []  # (PING: no event)
+    assert pair.server.data_to_send()  # the server's PONG
+    assert pair.core.conn.pending_data == 100_000
+    with pytest.raises(ConnectionLost, match="stopped responding"):
+        pair.core.keepalive(30.0)
 
 
 # ---- stdin, signals and credit --------------------------------------------------------------

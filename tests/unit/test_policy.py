@@ -31,6 +31,7 @@ BASE = ExecSpec(argv=("x",), env={"HOME": "/root", "USER": "root", "PATH": "/bin
 def req(*argv: str, **kw: object) -> ExecRequest:
     """An EXEC as the server gets it: parsed from the wire's JSON."""
     body = {"argv": list(argv), **kw} if argv else kw
+    body.setdefault("window", 1 << 20)  # rexec/2: every EXEC carries its output window
     return parse_exec_request(json.dumps(body).encode())
 
 
@@ -135,7 +136,9 @@ def test_max_timeout_clamps() -> None:
 
 
 def test_no_pty_refuses_a_pty_request() -> None:
-    pty = parse_exec_request(b'{"argv":["sh"],"pty":{"term":"xterm","rows":24,"cols":80}}')
+    pty = parse_exec_request(
+        b'{"argv":["sh"],"window":0,"pty":{"term":"xterm","rows":24,"cols":80}}'
+    )
     d = evaluate(Policy.build(no_pty=True), pty, "unix", "unix", BASE)
     assert not d.allowed and d.rule == "no-pty"
     assert evaluate(Policy.build(), pty, "unix", "unix", BASE).allowed
