@@ -427,7 +427,8 @@ class Session:
             return
         if run.stdin_queued == 0 and run.execution is not None:  # a key: straight in
             n = run.execution.write_stdin_now(data)
-            self._stdin_consumed(channel, n)
+            if n:  # credited back; on_events flushes once for all its events
+                self.conn.stdin_consumed(channel, n)
             data = data[n:]
             if not data:
                 return
