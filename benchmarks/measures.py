@@ -7,6 +7,7 @@ group they are compared with, so drift affects numerator and denominator alike.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -928,6 +929,70 @@ def concurrency(env: Env) -> Group:
     )
 
 
+# ---- 7. keystroke --------------------------------------------------------------------------
+def keystroke(env: Env) -> Group:
+    """A key typed into an interactive pty session until its echo is back (keystroke.py)."""
+    from benchmarks import keystroke as ks
+    from benchmarks.runtime import REXEC_BIN
+
+    m = "keystroke"
+    keys, rounds, gap = (60, 2, 0.01) if env.cfg.quick else (200, 5, 0.01)
+    rx, sshd = env.rexec, env.sshd
+    rows = [
+        (
+            row(
+                "keystroke.rexec",
+                m,
+                "rexec run -t ADDR cat: key to echo, p50",
+                "ms",
+                "lower",
+                "rexec",
+            ),
+            row(
+                "keystroke.rexec_p99",
+                m,
+                "rexec: key to echo, p99",
+                "ms",
+                "lower",
+                "rexec",
+                "median over rounds of each round's p99",
+            ),
+        ),
+        (
+            row("keystroke.ssh", m, "ssh -tt HOST cat: key to echo, p50", "ms", "lower", "peer"),
+            row(
+                "keystroke.ssh_p99",
+                m,
+                "ssh -tt: key to echo, p99",
+                "ms",
+                "lower",
+                "peer",
+                "median over rounds of each round's p99",
+            ),
+        ),
+    ]
+    term = {"TERM": "xterm"}
+    clients: list[tuple[list[str] | None, dict[str, str], str | None]] = [
+        (
+            [str(REXEC_BIN), "run", "-t", rx.addr, "cat"] if rx else None,
+            {**rx.env, **term} if rx else {},
+            _rexec_err(env, "cli"),
+        ),
+        (
+            sshd.cmd("cat", "-tt") if sshd else None,
+            {**os.environ, **term},
+            None if sshd else env.sshd_error,
+        ),
+    ]
+    return Group(
+        f"keystroke: {keys} keys a session, one at a time",
+        ks.contenders(rows, clients, keys, gap),
+        rounds,
+        60 if env.cfg.quick else 120,
+        ks.TARGETS,
+    )
+
+
 # ---- fleet: one command on N hosts at once ---------------------------------------------------
 def _fleet(env: Env, count: int) -> Group:
     from benchmarks.fleet import fleet_group
@@ -959,6 +1024,7 @@ MEASURES: dict[str, Callable[[Env], Group]] = {
     "stream": stream_down,
     "upload": stream_up,
     "concurrency": concurrency,
+    "keystroke": keystroke,
     "fleet": fleet,
     "fleet1000": fleet1000,
 }

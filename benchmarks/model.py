@@ -77,7 +77,10 @@ class Row:
 
 @dataclass
 class Comparison:
-    """rexec row vs another row: ratio = rexec median / other median."""
+    """rexec row vs another row: ratio = rexec median / other median.
+
+    With `other_key` "" the target is absolute: the rexec median itself vs `threshold`.
+    """
 
     rexec_key: str
     other_key: str
@@ -87,6 +90,8 @@ class Comparison:
 
     def evaluate(self, rows: dict[str, Row]) -> dict[str, object]:
         mine, other = rows.get(self.rexec_key), rows.get(self.other_key)
+        if self.other_key == "" and self.op is not None and self.threshold is not None:
+            return self._absolute(mine)
         out: dict[str, object] = {
             "rexec": self.rexec_key,
             "other": self.other_key,
@@ -115,6 +120,27 @@ class Comparison:
                 "<=": ratio <= self.threshold,
                 "<": ratio < self.threshold,
                 ">=": ratio >= self.threshold,
+            }[self.op]
+            out["status"] = "PASS" if passed else "MISS"
+        return out
+
+    def _absolute(self, mine: Row | None) -> dict[str, object]:
+        out: dict[str, object] = {
+            "rexec": self.rexec_key,
+            "other": "",
+            "target": self.label or None,
+            "ratio": None,
+            "value": None,
+            "status": "n/a" if mine is None else "pending",
+        }
+        if mine is not None and mine.ok:
+            value = mine.median
+            assert value is not None and self.op is not None and self.threshold is not None
+            out["value"] = value
+            passed = {
+                "<=": value <= self.threshold,
+                "<": value < self.threshold,
+                ">=": value >= self.threshold,
             }[self.op]
             out["status"] = "PASS" if passed else "MISS"
         return out

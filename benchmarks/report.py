@@ -104,6 +104,13 @@ def text_tables(
     lines.append(f"  {'rexec':<34}  {'vs':<44}  {'ratio':>7}  {'target':<14}  status")
     for c in ratios:
         mine, other = by_key.get(str(c["rexec"])), by_key.get(str(c["other"]))
+        if mine is not None and c["other"] == "":  # an absolute target
+            value = fmt_value(c.get("value"), mine.unit)  # type: ignore[arg-type]
+            lines.append(
+                f"  {mine.name[:34]:<34}  {'(absolute)':<44}  {value:>7}  "
+                f"{c['target'] or '':<14}  {c['status']}"
+            )
+            continue
         if mine is None or other is None:
             continue
         lines.append(
@@ -153,6 +160,13 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], ratios: Sequence[dict[st
     ]
     for c in ratios:
         mine, other = by_key.get(str(c["rexec"])), by_key.get(str(c["other"]))
+        if mine is not None and c["other"] == "":  # an absolute target
+            value = fmt_value(c.get("value"), mine.unit)  # type: ignore[arg-type]
+            out.append(
+                f"| {_cell(mine.name)} | (absolute) | {value} | {c['target'] or ''} | "
+                f"{c['status']} |"
+            )
+            continue
         if mine is None or other is None:
             continue
         out.append(

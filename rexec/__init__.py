@@ -29,6 +29,7 @@ _EXPORTS = {
     "Connecting": "rexec.client.aio",
     "Connection": "rexec.client.aio",
     "ConnectionLost": "rexec.errors",
+    "Disconnected": "rexec.errors",
     "Endpoint": "rexec.address",
     "ErrorCode": "rexec.errors",
     "ExecError": "rexec.errors",
@@ -42,6 +43,7 @@ _EXPORTS = {
     "PolicyError": "rexec.errors",
     "Process": "rexec.client.aio",
     "ProtocolError": "rexec.errors",
+    "PtyRequest": "rexec.protocol.pty",
     "RemoteError": "rexec.errors",
     "Result": "rexec.result",
     "RexecError": "rexec.errors",
@@ -82,6 +84,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export
     from rexec.errors import ConfigError as ConfigError
     from rexec.errors import ConnectionLost as ConnectionLost
     from rexec.errors import ConnectTimeout as ConnectTimeout
+    from rexec.errors import Disconnected as Disconnected
     from rexec.errors import ErrorCode as ErrorCode
     from rexec.errors import ExecError as ExecError
     from rexec.errors import HostSetError as HostSetError
@@ -97,6 +100,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export
     from rexec.protocol.messages import ExitStatus as ExitStatus
     from rexec.protocol.messages import ServerInfo as ServerInfo
     from rexec.protocol.noise import Suite as Suite
+    from rexec.protocol.pty import PtyRequest as PtyRequest
     from rexec.protocol.token import Token as Token
     from rexec.result import CommandFailed as CommandFailed
     from rexec.result import CommandTimeout as CommandTimeout

@@ -83,6 +83,10 @@ class ConnectTimeout(ConnectionLost):
     """Connecting or the handshake did not finish within the client's deadline."""
 
 
+class Disconnected(ConnectionLost):
+    """The user ended an interactive session from the keyboard (`~.`), as ssh's escape."""
+
+
 class TruncatedError(ConnectionLost):
     """The peer's byte stream ended before the protocol said it was complete.
 

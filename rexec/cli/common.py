@@ -165,3 +165,12 @@ def unknown_command(word: str, resolve: Callable[..., object] | None = None) -> 
     close = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
     hint = f" (did you mean `rexec {close[0]}`?)" if close else ""
     return f"unknown command or host {word!r}{hint}"
+
+
+class TerminalSignal(Exception):
+    """SIGTERM, SIGHUP or SIGQUIT arrived while rexec.cli.terminal had the terminal in a mode
+    of its own: unwind (the `finally` restores it), then exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

@@ -17,7 +17,7 @@ from rexec.cli.common import err
 
 USAGE = """\
 usage: rexec run TARGET [options] CMD...    run one command (exit code = remote exit code)
-       rexec shell TARGET                   interactive shell on TARGET
+       rexec shell [--repl] TARGET          your shell on TARGET on a pty (--repl: line REPL)
        rexec TARGET [CMD...]                as `shell` without CMD, as `run` with it
        rexec serve [options]                run the server
        rexec token new|list|revoke|rotate|edit|derive|import|learned [options]

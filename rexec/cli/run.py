@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from rexec.cli.common import (
     Interrupts,
+    TerminalSignal,
     err,
     open_std_fds,
     parse_env,
@@ -47,8 +48,8 @@ from rexec.result import Result
 RUN_HELP = (
     """\
 usage: rexec run [-h] [--token-file FILE] [-e K=V] [-C DIR] [--timeout SECS]
-                 [--connect-timeout SECS] [--retry N] [--retry-delay SECS] [-n] [--json]
-                 [--junit FILE] [--trace] [--suite {aesgcm,chachapoly}]
+                 [--connect-timeout SECS] [--retry N] [--retry-delay SECS] [-n] [-t | -T]
+                 [--json] [--junit FILE] [--trace] [--suite {aesgcm,chachapoly}]
                  [--fanout N] [-x HOSTS] [-b] [--outdir DIR] [--failed-to FILE]
                  TARGET [options] CMD...
        rexec run --hosts-from FILE [options] CMD...
@@ -78,6 +79,10 @@ options:
   --retry-delay SECS    the first retry's wait (default 1); each next one doubles, plus up
                         to half at random, at most 30 s; none starts 300 s after the first
   -n, --no-stdin        do not forward stdin (the command gets EOF at once)
+  -t, --tty             run the command on a pseudo-terminal (for top, sudo prompts,
+                        progress bars): one output stream; from a terminal, keys go as
+                        typed and ~. disconnects
+  -T                    no pseudo-terminal (the default; after -t: cancels it)
   --json                print one JSON object instead of streaming output, whatever the
                         outcome: the result, `exit_status`, and `error` ({kind, message},
                         null when the command ran to its exit); see README
@@ -119,6 +124,8 @@ _RUN_OPTIONS = (
     ("--retry", "", "retry"),
     ("--retry-delay", "", "retry_delay"),
     ("--no-stdin", "-n", "no_stdin"),
+    ("--tty", "-t", "tty"),
+    ("", "-T", "no_tty"),  # no long name: `--no` stays short for --no-stdin
     ("--json", "", "json"),
     ("--junit", "", "junit"),
     ("--trace", "", "trace"),
@@ -131,7 +138,7 @@ _RUN_OPTIONS = (
     ("--outdir", "", "outdir"),
     ("--failed-to", "", "failed_to"),
 )
-_RUN_FLAGS = frozenset({"help", "no_stdin", "json", "trace", "gather"})
+_RUN_FLAGS = frozenset({"help", "no_stdin", "tty", "no_tty", "json", "trace", "gather"})
 _SUITES = ("aesgcm", "chachapoly")
 
 
@@ -149,6 +156,7 @@ class RunArgs:
         self.retry = 0
         self.retry_delay: float | None = None
         self.no_stdin = False
+        self.tty = False  # -t and -T: the last one given wins
         self.json = False
         self.junit: str | None = None
         self.trace = False
@@ -196,7 +204,10 @@ def _set_option(
     if attr in _RUN_FLAGS:
         if value is not None:
             raise UsageError(f"argument {shown}: ignored explicit argument {value!r}")
-        setattr(args, attr, True)
+        if attr in ("tty", "no_tty"):
+            args.tty = attr == "tty"
+        else:
+            setattr(args, attr, True)
         return
     if value is None:
         # as argparse: a following argument that looks like an option is not a value
@@ -310,6 +321,10 @@ def check_args(args: RunArgs) -> None:
         raise usage(f"--fanout must be at least 1, got {args.fanout}")
     if args.json and args.gather:
         raise usage("--json and -b/--gather do not go together")
+    if args.tty and args.json:
+        raise usage("--json and -t do not go together (a terminal has one output stream)")
+    if args.tty and names_many_hosts(args):
+        raise usage("-t takes one host: a terminal's keys cannot go to many")
     try:
         parse_env(args.env)
     except ValueError as exc:
@@ -396,37 +411,52 @@ def run_one(args: RunArgs) -> int:
             retry_delay=args.retry_delay or DEFAULT_RETRY_DELAY,
             on_retry=notice,
         )
-        stdin: int | None = None
-        if not args.no_stdin and not os.isatty(0):
-            try:
-                os.fstat(0)
-                stdin = 0
-            except OSError:
-                stdin = None
-        interrupts = Interrupts()
-        started = True  # from here on, the command may run: a broken connection truncates it
-        proc = client.start(
-            command[0] if len(command) == 1 else command,
-            env=env or None,
-            cwd=args.cwd,
-            timeout=args.timeout,
-            stdin=stdin is not None,
-        )
-        if stdin is not None:
-            proc.feed(stdin)
-        client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
-        out = err_out = None
-        if not args.json:
-            out, err_out = writer(1), writer(2)
-            if tails is not None:
-                out, err_out = tails[0].tee(out), tails[1].tee(err_out)
-        result = proc.wait(stdout=out, stderr=err_out)
+        if args.tty:  # on a pseudo-terminal: rexec.cli.ptyshell (a terminal's keys, escapes)
+            from rexec.cli.ptyshell import run_on_pty
+
+            started = True
+            result = run_on_pty(
+                client,
+                command[0] if len(command) == 1 else command,
+                env=env or None,
+                cwd=args.cwd,
+                timeout=args.timeout,
+                stdin=not args.no_stdin,
+            )
+        else:
+            stdin: int | None = None
+            if not args.no_stdin and not os.isatty(0):
+                try:
+                    os.fstat(0)
+                    stdin = 0
+                except OSError:
+                    stdin = None
+            interrupts = Interrupts()
+            started = True  # from here on, the command may run: a broken connection truncates it
+            proc = client.start(
+                command[0] if len(command) == 1 else command,
+                env=env or None,
+                cwd=args.cwd,
+                timeout=args.timeout,
+                stdin=stdin is not None,
+            )
+            if stdin is not None:
+                proc.feed(stdin)
+            client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
+            out = err_out = None
+            if not args.json:
+                out, err_out = writer(1), writer(2)
+                if tails is not None:
+                    out, err_out = tails[0].tee(out), tails[1].tee(err_out)
+            result = proc.wait(stdout=out, stderr=err_out)
         client.close()
         outcome = of_result(result)
     except (RexecError, KeyboardInterrupt, BrokenPipeError) as exc:
         # BrokenPipeError: our reader went away; end quietly, as a SIGPIPE death would
         # (closing the connection makes the server kill the command)
         outcome = of_error(exc, started=started)
+    except TerminalSignal as exc:  # -t: SIGTERM/SIGHUP/SIGQUIT; the terminal is restored
+        outcome = Outcome(128 + exc.signum, "interrupted", f"ended by signal {exc.signum}")
     finally:
         if interrupts is not None:
             interrupts.close()

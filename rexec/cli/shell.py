@@ -31,6 +31,8 @@ from rexec import (
     RexecError,
     Suite,
 )
+from rexec.cli.common import TerminalSignal
+from rexec.cli.terminal import RawTerminal
 from rexec.result import EXIT_FAILURE
 
 if TYPE_CHECKING:
@@ -527,18 +529,30 @@ class LineEditor:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rexec shell",
-        description="Interactive shell on TARGET: one connection, each line a remote command.",
+        description="Interactive shell on TARGET. On a terminal: the remote user's shell on a "
+        "pseudo-terminal, as `ssh TARGET` gives (~. disconnects, ~? lists the escapes). With "
+        "--repl, or when stdin is not a terminal: a line REPL, each line a remote command.",
     )
     p.add_argument("target", help="host[:port], unix:/path, or a client-config alias")
     p.add_argument("--token-file", help="file holding the client token (mode 0600)")
     p.add_argument("--connect-timeout", type=float, metavar="SECS", help="connect deadline")
     p.add_argument("--trace", action="store_true", help="start with :trace on")
     p.add_argument("--suite", choices=("aesgcm", "chachapoly"), help="Noise cipher suite")
+    p.add_argument(
+        "--repl",
+        action="store_true",
+        help="the line REPL even on a terminal (each line one remote command; the default "
+        "when stdin is not a terminal)",
+    )
     return p
 
 
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
+    if os.isatty(0) and not args.repl:
+        from rexec.cli.ptyshell import shell_main
+
+        return shell_main(args)
     interactive = os.isatty(0)
     if interactive:  # Ctrl-C must work even when started with SIGINT ignored (`cmd &`)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -557,10 +571,11 @@ def main(argv: Sequence[str]) -> int:
         if interactive:
             where = f"{shell.user}@{shell.host} ({shell.endpoint})"
             _say(f"connected to {where}; :help for built-ins, Ctrl-D to leave")
-        read: Callable[[str], str] = input
-        if interactive:
-            read = LineEditor(history_path()).read
-        return shell.loop(read)
+        if not interactive:
+            return shell.loop(input)
+        read = LineEditor(history_path()).read
+        with RawTerminal(0, cbreak=True):  # keys typed ahead (an early Ctrl-D) stay keys
+            return shell.loop(read)
     except _Lost as lost:
         _say(f"connection to {args.target} lost: {lost}")
         return EXIT_FAILURE
@@ -570,6 +585,8 @@ def main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         _write(2, b"\n")
         return 130
+    except TerminalSignal as exc:
+        return 128 + exc.signum
     finally:
         if shell is not None:
             shell.close()

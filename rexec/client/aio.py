@@ -39,6 +39,7 @@ from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import Event, Stream
 from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.noise import Suite
+from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transport import FramedProtocol, LostHandler
@@ -173,6 +174,11 @@ class Process:
     def signal(self, signum: int) -> None:
         """Deliver a signal to the command's whole process group (if it still runs)."""
         self._core.signal(self._cmd, signum)
+        self._conn._flush()
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Tell a command started with `pty=` its terminal's new size (it gets SIGWINCH)."""
+        self._core.resize(self._cmd, rows, cols)
         self._conn._flush()
 
     async def wait(self, *, stdout: Sink | None = None, stderr: Sink | None = None) -> Result:
@@ -366,8 +372,12 @@ class Connection:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        pty: PtyRequest | None = None,
     ) -> Process:
         """Start a command (a str runs under /bin/sh -c, a sequence is an exact argv).
+
+        `pty`: run it on a pseudo-terminal (`PtyRequest(term, rows, cols)`): its output is
+        one stream (stdout), what you write is typed on the terminal, `resize()` resizes it.
 
         Returns at once unless the server's max_channels commands already run on this
         connection: then it waits for one to end instead of having the server refuse.
@@ -375,7 +385,7 @@ class Connection:
         core = self._core
         while not core.can_start():
             await self._slots.wait()
-        cmd = core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        cmd = core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
         proc = Process(self, cmd)
         self._procs[cmd.channel] = proc
         self._flush()

@@ -49,6 +49,7 @@ from rexec.protocol.events import Stream
 from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.noise import Suite
+from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 
@@ -473,6 +474,11 @@ class SyncProcess:
         self._core.signal(self._cmd, signum)
         self._driver.flush()
 
+    def resize(self, rows: int, cols: int) -> None:
+        """Tell a command started with `pty=` its terminal's new size (it gets SIGWINCH)."""
+        self._core.resize(self._cmd, rows, cols)
+        self._driver.flush()
+
     def wait(self, *, stdout: Sink | None = None, stderr: Sink | None = None) -> Result:
         """Wait for the exit; returns the Result, or raises why there is none.
 
@@ -579,15 +585,19 @@ class Client:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        pty: PtyRequest | None = None,
     ) -> SyncProcess:
         """Start a command (a str runs under /bin/sh -c, a sequence is an exact argv).
+
+        `pty`: run it on a pseudo-terminal (`PtyRequest(term, rows, cols)`): its output is
+        one stream (stdout), what you write is typed on the terminal, `resize()` resizes it.
 
         Returns at once unless the server's max_channels commands already run on this
         connection: then it waits for one to end instead of having the server refuse.
         """
         core = self._driver.core
         self._driver.wait(core.can_start)
-        cmd = core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        cmd = core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
         self._driver.started()
         return SyncProcess(self._driver, cmd)
 

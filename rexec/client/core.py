@@ -71,6 +71,7 @@ from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.noise import Suite
 from rexec.protocol.notice import RefusalCode, busy_retry_delay, stalled_handshake
+from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 
@@ -467,8 +468,11 @@ class ClientCore:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        pty: PtyRequest | None = None,
     ) -> Command:
-        """Queue EXEC for a command (a str runs under /bin/sh -c, a sequence is an argv)."""
+        """Queue EXEC for a command (a str runs under /bin/sh -c, a sequence is an argv).
+
+        With `pty`, on a pseudo-terminal: its output arrives as one stream (stdout)."""
         if self.error is not None:
             raise self.error
         if self.info is None:
@@ -477,7 +481,9 @@ class ClientCore:
             raise ConnectionLost("connection is closed")
         name: str | tuple[str, ...] = command if isinstance(command, str) else tuple(command)
         self.exec_sent = True
-        channel = self.conn.send_exec(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        channel = self.conn.send_exec(
+            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty
+        )
         if not self.commands:
             self._last_rx = None  # the first running command starts the silence clock
         cmd = Command(channel, name, stdin)
@@ -517,6 +523,11 @@ class ClientCore:
         """Deliver a signal to the command's process group, if it still runs."""
         if cmd.channel in self.commands and not self.conn.close_sent:
             self.conn.send_signal(cmd.channel, signum)
+
+    def resize(self, cmd: Command, rows: int, cols: int) -> None:
+        """A pty command's new window size (WINDOW), if it still runs."""
+        if cmd.channel in self.commands and not self.conn.close_sent:
+            self.conn.send_window(cmd.channel, rows, cols)
 
     def take(self, cmd: Command, stream: Stream | None = None) -> Chunk | None:
         """The next output chunk for the application (of `stream`, or in arrival order).

@@ -36,6 +36,10 @@ from rexec.protocol.noise import DHLEN, TAGLEN, NNpsk0Handshake, Suite
 from rexec.protocol.notice import NOTICE_LEN, inspect_reply
 from rexec.protocol.token import Token
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from rexec.protocol.pty import PtyRequest
+
 
 class ClientConnection(Connection):
     """Drive it with: initiate(), receive_data() until HandshakeComplete, then send_exec().
@@ -127,17 +131,19 @@ class ClientConnection(Connection):
         timeout: float | None = None,
         stdin: bool = False,
         window: int | None = None,
+        pty: PtyRequest | None = None,
     ) -> int:
         """Open a channel running `command`; returns its channel number.
 
         `window`: the channel's output window (default `output_window`): how much output
-        the server may send before we report it consumed (`output_consumed`).
+        the server may send before we report it consumed (`output_consumed`). `pty`: run it
+        on a pseudo-terminal (docs/PROTOCOL.md 10.2.1).
         """
         if self.server_info is None:
             raise LocalProtocolError("cannot send EXEC before the handshake is done")
         window = self.output_window if window is None else window
         body = m.exec_request_json(
-            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, window=window
+            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, window=window, pty=pty
         )
         if self.last_channel >= MAX_CHANNEL:
             raise LocalProtocolError("channel numbers exhausted: open a new connection")

@@ -20,6 +20,10 @@ from cryptography.hazmat.primitives.hmac import HMAC
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import LocalProtocolError, RemoteProtocolError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from rexec.protocol.pty import PtyRequest
+
 PROTOCOL_NAME = "rexec/2"
 AUTH_LABEL = b"rexec/2 client-auth"
 AUTH_LEN = 32
@@ -176,6 +180,7 @@ def exec_request_json(
     timeout: float | None = None,
     stdin: bool = False,
     window: int = OUTPUT_WINDOW,
+    pty: PtyRequest | None = None,
 ) -> bytes:
     """The EXEC body the client sends: a str runs under /bin/sh -c, a sequence is argv.
 
@@ -203,6 +208,8 @@ def exec_request_json(
     if not 0 <= window <= MAX_WINDOW:
         raise LocalProtocolError(f"window {window} out of range 0..{MAX_WINDOW}")
     body["window"] = window
+    if pty is not None:
+        body["pty"] = pty.to_json()
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 

@@ -8,9 +8,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rexec.errors import RemoteProtocolError
 from rexec.protocol.messages import MAX_WINDOW
+from rexec.protocol.pty import PtyRequest, modes_problem, size_problem, term_problem
 
 MAX_ARGS = 4096
 MAX_ENV = 1024
+
+
+class PtyModel(BaseModel):
+    """EXEC's `pty` member: the checks are rexec.protocol.pty's, shared with the client."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    term: str
+    rows: int
+    cols: int
+    modes: dict[str, int | bool] = Field(default_factory=dict, max_length=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> PtyModel:
+        problem = (
+            term_problem(self.term)
+            or size_problem(self.rows, self.cols)
+            or modes_problem(self.modes)
+        )
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    def request(self) -> PtyRequest:
+        return PtyRequest(self.term, self.rows, self.cols, self.modes)
 
 
 class ExecRequest(BaseModel):
@@ -25,6 +51,7 @@ class ExecRequest(BaseModel):
     timeout: float | None = None
     stdin: bool = False
     window: int = Field(ge=0, le=MAX_WINDOW)  # the channel's initial output window
+    pty: PtyModel | None = None  # a pseudo-terminal for the command (PROTOCOL.md 10.2.1)
 
     @field_validator("timeout", mode="before")
     @classmethod

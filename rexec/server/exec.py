@@ -27,6 +27,13 @@ a handler would make a background server's terminal writes retry forever under `
 tostop` (job-control shells never ignore it for their jobs); and glibc's own real-time signals
 32 and 33, which the C library refuses to change (GNU make 4.3 starts children with them
 ignored; no program can reset them through libc, sshd included).
+
+With a pty (rexec.server.pty), the command's stdin, stdout and stderr are the terminal's
+slave and its controlling terminal; its output is one stream (1), read from the master, and
+stdin is written to the master. A job-control shell there runs jobs in groups of their own
+within the command's session, so without a cgroup "the group" is every group of that
+session. Making the terminal the controlling one needs a preexec_fn (an ioctl only the child
+can make for itself): pty commands, interactive by nature, pay the vfork cost.
 """
 
 from __future__ import annotations
@@ -42,14 +49,16 @@ import sys
 import termios
 import time
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from signal import SIGCONT, SIGKILL, SIGTERM
 from typing import Protocol
 
 from rexec.errors import ExecError
 from rexec.protocol.events import Stream
+from rexec.protocol.pty import PtyRequest
 from rexec.server.contain import CommandCgroup, containment
+from rexec.server.pty import controlling_terminal, open_pty, session_groups, set_winsize
 
 __all__ = ["ExecOutcome", "ExecSpec", "Execution", "OutputSink", "prepare_signals"]
 
@@ -62,6 +71,7 @@ _KILL_BOUND = 2.0
 # chunk and lets the child keep writing while the sink is busy. Memory stays bounded by it.
 _PIPE_SIZE = 256 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PTY_READ = 64 * 1024  # the most a pty's output is read at once
 
 
 # Left ignored if inherited so: see the module docstring.
@@ -108,6 +118,7 @@ class ExecSpec:
     uid: int | None = None
     gid: int | None = None
     groups: tuple[int, ...] | None = None
+    pty: PtyRequest | None = None  # run on a pseudo-terminal: one output stream, TERM set
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -137,6 +148,11 @@ class OutputSink(Protocol):
 
     `data` is a fresh buffer, the sink's to keep: ExecSpec.headroom free bytes, then the
     output (the pipe is read straight into it, so a sink that frames it copies nothing).
+
+    A sink may also have `send_now(stream, data) -> bool`: take the data (the same kind of
+    buffer) at once if it can without waiting, else False, and the data comes again through
+    the call. A pty's output then goes out from the loop's readiness callback itself: a
+    keystroke's echo skips the pump task's wake-up, a loop turn and two selector changes.
     """
 
     async def __call__(self, stream: Stream, data: bytearray) -> None: ...
@@ -145,7 +161,7 @@ class OutputSink(Protocol):
 class _Pump:
     """State of one output pipe; shared by its pump task and the supervisor."""
 
-    __slots__ = ("fd", "nbytes", "owed", "stream", "task", "waiter")
+    __slots__ = ("error", "fd", "nbytes", "owed", "pending", "stream", "task", "waiter", "watched")
 
     def __init__(self, stream: Stream, fd: int) -> None:
         self.stream = stream
@@ -154,6 +170,11 @@ class _Pump:
         self.owed = 0  # bytes in the pipe when the group died: delivered whatever the time
         self.waiter: asyncio.Future[None] | None = None  # set while waiting for readability
         self.task: asyncio.Task[None] | None = None
+        # the send_now path (a pty's): what the callback read and left for the pump
+        # (b"": end of file), a failure of send_now, and whether the reader stays registered
+        self.pending: bytearray | None = None
+        self.error: Exception | None = None
+        self.watched = False
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -207,6 +228,20 @@ def _live_members(pgid: int) -> bool:
             if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
                 return True
     return False
+
+
+def _chain(
+    first: Callable[[], None] | None, second: Callable[[], None] | None
+) -> Callable[[], None] | None:
+    """One preexec_fn that runs both (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def both() -> None:
+        first()
+        second()
+
+    return both
 
 
 def _spawn_error(spec: ExecSpec, exc: OSError) -> ExecError:
@@ -274,6 +309,10 @@ class Execution:
         self._pidfd = -1
         self._drain_deadline: float | None = None
         self._sink_error: BaseException | None = None
+        send_now = getattr(sink, "send_now", None) if spec.pty is not None else None
+        self._send_now: Callable[[Stream, bytearray], bool] | None = send_now
+        # a pty returns at most what its buffer holds (a few KiB): no use zeroing 256 KiB
+        self._read_size = min(spec.chunk_size, _PTY_READ) if spec.pty else spec.chunk_size
         self._outcome: ExecOutcome | None = None
         self._supervisor: asyncio.Task[ExecOutcome] | None = None
 
@@ -289,34 +328,52 @@ class Execution:
         parent_fds: list[int] = []
         child_fds: list[int] = []
         proc: subprocess.Popen[bytes] | None = None
+        env = dict(spec.env)
+        in_child = None  # a pty's preexec_fn
+        outputs: list[tuple[Stream, int]] = []  # (stream, our end)
         contain = containment()
         cgroup = contain.new_cgroup()  # None unless the server uses cgroups
         try:
             try:
-                if spec.stdin:
-                    stdin_r, stdin_w = _pipe()
-                    child_fds.append(stdin_r)
-                    parent_fds.append(stdin_w)
-                out_r, out_w = _pipe()
-                parent_fds.append(out_r)
-                child_fds.append(out_w)
-                err_r, err_w = _pipe()
-                parent_fds.append(err_r)
-                child_fds.append(err_w)
+                if spec.pty is not None:
+                    master, slave = open_pty(spec.pty)
+                    parent_fds.append(master)
+                    child_fds.append(slave)
+                    if spec.uid is not None:  # run-as: the terminal is the user's, as sshd does
+                        os.fchown(slave, spec.uid, -1 if spec.gid is None else spec.gid)
+                    stdin_r = out_w = err_w = slave
+                    if spec.stdin:  # its own fd: closing stdin must not close the master
+                        stdin_w = os.dup(master)
+                        parent_fds.append(stdin_w)
+                    outputs.append((Stream.STDOUT, master))
+                    env["TERM"] = spec.pty.term
+                    in_child = controlling_terminal
+                else:
+                    if spec.stdin:
+                        stdin_r, stdin_w = _pipe()
+                        child_fds.append(stdin_r)
+                        parent_fds.append(stdin_w)
+                    out_r, out_w = _pipe()
+                    parent_fds.append(out_r)
+                    child_fds.append(out_w)
+                    err_r, err_w = _pipe()
+                    parent_fds.append(err_r)
+                    child_fds.append(err_w)
+                    outputs += [(Stream.STDOUT, out_r), (Stream.STDERR, err_r)]
             except OSError as exc:  # out of file descriptors
                 raise ExecError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
             try:
                 with contain.spawning(cgroup) as preexec:
                     proc = subprocess.Popen(
                         spec.argv,
-                        stdin=stdin_r if spec.stdin else subprocess.DEVNULL,
+                        stdin=stdin_r if spec.stdin or spec.pty else subprocess.DEVNULL,
                         stdout=out_w,
                         stderr=err_w,
-                        env=dict(spec.env),
+                        env=env,
                         cwd=spec.cwd,
                         close_fds=True,
                         start_new_session=True,
-                        preexec_fn=preexec,
+                        preexec_fn=_chain(preexec, in_child),
                         user=spec.uid,
                         group=spec.gid,
                         extra_groups=spec.groups,
@@ -351,7 +408,7 @@ class Execution:
         if spec.stdin:
             self._stdin_fd = stdin_w
             os.set_blocking(stdin_w, False)
-        for stream, fd in ((Stream.STDOUT, out_r), (Stream.STDERR, err_r)):
+        for stream, fd in outputs:
             os.set_blocking(fd, False)
             pump = _Pump(stream, fd)
             pump.task = self._loop.create_task(self._pump(pump))
@@ -383,15 +440,41 @@ class Execution:
                 fd = self._stdin_fd
                 if fd < 0:
                     return
-                try:
-                    n = os.write(fd, view)
-                except BlockingIOError:
+                n = self._write_some(fd, view)
+                if n < 0:
                     await self._writable(fd)
                     continue
-                except (BrokenPipeError, ConnectionResetError):
-                    self._close_stdin_now()
-                    return
                 view = view[n:]
+
+    def write_stdin_now(self, data: bytes | bytearray) -> int:
+        """What of data the pipe (or pty) takes at once, without waiting: how much it took.
+
+        0 while a write_stdin() waits (order is kept). Saves an interactive key the trip
+        through a task; the caller hands the rest to write_stdin(). Dropped data counts as
+        taken, as in write_stdin().
+        """
+        fd = self._stdin_fd
+        if fd < 0:
+            return len(data)
+        if self._stdin_lock.locked():
+            return 0
+        return max(0, self._write_some(fd, data))
+
+    def _write_some(self, fd: int, data: bytes | bytearray | memoryview) -> int:
+        """One write to stdin: bytes written; -1 if it is full; all of data when it is gone
+        (the child closed it, or a pty's every slave is closed: EIO)."""
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return -1
+        except (BrokenPipeError, ConnectionResetError):
+            self._close_stdin_now()
+            return len(data)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            self._close_stdin_now()
+            return len(data)
 
     async def close_stdin(self) -> None:
         """EOF to the child, after any write in progress; idempotent."""
@@ -401,6 +484,12 @@ class Execution:
     def signal(self, signum: int) -> None:
         """Send signum to the whole process group; a no-op once the group is gone."""
         self._killpg(signum)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """A pty command's new window size (SIGWINCH to its foreground job); else a no-op."""
+        if self._spec.pty is not None and self._pumps and self._pumps[0].fd >= 0:
+            with contextlib.suppress(OSError):  # the terminal is closing
+                set_winsize(self._pumps[0].fd, rows, cols)
 
     async def kill(self) -> None:
         """Disconnect/shutdown: SIGTERM the group, kill_grace, SIGKILL, reap; idempotent.
@@ -428,38 +517,49 @@ class Execution:
     async def _pump(self, p: _Pump) -> None:
         """Read one pipe into the sink; the next read happens only once the sink returned."""
         loop = self._loop
-        size = self._spec.chunk_size
+        size = self._read_size
         head = self._spec.headroom
         sink = self._sink
         try:
             while True:
+                if p.error is not None:
+                    raise p.error
                 deadline = self._drain_deadline
                 if deadline is not None and p.owed <= 0 and loop.time() >= deadline:
                     return
-                data = bytearray(head + size)
-                try:
-                    with memoryview(data) as view:
-                        n = os.readv(p.fd, [view[head:]])
-                except BlockingIOError:
-                    del data  # a quiet pipe must not pin a chunk's worth of memory
-                    if deadline is None:
-                        await self._readable(p, None)
-                    else:
-                        remaining = deadline - loop.time()
-                        if remaining <= 0:
-                            return
-                        await self._readable(p, remaining)
-                    continue
-                if not n:
+                if p.pending is not None:  # read by _read_now: the sink wants to be awaited
+                    data, p.pending = p.pending, None
+                    n = len(data) - head
+                else:
+                    data = bytearray(head + size)
+                    try:
+                        with memoryview(data) as view:
+                            n = os.readv(p.fd, [view[head:]])
+                    except BlockingIOError:
+                        del data  # a quiet pipe must not pin a chunk's worth of memory
+                        if deadline is None:
+                            await self._readable(p, None)
+                        else:
+                            remaining = deadline - loop.time()
+                            if remaining <= 0:
+                                return
+                            await self._readable(p, remaining)
+                        continue
+                    except OSError as exc:  # a pty master once every slave is closed: EOF
+                        if exc.errno != errno.EIO:
+                            raise
+                        return
+                    if n < size:
+                        del data[head + n :]
+                if n <= 0:
                     return
-                if n < size:
-                    del data[head + n :]
                 p.owed -= n
                 await sink(p.stream, data)
                 p.nbytes += n
                 # A sink that never suspends would let a fast child starve the loop (deadline,
-                # the other pipe): yield once per chunk, a negligible cost at 256 KiB.
-                await asyncio.sleep(0)
+                # the other pipe): yield once per full chunk, a negligible cost at 256 KiB.
+                if n == size:
+                    await asyncio.sleep(0)
         except Exception as exc:  # the sink failed: the output has nowhere to go
             if self._sink_error is None:
                 self._sink_error = exc
@@ -468,9 +568,18 @@ class Execution:
             self._close_pump(p)
 
     async def _readable(self, p: _Pump, timeout: float | None) -> None:
-        """Wait until p.fd is readable, the timeout passes, or the supervisor wakes us."""
+        """Wait until p.fd is readable, the timeout passes, or the supervisor wakes us.
+
+        With send_now, the reader stays registered between waits and reads by itself
+        (_read_now); it wakes us only for what the sink cannot take at once.
+        """
         fut = self._loop.create_future()
-        self._loop.add_reader(p.fd, _wake, fut)
+        direct = self._send_now is not None
+        if not direct:
+            self._loop.add_reader(p.fd, _wake, fut)
+        elif not p.watched:
+            self._loop.add_reader(p.fd, self._read_now, p)
+            p.watched = True
         timer = None if timeout is None else self._loop.call_later(timeout, _wake, fut)
         p.waiter = fut
         try:
@@ -479,7 +588,36 @@ class Execution:
             p.waiter = None
             if timer is not None:
                 timer.cancel()
-            self._loop.remove_reader(p.fd)
+            if not direct:
+                self._loop.remove_reader(p.fd)
+
+    def _read_now(self, p: _Pump) -> None:
+        """p.fd is readable while its pump waits: read, and hand the data to send_now."""
+        send_now = self._send_now
+        assert send_now is not None
+        if p.waiter is None or p.waiter.done():  # the pump is busy: it will read itself
+            self._loop.remove_reader(p.fd)  # (level-triggered: would fire until then)
+            p.watched = False
+            return
+        try:
+            raw = os.read(p.fd, self._read_size)
+        except BlockingIOError:  # already read (a readiness event from before)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: a pty master once every slave is closed
+                p.error = exc
+            raw = b""
+        data = bytearray(self._spec.headroom)  # the sink's buffer: headroom, then the output
+        data += raw
+        try:
+            if raw and send_now(p.stream, data):
+                p.owed -= len(raw)
+                p.nbytes += len(raw)
+                return
+        except Exception as exc:  # the pump reports it, as a failing sink call
+            p.error = exc
+        p.pending = data  # end of file, or the sink wants to be awaited: the pump's turn
+        _wake(p.waiter)
 
     def _close_pump(self, p: _Pump) -> None:
         if p.fd >= 0:
@@ -541,6 +679,10 @@ class Execution:
                 self._group_gone = True
         except PermissionError:  # a member we may not signal (setuid); nothing we can do
             pass
+        if self._spec.pty is not None:  # the jobs of a shell on the pty: same session
+            for pgid in session_groups(self._pid) - {self._pid}:
+                with contextlib.suppress(OSError):
+                    os.killpg(pgid, signum)
 
     def _kill_all(self, signum: int) -> None:
         """Signal everything the command started: its cgroup if it has one, else its group."""
@@ -562,7 +704,9 @@ class Execution:
             return False
         except PermissionError:
             pass
-        if not _live_members(self._pid):
+        if not _live_members(self._pid) and not (
+            self._spec.pty is not None and session_groups(self._pid)
+        ):
             self._group_gone = True  # only zombies left: nothing runs, nothing to signal
             return False
         return True
@@ -647,8 +791,8 @@ class Execution:
             signal=-rc if rc < 0 else None,
             timed_out=timed_out,
             duration=self._t_reaped - self._t0,
-            stdout_bytes=self._pumps[0].nbytes,
-            stderr_bytes=self._pumps[1].nbytes,
+            stdout_bytes=sum(p.nbytes for p in self._pumps if p.stream == Stream.STDOUT),
+            stderr_bytes=sum(p.nbytes for p in self._pumps if p.stream == Stream.STDERR),
         )
         return self._outcome
 

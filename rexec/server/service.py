@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 from collections.abc import Callable
@@ -192,6 +193,11 @@ async def serve(
     prepare_signals()  # before any handler of ours: what we inherited as ignored gets caught
     server = Server(config)
     addresses = await server.start()
+    # What start-up made (config, schemas, imported modules) lives as long as the server:
+    # out of the collector's sight, a full collection walks only what connections make, so
+    # its pause stays short (an interactive session's keystroke waits behind it).
+    gc.collect()
+    gc.freeze()
     if on_ready is not None:
         on_ready(addresses)
     loop = asyncio.get_running_loop()

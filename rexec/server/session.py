@@ -32,6 +32,7 @@ from rexec.protocol.events import (
     StdinClosed,
     StdinReceived,
     Stream,
+    WindowChanged,
 )
 from rexec.protocol.frames import HEADROOM
 from rexec.protocol.messages import ExitStatus
@@ -74,6 +75,39 @@ class ChannelRun:
         credit, self.credit = self.credit, None
         if credit is not None and not credit.done():
             credit.set_result(None)
+
+    window: tuple[int, int] | None = None  # a pty's size from WINDOW before it started
+    stdin_queued: int = 0  # stdin chunks queued or being written (0: may write directly)
+
+
+class _ChannelSink:
+    """Where a channel's output goes: to the client as its window and the socket allow."""
+
+    __slots__ = ("channel", "session")
+
+    def __init__(self, session: Session, channel: int) -> None:
+        self.session = session
+        self.channel = channel
+
+    async def __call__(self, stream: Stream, data: bytearray) -> None:
+        # by channel, not `run`: run -> execution -> sink -> run would be a cycle
+        await self.session._output(self.channel, stream, data)
+
+    def send_now(self, stream: Stream, data: bytearray) -> bool:
+        """Send at once (a keystroke's echo) if the window has room and nothing waits to be
+        written; else False. `data` is a buffer behind HEADROOM free bytes, as for _output."""
+        session, channel = self.session, self.channel
+        conn = session.conn
+        if session.lost or not conn.may_send or channel not in conn.channels:
+            return True  # nobody to send it to: dropped, as _output drops it
+        transport = session.protocol.transport
+        if conn.output_room(channel) < len(data) - HEADROOM or (
+            transport is None or transport.get_write_buffer_size()
+        ):
+            return False
+        conn.send_output_buffer(channel, stream, data)
+        session.protocol.flush()
+        return True
 
 
 class _Protocol(FramedProtocol):
@@ -324,6 +358,8 @@ class Session:
                 if run is not None and run.execution is not None:
                     self.log.info("signal", channel=event.channel, signum=event.signum)
                     run.execution.signal(event.signum)
+            elif isinstance(event, WindowChanged):
+                self._window(event.channel, event.rows, event.cols)
             elif isinstance(event, ExecRejected):
                 self._refuse(event.channel, ErrorCode.BAD_REQUEST, event.reason, None)
             elif isinstance(event, Authenticated):
@@ -372,13 +408,32 @@ class Session:
             else:
                 self.protocol.abort()
 
+    def _window(self, channel: int, rows: int, cols: int) -> None:
+        """WINDOW: resize a pty command's terminal (ignored for a command without a pty)."""
+        run = self.runs.get(channel)
+        if run is None or run.request is None or run.request.pty is None:
+            return
+        if run.execution is not None:
+            run.execution.resize(rows, cols)
+        else:
+            run.window = (rows, cols)
+
     # ---- stdin ---------------------------------------------------------------------
 
     def _stdin(self, channel: int, data: bytes | bytearray) -> None:
         """Queue stdin for the command; the protocol bounds it by the channel's window."""
         run = self.runs.get(channel)
-        if run is not None:
-            run.stdin.put_nowait(data)
+        if run is None:
+            return
+        if run.stdin_queued == 0 and run.execution is not None:  # a key: straight in
+            n = run.execution.write_stdin_now(data)
+            if n:  # credited back; on_events flushes once for all its events
+                self.conn.stdin_consumed(channel, n)
+            data = data[n:]
+            if not data:
+                return
+        run.stdin_queued += 1
+        run.stdin.put_nowait(data)
 
     def _stdin_consumed(self, channel: int, n: int) -> None:
         """The pipe took (or dropped) n bytes: credit them back to the client."""
@@ -394,6 +449,7 @@ class Session:
             try:
                 await execution.write_stdin(data)
             finally:
+                run.stdin_queued -= 1
                 self._stdin_consumed(run.channel, len(data))
         await execution.close_stdin()
 
@@ -482,6 +538,7 @@ class Session:
             timeout=timeout,
             kill_grace=limits.kill_grace,
             headroom=HEADROOM,
+            pty=req.pty.request() if req.pty is not None else None,
         )
 
     async def _run(self, run: ChannelRun) -> None:
@@ -494,12 +551,8 @@ class Session:
         try:
             spec = run.decision.spec if run.decision and run.decision.spec else self._spec(req)
 
-            async def sink(stream: Stream, data: bytearray) -> None:
-                # by channel, not `run`: run -> execution -> sink -> run would be a cycle
-                await self._output(channel, stream, data)
-
             try:
-                execution = await Execution.start(spec, sink)
+                execution = await Execution.start(spec, _ChannelSink(self, channel))
             except ExecError as exc:
                 error = str(exc)
                 code = 127 if "not found" in error else 126
@@ -510,6 +563,8 @@ class Session:
                 self.log.info("command failed to start", channel=channel, reason=error)
                 return
             run.execution = execution
+            if run.window is not None:
+                execution.resize(*run.window)
             self.log.info("command started", channel=channel, pid=execution.pid)
             if self.lost or self.ending is not None:
                 execution.signal(signal.SIGKILL)
@@ -617,6 +672,9 @@ class Session:
             bytes_out=outcome.stdout_bytes if outcome else 0,
             bytes_err=outcome.stderr_bytes if outcome else 0,
             error=error,
-            extra={"policy": decision.audit()} if decision is not None else {},
+            extra={
+                **({"policy": decision.audit()} if decision is not None else {}),
+                **({"pty": req.pty.term} if req is not None and req.pty is not None else {}),
+            },
         )
         self.ctx.audit_write(record)

@@ -1,5 +1,6 @@
-"""`rexec shell` as a person uses it: the real CLI in a pseudo-terminal (pexpect) against a
-real `rexec serve`. Every expect is bounded, so a hung shell fails the test instead of CI."""
+"""`rexec shell --repl` (the line REPL) as a person uses it: the real CLI in a pseudo-terminal
+(pexpect) against a real `rexec serve`. Every expect is bounded, so a hung shell fails the test
+instead of CI. The pty session (`rexec shell` on a terminal) is tests/e2e/test_pty_shell.py."""
 
 from __future__ import annotations
 
@@ -25,11 +26,10 @@ Spawn = Callable[..., pexpect.spawn]
 
 @pytest.fixture
 def spawn(e2e: Any, tmp_path: Path) -> Iterator[Spawn]:
-    """Start `rexec shell ADDRESS` in a pty; every child is closed at teardown."""
+    """Start `rexec shell --repl ADDRESS` in a pty; every child is closed at teardown."""
     children: list[pexpect.spawn] = []
 
-    def start(server: Any, *args: str, bare: bool = False, **env: str) -> pexpect.spawn:
-        """bare: `rexec ADDRESS` (the ssh-like form) instead of `rexec shell ADDRESS`."""
+    def start(server: Any, *args: str, **env: str) -> pexpect.spawn:
         environ = e2e.clean_env(
             {"REXEC_TOKEN": server.token, "XDG_STATE_HOME": str(tmp_path / "state")}
         )
@@ -37,7 +37,7 @@ def spawn(e2e: Any, tmp_path: Path) -> Iterator[Spawn]:
         environ.update(TERM="xterm", **env)
         child = pexpect.spawn(
             e2e.REXEC,
-            [*([] if bare else ["shell"]), server.address, *args],
+            ["shell", "--repl", server.address, *args],
             env=environ,
             encoding="utf-8",
             codec_errors="replace",
@@ -182,12 +182,31 @@ def test_ctrl_d_exits_0_and_history_is_kept(server: Any, spawn: Spawn, tmp_path:
     history = tmp_path / "state" / "rexec" / "history"
     assert stat.S_IMODE(history.stat().st_mode) == 0o600
     assert history.read_text().splitlines()[-1] == "echo remembered-line"
-    # a new session (the bare `rexec ADDRESS` form) recalls it with the up arrow
-    child = spawn(server, bare=True)
+    # a new session recalls it with the up arrow
+    child = spawn(server)
     ready(child)
     child.send("\x1b[A\r")
     child.expect_exact("remembered-line\r\n")
     prompt(child)
+
+
+@pytest.mark.slow
+def test_early_ctrl_d_reaches_the_prompt(server: Any, spawn: Spawn) -> None:
+    """A Ctrl-D typed while a command runs, or right as its output ends, ends the REPL.
+
+    It used to be lost: typed in the terminal's canonical mode, the kernel keeps it as an
+    end-of-file mark, which becomes a NUL byte when readline switches modes.
+    """
+    for i in range(20):
+        child = spawn(server)
+        ready(child)
+        child.sendline("echo hi")
+        if i % 2:  # right after the output
+            child.expect_exact("hi\r\n")
+        child.sendeof()  # else while the command is still on its way
+        child.expect(pexpect.EOF, timeout=5)
+        child.close()
+        assert child.exitstatus == 0, i
 
 
 def test_builtins_timeout_trace_completion(server: Any, spawn: Spawn) -> None:

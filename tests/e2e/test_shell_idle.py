@@ -19,7 +19,9 @@ def test_idle_close_is_noticed_before_the_line_is_sent(
     srv = server_factory("[limits]\nidle_timeout = 1.0\n")
     env = e2e.clean_env({"REXEC_TOKEN": srv.token, "XDG_STATE_HOME": str(tmp_path / "st")})
     env.update(TERM="xterm", NO_COLOR="1")
-    child = pexpect.spawn(e2e.REXEC, ["shell", srv.address], env=env, encoding="utf-8", timeout=10)
+    child = pexpect.spawn(
+        e2e.REXEC, ["shell", "--repl", srv.address], env=env, encoding="utf-8", timeout=10
+    )
     try:
         child.expect_exact("rexec: connected to ")
         child.expect(PROMPT)

@@ -136,15 +136,12 @@ def test_max_timeout_clamps() -> None:
 
 
 def test_no_pty_refuses_a_pty_request() -> None:
-    class PtyRequest:  # EXEC has no pty field yet; the rule is ready for it
-        argv = ("sh",)
-        command = None
-        env: dict[str, str] = {}
-        cwd = None
-        pty = True
-
-    d = evaluate(Policy.build(no_pty=True), PtyRequest(), "unix", "unix", BASE)  # type: ignore[arg-type]
+    pty = parse_exec_request(
+        b'{"argv":["sh"],"window":0,"pty":{"term":"xterm","rows":24,"cols":80}}'
+    )
+    d = evaluate(Policy.build(no_pty=True), pty, "unix", "unix", BASE)
     assert not d.allowed and d.rule == "no-pty"
+    assert evaluate(Policy.build(), pty, "unix", "unix", BASE).allowed
     assert check(Policy.build(no_pty=True), req("sh")).allowed
 
 

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "timeout": None,
     "connect_timeout": None,
     "no_stdin": False,
+    "tty": False,
     "json": False,
     "trace": False,
     "suite": "aesgcm",
@@ -101,6 +102,12 @@ def parsed(argv: list[str]) -> dict[str, Any]:
         (["--suite=aesgcm", "h", "t"], {}),
         # unique prefixes of long options, as argparse allows
         (["--no", "h", "t"], {"no_stdin": True}),
+        # -t forces a pty, -T forbids it; the last one wins
+        (["-t", "h", "t"], {"tty": True}),
+        (["--tty", "h", "t"], {"tty": True}),
+        (["h", "-tn", "t"], {"tty": True, "no_stdin": True}),
+        (["-t", "-T", "h", "t"], {}),
+        (["-T", "-t", "h", "t"], {"tty": True}),
         (["--js", "h", "t"], {"json": True}),
         (["--tr", "h", "t"], {"trace": True}),
         (["--ti", "5", "h", "t"], {"timeout": 5.0}),
@@ -157,7 +164,10 @@ def test_parse(argv: list[str], changes: dict[str, Any]) -> None:
             ["--suite", "x", "h", "t"],
             "argument --suite: invalid choice: 'x' (choose from 'aesgcm', 'chachapoly')",
         ),
-        (["--t", "h", "t"], "ambiguous option: --t could match --token-file, --timeout, --trace"),
+        (
+            ["--t", "h", "t"],
+            "ambiguous option: --t could match --token-file, --timeout, --tty, --trace",
+        ),
         (["--c", "3", "h", "t"], "ambiguous option: --c could match --cwd, --connect-timeout"),
         (["--fanout", "x", "h", "t"], "argument --fanout: invalid int value: 'x'"),
         (["-x"], "argument -x/--exclude: expected one argument"),
