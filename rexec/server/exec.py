@@ -58,6 +58,7 @@ from rexec.errors import ExecError
 from rexec.protocol.events import Stream
 from rexec.protocol.pty import PtyRequest
 from rexec.server.contain import CommandCgroup, containment
+from rexec.server.procfs import live_processes
 from rexec.server.pty import controlling_terminal, open_pty, session_groups, set_winsize
 
 __all__ = ["ExecOutcome", "ExecSpec", "Execution", "OutputSink", "prepare_signals"]
@@ -210,24 +211,9 @@ def _live_members(pgid: int) -> bool:
     kill(-pgid, 0) also succeeds for zombies, and orphans wait for their reaper (PID 1, which
     can be slow in containers); a zombie runs nothing and holds no pipe, so it counts as gone.
     """
-    try:
-        entries = os.scandir("/proc")
-    except OSError:
+    if not os.path.isdir("/proc"):
         return True
-    with entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:  # exited while we looked
-                continue
-            # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-            fields = stat[stat.rfind(b")") + 2 :].split(b" ", 3)
-            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-                return True
-    return False
+    return any(pgrp == pgid for pgrp, _ in live_processes())
 
 
 def _chain(

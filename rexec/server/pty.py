@@ -10,13 +10,13 @@ process groups of a session, because a job-control shell puts each job in its ow
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import struct
 import termios
 
 from rexec.protocol.pty import PtyRequest, apply_modes
+from rexec.server.procfs import live_processes
 
 __all__ = ["controlling_terminal", "open_pty", "session_groups", "set_winsize"]
 
@@ -64,18 +64,4 @@ def session_groups(sid: int) -> set[int]:
     A job-control shell on a pty runs each job in a group of its own (`vi`, `sleep 100 &`),
     all in the command's session: killing "the command" means killing all of them.
     """
-    groups: set[int] = set()
-    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:  # exited while we looked
-                continue
-            # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses
-            fields = stat[stat.rfind(b")") + 2 :].split(b" ", 5)
-            if len(fields) >= 5 and int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
-                groups.add(int(fields[2]))
-    return groups
+    return {pgrp for pgrp, session in live_processes() if session == sid}
