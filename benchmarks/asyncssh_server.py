@@ -4,7 +4,8 @@
 
 Listens on 127.0.0.1:0, writes the bound port to the ready file, and runs each exec request
 as `/bin/sh -c COMMAND` (as sshd does with the login shell), pumping stdin, stdout and stderr
-both ways, then reports the exit status. Exits on SIGTERM/SIGINT.
+both ways, then reports the exit status. Serves SFTP with asyncssh's own SFTP server (the
+local file system, absolute paths). Exits on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
         allow_pty=False,
         agent_forwarding=False,
         x11_forwarding=False,
-        sftp_factory=None,
+        sftp_factory=True,  # asyncssh's own SFTP server on the local files (xfer-big)
         login_timeout=60,
     )
     port = server.get_port()

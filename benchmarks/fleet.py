@@ -78,9 +78,10 @@ print(json.dumps([[o.exit_code, "".join(line + "\\n" for line in o.stdout)] for 
 """
 
 
-def ensure_tools() -> dict[str, str]:
-    """The peers' binaries; apt-get installs the missing Debian packages (we run as root)."""
-    missing = [pkg for tool, pkg in APT_TOOLS.items() if shutil.which(tool) is None]
+def ensure_tools(wanted: dict[str, str] = APT_TOOLS) -> dict[str, str]:
+    """The peers' binaries (tool -> Debian package); apt-get installs the missing packages
+    (we run as root). Returns tool -> path for those present afterwards."""
+    missing = [pkg for tool, pkg in wanted.items() if shutil.which(tool) is None]
     if missing and os.geteuid() == 0:
         log(f"installing {' '.join(missing)} (apt-get) ...")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -89,7 +90,7 @@ def ensure_tools() -> dict[str, str]:
         if res.returncode != 0:
             subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
             subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
-    return {tool: path for tool in APT_TOOLS if (path := shutil.which(tool))}
+    return {tool: path for tool in wanted if (path := shutil.which(tool))}
 
 
 def raise_nofile() -> None:

@@ -1017,6 +1017,19 @@ def fleet1000(env: Env) -> Group:
     return _fleet(env, 1000)
 
 
+# ---- xfer: issue 14's file transfer (benchmarks/xfer.py) ------------------------------------
+def xfer_big(env: Env) -> Group:
+    from benchmarks.xfer import big_group
+
+    return big_group(env)
+
+
+def xfer_tree(env: Env) -> Group:
+    from benchmarks.xfer import tree_group
+
+    return tree_group(env)
+
+
 MEASURES: dict[str, Callable[[Env], Group]] = {
     "cold": cold_cli,
     "cold-api": cold_api,
@@ -1027,4 +1040,6 @@ MEASURES: dict[str, Callable[[Env], Group]] = {
     "keystroke": keystroke,
     "fleet": fleet,
     "fleet1000": fleet1000,
+    "xfer-big": xfer_big,
+    "xfer-tree": xfer_tree,
 }

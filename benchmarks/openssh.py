@@ -26,6 +26,23 @@ CURVE = "curve25519-sha256"
 GCM = "aes128-gcm@openssh.com"
 
 
+# No known_hosts, key auth only, quiet: every client command line to the private sshd.
+CLIENT_OPTIONS = (
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "GlobalKnownHostsFile=/dev/null",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "IdentitiesOnly=yes",
+    "-o",
+    "LogLevel=ERROR",
+)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
@@ -102,6 +119,8 @@ MaxStartups 1000:100:1000
 LoginGraceTime 60
 ClientAliveInterval 0
 LogLevel ERROR
+# Debian's stock SFTP server: scp (SFTP protocol since OpenSSH 9.0) and sftp need it.
+Subsystem sftp /usr/lib/openssh/sftp-server
 # Commands run through the login shell (bash for root). Bash sources ~/.bashrc when it sees
 # SSH_CLIENT and SHLVL < 2; root's .bashrc here runs `pyenv init` (~100 ms). SHLVL=1 keeps
 # OpenSSH's per-command cost to the shell itself, as rexec (which never uses rc files).
@@ -184,20 +203,25 @@ class OpenSSH:
             str(self.key),
             "-l",
             self.user,
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "LogLevel=ERROR",
+            *CLIENT_OPTIONS,
             *extra,
             LOOPBACK,
+        ]
+
+    def opts(self, *extra: str) -> list[str]:
+        """The options of base() without the host, for scp and rsync's `-e ssh ...`
+        (scp's -p and -l mean something else, hence Port= and User=)."""
+        return [
+            "-F",
+            "/dev/null",
+            "-i",
+            str(self.key),
+            "-o",
+            f"Port={self.port}",
+            "-o",
+            f"User={self.user}",
+            *CLIENT_OPTIONS,
+            *extra,
         ]
 
     def cmd(self, command: str, *extra: str) -> list[str]:

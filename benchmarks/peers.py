@@ -144,6 +144,16 @@ class AsyncsshPeer:
         if res.exit_status != 0 or int(out or b"-1") != nbytes:
             raise RuntimeError(f"asyncssh upload: remote counted {out!r}, exit {res.exit_status}")
 
+    @staticmethod
+    async def sftp(conn: asyncssh.SSHClientConnection, op: str, src: str, dst: str) -> None:
+        """One SFTP put or get on an open connection, with asyncssh's defaults (it takes the
+        server's 4 MiB read/write limits and keeps up to 128 requests in flight)."""
+        async with conn.start_sftp_client() as sftp:
+            if op == "put":
+                await sftp.put(src, dst, recurse=True)
+            else:
+                await sftp.get(src, dst, recurse=True)
+
 
 def asyncssh_devnull() -> Any:
     import asyncssh
