@@ -421,7 +421,9 @@ def tree_group(env: Any) -> Group:
     ssh_err = _sshd_error(env)
     rsync_err = ssh_err
     if rsync_err is None and "rsync" not in ensure_tools(RSYNC):
-        rsync_err = "rsync unavailable (not installed, and apt-get install rsync failed)"
+        rsync_err = (
+            "rsync unavailable: not installed, and `apt-get install rsync` failed (no network?)"
+        )
     full = _Once()
     contenders: list[Contender] = []
     comparisons: list[Comparison] = []
