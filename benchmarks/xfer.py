@@ -20,22 +20,24 @@ the file count, so a broken contender is reported unavailable, never fast.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from benchmarks import procs
-from benchmarks.fleet import ensure_tools
+from benchmarks.fleet import TIME, Measured, ensure_tools
 from benchmarks.measures import Group
-from benchmarks.model import Comparison, Contender, Row
+from benchmarks.model import Comparison, Contender, Row, reason
 from benchmarks.openssh import CURVE, GCM, LOOPBACK
-from benchmarks.runtime import PYTHON, ROOT
+from benchmarks.runtime import PYTHON, REXEC_BIN, ROOT
 
 MiB = 1 << 20
 TIMEOUT = 600.0
@@ -236,102 +238,48 @@ def _mbps(nbytes: int, seconds: float) -> float:
 
 
 # ---- xfer-big ---------------------------------------------------------------------------------
-def big_group(env: Any) -> Group:
-    quick = env.cfg.quick
-    size = (128 if quick else 1024) * MiB
-    label = f"{size // MiB}M" if size < 1024 * MiB else f"{size // (1024 * MiB)}G"
-    d = data()
-    src = d.make_big(size)
-    loop, rx = env.loop, env.rexec
-    rx_err = _rexec_error(env)
-    ssh_err = _sshd_error(env)
-    full = _Once()
-    contenders: list[Contender] = []
-    comparisons: list[Comparison] = []
-    server_rss: PeakRss | None = None
-    if rx_err is None and rx.proc is not None:
-        server_rss = PeakRss(rx.proc.pid)
-    rss_note = (
-        "VmHWM, reset before each transfer"
-        if server_rss is None or server_rss.resettable
-        else "VmHWM since the server started (clear_refs refused)"
-    )
-    rss_rows: dict[str, Row] = {}
-    for op in ("put", "get"):
-        direction = "up" if op == "put" else "down"
-        m = f"xfer {direction} {label}"
-        k = f"xfer_{direction}"
-        rows = {
-            "rexec": Row(
-                f"{k}.rexec", m, f"rexec conn.{op} (SHA-256 end to end)", "MB/s", "higher", "rexec"
-            ),
-            "rexec_proc": Row(
-                f"{k}.rexec_proc",
-                m,
-                f"rexec.Client.{op}, own process (info)",
-                "MB/s",
-                "higher",
-                "rexec",
-                "transfer only, not start-up; its peak RSS is the client RSS row",
-            ),
-            "scp": Row(
-                f"{k}.scp", m, f"scp -o Ciphers={GCM} (ControlMaster)", "MB/s", "higher", "peer"
-            ),
-            "sftp": Row(f"{k}.sftp", m, f"asyncssh SFTP {op}", "MB/s", "higher", "peer"),
-        }
-        server_row = Row(
-            f"xfer_rss.server_{direction}",
-            f"xfer peak RSS {label}",
-            f"rexec server during conn.{op}",
-            "MB",
-            "lower",
-            "rexec",
-            rss_note,
-        )
-        client_row = Row(
-            f"xfer_rss.client_{direction}",
-            f"xfer peak RSS {label}",
-            f"rexec client (own process) during Client.{op}",
-            "MB",
-            "lower",
-            "rexec",
-            "VmHWM of the process, read at its end",
-        )
-        rss_rows[direction] = server_row
+class Big:
+    """The contenders of xfer-big: one sample each moves the file one way and checks it."""
 
-        # the source and a fresh destination (both ends are this machine, one file system)
-        def paths(name: str) -> tuple[Path, Path]:
-            return src, d.fresh(name) / "big.bin"
+    def __init__(self, env: Any, size: int) -> None:
+        self.env = env
+        self.size = size
+        self.data = data()
+        self.src = self.data.make_big(size)
+        self.full = _Once()
+        rx = env.rexec
+        self.server_rss = PeakRss(rx.proc.pid) if rx is not None and rx.proc else None
 
-        def finish(dst: Path, key: str) -> None:
-            try:
-                check_file(dst, size, d.big_sha, full(key), key)
-            finally:
-                shutil.rmtree(dst.parent, ignore_errors=True)
+    @contextlib.contextmanager
+    def dest(self, name: str, key: str) -> Iterator[Path]:
+        """A fresh destination path; after the transfer, the file is checked and removed."""
+        dst = self.data.fresh(name) / "big.bin"
+        try:
+            yield dst
+            check_file(dst, self.size, self.data.big_sha, self.full(key), key)
+        finally:
+            shutil.rmtree(dst.parent, ignore_errors=True)
 
-        def rexec_sample(
-            op: str = op, key: str = rows["rexec"].key, srow: Row = server_row
-        ) -> list[float]:
-            s, dst = paths("rexec")
-            assert server_rss is not None
-            server_rss.reset()
+    def pair(self, op: str, dst: Path, remote: Callable[[Path], str]) -> list[str]:
+        return [str(self.src), remote(dst)] if op == "put" else [remote(self.src), str(dst)]
+
+    def rexec(self, op: str, key: str, server: Row) -> list[float]:
+        assert self.server_rss is not None
+        with self.dest("rexec", key) as dst:
+            self.server_rss.reset()
             t0 = time.perf_counter()
-            res = loop.run(getattr(env.rexec_conn, op)(str(s), str(dst)), TIMEOUT)
+            res = self.env.loop.run(_api(self.env.rexec_conn, op, self.src, dst), TIMEOUT)
             seconds = time.perf_counter() - t0
-            srow.samples.append(server_rss.mb())
-            try:
-                _check_result(res, 1, key)
-                if res.files[0].sha256 != d.big_sha:
-                    raise RuntimeError(f"{key}: reported SHA-256 differs from the source's")
-            finally:
-                finish(dst, key)
-            return [_mbps(size, seconds)]
+            server.samples.append(self.server_rss.mb())
+            _check_result(res, 1, key)
+            if res.files[0].sha256 != self.data.big_sha:
+                raise RuntimeError(f"{key}: reported SHA-256 differs from the source's")
+        return [_mbps(self.size, seconds)]
 
-        def proc_sample(
-            op: str = op, key: str = rows["rexec_proc"].key, crow: Row = client_row
-        ) -> list[float]:
-            s, dst = paths("rexec-proc")
-            argv = [PYTHON, "-c", CHILD, rx.addr, op, str(s), str(dst)]
+    def client(self, op: str, key: str, client: Row) -> list[float]:
+        rx = self.env.rexec
+        with self.dest("rexec-proc", key) as dst:
+            argv = [PYTHON, "-c", CHILD, rx.addr, op, str(self.src), str(dst)]
             res = subprocess.run(
                 argv,
                 env=rx.env,
@@ -341,66 +289,142 @@ def big_group(env: Any) -> Group:
                 timeout=TIMEOUT,
                 check=False,
             )
+            if res.returncode != 0:
+                err = res.stderr.decode(errors="replace").strip().splitlines()
+                raise RuntimeError(f"{key}: exit {res.returncode} {err[-1] if err else ''}")
+            out = json.loads(res.stdout)
+            if not out["ok"] or out["sha256"] != [self.data.big_sha]:
+                raise RuntimeError(f"{key}: result not ok or wrong SHA-256: {out}"[:160])
+        client.samples.append(round(out["hwm_kb"] * 1024 / 1e6, 1))
+        return [_mbps(self.size, float(out["seconds"]))]
+
+    def cli(self, op: str, key: str, client: Row) -> list[float]:
+        rx = self.env.rexec
+        with self.dest("rexec-cp", key) as dst:
+            work = self.data.fresh("rexec-cp-run")
+            argv = [str(REXEC_BIN), "cp", "-q", *self.pair(op, dst, lambda p: f"{rx.addr}:{p}")]
             try:
-                if res.returncode != 0:
-                    err = res.stderr.decode(errors="replace").strip().splitlines()
-                    raise RuntimeError(f"{key}: exit {res.returncode} {err[-1] if err else ''}")
-                out = json.loads(res.stdout)
-                if not out["ok"] or out["sha256"] != [d.big_sha]:
-                    raise RuntimeError(f"{key}: result not ok or wrong SHA-256: {out}"[:160])
+                run = Measured(argv, rx.env, work)
             finally:
-                finish(dst, key)
-            crow.samples.append(round(out["hwm_kb"] * 1024 / 1e6, 1))
-            return [_mbps(size, float(out["seconds"]))]
+                shutil.rmtree(work, ignore_errors=True)
+            if run.code != 0:
+                raise run.fail("rexec cp", "a file failed")
+        client.samples.append(round(run.rss_mb * MiB / 1e6, 1))
+        return [_mbps(self.size, run.wall)]
 
-        def scp_sample(op: str = op, key: str = rows["scp"].key) -> list[float]:
-            s, dst = paths("scp")
-            if op == "put":
-                argv = ["scp", "-q", *_ssh_opts(env), str(s), _remote(env, dst)]
-            else:
-                argv = ["scp", "-q", *_ssh_opts(env), _remote(env, s), str(dst)]
+    def scp(self, op: str, key: str) -> list[float]:
+        env = self.env
+        with self.dest("scp", key) as dst:
+            argv = ["scp", "-q", *_ssh_opts(env), *self.pair(op, dst, lambda p: _remote(env, p))]
             t0 = time.perf_counter()
-            try:
-                _run(argv, "scp")
-            except BaseException:
-                shutil.rmtree(dst.parent, ignore_errors=True)
-                raise
+            _run(argv, "scp")
             seconds = time.perf_counter() - t0
-            finish(dst, key)
-            return [_mbps(size, seconds)]
+        return [_mbps(self.size, seconds)]
 
-        def sftp_sample(op: str = op, key: str = rows["sftp"].key) -> list[float]:
-            s, dst = paths("sftp")
+    def sftp(self, op: str, key: str) -> list[float]:
+        env = self.env
+        with self.dest("sftp", key) as dst:
             t0 = time.perf_counter()
-            try:
-                loop.run(env.assh.sftp(env.assh_conn, op, str(s), str(dst)), TIMEOUT)
-            except BaseException:
-                shutil.rmtree(dst.parent, ignore_errors=True)
-                raise
+            env.loop.run(env.assh.sftp(env.assh_conn, op, str(self.src), str(dst)), TIMEOUT)
             seconds = time.perf_counter() - t0
-            finish(dst, key)
-            return [_mbps(size, seconds)]
+        return [_mbps(self.size, seconds)]
 
-        assh_err = env.assh_error or (None if env.assh_conn is not None else "no asyncssh conn")
-        proc_err = rx_err or (None if rx.sync_error is None else rx.sync_error)
-        contenders += [
-            _contender(rows["rexec"], rexec_sample, rx_err),
-            _contender(rows["rexec_proc"], proc_sample, proc_err),
-            _contender(rows["scp"], scp_sample, ssh_err),
-            _contender(rows["sftp"], sftp_sample, assh_err),
-            _contender(server_row, None, rx_err),
-            _contender(client_row, None, proc_err),
+
+async def _api(conn: Any, op: str, src: Path, dst: Path, recursive: bool = False) -> Any:
+    """conn.put(local, remote) or conn.get(remote, local): both ends are this machine."""
+    return await getattr(conn, op)(str(src), str(dst), recursive=recursive)
+
+
+def big_group(env: Any) -> Group:
+    quick = env.cfg.quick
+    size = (128 if quick else 1024) * MiB
+    label = f"{size // MiB}M" if size < 1024 * MiB else f"{size // (1024 * MiB)}G"
+    big = Big(env, size)
+    rx_err = _rexec_error(env)
+    proc_err = rx_err or env.rexec.sync_error
+    cli_err = rx_err or _cp_error(env)
+    assh_err = env.assh_error or (None if env.assh_conn is not None else "no asyncssh conn")
+    rss_note = (
+        "VmHWM, reset before each transfer"
+        if big.server_rss is None or big.server_rss.resettable
+        else "VmHWM since the server started (clear_refs refused)"
+    )
+    speed: list[Contender] = []
+    rss: list[Contender] = []
+    comparisons: list[Comparison] = []
+    for op in ("put", "get"):
+        way = "up" if op == "put" else "down"
+        m, k, mr = f"xfer {way} {label}", f"xfer_{way}", f"xfer peak RSS {label}"
+        rexec = Row(
+            f"{k}.rexec", m, f"rexec conn.{op} (SHA-256 end to end)", "MB/s", "higher", "rexec"
+        )
+        proc = Row(
+            f"{k}.rexec_proc",
+            m,
+            f"rexec.Client.{op}, own process (info)",
+            "MB/s",
+            "higher",
+            "rexec",
+            "transfer only, not start-up",
+        )
+        cli = Row(
+            f"{k}.rexec_cp",
+            m,
+            "rexec cp -q (CLI, with start-up; info)",
+            "MB/s",
+            "higher",
+            "rexec",
+        )
+        scp = Row(f"{k}.scp", m, f"scp -o Ciphers={GCM} (ControlMaster)", "MB/s", "higher", "peer")
+        sftp = Row(f"{k}.sftp", m, f"asyncssh SFTP {op}", "MB/s", "higher", "peer")
+        server = Row(
+            f"xfer_rss.server_{way}",
+            mr,
+            f"rexec server during conn.{op}",
+            "MB",
+            "lower",
+            "rexec",
+            rss_note,
+        )
+        client = Row(
+            f"xfer_rss.client_{way}",
+            mr,
+            f"rexec client: Client.{op} in its own process",
+            "MB",
+            "lower",
+            "rexec",
+            "VmHWM of that process at its end",
+        )
+        cp_rss = Row(
+            f"xfer_rss.cp_{way}",
+            mr,
+            "rexec client: the rexec cp process",
+            "MB",
+            "lower",
+            "rexec",
+            "peak RSS from GNU time",
+        )
+        speed += [
+            _contender(rexec, _fills(partial(big.rexec, op, rexec.key, server), server), rx_err),
+            _contender(proc, _fills(partial(big.client, op, proc.key, client), client), proc_err),
+            _contender(cli, _fills(partial(big.cli, op, cli.key, cp_rss), cp_rss), cli_err),
+            _contender(scp, partial(big.scp, op, scp.key), _sshd_error(env)),
+            _contender(sftp, partial(big.sftp, op, sftp.key), assh_err),
+        ]
+        rss += [
+            _contender(server, None, rx_err),
+            _contender(client, None, proc_err),
+            _contender(cp_rss, None, cli_err),
         ]
         comparisons += [
-            Comparison(rows["rexec"].key, rows["scp"].key, ">=", 1.2, ">= 1.2x"),
-            Comparison(rows["rexec"].key, rows["sftp"].key, ">=", 3.0, ">= 3x"),
-            Comparison(rows["rexec_proc"].key, rows["scp"].key),
-            Comparison(server_row.key, "", "<", 100.0, "< 100 MB"),
-            Comparison(client_row.key, "", "<", 100.0, "< 100 MB"),
+            Comparison(rexec.key, scp.key, ">=", 1.2, ">= 1.2x"),
+            Comparison(rexec.key, sftp.key, ">=", 3.0, ">= 3x"),
+            Comparison(proc.key, scp.key),
+            Comparison(cli.key, scp.key),
+            Comparison(server.key, "", "<", 100.0, "< 100 MB"),
+            Comparison(client.key, "", "<", 100.0, "< 100 MB"),
+            Comparison(cp_rss.key, "", "<", 100.0, "< 100 MB"),
         ]
-    # the RSS rows last, after both directions' speed rows
-    speed = [c for c in contenders if c.row.unit != "MB"]
-    rss = [c for c in contenders if c.row.unit == "MB"]
     return Group(
         f"xfer: one {label} file up and down (MB = 10^6 bytes)",
         speed + rss,
@@ -410,90 +434,145 @@ def big_group(env: Any) -> Group:
     )
 
 
+def _cp_error(env: Any) -> str | None:
+    """Why `rexec cp` cannot be measured (issue 14's CLI, GNU time for its RSS), or None."""
+    try:
+        res = subprocess.run(
+            [str(REXEC_BIN), "cp", "--help"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"rexec cp --help: {exc}"[:160]
+    if res.returncode != 0 or not res.stdout.startswith(b"usage: rexec cp"):
+        return "no `rexec cp` in this tree"
+    if "time" not in ensure_tools({"time": "time"}):
+        return f"{TIME} missing (apt-get install time)"
+    return None
+
+
 # ---- xfer-tree --------------------------------------------------------------------------------
+class Tree:
+    """The contenders of xfer-tree: one sample each moves the tree one way and checks it."""
+
+    def __init__(self, env: Any, count: int) -> None:
+        self.env = env
+        self.count = count
+        self.data = data()
+        self.src = self.data.make_tree(count)
+        self.full = _Once()
+
+    def timed(self, name: str, key: str, go: Callable[[Path], None]) -> list[float]:
+        dst = self.data.fresh(name) / "tree"
+        try:
+            t0 = time.perf_counter()
+            go(dst)
+            seconds = time.perf_counter() - t0
+            check_tree(dst, self.data.tree_manifest, self.full(key), key)
+        finally:
+            shutil.rmtree(dst.parent, ignore_errors=True)
+        return [seconds]
+
+    def pair(self, op: str, dst: Path, remote: Callable[[str], str], slash: str = "") -> list[str]:
+        a, b = f"{self.src}{slash}", f"{dst}{slash}"
+        return [a, remote(b)] if op == "put" else [remote(a), b]
+
+    def rexec(self, op: str, key: str) -> list[float]:
+        def go(dst: Path) -> None:
+            res = self.env.loop.run(_api(self.env.rexec_conn, op, self.src, dst, True), TIMEOUT)
+            _check_result(res, self.count, key)
+
+        return self.timed("rexec", key, go)
+
+    def cli(self, op: str, key: str) -> list[float]:
+        rx = self.env.rexec
+
+        def go(dst: Path) -> None:
+            argv = [
+                str(REXEC_BIN),
+                "cp",
+                "-q",
+                "-r",
+                *self.pair(op, dst, lambda p: f"{rx.addr}:{p}"),
+            ]
+            res = subprocess.run(
+                argv,
+                env=rx.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+            if res.returncode != 0:
+                err = res.stderr.decode(errors="replace").strip().splitlines()
+                raise RuntimeError(
+                    f"rexec cp -r: exit {res.returncode} {err[-1] if err else ''}"[:160]
+                )
+
+        return self.timed("rexec-cp", key, go)
+
+    def scp(self, op: str, key: str) -> list[float]:
+        env = self.env
+
+        def go(dst: Path) -> None:
+            pair = self.pair(op, dst, lambda p: _remote(env, p))
+            _run(["scp", "-q", "-r", *_ssh_opts(env), *pair], "scp -r")
+
+        return self.timed("scp", key, go)
+
+    def rsync(self, op: str, key: str) -> list[float]:
+        env = self.env
+
+        def go(dst: Path) -> None:
+            ssh = " ".join(["ssh", *_ssh_opts(env)])
+            pair = self.pair(op, dst, lambda p: _remote(env, p), slash="/")
+            _run(["rsync", "-a", "-e", ssh, *pair], "rsync -a")
+
+        return self.timed("rsync", key, go)
+
+
 def tree_group(env: Any) -> Group:
     quick = env.cfg.quick
     count = 1_000 if quick else 10_000
-    d = data()
-    src = d.make_tree(count)
-    loop = env.loop
+    tree = Tree(env, count)
     rx_err = _rexec_error(env)
+    cli_err = rx_err or _cp_error(env)
     ssh_err = _sshd_error(env)
     rsync_err = ssh_err
     if rsync_err is None and "rsync" not in ensure_tools(RSYNC):
         rsync_err = (
             "rsync unavailable: not installed, and `apt-get install rsync` failed (no network?)"
         )
-    full = _Once()
     contenders: list[Contender] = []
     comparisons: list[Comparison] = []
     for op in ("put", "get"):
-        direction = "up" if op == "put" else "down"
-        m = f"tree {direction} {count:,} x 1K"
-        k = f"tree_{direction}"
-        rows = {
-            "rexec": Row(
-                f"{k}.rexec", m, f"rexec conn.{op}(recursive=True)", "s", "lower", "rexec"
-            ),
-            "scp": Row(
-                f"{k}.scp", m, f"scp -r -o Ciphers={GCM} (ControlMaster)", "s", "lower", "peer"
-            ),
-            "rsync": Row(
-                f"{k}.rsync",
-                m,
-                "rsync -a -e 'ssh -o Ciphers=aes128-gcm' (ControlMaster)",
-                "s",
-                "lower",
-                "peer",
-            ),
-        }
-
-        def timed(name: str, key: str, go: Callable[[Path], None]) -> list[float]:
-            dst = d.fresh(name) / "tree"
-            try:
-                t0 = time.perf_counter()
-                go(dst)
-                seconds = time.perf_counter() - t0
-                check_tree(dst, d.tree_manifest, full(key), key)
-            finally:
-                shutil.rmtree(dst.parent, ignore_errors=True)
-            return [seconds]
-
-        def rexec_sample(op: str = op, key: str = rows["rexec"].key) -> list[float]:
-            def go(dst: Path) -> None:
-                res = loop.run(
-                    getattr(env.rexec_conn, op)(str(src), str(dst), recursive=True), TIMEOUT
-                )
-                _check_result(res, count, key)
-
-            return timed("rexec", key, go)
-
-        def scp_sample(op: str = op, key: str = rows["scp"].key) -> list[float]:
-            def go(dst: Path) -> None:
-                pair = (
-                    [str(src), _remote(env, dst)] if op == "put" else [_remote(env, src), str(dst)]
-                )
-                _run(["scp", "-q", "-r", *_ssh_opts(env), *pair], "scp -r")
-
-            return timed("scp", key, go)
-
-        def rsync_sample(op: str = op, key: str = rows["rsync"].key) -> list[float]:
-            def go(dst: Path) -> None:
-                ssh = " ".join(["ssh", *_ssh_opts(env)])
-                a, b = f"{src}/", f"{dst}/"
-                pair = [a, _remote(env, b)] if op == "put" else [_remote(env, a), b]
-                _run(["rsync", "-a", "-e", ssh, *pair], "rsync -a")
-
-            return timed("rsync", key, go)
-
+        way = "up" if op == "put" else "down"
+        m, k = f"tree {way} {count:,} x 1K", f"tree_{way}"
+        rexec = Row(f"{k}.rexec", m, f"rexec conn.{op}(recursive=True)", "s", "lower", "rexec")
+        cli = Row(
+            f"{k}.rexec_cp", m, "rexec cp -q -r (CLI, with start-up; info)", "s", "lower", "rexec"
+        )
+        scp = Row(f"{k}.scp", m, f"scp -r -o Ciphers={GCM} (ControlMaster)", "s", "lower", "peer")
+        rsync = Row(
+            f"{k}.rsync",
+            m,
+            f"rsync -a -e 'ssh -o Ciphers={GCM}' (ControlMaster)",
+            "s",
+            "lower",
+            "peer",
+        )
         contenders += [
-            _contender(rows["rexec"], rexec_sample, rx_err),
-            _contender(rows["scp"], scp_sample, ssh_err),
-            _contender(rows["rsync"], rsync_sample, rsync_err),
+            _contender(rexec, partial(tree.rexec, op, rexec.key), rx_err),
+            _contender(cli, partial(tree.cli, op, cli.key), cli_err),
+            _contender(scp, partial(tree.scp, op, scp.key), ssh_err),
+            _contender(rsync, partial(tree.rsync, op, rsync.key), rsync_err),
         ]
         comparisons += [
-            Comparison(rows["rexec"].key, rows["scp"].key, "<=", 1 / 3, "<= 0.33x (3x faster)"),
-            Comparison(rows["rexec"].key, rows["rsync"].key, "<=", 1 / 3, "<= 0.33x (3x faster)"),
+            Comparison(rexec.key, scp.key, "<=", 1 / 3, "<= 0.33x (3x faster)"),
+            Comparison(rexec.key, rsync.key, "<=", 1 / 3, "<= 0.33x (3x faster)"),
+            Comparison(cli.key, rsync.key),
         ]
     return Group(
         f"xfer: a tree of {count:,} files of 1 KiB up and down",
@@ -504,11 +583,23 @@ def tree_group(env: Any) -> Group:
     )
 
 
+def _fills(sample: Callable[[], list[float]], *rows: Row) -> Callable[[], list[float]]:
+    """A sampler that also fills `rows` (RSS read alongside): when it fails, they say why."""
+
+    def wrapped() -> list[float]:
+        try:
+            return sample()
+        except Exception as exc:
+            for row in rows:
+                row.unavailable = reason(exc)
+            raise
+
+    return wrapped
+
+
 def _contender(row: Row, sample: Callable[[], list[float]] | None, error: str | None) -> Contender:
     """A sampled row, or (sample None) a row filled alongside another's samples."""
     if error is not None:
         row.unavailable = error
-        return Contender(row, None)
-    if sample is None:
         return Contender(row, None)
     return Contender(row, sample)
