@@ -312,10 +312,12 @@ class Big:
         client.samples.append(round(run.rss_mb * MiB / 1e6, 1))
         return [_mbps(self.size, run.wall)]
 
-    def scp(self, op: str, key: str) -> list[float]:
+    def scp(self, op: str, key: str, legacy: bool = False) -> list[float]:
+        """scp (OpenSSH 9 speaks SFTP to the server); `legacy`: -O, the old scp protocol."""
         env = self.env
         with self.dest("scp", key) as dst:
-            argv = ["scp", "-q", *_ssh_opts(env), *self.pair(op, dst, lambda p: _remote(env, p))]
+            pair = self.pair(op, dst, lambda p: _remote(env, p))
+            argv = ["scp", "-q", *(["-O"] if legacy else []), *_ssh_opts(env), *pair]
             t0 = time.perf_counter()
             _run(argv, "scp")
             seconds = time.perf_counter() - t0
@@ -376,6 +378,14 @@ def big_group(env: Any) -> Group:
             "rexec",
         )
         scp = Row(f"{k}.scp", m, f"scp -o Ciphers={GCM} (ControlMaster)", "MB/s", "higher", "peer")
+        scp_o = Row(
+            f"{k}.scp_legacy",
+            m,
+            "scp -O (old scp protocol; info), same options",
+            "MB/s",
+            "higher",
+            "peer",
+        )
         sftp = Row(f"{k}.sftp", m, f"asyncssh SFTP {op}", "MB/s", "higher", "peer")
         server = Row(
             f"xfer_rss.server_{way}",
@@ -409,6 +419,7 @@ def big_group(env: Any) -> Group:
             _contender(proc, _fills(partial(big.client, op, proc.key, client), client), proc_err),
             _contender(cli, _fills(partial(big.cli, op, cli.key, cp_rss), cp_rss), cli_err),
             _contender(scp, partial(big.scp, op, scp.key), _sshd_error(env)),
+            _contender(scp_o, partial(big.scp, op, scp_o.key, True), _sshd_error(env)),
             _contender(sftp, partial(big.sftp, op, sftp.key), assh_err),
         ]
         rss += [
@@ -419,6 +430,7 @@ def big_group(env: Any) -> Group:
         comparisons += [
             Comparison(rexec.key, scp.key, ">=", 1.2, ">= 1.2x"),
             Comparison(rexec.key, sftp.key, ">=", 3.0, ">= 3x"),
+            Comparison(rexec.key, scp_o.key),
             Comparison(proc.key, scp.key),
             Comparison(cli.key, scp.key),
             Comparison(server.key, "", "<", 100.0, "< 100 MB"),
