@@ -9,6 +9,7 @@ file size. The record order is rexec.protocol.xfer's; the file rules are rexec.x
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -357,7 +358,10 @@ class Receiver:
                 inc.write(view)
             except OSError as exc:
                 self._error = error_line(exc)
-                inc.drop()  # what was written stays, for a resume
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    inc.discard()  # the rest of the transfer needs the room more
+                else:
+                    inc.drop()  # what was written stays, for a resume
                 self._inc = None
         if self.progress is not None and self._entry is not None:
             self.progress(self._entry.path, self._start + self._got, self._entry.size)

@@ -6,7 +6,8 @@ Every path below a transfer's base directory is walked one component at a time w
 never followed out of it, and `..` never appears (rexec.protocol.xfer.check_path refuses it
 on the wire). Files are written to a temporary name beside the destination
 (`.NAME.rexec-part`) and renamed over it only once their SHA-256 matched the sender's; a
-failed file leaves the old destination alone and its partial data in place for `resume`.
+failed file leaves the old destination alone and its partial data in place for `resume`
+(but for a full disk, where the room matters more).
 """
 
 from __future__ import annotations
@@ -65,13 +66,25 @@ def open_dir_at(base: int, parts: list[str] | tuple[str, ...]) -> int:
         for part in parts:
             if part in ("", ".", ".."):
                 raise OSError(errno.EINVAL, f"invalid path component {part!r}")
-            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            try:
+                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(fd, part):
+                    raise OSError(errno.ELOOP, "refusing to follow a symlink") from None
+                raise
             os.close(fd)
             fd = nxt
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _is_link(fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 class DirCache:
@@ -353,6 +366,14 @@ class Incoming:
             return True
         finally:
             self.drop()
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (a full disk: its space is needed more than
+        its bytes)."""
+        if self.fd >= 0 and self.dirfd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.part, dir_fd=self.dirfd)
+        self.drop()
 
     def drop(self) -> None:
         """Close, keeping whatever was written as the partial file."""

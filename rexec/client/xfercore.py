@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from rexec.client.core import ClientCore, Command
 from rexec.errors import LocalProtocolError
+from rexec.heap import keep_heap
 from rexec.protocol import xfer as x
 from rexec.protocol.events import Stream
 from rexec.protocol.frames import HEADROOM
@@ -63,6 +64,7 @@ class Transfer:
         self._stdin_closed = False
         self.cmd: Command | None = None
         engine.progress = self._on_progress if progress is not None else None
+        keep_heap()  # 256 KiB records both ways: no page faults per frame (rexec.heap)
 
     # ---- set-up ----------------------------------------------------------------------
 
