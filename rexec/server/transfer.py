@@ -69,6 +69,7 @@ class Session(Protocol):
 
 
 EXIT_REFUSED = 255
+PUT_WINDOW = 8 * 1024 * 1024  # a put's stdin window: the client's output window, for symmetry
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -306,6 +307,8 @@ def start(session: Session, run: ChannelRun, req: x.XferRequest) -> None:
         session.conn.send_exit(channel, ExitStatus(EXIT_REFUSED))
         return
     session.transfers[channel] = transfer
+    if req.op == "put":  # deeper pipelining for bulk data: the server buffers at most this
+        session.conn.grow_stdin_window(channel, PUT_WINDOW)
     run.task = ctx.spawn(_serve(session, transfer))
     if len(session.runs) == 1:
         session.arm_idle()
