@@ -285,17 +285,8 @@ def start(session: Session, run: ChannelRun, req: x.XferRequest) -> None:
         session.log.warning("transfer refused", channel=channel, code=code.name, reason=reason)
         session.conn.send_channel_error(channel, code, reason)
         session.conn.send_exit(channel, ExitStatus(EXIT_REFUSED))
-        _audit(
-            session,
-            channel,
-            req,
-            time.time(),
-            0.0,
-            EXIT_REFUSED,
-            decision,
-            None,
-            error=f"{code.name.lower()}: {reason}",
-        )
+        error = f"{code.name.lower()}: {reason}"
+        _audit(session, channel, req, time.time(), EXIT_REFUSED, decision, error=error)
         return
     run.decision = decision
     session.runs[channel] = run
@@ -344,10 +335,10 @@ async def _serve(session: Session, transfer: ServerTransfer) -> None:
             channel,
             transfer.req,
             start_time,
-            time.time() - start_time,
             status,
             transfer.run.decision,
-            info,
+            info=info,
+            nbytes=transfer.engine.bytes,
             error=transfer.error or transfer.ended,
         )
         session.transfers.pop(channel, None)
@@ -359,13 +350,14 @@ def _audit(
     channel: int,
     req: x.XferRequest,
     start: float,
-    duration: float,
     status: int,
     decision: Decision | None,
-    info: dict[str, object] | None,
     *,
+    info: dict[str, object] | None = None,
+    nbytes: int = 0,
     error: str | None,
 ) -> None:
+    """One audit record per transfer: who, op, paths, root, files, bytes, result."""
     extra: dict[str, object] = {"transfer": info or {"op": req.op, "paths": list(req.paths)}}
     if decision is not None:
         extra["policy"] = decision.audit()
@@ -378,9 +370,9 @@ def _audit(
             channel=channel,
             command=f"rexec-transfer {req.op} {' '.join(req.paths)}",
             start=start,
-            duration=duration,
+            duration=time.time() - start,
             exit_code=status,
-            bytes_out=info.get("bytes", 0) if info and req.op == "get" else 0,  # type: ignore[arg-type]
+            bytes_out=nbytes if req.op == "get" else 0,
             error=error,
             extra=extra,
         )
