@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 from rexec.client.core import ClientCore, Command
-from rexec.errors import LocalProtocolError
+from rexec.errors import TruncatedError
 from rexec.heap import keep_heap
 from rexec.protocol import xfer as x
 from rexec.protocol.events import Stream
@@ -195,7 +195,7 @@ class Transfer:
         if cmd.error is not None:
             raise cmd.error
         if not engine.finished:
-            raise LocalProtocolError("the server ended the transfer before it was complete")
+            raise TruncatedError("the server ended the transfer before it was complete")
         result = TransferResult(
             target=self.core.target or "",
             direction=self.direction,

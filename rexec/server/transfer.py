@@ -122,6 +122,7 @@ class ServerTransfer:
         self.paths = paths
         self.inbox: deque[bytes | bytearray | None] = deque()
         self.ended: str | None = None  # why it was stopped (client CLOSE, token, shutdown)
+        self.ended_code: ErrorCode | None = None  # the ERROR the client gets for it, if any
         self.error: str | None = None
         self.engine: Sender | Receiver = self._sender() if req.op == "get" else self._receiver()
 
@@ -173,9 +174,10 @@ class ServerTransfer:
         self.inbox.append(data)
         self.run.wake()
 
-    def stop(self, why: str) -> None:
-        """End early (client CLOSE, shutdown, token gone): partial files stay for resume."""
-        self.ended = why
+    def stop(self, why: str, code: ErrorCode | None = None) -> None:
+        """End early (client CLOSE, shutdown, token gone): partial files stay for resume;
+        with `code`, the channel's EXIT follows an ERROR saying why."""
+        self.ended, self.ended_code = why, code
         self.run.wake()
 
     # ---- the task --------------------------------------------------------------------
@@ -311,8 +313,11 @@ async def _serve(session: Session, transfer: ServerTransfer) -> None:
     status = 1
     try:
         status = await transfer.serve()
-        if transfer.error is not None and not session.lost and channel in session.conn.channels:
-            session.conn.send_channel_error(channel, ErrorCode.BAD_REQUEST, transfer.error)
+        if not session.lost and channel in session.conn.channels:
+            if transfer.error is not None:
+                session.conn.send_channel_error(channel, ErrorCode.BAD_REQUEST, transfer.error)
+            elif transfer.ended is not None and transfer.ended_code is not None:
+                session.conn.send_channel_error(channel, transfer.ended_code, transfer.ended)
         if not session.lost and channel in session.conn.channels:
             session.conn.send_exit(channel, ExitStatus(status, duration=time.time() - start_time))
             session.protocol.flush()
