@@ -182,7 +182,9 @@ def test_a_tree_round_trips_byte_exact_with_preserve(
 @pytest.mark.parametrize(
     "size", [16 * 1024 * 1024 + 7, pytest.param(200 * 1024 * 1024, marks=pytest.mark.slow)]
 )
-def test_a_big_file_round_trips(connect: Callable[..., Side], tmp_path: Path, size: int) -> None:
+def test_a_big_file_round_trips(
+    connect: Callable[..., Side], server: Any, tmp_path: Path, size: int
+) -> None:
     src = tmp_path / "big"
     with open(src, "wb") as f:
         for n in range(0, size, 1 << 22):
@@ -192,6 +194,7 @@ def test_a_big_file_round_trips(connect: Callable[..., Side], tmp_path: Path, si
     assert up.bytes == size and up.files[0].sha256 == sha(src) == sha(tmp_path / "up")
     down = side.get(str(tmp_path / "up"), tmp_path / "down")
     assert down.bytes == size and sha(tmp_path / "down") == up.files[0].sha256
+    assert server.rss_kib() < 100 * 1024  # bounded by the windows, whatever the file size
 
 
 # ---- scp's rules -----------------------------------------------------------------------
