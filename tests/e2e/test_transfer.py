@@ -172,7 +172,8 @@ def test_a_tree_round_trips_byte_exact_with_preserve(
     mid = next(f for f in up.files if f.path == "src/a/b/mid.bin")
     assert mid.sha256 == sha(src / "a" / "b" / "mid.bin") and mid.status is FileStatus.OK
     assert seen and seen[-1].total == total and seen[-1].files == len(up.files)
-    assert seen[-1].total_done == total
+    assert seen[-1].total_done == total and seen[-1].files_done == len(up.files)
+    assert {p.path for p in seen} == {f.path for f in up.files}  # every entry, as it ends
     down = side.get(str(remote / "src"), back, recursive=True, preserve=True)
     assert down.ok and down.direction == "get" and down.bytes == total
     assert snapshot(back / "src") == snapshot(src)
