@@ -241,6 +241,7 @@ class Receiver:
         self._got = 0  # DATA bytes of the current file
         self._start = 0  # where its data began (resume)
         self._offered = 0  # what our HAVE offered (resume)
+        self._dirs = DirCache()  # the directory files are being written to
 
     @property
     def finished(self) -> bool:
@@ -270,6 +271,7 @@ class Receiver:
         if self._inc is not None:
             self._inc.drop()
             self._inc = None
+        self._dirs.close()
         if self.base >= 0:
             os.close(self.base)
             self.base = -1
@@ -303,7 +305,7 @@ class Receiver:
         if e.kind == "file":
             self._entry, self._error, self._got, self._start = e, None, 0, 0
             try:
-                self._inc = Incoming.open(self.base, parts, e.size)
+                self._inc = Incoming.open(self.base, parts, e.size, self._dirs)
             except OSError as exc:
                 self._inc, self._error = None, error_line(exc)
             if self.stream.resume:

@@ -272,7 +272,7 @@ class Incoming:
     """
 
     def __init__(self, dirfd: int, name: str, size: int) -> None:
-        self.dirfd = dirfd  # ours (a dup): closed by finish/drop
+        self.dirfd = dirfd  # the directory's descriptor (a DirCache's: not ours to close)
         self.name = name
         self.part = part_name(name)
         self.size = size
@@ -282,18 +282,14 @@ class Incoming:
         self.from_dest = False  # resume found the destination itself complete
 
     @classmethod
-    def open(cls, base: int, parts: list[str], size: int) -> Incoming:
-        dirfd = open_dir_at(base, parts[:-1])
+    def open(cls, base: int, parts: list[str], size: int, dirs: DirCache) -> Incoming:
+        dirfd = dirs.get(base, tuple(parts[:-1]))
         name = parts[-1]
         try:
             st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         except FileNotFoundError:
             st = None
-        except OSError:
-            os.close(dirfd)
-            raise
         if st is not None and stat.S_ISDIR(st.st_mode):
-            os.close(dirfd)
             raise IsADirectoryError(errno.EISDIR, "is a directory")
         return cls(dirfd, name, size)
 
@@ -303,10 +299,12 @@ class Incoming:
         if self.from_dest:
             return
         if self.fd < 0:  # a fresh one: whatever had the name goes (a planted hard link too)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.part, dir_fd=self.dirfd)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
+            try:
+                self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
+            except FileExistsError:
+                os.unlink(self.part, dir_fd=self.dirfd)
+                self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
         os.ftruncate(self.fd, offset)
         os.lseek(self.fd, offset, os.SEEK_SET)
         if not offset:
@@ -372,7 +370,7 @@ class Incoming:
     def discard(self) -> None:
         """Close and remove the temporary file (a full disk: its space is needed more than
         its bytes)."""
-        if self.fd >= 0 and self.dirfd >= 0:
+        if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.unlink(self.part, dir_fd=self.dirfd)
         self.drop()
@@ -382,9 +380,6 @@ class Incoming:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self.dirfd >= 0:
-            os.close(self.dirfd)
-            self.dirfd = -1
 
 
 def _set_meta(fd: int, mode: int, mtime_ns: int | None) -> None:
