@@ -145,6 +145,7 @@ class Listing:
     def __init__(self) -> None:
         self.items: list[Item] = []
         self._fds: list[int] = []
+        self._total: tuple[int, int] | None = None  # (items counted, their bytes)
 
     @property
     def files(self) -> int:
@@ -152,7 +153,10 @@ class Listing:
 
     @property
     def total(self) -> int:
-        return sum(i.size for i in self.items)
+        """Bytes of all files (summed once the listing is complete: progress asks often)."""
+        if self._total is None or self._total[0] != len(self.items):
+            self._total = (len(self.items), sum(i.size for i in self.items))
+        return self._total[1]
 
     def add_error(self, path: str, kind: str, error: str) -> None:
         self.items.append(Item(path, -1, (), kind, error=error))
