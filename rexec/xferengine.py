@@ -37,6 +37,7 @@ from rexec.xferfs import (
 
 # (path, bytes of it done, its size): per DATA record, and once more as each entry ends
 Progress = Callable[[str, int, int], None]
+SMALL = 64 * 1024  # files below this go as one FILE record each (without resume)
 
 
 class Outcome:
@@ -158,10 +159,14 @@ class Sender:
                 yield x.fail(item.path, "file", what_is(st.st_mode))
                 return
             size = st.st_size
+            e = x.Entry(item.path, "file", size, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+            if not self.resume and size < SMALL and (whole := self._whole(fd, e)) is not None:
+                self._announce("file", size, item.path)
+                self._set_sent(size)
+                yield whole
+                return
             self._announce("file", size, item.path, have=self.resume)
-            yield x.entry(
-                x.Entry(item.path, "file", size, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-            )
+            yield x.entry(e)
             h = hashlib.sha256()
             start = 0
             if self.resume:
@@ -198,6 +203,26 @@ class Sender:
             yield x.end(h.digest())
         finally:
             os.close(fd)
+
+    def _whole(self, fd: int, e: x.Entry) -> bytearray | None:
+        """A small file as one FILE record (ENTRY, DATA and END at once), or None: it does
+        not fit, or it changed under us (the usual records then say what happens)."""
+        made = x.small_file(e, e.size)
+        if made is None or len(made[0]) - HEADROOM > self._room:
+            return None
+        buf, at = made
+        try:
+            got = read_into(fd, buf, at, e.size)
+        except OSError:
+            got = -1
+        if got != e.size:
+            os.lseek(fd, 0, os.SEEK_SET)
+            return None
+        self.bytes += e.size
+        if self.progress is not None and e.size:
+            self.progress(e.path, e.size, e.size)
+        with memoryview(buf) as view:
+            return x.seal_file(buf, hashlib.sha256(view[at : at + e.size]).digest())
 
     def _set_sent(self, sent: int) -> None:
         """The bytes sent so far for the file whose RESULT is due last (the current one)."""
@@ -262,6 +287,12 @@ class Receiver:
         elif what == "fail":
             path, kind, error = value
             self._reply(kind, 0, x.Result(path, "failed", None, error))
+        elif what == "file":  # a small file whole: its ENTRY, DATA and END
+            e, data, digest = value
+            self._on_entry(e)
+            if data:
+                self._data(data)
+            self._end(digest)
         elif what == "tree":
             self.tree = value
         else:  # done

@@ -438,9 +438,10 @@ def make_symlink(base: int, parts: list[str], target: str, mtime_ns: int | None)
         os.close(fd)
 
 
-def read_into(fd: int, buf: bytearray, at: int) -> int:
-    """Fill buf[at:] from fd (a regular file); returns bytes read (fewer only at EOF)."""
-    view = memoryview(buf)[at:]
+def read_into(fd: int, buf: bytearray, at: int, size: int | None = None) -> int:
+    """Fill buf[at:at + size] (default: to the end) from fd (a regular file); returns bytes
+    read (fewer only at EOF)."""
+    view = memoryview(buf)[at : None if size is None else at + size]
     total = 0
     with view:
         while total < len(view):

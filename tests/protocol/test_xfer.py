@@ -255,7 +255,7 @@ def _stream_table() -> list[tuple[str, str, str]]:
 
 RECORDS: dict[str, list[bytes]] = {
     "TREE": [body(x.tree(1, 5))],
-    "ENTRY (dir, symlink), FAIL": [
+    "ENTRY (dir, symlink), FAIL, FILE": [
         body(x.entry(x.Entry("d", "dir", 0, 0o755, 0))),
         body(x.entry(x.Entry("l", "symlink", 0, 0o777, 0, "t"))),
         body(x.fail("f", "file", "gone")),
@@ -302,3 +302,33 @@ def test_the_server_may_grow_a_channels_stdin_window(pair: Any) -> None:
     assert pair.s2c() == [CreditReceived(ch, 8 << 20)] and base < 8 << 20
     pair.client.send_stdin(ch, bytes(8 << 20))  # the whole window may be used at once
     assert len(pair.c2s()) == 32
+
+
+def small(e: x.Entry, data: bytes) -> bytes:
+    made = x.small_file(e, len(data))
+    assert made is not None
+    buf, at = made
+    buf[at : at + len(data)] = data
+    return body(x.seal_file(buf, hashlib.sha256(data).digest()))
+
+
+def test_a_small_file_goes_as_one_record() -> None:
+    e = x.Entry("d/a", "file", 5, 0o644, 1700000000000000000)
+    rec = small(e, b"hello")
+    header = b'{"path":"d/a","kind":"file","mode":420,"mtime_ns":1700000000000000000,"size":5}'
+    assert rec == b"\x09\x00\x4f" + header + b"hello" + SHA  # PROTOCOL.md 17.6
+    what, (got, data, digest) = start().feed(rec)
+    assert (what, got, bytes(data), digest) == ("file", e, b"hello", SHA)
+    assert x.small_file(x.Entry("big", "file", MAX_PAYLOAD, 0, 0), MAX_PAYLOAD) is None
+    with pytest.raises(RemoteProtocolError, match="FILE"):
+        start(resume=True).feed(rec)  # resume needs the HAVE round trip: no FILE
+    with pytest.raises(RemoteProtocolError, match="size"):
+        start().feed(small(x.Entry("a", "file", 4, 0, 0), b"hello"))
+    with pytest.raises(RemoteProtocolError, match="short"):
+        start().feed(b"\x09\x00")
+    with pytest.raises(RemoteProtocolError):
+        start().feed(small(x.Entry("a", "dir", 0, 0, 0), b""))
+    rs = start()
+    rs.feed(file_entry())
+    with pytest.raises(RemoteProtocolError, match="out of order"):
+        rs.feed(rec)  # inside another file's data
