@@ -35,7 +35,9 @@ from rexec.xferfs import (
     what_is,
 )
 
-Progress = Callable[[str, int, int], None]  # (path, bytes of it done, its size)
+# (path, bytes of it done, its size): per DATA record, and once more as each entry ends
+Progress = Callable[[str, int, int], None]
+SMALL = 64 * 1024  # files below this go as one FILE record each (without resume)
 
 
 class Outcome:
@@ -108,6 +110,8 @@ class Sender:
             return
         kind, size, nbytes = self._open.popleft()
         self.outcomes.append(Outcome(kind, size, nbytes, value))
+        if self.progress is not None:  # an entry is done (files_done moved)
+            self.progress(value.path, size, size)
 
     def close(self) -> None:
         self._gen.close()
@@ -155,10 +159,14 @@ class Sender:
                 yield x.fail(item.path, "file", what_is(st.st_mode))
                 return
             size = st.st_size
+            e = x.Entry(item.path, "file", size, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+            if not self.resume and size < SMALL and (whole := self._whole(fd, e)) is not None:
+                self._announce("file", size, item.path)
+                self._set_sent(size)
+                yield whole
+                return
             self._announce("file", size, item.path, have=self.resume)
-            yield x.entry(
-                x.Entry(item.path, "file", size, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-            )
+            yield x.entry(e)
             h = hashlib.sha256()
             start = 0
             if self.resume:
@@ -195,6 +203,26 @@ class Sender:
             yield x.end(h.digest())
         finally:
             os.close(fd)
+
+    def _whole(self, fd: int, e: x.Entry) -> bytearray | None:
+        """A small file as one FILE record (ENTRY, DATA and END at once), or None: it does
+        not fit, or it changed under us (the usual records then say what happens)."""
+        made = x.small_file(e, e.size)
+        if made is None or len(made[0]) - HEADROOM > self._room:
+            return None
+        buf, at = made
+        try:
+            got = read_into(fd, buf, at, e.size)
+        except OSError:
+            got = -1
+        if got != e.size:
+            os.lseek(fd, 0, os.SEEK_SET)
+            return None
+        self.bytes += e.size
+        if self.progress is not None and e.size:
+            self.progress(e.path, e.size, e.size)
+        with memoryview(buf) as view:
+            return x.seal_file(buf, hashlib.sha256(view[at : at + e.size]).digest())
 
     def _set_sent(self, sent: int) -> None:
         """The bytes sent so far for the file whose RESULT is due last (the current one)."""
@@ -238,6 +266,7 @@ class Receiver:
         self._got = 0  # DATA bytes of the current file
         self._start = 0  # where its data began (resume)
         self._offered = 0  # what our HAVE offered (resume)
+        self._dirs = DirCache()  # the directory files are being written to
 
     @property
     def finished(self) -> bool:
@@ -258,6 +287,12 @@ class Receiver:
         elif what == "fail":
             path, kind, error = value
             self._reply(kind, 0, x.Result(path, "failed", None, error))
+        elif what == "file":  # a small file whole: its ENTRY, DATA and END
+            e, data, digest = value
+            self._on_entry(e)
+            if data:
+                self._data(data)
+            self._end(digest)
         elif what == "tree":
             self.tree = value
         else:  # done
@@ -267,6 +302,7 @@ class Receiver:
         if self._inc is not None:
             self._inc.drop()
             self._inc = None
+        self._dirs.close()
         if self.base >= 0:
             os.close(self.base)
             self.base = -1
@@ -277,6 +313,8 @@ class Receiver:
     def _reply(self, kind: str, size: int, result: x.Result, nbytes: int = 0) -> None:
         self.outcomes.append(Outcome(kind, size, nbytes, result))
         self.replies.append(x.result(result))
+        if self.progress is not None:  # an entry is done (files_done moved)
+            self.progress(result.path, size, size)
 
     def _on_entry(self, e: x.Entry) -> None:
         if self.error is not None:
@@ -298,7 +336,7 @@ class Receiver:
         if e.kind == "file":
             self._entry, self._error, self._got, self._start = e, None, 0, 0
             try:
-                self._inc = Incoming.open(self.base, parts, e.size)
+                self._inc = Incoming.open(self.base, parts, e.size, self._dirs)
             except OSError as exc:
                 self._inc, self._error = None, error_line(exc)
             if self.stream.resume:

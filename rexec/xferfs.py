@@ -145,6 +145,7 @@ class Listing:
     def __init__(self) -> None:
         self.items: list[Item] = []
         self._fds: list[int] = []
+        self._total: tuple[int, int] | None = None  # (items counted, their bytes)
 
     @property
     def files(self) -> int:
@@ -152,7 +153,10 @@ class Listing:
 
     @property
     def total(self) -> int:
-        return sum(i.size for i in self.items)
+        """Bytes of all files (summed once the listing is complete: progress asks often)."""
+        if self._total is None or self._total[0] != len(self.items):
+            self._total = (len(self.items), sum(i.size for i in self.items))
+        return self._total[1]
 
     def add_error(self, path: str, kind: str, error: str) -> None:
         self.items.append(Item(path, -1, (), kind, error=error))
@@ -272,7 +276,7 @@ class Incoming:
     """
 
     def __init__(self, dirfd: int, name: str, size: int) -> None:
-        self.dirfd = dirfd  # ours (a dup): closed by finish/drop
+        self.dirfd = dirfd  # the directory's descriptor (a DirCache's: not ours to close)
         self.name = name
         self.part = part_name(name)
         self.size = size
@@ -282,18 +286,14 @@ class Incoming:
         self.from_dest = False  # resume found the destination itself complete
 
     @classmethod
-    def open(cls, base: int, parts: list[str], size: int) -> Incoming:
-        dirfd = open_dir_at(base, parts[:-1])
+    def open(cls, base: int, parts: list[str], size: int, dirs: DirCache) -> Incoming:
+        dirfd = dirs.get(base, tuple(parts[:-1]))
         name = parts[-1]
         try:
             st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         except FileNotFoundError:
             st = None
-        except OSError:
-            os.close(dirfd)
-            raise
         if st is not None and stat.S_ISDIR(st.st_mode):
-            os.close(dirfd)
             raise IsADirectoryError(errno.EISDIR, "is a directory")
         return cls(dirfd, name, size)
 
@@ -302,9 +302,13 @@ class Incoming:
         already hold those bytes: see offer())."""
         if self.from_dest:
             return
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        if self.fd < 0:
-            self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
+        if self.fd < 0:  # a fresh one: whatever had the name goes (a planted hard link too)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
+            except FileExistsError:
+                os.unlink(self.part, dir_fd=self.dirfd)
+                self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
         os.ftruncate(self.fd, offset)
         os.lseek(self.fd, offset, os.SEEK_SET)
         if not offset:
@@ -321,7 +325,7 @@ class Incoming:
                 continue
             st = os.fstat(fd)
             usable = stat.S_ISREG(st.st_mode) and (
-                st.st_size == self.size if dest else st.st_size <= self.size
+                st.st_size == self.size if dest else st.st_size <= self.size and st.st_nlink == 1
             )
             if not usable:
                 os.close(fd)
@@ -370,7 +374,7 @@ class Incoming:
     def discard(self) -> None:
         """Close and remove the temporary file (a full disk: its space is needed more than
         its bytes)."""
-        if self.fd >= 0 and self.dirfd >= 0:
+        if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.unlink(self.part, dir_fd=self.dirfd)
         self.drop()
@@ -380,9 +384,6 @@ class Incoming:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self.dirfd >= 0:
-            os.close(self.dirfd)
-            self.dirfd = -1
 
 
 def _set_meta(fd: int, mode: int, mtime_ns: int | None) -> None:
@@ -437,9 +438,10 @@ def make_symlink(base: int, parts: list[str], target: str, mtime_ns: int | None)
         os.close(fd)
 
 
-def read_into(fd: int, buf: bytearray, at: int) -> int:
-    """Fill buf[at:] from fd (a regular file); returns bytes read (fewer only at EOF)."""
-    view = memoryview(buf)[at:]
+def read_into(fd: int, buf: bytearray, at: int, size: int | None = None) -> int:
+    """Fill buf[at:at + size] (default: to the end) from fd (a regular file); returns bytes
+    read (fewer only at EOF)."""
+    view = memoryview(buf)[at : None if size is None else at + size]
     total = 0
     with view:
         while total < len(view):

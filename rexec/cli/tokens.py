@@ -96,8 +96,10 @@ def _policy_options(p: argparse.ArgumentParser, *, edit: bool = False) -> None:
         g.add_argument("--no-allow-shell", action="store_const", const=False, dest="allow_shell")
         g.add_argument("--pty", action="store_const", const=False, dest="no_pty")
         g.add_argument("--no-learn", action="store_const", const=False, dest="learn")
-        g.add_argument("--commands", action="store_const", const=False, dest="transfer_only")
-        g.add_argument("--read-write", action="store_const", const=False, dest="read_only")
+        g.add_argument(
+            "--no-transfer-only", action="store_const", const=False, dest="transfer_only"
+        )
+        g.add_argument("--no-read-only", action="store_const", const=False, dest="read_only")
         g.add_argument("--no-expires", action="store_true", help="never expires")
         g.add_argument(
             "--reset", action="store_true", help="start from an empty policy, then apply options"

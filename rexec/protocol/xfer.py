@@ -31,6 +31,7 @@ MAX_SOURCES = 4096  # paths in one get request
 MAX_ERROR = 1024  # bytes of an error line
 SHA256_LEN = 32
 OFFSET = struct.Struct(">Q")
+HEADER_LEN = struct.Struct(">H")  # a FILE record's ENTRY length
 KINDS = ("file", "dir", "symlink")
 STATUSES = ("ok", "skipped", "failed")
 
@@ -46,6 +47,7 @@ class Rec(IntEnum):
     FAIL = 0x06
     OFFSET = 0x07
     DONE = 0x08
+    FILE = 0x09  # a small file whole: ENTRY, its DATA and END in one record (no resume)
     HAVE = 0x11
     RESULT = 0x12
 
@@ -198,6 +200,28 @@ def entry(e: Entry) -> bytearray:
     return _json(Rec.ENTRY, body)
 
 
+def small_file(e: Entry, size: int) -> tuple[bytearray, int] | None:
+    """A FILE record for `e` with room for its `size` bytes of data at the returned offset
+    (the caller reads them in, then calls seal_file with the hash); None if it would not fit
+    in one record."""
+    header = entry(e)[HEADROOM + 1 :]
+    need = 1 + HEADER_LEN.size + len(header) + size + SHA256_LEN
+    if need > MAX_PAYLOAD:
+        return None
+    buf = bytearray(HEADROOM + need)
+    buf[HEADROOM] = Rec.FILE
+    HEADER_LEN.pack_into(buf, HEADROOM + 1, len(header))
+    at = HEADROOM + 1 + HEADER_LEN.size
+    buf[at : at + len(header)] = header
+    return buf, at + len(header)
+
+
+def seal_file(buf: bytearray, digest: bytes) -> bytearray:
+    """Put the file's SHA-256 at the end of a FILE record from small_file()."""
+    buf[-SHA256_LEN:] = digest
+    return buf
+
+
 def end(digest: bytes) -> bytearray:
     if len(digest) != SHA256_LEN:
         raise LocalProtocolError("END carries a 32-byte SHA-256")
@@ -330,7 +354,8 @@ class ReceiverStream:
     """What a receiver accepts from the sender, in order; `feed` returns each record decoded.
 
     Returns: ("tree", (files, bytes)), ("entry", Entry), ("offset", n), ("data", view),
-    ("end", digest), ("abort", text), ("fail", (path, kind, error)), ("done", None).
+    ("end", digest), ("abort", text), ("fail", (path, kind, error)), ("done", None),
+    ("file", (Entry, data view, digest)).
     """
 
     def __init__(self, resume: bool) -> None:
@@ -365,6 +390,15 @@ class ReceiverStream:
                 self._left = e.size
                 self._state = "offset" if self.resume else "data"
             return "entry", e
+        if state == "next" and kind == Rec.FILE and not self.resume:
+            if len(body) < HEADER_LEN.size + SHA256_LEN:
+                raise RemoteProtocolError("FILE record too short")
+            (n,) = HEADER_LEN.unpack_from(body)
+            e = _parse_entry(body[HEADER_LEN.size : HEADER_LEN.size + n])
+            data = body[HEADER_LEN.size + n : len(body) - SHA256_LEN]
+            if e.kind != "file" or len(data) != e.size:
+                raise RemoteProtocolError("FILE record's data is not its ENTRY's size")
+            return "file", (e, data, bytes(body[len(body) - SHA256_LEN :]))
         if state == "next" and kind == Rec.FAIL:
             obj = _object(body, "FAIL")
             _members(obj, "FAIL", {"path", "kind", "error"}, set())

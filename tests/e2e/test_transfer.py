@@ -172,7 +172,8 @@ def test_a_tree_round_trips_byte_exact_with_preserve(
     mid = next(f for f in up.files if f.path == "src/a/b/mid.bin")
     assert mid.sha256 == sha(src / "a" / "b" / "mid.bin") and mid.status is FileStatus.OK
     assert seen and seen[-1].total == total and seen[-1].files == len(up.files)
-    assert seen[-1].total_done == total
+    assert seen[-1].total_done == total and seen[-1].files_done == len(up.files)
+    assert {p.path for p in seen} == {f.path for f in up.files}  # every entry, as it ends
     down = side.get(str(remote / "src"), back, recursive=True, preserve=True)
     assert down.ok and down.direction == "get" and down.bytes == total
     assert snapshot(back / "src") == snapshot(src)
@@ -182,7 +183,9 @@ def test_a_tree_round_trips_byte_exact_with_preserve(
 @pytest.mark.parametrize(
     "size", [16 * 1024 * 1024 + 7, pytest.param(200 * 1024 * 1024, marks=pytest.mark.slow)]
 )
-def test_a_big_file_round_trips(connect: Callable[..., Side], tmp_path: Path, size: int) -> None:
+def test_a_big_file_round_trips(
+    connect: Callable[..., Side], server: Any, tmp_path: Path, size: int
+) -> None:
     src = tmp_path / "big"
     with open(src, "wb") as f:
         for n in range(0, size, 1 << 22):
@@ -192,6 +195,7 @@ def test_a_big_file_round_trips(connect: Callable[..., Side], tmp_path: Path, si
     assert up.bytes == size and up.files[0].sha256 == sha(src) == sha(tmp_path / "up")
     down = side.get(str(tmp_path / "up"), tmp_path / "down")
     assert down.bytes == size and sha(tmp_path / "down") == up.files[0].sha256
+    assert server.rss_kib() < 100 * 1024  # bounded by the windows, whatever the file size
 
 
 # ---- scp's rules -----------------------------------------------------------------------
@@ -330,3 +334,20 @@ def test_a_full_disk_fails_that_file_cleanly(
     ]
     assert (small_disk / "big").read_bytes() == b"old content"
     assert (small_disk / "small").read_bytes() == b"fits"
+
+
+def test_an_abandoned_transfer_ends_its_channel_and_the_connection_goes_on(
+    connect: Callable[..., Side], server: Any, tmp_path: Path
+) -> None:
+    write(tmp_path / "src", os.urandom(8 * 1024 * 1024))
+    write(tmp_path / "dest", b"old")
+    side = connect()
+    audits = len(server.audit_lines())
+    with pytest.raises(Stop):
+        side.put(tmp_path / "src", str(tmp_path / "dest"), progress=_stop_after(1))
+    (record,) = server.wait_audit(audits + 1, timeout=10)[audits:]
+    assert record["command"].startswith("rexec-transfer put") and record["exit_code"] == 1
+    assert record["transfer"]["result"] == "incomplete"
+    assert (tmp_path / "dest").read_bytes() == b"old"
+    assert side.put(tmp_path / "src", str(tmp_path / "dest")).ok
+    assert side.run("echo on").stdout == b"on\n"

@@ -235,3 +235,100 @@ def test_scp_placement_rules() -> None:
     assert x.placed("src/a/b", False, "dst") == ["dst", "a", "b"]
     assert x.wants_into("d", 1, True) and x.wants_into("d/", 1, False)
     assert x.wants_into("d", 2, False) and not x.wants_into("f", 1, False)
+
+
+# ---- section 17.3's stream table is the code's ------------------------------------------
+
+
+def _stream_table() -> list[tuple[str, str, str]]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    section = text[text.index("### 17.3 ") : text.index("### 17.4 ")]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3 and cells[0].isupper():
+            rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
+RECORDS: dict[str, list[bytes]] = {
+    "TREE": [body(x.tree(1, 5))],
+    "ENTRY (dir, symlink), FAIL, FILE": [
+        body(x.entry(x.Entry("d", "dir", 0, 0o755, 0))),
+        body(x.entry(x.Entry("l", "symlink", 0, 0o777, 0, "t"))),
+        body(x.fail("f", "file", "gone")),
+    ],
+    "ENTRY (file)": [file_entry()],
+    "OFFSET": [body(x.offset(0))],
+    "DATA": [b"\x03he"],
+    "END, ABORT": [body(x.end(SHA)), body(x.abort("shrank"))],
+    "DONE": [body(x.done())],
+}
+
+
+def test_the_stream_table_in_the_document_is_the_codes() -> None:
+    rows = _stream_table()
+    assert len(rows) == 7 and {r[1] for r in rows} == set(RECORDS)
+    for state, records, after in rows:
+        for rec in RECORDS[records]:
+            for resume in (False, True):
+                rs = x.ReceiverStream(resume)
+                rs._state = state.lower()
+                rs._file = x.Entry("a", "file", 5, 0, 0)
+                rs._left = 0 if records == "END, ABORT" else 5
+                rs.feed(rec)
+                want = "OFFSET" if resume and "OFFSET" in after else after.split()[0]
+                assert rs._state == want.lower(), (state, records, resume)
+        for other, recs in RECORDS.items():  # every record the row does not name is refused
+            if any(r[0] == state and r[1] == other for r in rows) or other == "DATA":
+                continue
+            rs = x.ReceiverStream(resume=True)
+            rs._state = state.lower()
+            rs._file = x.Entry("a", "file", 5, 0, 0)
+            with pytest.raises(RemoteProtocolError):
+                rs.feed(recs[0])
+
+
+def test_the_server_may_grow_a_channels_stdin_window(pair: Any) -> None:
+    from rexec.protocol.events import CreditReceived
+
+    ch = pair.client.send_xfer(x.XferRequest("put", ("d",), window=1024))
+    pair.c2s()
+    base = pair.client.stdin_room(ch)
+    pair.server.grow_stdin_window(ch, 8 << 20)
+    pair.server.grow_stdin_window(ch, 1 << 20)  # never shrinks, sends nothing
+    assert pair.s2c() == [CreditReceived(ch, 8 << 20)] and base < 8 << 20
+    pair.client.send_stdin(ch, bytes(8 << 20))  # the whole window may be used at once
+    assert len(pair.c2s()) == 32
+
+
+def small(e: x.Entry, data: bytes) -> bytes:
+    made = x.small_file(e, len(data))
+    assert made is not None
+    buf, at = made
+    buf[at : at + len(data)] = data
+    return body(x.seal_file(buf, hashlib.sha256(data).digest()))
+
+
+def test_a_small_file_goes_as_one_record() -> None:
+    e = x.Entry("d/a", "file", 5, 0o644, 1700000000000000000)
+    rec = small(e, b"hello")
+    header = b'{"path":"d/a","kind":"file","mode":420,"mtime_ns":1700000000000000000,"size":5}'
+    assert rec == b"\x09\x00\x4f" + header + b"hello" + SHA  # PROTOCOL.md 17.6
+    what, (got, data, digest) = start().feed(rec)
+    assert (what, got, bytes(data), digest) == ("file", e, b"hello", SHA)
+    assert x.small_file(x.Entry("big", "file", MAX_PAYLOAD, 0, 0), MAX_PAYLOAD) is None
+    with pytest.raises(RemoteProtocolError, match="FILE"):
+        start(resume=True).feed(rec)  # resume needs the HAVE round trip: no FILE
+    with pytest.raises(RemoteProtocolError, match="size"):
+        start().feed(small(x.Entry("a", "file", 4, 0, 0), b"hello"))
+    with pytest.raises(RemoteProtocolError, match="short"):
+        start().feed(b"\x09\x00")
+    with pytest.raises(RemoteProtocolError):
+        start().feed(small(x.Entry("a", "dir", 0, 0, 0), b""))
+    rs = start()
+    rs.feed(file_entry())
+    with pytest.raises(RemoteProtocolError, match="out of order"):
+        rs.feed(rec)  # inside another file's data
