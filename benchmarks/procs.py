@@ -55,10 +55,10 @@ def on_cleanup(name: str, stop: Callable[[], None]) -> None:
     _stops.append((name, stop))
 
 
-def tempdir(prefix: str) -> Path:
+def tempdir(prefix: str, parent: Path | None = None) -> Path:
     import tempfile
 
-    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     _tempdirs.append(path)
     return path
 

@@ -64,11 +64,43 @@ print(json.dumps({"seconds": seconds, "hwm_kb": hwm, "ok": res.ok,
 
 
 # ---- the data -------------------------------------------------------------------------------
+def fstype(path: Path) -> str:
+    """The file system type of the mount holding path (from /proc/self/mounts)."""
+    best, kind = "", "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            mount = fields[1]
+            inside = str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) > len(best):
+                best, kind = mount, fields[2]
+    return kind
+
+
+def work_parent(need: int) -> Path | None:
+    """Where the sources and destinations go: REXEC_BENCH_XFER_DIR if set, else /dev/shm when
+    it is a tmpfs with room for `need` bytes, else the temp dir (None). Creating 10,000 files
+    on this machine's ext4 costs 0.2 to 4 s of kernel time depending on its journal's state
+    (after a sync or a large delete: slow), the same for every tool and larger than the
+    tools' differences; on tmpfs the figures are the transfer tools', not the disk's."""
+    if chosen := os.environ.get("REXEC_BENCH_XFER_DIR"):
+        return Path(chosen)
+    shm = Path("/dev/shm")
+    with contextlib.suppress(OSError):
+        st = os.statvfs(shm)
+        if fstype(shm) == "tmpfs" and st.f_bavail * st.f_frsize >= need:
+            return shm
+    return None
+
+
 class Data:
     """The sources (made once per run) and fresh destinations for each sample."""
 
-    def __init__(self) -> None:
-        self.dir = procs.tempdir("rexec-bench-xfer-")
+    def __init__(self, need: int) -> None:
+        self.dir = procs.tempdir("rexec-bench-xfer-", work_parent(need))
+        self.fs = fstype(self.dir)
         self.big: Path | None = None
         self.big_size = 0
         self.big_sha = ""
@@ -113,9 +145,10 @@ class Data:
 _DATA: dict[str, Data] = {}
 
 
-def data() -> Data:
+def data(quick: bool) -> Data:
+    """One work dir for both measures; room for the big file, a copy and some slack."""
     if "data" not in _DATA:
-        _DATA["data"] = Data()
+        _DATA["data"] = Data(need=(1 if quick else 3) << 30)
     return _DATA["data"]
 
 
@@ -244,7 +277,7 @@ class Big:
     def __init__(self, env: Any, size: int) -> None:
         self.env = env
         self.size = size
-        self.data = data()
+        self.data = data(env.cfg.quick)
         self.src = self.data.make_big(size)
         self.full = _Once()
         rx = env.rexec
@@ -342,6 +375,7 @@ def big_group(env: Any) -> Group:
     size = (128 if quick else 1024) * MiB
     label = f"{size // MiB}M" if size < 1024 * MiB else f"{size // (1024 * MiB)}G"
     big = Big(env, size)
+    env.meta["xfer_dir"] = f"{big.data.dir} ({big.data.fs})"
     rx_err = _rexec_error(env)
     proc_err = rx_err or env.rexec.sync_error
     cli_err = rx_err or _cp_error(env)
@@ -438,7 +472,7 @@ def big_group(env: Any) -> Group:
             Comparison(cp_rss.key, "", "<", 100.0, "< 100 MB"),
         ]
     return Group(
-        f"xfer: one {label} file up and down (MB = 10^6 bytes)",
+        f"xfer: one {label} file up and down, on {big.data.fs} (MB = 10^6 bytes)",
         speed + rss,
         2 if quick else 3,
         60 if quick else 300,
@@ -472,7 +506,7 @@ class Tree:
     def __init__(self, env: Any, count: int) -> None:
         self.env = env
         self.count = count
-        self.data = data()
+        self.data = data(env.cfg.quick)
         self.src = self.data.make_tree(count)
         self.full = _Once()
 
@@ -549,6 +583,7 @@ def tree_group(env: Any) -> Group:
     quick = env.cfg.quick
     count = 1_000 if quick else 10_000
     tree = Tree(env, count)
+    env.meta["xfer_dir"] = f"{tree.data.dir} ({tree.data.fs})"
     rx_err = _rexec_error(env)
     cli_err = rx_err or _cp_error(env)
     ssh_err = _sshd_error(env)
@@ -587,7 +622,7 @@ def tree_group(env: Any) -> Group:
             Comparison(cli.key, rsync.key),
         ]
     return Group(
-        f"xfer: a tree of {count:,} files of 1 KiB up and down",
+        f"xfer: a tree of {count:,} files of 1 KiB up and down, on {tree.data.fs}",
         contenders,
         2 if quick else 3,
         60 if quick else 240,
