@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
@@ -42,6 +43,7 @@ from rexec.protocol.noise import Suite
 from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
+from rexec.transfer import ProgressCallback, TransferResult
 from rexec.transport import FramedProtocol, LostHandler
 
 Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
@@ -424,6 +426,44 @@ class Connection:
                 with contextlib.suppress(asyncio.CancelledError, RexecError):
                     await feeder
         return result.check() if check else result
+
+    async def put(
+        self,
+        local: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        remote: str,
+        *,
+        recursive: bool = False,
+        preserve: bool = False,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+        check: bool = True,
+    ) -> TransferResult:
+        """Copy local files (directories with `recursive`) to `remote` on the server, as scp.
+
+        `remote` is relative to the remote user's home unless absolute; an existing directory
+        there (or several sources, or a trailing `/`) receives each source under its basename.
+        Every file is verified by SHA-256 at both ends and renamed into place only then.
+        `preserve` keeps mode and mtime; `resume` continues partial files from their verified
+        prefix. With `check`, raises TransferError when any file FAILED (after the rest ran).
+        """
+        raise NotImplementedError("put: not implemented yet")
+
+    async def get(
+        self,
+        remote: str | Sequence[str],
+        local: str | os.PathLike[str],
+        *,
+        recursive: bool = False,
+        preserve: bool = False,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+        check: bool = True,
+    ) -> TransferResult:
+        """Copy remote files (directories with `recursive`) from the server to `local`, as scp.
+
+        The same rules as put(), the other way round.
+        """
+        raise NotImplementedError("get: not implemented yet")
 
     async def close(self) -> None:
         """Say CLOSE, wait briefly for the server's (it ends what still runs), and disconnect."""

@@ -52,6 +52,7 @@ from rexec.protocol.noise import Suite
 from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
+from rexec.transfer import ProgressCallback, TransferResult
 
 OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # unsent bytes we buffer before writers (and stdin) wait
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s (close sends a reset)
@@ -625,6 +626,44 @@ class Client:
             proc.feed(stdin)
         result = proc.wait(stdout=stdout, stderr=stderr)
         return result.check() if check else result
+
+    def put(
+        self,
+        local: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        remote: str,
+        *,
+        recursive: bool = False,
+        preserve: bool = False,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+        check: bool = True,
+    ) -> TransferResult:
+        """Copy local files (directories with `recursive`) to `remote` on the server, as scp.
+
+        `remote` is relative to the remote user's home unless absolute; an existing directory
+        there (or several sources, or a trailing `/`) receives each source under its basename.
+        Every file is verified by SHA-256 at both ends and renamed into place only then.
+        `preserve` keeps mode and mtime; `resume` continues partial files from their verified
+        prefix. With `check`, raises TransferError when any file FAILED (after the rest ran).
+        """
+        raise NotImplementedError("put: not implemented yet")
+
+    def get(
+        self,
+        remote: str | Sequence[str],
+        local: str | os.PathLike[str],
+        *,
+        recursive: bool = False,
+        preserve: bool = False,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+        check: bool = True,
+    ) -> TransferResult:
+        """Copy remote files (directories with `recursive`) from the server to `local`, as scp.
+
+        The same rules as put(), the other way round.
+        """
+        raise NotImplementedError("get: not implemented yet")
 
     def watch(self, fd: int, callback: Callable[[], object]) -> None:
         """Call `callback()` whenever `fd` is readable while this client waits (say, a signal

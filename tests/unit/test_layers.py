@@ -23,6 +23,7 @@ LEAVES = {
     "rexec.secretfile",
     "rexec.statefile",
     "rexec.tomlfile",
+    "rexec.transfer",
     "rexec.transport",
 }
 ALLOWED = {
