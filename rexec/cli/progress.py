@@ -139,56 +139,58 @@ class Progress:
     def line(self, host: str) -> str:
         state = self.hosts[host]
         width = self.columns - 1  # never the last column: some terminals wrap there
-        if self.single:
-            label_width = max(8, width // 3)
+        if self.single:  # a fixed width, so that the bar does not jump from file to file
+            label_width = max(8, width // 4)
         else:
             label_width = min(max(len(h) for h in self.hosts), max(8, width // 3))
-        label = _fit(state.label, label_width)
+        label = _fit(state.label, label_width).ljust(label_width)
         now = state.ended if state.ended is not None else self.clock()
         elapsed = now - state.started if state.started is not None else 0.0
-        tail = self._tail(state.done, state.total, elapsed, state.ended is not None, state.failed)
-        return self._compose(label.ljust(label_width), state.done, state.total, tail, width)
+        rest = _rest(state.done, state.total, elapsed, state.ended is not None, state.failed)
+        return _compose(label, state.done, state.total, rest, width)
 
     def aggregate_line(self) -> str:
         states = list(self.hosts.values())
-        ended = [s for s in states if s.ended is not None]
-        failed = sum(1 for s in ended if s.failed)
+        ended = sum(1 for s in states if s.ended is not None)
+        failed = sum(1 for s in states if s.failed)
         done = sum(s.done for s in states)
         totals = [s.total for s in states]
-        total = None if any(t is None for t in totals) else sum(t or 0 for t in totals)
-        label = f"{len(ended)}/{len(states)} hosts, {failed} failed"
-        finished = len(ended) == len(states)
+        total = None if None in totals else sum(t or 0 for t in totals)
+        label = f"{ended}/{len(states)} hosts, {failed} failed"
         elapsed = self.clock() - self.started
-        tail = self._tail(done, total, elapsed, finished, False)  # the label counts failures
-        return self._compose(label, done, total, tail, self.columns - 1)
+        rest = _rest(done, total, elapsed, ended == len(states), False)  # the label counts failures
+        return _compose(label, done, total, rest, self.columns - 1)
 
-    @staticmethod
-    def _tail(done: int, total: int | None, elapsed: float, ended: bool, failed: bool) -> str:
-        """`12.0 MiB/s  ETA 0:05` while running; `in 0:10` once done; `failed`."""
-        if failed:
-            return "failed"
-        rate = done / elapsed if elapsed > 0 else 0.0
-        speed = f"{format_size(rate)}/s"
-        if ended:
-            return f"{speed}  in {format_duration(elapsed)}"
-        if total is None or rate <= 0:
-            return f"{speed}  ETA --:--"
-        return f"{speed}  ETA {format_duration(max(0, total - done) / rate)}"
 
-    @staticmethod
-    def _compose(label: str, done: int, total: int | None, tail: str, width: int) -> str:
-        """`label  45% [=====>     ] 450.0 MiB / 1.0 GiB  tail`, the bar fitted to width."""
-        if total is None:
-            return f"{label}  {format_size(done)}  {tail}"[:width]
-        pct = 100 if total == 0 else min(100, done * 100 // total)
-        sizes = f"{format_size(done)} / {format_size(total)}"
-        bar_width = min(BAR_MAX, width - len(label) - len(sizes) - len(tail) - 14)
-        if bar_width < BAR_MIN:
-            return f"{label} {pct:3d}%  {sizes}  {tail}"[:width]
-        filled = bar_width * pct // 100
-        head = ">" if 0 < filled < bar_width else ""
-        body = "=" * (filled - len(head)) + head
-        return f"{label} {pct:3d}% [{body.ljust(bar_width)}] {sizes}  {tail}"[:width]
+def _rest(done: int, total: int | None, elapsed: float, ended: bool, failed: bool) -> str:
+    """What follows the bar, in fixed-width fields: `  450.0 MiB  112.5 MiB/s  ETA 0:05`
+    while running, `... in 0:10` once done, `  450.0 MiB  failed`."""
+    if failed:
+        return f"{format_size(done):>10}  failed"
+    rate = done / elapsed if elapsed > 0 else 0.0
+    speed = f"{format_size(rate)}/s"
+    if ended:
+        when = f"in {format_duration(elapsed)}"
+    elif total is None or rate <= 0:
+        when = "ETA --:--"
+    else:
+        when = f"ETA {format_duration(max(0, total - done) / rate)}"
+    return f"{format_size(done):>10} {speed:>12}  {when:<9}"  # fixed: the bar keeps its width
+
+
+def _compose(label: str, done: int, total: int | None, rest: str, width: int) -> str:
+    """`label  45% [=====>     ] rest`, the bar fitted to width (none when it does not fit,
+    nor while the total is unknown)."""
+    if total is None:
+        return f"{label}  {rest}"[:width].rstrip()
+    pct = 100 if total == 0 else min(100, done * 100 // total)
+    bar_width = min(BAR_MAX, width - len(label) - len(rest) - 9)  # ` 100% [` and `] `
+    if bar_width < BAR_MIN:
+        return f"{label} {pct:3d}% {rest}"[:width].rstrip()
+    filled = bar_width * pct // 100
+    head = ">" if 0 < filled < bar_width else ""
+    body = "=" * (filled - len(head)) + head
+    return f"{label} {pct:3d}% [{body.ljust(bar_width)}] {rest}"[:width].rstrip()
 
 
 def _fit(text: str, width: int) -> str:
