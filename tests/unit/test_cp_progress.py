@@ -64,7 +64,7 @@ def test_one_host_bar_rate_eta_and_the_final_line() -> None:
     p.update("h", event("dir/big.bin", 100 * MiB, 100 * MiB))
     p.finish("h", ok=True)
     assert p.close() == (
-        "\r\x1b[Jdir/big.bin         100% [==================]  100.0 MiB   47.6 MiB/s  in 0:02"
+        "\r\x1b[Jdir/big.bin         100% [=================]  100.0 MiB   47.1 MiB/s  in 0:02"
         + K
         + "\n"
     )
