@@ -13,7 +13,7 @@ import asyncio
 import os
 from typing import Any
 
-from rexec.cli.cp import CpArgs, Plan, Report, usage_failure
+from rexec.cli.cpreport import CpArgs, Plan, Report, usage_failure
 from rexec.cli.fleet import host_file_name, is_plain, select_hosts
 from rexec.cli.outcome import EXIT_INTERRUPTED, UsageError, retry_notice
 from rexec.client.core import DEFAULT_RETRY_DELAY

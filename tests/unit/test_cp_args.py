@@ -11,17 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rexec.cli.cp import (
-    CpArgs,
-    Plan,
-    Report,
-    check_cp_args,
-    file_json,
-    host_json,
-    make_plan,
-    parse_cp_args,
-    split_operand,
-)
+from rexec.cli.cp import check_cp_args, make_plan, parse_cp_args, split_operand
+from rexec.cli.cpreport import CpArgs, Plan, Report, file_json, host_json
 from rexec.cli.main import main
 from rexec.cli.outcome import UsageError, of_error
 from rexec.errors import ConnectionLost
