@@ -150,7 +150,7 @@ def make_plan(operands: Sequence[str]) -> Plan:
             parse=False,
         )
     if dest_host is not None:
-        return Plan("put", dest_host, operands[:-1], dest_path or ".")
+        return Plan("put", dest_host, tuple(operands[:-1]), dest_path or ".")
     if not remote:
         raise UsageError(
             "no remote operand: name the remote side HOST:PATH (a local name with a ':' "
@@ -170,7 +170,7 @@ def make_plan(operands: Sequence[str]) -> Plan:
             "HOST (a host set copies from each of its hosts)",
             parse=False,
         )
-    return Plan("get", hosts[0], [path or "." for _, path in sources], dest_path)
+    return Plan("get", hosts[0], tuple(path or "." for _, path in sources), dest_path)
 
 
 def parse_cp_args(argv: Sequence[str]) -> CpArgs:

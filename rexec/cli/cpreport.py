@@ -8,9 +8,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from rexec._record import Record
 from rexec.cli.outcome import EXIT_TRANSFER_FAILED, UsageError, json_line, of_error, write_stdout
 from rexec.cli.progress import Progress
 from rexec.cli.run import RunArgs
@@ -32,22 +31,14 @@ class CpArgs(RunArgs):
         self.quiet = False
 
 
-class Plan(Record):
+class Plan(NamedTuple):
     """What to copy: `put` (local sources to `dest` on `host`) or `get` (remote sources on
     `host` to local `dest`). `host` is HOST as typed: an alias, an address or a host set."""
 
-    __match_args__ = ("direction", "host", "sources", "dest")
-    __slots__ = __match_args__
     direction: str
     host: str
     sources: tuple[str, ...]
     dest: str
-
-    def __init__(self, direction: str, host: str, sources: Sequence[str], dest: str) -> None:
-        self.direction = direction
-        self.host = host
-        self.sources = tuple(sources)
-        self.dest = dest
 
 
 def file_json(host: str, direction: str, f: Any) -> dict[str, Any]:

@@ -61,15 +61,37 @@ def test_split_operand(text: str, split: tuple[str | None, str]) -> None:
 @pytest.mark.parametrize(
     ("operands", "plan"),
     [
-        (["a", "h:/d/"], Plan("put", "h", ["a"], "/d/")),
-        (["a", "b/", "h:"], Plan("put", "h", ["a", "b/"], ".")),
-        (["h:x", "."], Plan("get", "h", ["x"], ".")),
-        (["h:x", "h:", "out"], Plan("get", "h", ["x", "."], "out")),
+        (["a", "h:/d/"], Plan("put", "h", ("a",), "/d/")),
+        (
+            ["a", "b/", "h:"],
+            Plan(
+                "put",
+                "h",
+                (
+                    "a",
+                    "b/",
+                ),
+                ".",
+            ),
+        ),
+        (["h:x", "."], Plan("get", "h", ("x",), ".")),
+        (
+            ["h:x", "h:", "out"],
+            Plan(
+                "get",
+                "h",
+                (
+                    "x",
+                    ".",
+                ),
+                "out",
+            ),
+        ),
         (
             ["lab[1-2]:/var/log/syslog", "logs"],
-            Plan("get", "lab[1-2]", ["/var/log/syslog"], "logs"),
+            Plan("get", "lab[1-2]", ("/var/log/syslog",), "logs"),
         ),
-        (["./a:b", "[::1]:7:c"], Plan("put", "[::1]:7", ["./a:b"], "c")),
+        (["./a:b", "[::1]:7:c"], Plan("put", "[::1]:7", ("./a:b",), "c")),
     ],
 )
 def test_make_plan(operands: list[str], plan: Plan) -> None:
@@ -170,7 +192,7 @@ def test_run_checks_apply() -> None:
     with pytest.raises(UsageError, match=r"^--fanout must be at least 1, got 0$"):
         check_cp_args(args)
     args = parse_cp_args(["a", "lab[1-2]:/x"])
-    assert check_cp_args(args) == Plan("put", "lab[1-2]", ["a"], "/x")
+    assert check_cp_args(args) == Plan("put", "lab[1-2]", ("a",), "/x")
     assert args.target == "lab[1-2]"
 
 
