@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rexec.address import Endpoint
 from rexec.client.blocking import jitter
@@ -44,6 +44,9 @@ from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transfer import ProgressCallback, TransferResult
+
+if TYPE_CHECKING:
+    from rexec.client.xfercore import Transfer
 from rexec.transport import FramedProtocol, LostHandler
 
 Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
@@ -387,11 +390,16 @@ class Connection:
         core = self._core
         while not core.can_start():
             await self._slots.wait()
-        cmd = core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
+        return self._opened(
+            core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
+        )
+
+    def _opened(self, cmd: Command) -> Process:
+        """A channel was queued (EXEC or XFER): send it, and route its events to a Process."""
         proc = Process(self, cmd)
         self._procs[cmd.channel] = proc
         self._flush()
-        if len(core.commands) == 1:  # the first running command starts the keepalive clock
+        if len(self._core.commands) == 1:  # the first channel starts the keepalive clock
             if self._timer is not None:
                 self._timer.cancel()
             self._tick()
@@ -446,7 +454,11 @@ class Connection:
         `preserve` keeps mode and mtime; `resume` continues partial files from their verified
         prefix. With `check`, raises TransferError when any file FAILED (after the rest ran).
         """
-        raise NotImplementedError("put: not implemented yet")
+        from rexec.client.xfercore import Transfer
+
+        opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
+        xfer = Transfer.put(self._core, local, remote, **opts, progress=progress)
+        return await self._transfer(xfer, check)
 
     async def get(
         self,
@@ -463,7 +475,32 @@ class Connection:
 
         The same rules as put(), the other way round.
         """
-        raise NotImplementedError("get: not implemented yet")
+        from rexec.client.xfercore import Transfer, local_failure
+
+        opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
+        try:
+            xfer = Transfer.get(self._core, remote, local, **opts, progress=progress)
+        except OSError as exc:
+            return local_failure(self._core, "get", local, exc, check=check)
+        return await self._transfer(xfer, check)
+
+    async def _transfer(self, xfer: Transfer, check: bool) -> TransferResult:
+        """Run a transfer to its end: the core decides, we wait and move bytes."""
+        core = self._core
+        try:
+            while not core.can_start():
+                await self._slots.wait()
+            proc = self._opened(xfer.start())  # its waiters wake when the channel changes
+            while True:
+                xfer.pump()
+                self._flush()
+                if xfer.done:
+                    break
+                await self._drain()
+                await proc._until(xfer.ready)
+        finally:
+            xfer.close()
+        return xfer.result(check=check)
 
     async def close(self) -> None:
         """Say CLOSE, wait briefly for the server's (it ends what still runs), and disconnect."""

@@ -54,6 +54,10 @@ from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transfer import ProgressCallback, TransferResult
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from rexec.client.xfercore import Transfer
+
 OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # unsent bytes we buffer before writers (and stdin) wait
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s (close sends a reset)
 
@@ -646,7 +650,11 @@ class Client:
         `preserve` keeps mode and mtime; `resume` continues partial files from their verified
         prefix. With `check`, raises TransferError when any file FAILED (after the rest ran).
         """
-        raise NotImplementedError("put: not implemented yet")
+        from rexec.client.xfercore import Transfer  # (not on `rexec run`'s import path)
+
+        core = self._driver.core
+        opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
+        return self._transfer(Transfer.put(core, local, remote, **opts, progress=progress), check)
 
     def get(
         self,
@@ -663,7 +671,32 @@ class Client:
 
         The same rules as put(), the other way round.
         """
-        raise NotImplementedError("get: not implemented yet")
+        from rexec.client.xfercore import Transfer, local_failure
+
+        core = self._driver.core
+        opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
+        try:
+            xfer = Transfer.get(core, remote, local, **opts, progress=progress)
+        except OSError as exc:
+            return local_failure(core, "get", local, exc, check=check)
+        return self._transfer(xfer, check)
+
+    def _transfer(self, xfer: Transfer, check: bool) -> TransferResult:
+        """Run a transfer to its end: the core decides, we wait and move bytes."""
+        driver = self._driver
+        try:
+            driver.wait(driver.core.can_start)
+            xfer.start()
+            driver.started()
+            while True:
+                xfer.pump()
+                driver.flush()
+                if xfer.done:
+                    break
+                driver.wait(xfer.ready)
+        finally:
+            xfer.close()
+        return xfer.result(check=check)
 
     def watch(self, fd: int, callback: Callable[[], object]) -> None:
         """Call `callback()` whenever `fd` is readable while this client waits (say, a signal

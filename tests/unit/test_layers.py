@@ -25,6 +25,8 @@ LEAVES = {
     "rexec.tomlfile",
     "rexec.transfer",
     "rexec.transport",
+    "rexec.xferengine",
+    "rexec.xferfs",
 }
 ALLOWED = {
     "base": {"base"},
