@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -180,6 +181,7 @@ def test_tree_round_trip_with_preserve(e2e: Any, lab: Lab, tmp_path: Path) -> No
 def test_a_directory_without_r_fails_that_file_exit_1(e2e: Any, lab: Lab, tmp_path: Path) -> None:
     (tmp_path / "good.txt").write_bytes(b"good\n")
     (tmp_path / "adir").mkdir()
+    (lab.homes["lab1"] / "mixed").mkdir()  # as scp: the target directory must exist
     done = cp(e2e, lab, str(tmp_path / "good.txt"), str(tmp_path / "adir"), "lab1:mixed/")
     assert done.returncode == 1, done.stderr
     lines = done.stderr.decode().splitlines()
@@ -282,6 +284,8 @@ def test_fan_out_download_into_dst_host(e2e: Any, lab: Lab, tmp_path: Path) -> N
 def test_a_failing_host_255_the_others_copied(e2e: Any, lab: Lab, tmp_path: Path) -> None:
     src = tmp_path / "some.txt"
     src.write_bytes(b"some\n")
+    for host in ("lab1", "lab2", "lab3"):
+        (lab.homes[host] / "some-dir").mkdir()
     done = cp(e2e, lab, str(src), "lab[1-4]:some-dir/")
     assert done.returncode == 255
     (line,) = done.stderr.decode().splitlines()  # one line, for the failed host only
@@ -321,19 +325,26 @@ def _on_pty(e2e: Any, lab: Lab, *args: str) -> tuple[int, str]:
     return child.exitstatus, output
 
 
+def pieces(shown: str) -> list[str]:
+    """What the terminal showed, cut at every CR and LF, the escape sequences left out."""
+    plain = re.sub(r"\x1b\[[0-9]*[A-Za-z]", "", shown)
+    return [piece for piece in re.split(r"[\r\n]", plain) if piece]
+
+
 def test_progress_bar_on_a_terminal_not_in_a_pipe(e2e: Any, lab: Lab, tmp_path: Path) -> None:
     src = tmp_path / "bar.bin"
     src.write_bytes(os.urandom(4 * 1024 * 1024))
     code, shown = _on_pty(e2e, lab, str(src), "lab1:bar.bin")
     assert code == 0, shown
-    last = shown.replace("\x1b[K", "").splitlines()[-1]
+    assert "\x1b[K" in shown  # drawn in place
+    last = pieces(shown)[-1]
     assert last.startswith("bar.bin"), shown  # the current file names the line
     assert " 100% [" in last and "4.0 MiB" in last and " in 0:" in last, shown
     # many hosts: one line per host
     code, shown = _on_pty(e2e, lab, str(src), "lab[1-3]:bar2.bin")
     assert code == 0, shown
     for host in ("lab1", "lab2", "lab3"):
-        assert any(line.startswith(host) and "100% [" in line for line in shown.splitlines()), shown
+        assert any(line.startswith(host) and "100% [" in line for line in pieces(shown)), shown
     # -q: none; a pipe: none (test_upload_and_download_one_file)
     code, shown = _on_pty(e2e, lab, "-q", str(src), "lab1:bar3.bin")
     assert (code, shown) == (0, "")
