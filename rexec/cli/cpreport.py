@@ -40,6 +40,29 @@ class Plan(NamedTuple):
     sources: tuple[str, ...]
     dest: str
 
+    def remote_path(self, wire: str) -> str:
+        """The remote path a file's wire path (its first part the source's own name) stands
+        for, to name a failed file as the user wrote it: get, the remote source's directory
+        joined to it; put into a directory (several sources, DST/ or the home), DST joined
+        to it; put of one source, DST in place of its first part (DST read as the new name,
+        as it is unless DST is an existing directory)."""
+        first, slash, rest = wire.partition("/")
+        if self.direction == "get":
+            for source in self.sources:
+                if source.rstrip("/").rpartition("/")[2] == first:
+                    return _join(source.rstrip("/").rpartition("/")[0], wire, source)
+            return wire
+        if len(self.sources) > 1 or self.dest.endswith("/") or self.dest == ".":
+            return _join(self.dest.rstrip("/"), wire, self.dest)
+        return self.dest + slash + rest
+
+
+def _join(parent: str, wire: str, original: str) -> str:
+    """parent/wire; wire alone for the home (`.` or ``), `/wire` at the root."""
+    if parent in ("", "."):
+        return "/" + wire if original.startswith("/") else wire
+    return f"{parent}/{wire}"
+
 
 def file_json(host: str, direction: str, f: Any) -> dict[str, Any]:
     """`--json`'s object for one file of one host (f: a rexec.FileResult)."""
@@ -100,6 +123,7 @@ class Report:
         size: tuple[int, int] | None = None,
     ) -> None:
         self.json = args.json
+        self.plan = plan
         self.direction = plan.direction
         self.status = 0
         self.pipe_closed = False
@@ -156,7 +180,8 @@ class Report:
             self.progress.finish(host, ok=result.ok)
         for f in result.files:
             self._json(file_json(host, self.direction, f))
-        self._say([f"rexec cp: {host}:{f.path or '.'}: {f.error}" for f in result.failed])
+        where = self.plan.remote_path
+        self._say([f"rexec cp: {host}:{where(f.path)}: {f.error}" for f in result.failed])
         if not result.ok:
             self.status = max(self.status, EXIT_TRANSFER_FAILED)
 

@@ -309,3 +309,21 @@ def test_one_host_stays_off_asyncio(tmp_path: Path) -> None:
     bad = {"asyncio", "rexec.cli.cpmany", "rexec.client.fleet", "pydantic", "argparse"} & loaded
     assert bad == set()
     assert "rexec cp: 127.0.0.1:1: cannot connect to 127.0.0.1:1" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("plan", "wire", "shown"),
+    [
+        (Plan("get", "h", ("/var/log/syslog",), "."), "syslog", "/var/log/syslog"),
+        (Plan("get", "h", ("/var/log/",), "."), "log/app/x", "/var/log/app/x"),
+        (Plan("get", "h", ("rel/f", "g"), "."), "g", "g"),
+        (Plan("get", "h", ("/f",), "."), "f", "/f"),
+        (Plan("put", "h", ("a", "b"), "mixed"), "b", "mixed/b"),
+        (Plan("put", "h", ("a",), "."), "a/b", "a/b"),
+        (Plan("put", "h", ("a",), "/srv/"), "a/b", "/srv/a/b"),
+        (Plan("put", "h", ("tree",), "dst"), "tree/sub/x", "dst/sub/x"),
+        (Plan("put", "h", ("f",), "new.txt"), "f", "new.txt"),
+    ],
+)
+def test_failed_files_are_named_by_their_remote_path(plan: Plan, wire: str, shown: str) -> None:
+    assert plan.remote_path(wire) == shown
