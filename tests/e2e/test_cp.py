@@ -218,6 +218,19 @@ def test_json_one_object_per_file(e2e: Any, lab: Lab, tmp_path: Path) -> None:
     assert (x["size"], x["sent"], x["sha256"]) == (1000, 1000, sha(tree / "x"))
 
 
+def test_resume_skips_a_complete_file(e2e: Any, lab: Lab, tmp_path: Path) -> None:
+    src = tmp_path / "res.bin"
+    src.write_bytes(os.urandom(300_000))
+    first = cp(e2e, lab, "--json", str(src), "lab1:res.bin")
+    again = cp(e2e, lab, "--json", "--resume", str(src), "lab1:res.bin")
+    assert (first.returncode, again.returncode) == (0, 0), again.stderr
+    (one,), (two,) = (
+        [json.loads(line) for line in done.stdout.splitlines()] for done in (first, again)
+    )
+    assert (one["status"], one["sent"]) == ("ok", 300_000)
+    assert (two["status"], two["sent"], two["sha256"]) == ("skipped", 0, sha(src))
+
+
 def test_json_for_a_host_that_fails(e2e: Any, lab: Lab, tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"f")
     done = cp(e2e, lab, "--json", str(tmp_path / "f"), "lab4:")
