@@ -316,7 +316,7 @@ def test_a_failing_host_255_the_others_copied(e2e: Any, lab: Lab, tmp_path: Path
 # ---- progress ----------------------------------------------------------------------------------
 
 
-def _on_pty(e2e: Any, lab: Lab, *args: str) -> tuple[int, str]:
+def _on_pty(e2e: Any, lab: Lab, *args: str, rows: int = 24) -> tuple[int, str]:
     env = e2e.clean_env(lab.env())
     env["TERM"] = "xterm"
     child = pexpect.spawn(
@@ -326,7 +326,7 @@ def _on_pty(e2e: Any, lab: Lab, *args: str) -> tuple[int, str]:
         encoding="utf-8",
         codec_errors="replace",
         timeout=30,
-        dimensions=(24, 100),
+        dimensions=(rows, 100),
     )
     try:
         child.expect(pexpect.EOF)
@@ -356,6 +356,11 @@ def test_progress_bar_on_a_terminal_not_in_a_pipe(e2e: Any, lab: Lab, tmp_path: 
     assert code == 0, shown
     for host in ("lab1", "lab2", "lab3"):
         assert any(line.startswith(host) and "100% [" in line for line in pieces(shown)), shown
+    # more hosts than rows on the screen: one aggregate line
+    code, shown = _on_pty(e2e, lab, str(src), "lab[1-3]:bar4.bin", rows=3)
+    assert code == 0, shown
+    assert pieces(shown)[-1].startswith("3/3 hosts, 0 failed 100% ["), shown
+    assert "12.0 MiB" in pieces(shown)[-1], shown
     # -q: none; a pipe: none (test_upload_and_download_one_file)
     code, shown = _on_pty(e2e, lab, "-q", str(src), "lab1:bar3.bin")
     assert (code, shown) == (0, "")
