@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from rexec.cli.common import err, open_std_fds, trace_fn
 from rexec.cli.cpreport import CpArgs, Plan, Report, usage_failure
@@ -259,13 +258,7 @@ def copy_one(args: CpArgs, plan: Plan, host: str) -> int:
         )
         report.start(host)
         started = True
-        options: dict[str, Any] = {
-            "recursive": args.recursive,
-            "preserve": args.preserve,
-            "resume": args.resume,
-            "progress": report.callback(host),
-            "check": False,
-        }
+        options = args.transfer_options(report.callback(host))
         if plan.direction == "put":
             result = client.put(plan.sources, plan.dest, **options)
         else:

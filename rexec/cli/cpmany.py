@@ -92,13 +92,7 @@ async def _copy_all(
             )
             report.start(host)
             started = True
-            options: dict[str, Any] = {
-                "recursive": args.recursive,
-                "preserve": args.preserve,
-                "resume": args.resume,
-                "progress": report.callback(host),
-                "check": False,
-            }
+            options = args.transfer_options(report.callback(host))
             if plan.direction == "put":
                 result = await conn.put(plan.sources, plan.dest, **options)
             else:

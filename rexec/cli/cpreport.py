@@ -30,6 +30,17 @@ class CpArgs(RunArgs):
         self.resume = False
         self.quiet = False
 
+    def transfer_options(self, progress: Any) -> dict[str, Any]:
+        """put()'s and get()'s keyword arguments for this command line; check=False: every
+        file's outcome is reported, none raises."""
+        return {
+            "recursive": self.recursive,
+            "preserve": self.preserve,
+            "resume": self.resume,
+            "progress": progress,
+            "check": False,
+        }
+
 
 class Plan(NamedTuple):
     """What to copy: `put` (local sources to `dest` on `host`) or `get` (remote sources on
