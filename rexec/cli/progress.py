@@ -131,8 +131,9 @@ class Progress:
         return f"\r{up}\x1b[J"
 
     def close(self) -> str:
-        """The final frame, left on the screen, and a newline."""
-        return self.frame() + "\n" if self.hosts else ""
+        """The final frame, left on the screen, and a newline; nothing when nothing was ever
+        drawn (no host got as far as a transfer: its error line says it all)."""
+        return self.frame() + "\n" if self._last is not None else ""
 
     # ---- the lines -----------------------------------------------------------------------------
 

@@ -361,6 +361,11 @@ def test_progress_bar_on_a_terminal_not_in_a_pipe(e2e: Any, lab: Lab, tmp_path: 
     assert code == 0, shown
     assert pieces(shown)[-1].startswith("3/3 hosts, 0 failed 100% ["), shown
     assert "12.0 MiB" in pieces(shown)[-1], shown
+    # a host that cannot be reached: its error line, no bar
+    code, shown = _on_pty(e2e, lab, str(src), "lab4:x")
+    assert code == 255, shown
+    (line,) = pieces(shown)
+    assert line.startswith(f"rexec cp: lab4: cannot connect to {lab.dead}: "), shown
     # -q: none; a pipe: none (test_upload_and_download_one_file)
     code, shown = _on_pty(e2e, lab, "-q", str(src), "lab1:bar3.bin")
     assert (code, shown) == (0, "")
