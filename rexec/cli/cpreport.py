@@ -150,7 +150,7 @@ class Report:
             except OSError:
                 pass
 
-    def _say(self, lines: Sequence[str], redraw: bool = True) -> None:
+    def _say(self, lines: Sequence[str]) -> None:
         """Lines on stderr, the progress display cleared before and drawn again after."""
         if not lines:
             return
@@ -158,7 +158,7 @@ class Report:
             self._stderr("".join(f"{line}\n" for line in lines))
             return
         text = self.progress.clear() + "".join(f"{line}\n" for line in lines)
-        self._stderr(text + (self.progress.frame() if redraw else ""))
+        self._stderr(text + self.progress.redraw())
 
     def notice(self, line: str) -> None:
         """A line on stderr (a retry, a traced frame) that is no outcome."""

@@ -122,6 +122,10 @@ class Progress:
         self._drawn = len(lines)
         return text
 
+    def redraw(self) -> str:
+        """frame(), once a first frame was drawn (after other output: put the display back)."""
+        return self.frame() if self._last is not None else ""
+
     def clear(self) -> str:
         """The text that erases the last frame (before other output, or at the end)."""
         if not self._drawn:

@@ -73,7 +73,7 @@ def test_one_host_bar_rate_eta_and_the_final_line() -> None:
 def test_nothing_drawn_nothing_left() -> None:
     p = Progress(["h"], columns=80, rows=24, clock=Clock())
     p.finish("h", ok=False)  # it could not connect: its error line says it all
-    assert (p.clear(), p.close()) == ("", "")
+    assert (p.clear(), p.redraw(), p.close()) == ("", "", "")
 
 
 def test_the_current_file_names_the_line_and_long_names_keep_their_end() -> None:
