@@ -500,6 +500,7 @@ class Connection:
                 await proc._until(xfer.ready)
         finally:
             xfer.close()
+            self._flush()
         return xfer.result(check=check)
 
     async def close(self) -> None:

@@ -696,6 +696,7 @@ class Client:
                 driver.wait(xfer.ready)
         finally:
             xfer.close()
+            driver.flush()
         return xfer.result(check=check)
 
     def watch(self, fd: int, callback: Callable[[], object]) -> None:

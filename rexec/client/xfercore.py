@@ -208,8 +208,16 @@ class Transfer:
         return result
 
     def close(self) -> None:
-        """Release the local files (also after an error)."""
+        """Release the local files (also after an error). A transfer abandoned half-way (an
+        exception in a progress callback, a cancelled task) ends our side with STDIN_EOF:
+        the server then ends the channel (EXIT 1), keeping partial files for a resume, and
+        what it still sends on the channel is taken as consumed."""
         self.engine.close()
+        cmd = self.cmd
+        if cmd is not None and not cmd.done and not self._stdin_closed:
+            self._stdin_closed = True
+            self.core.collect(cmd, Stream.STDOUT)
+            self.core.close_stdin(cmd)
 
     def _on_progress(self, path: str, done: int, size: int) -> None:
         assert self._progress is not None

@@ -330,3 +330,20 @@ def test_a_full_disk_fails_that_file_cleanly(
     ]
     assert (small_disk / "big").read_bytes() == b"old content"
     assert (small_disk / "small").read_bytes() == b"fits"
+
+
+def test_an_abandoned_transfer_ends_its_channel_and_the_connection_goes_on(
+    connect: Callable[..., Side], server: Any, tmp_path: Path
+) -> None:
+    write(tmp_path / "src", os.urandom(8 * 1024 * 1024))
+    write(tmp_path / "dest", b"old")
+    side = connect()
+    audits = len(server.audit_lines())
+    with pytest.raises(Stop):
+        side.put(tmp_path / "src", str(tmp_path / "dest"), progress=_stop_after(1))
+    (record,) = server.wait_audit(audits + 1, timeout=10)[audits:]
+    assert record["command"].startswith("rexec-transfer put") and record["exit_code"] == 1
+    assert record["transfer"]["result"] == "incomplete"
+    assert (tmp_path / "dest").read_bytes() == b"old"
+    assert side.put(tmp_path / "src", str(tmp_path / "dest")).ok
+    assert side.run("echo on").stdout == b"on\n"

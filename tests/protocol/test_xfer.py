@@ -235,3 +235,57 @@ def test_scp_placement_rules() -> None:
     assert x.placed("src/a/b", False, "dst") == ["dst", "a", "b"]
     assert x.wants_into("d", 1, True) and x.wants_into("d/", 1, False)
     assert x.wants_into("d", 2, False) and not x.wants_into("f", 1, False)
+
+
+# ---- section 17.3's stream table is the code's ------------------------------------------
+
+
+def _stream_table() -> list[tuple[str, str, str]]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    section = text[text.index("### 17.3 ") : text.index("### 17.4 ")]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3 and cells[0].isupper():
+            rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
+RECORDS: dict[str, list[bytes]] = {
+    "TREE": [body(x.tree(1, 5))],
+    "ENTRY (dir, symlink), FAIL": [
+        body(x.entry(x.Entry("d", "dir", 0, 0o755, 0))),
+        body(x.entry(x.Entry("l", "symlink", 0, 0o777, 0, "t"))),
+        body(x.fail("f", "file", "gone")),
+    ],
+    "ENTRY (file)": [file_entry()],
+    "OFFSET": [body(x.offset(0))],
+    "DATA": [b"\x03he"],
+    "END, ABORT": [body(x.end(SHA)), body(x.abort("shrank"))],
+    "DONE": [body(x.done())],
+}
+
+
+def test_the_stream_table_in_the_document_is_the_codes() -> None:
+    rows = _stream_table()
+    assert len(rows) == 7 and {r[1] for r in rows} == set(RECORDS)
+    for state, records, after in rows:
+        for rec in RECORDS[records]:
+            for resume in (False, True):
+                rs = x.ReceiverStream(resume)
+                rs._state = state.lower()
+                rs._file = x.Entry("a", "file", 5, 0, 0)
+                rs._left = 0 if records == "END, ABORT" else 5
+                rs.feed(rec)
+                want = "OFFSET" if resume and "OFFSET" in after else after.split()[0]
+                assert rs._state == want.lower(), (state, records, resume)
+        for other, recs in RECORDS.items():  # every record the row does not name is refused
+            if any(r[0] == state and r[1] == other for r in rows) or other == "DATA":
+                continue
+            rs = x.ReceiverStream(resume=True)
+            rs._state = state.lower()
+            rs._file = x.Entry("a", "file", 5, 0, 0)
+            with pytest.raises(RemoteProtocolError):
+                rs.feed(recs[0])
