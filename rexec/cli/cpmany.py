@@ -15,7 +15,7 @@ from typing import Any
 
 from rexec.cli.cpreport import CpArgs, Plan, Report, usage_failure
 from rexec.cli.fleet import host_file_name, is_plain, select_hosts
-from rexec.cli.outcome import EXIT_INTERRUPTED, UsageError, retry_notice
+from rexec.cli.outcome import UsageError, retry_notice
 from rexec.client.core import DEFAULT_RETRY_DELAY
 from rexec.client.fleet import DEFAULT_FANOUT, config_tokens, connect_host, each_host
 from rexec.errors import RexecError
@@ -42,8 +42,7 @@ def copy_many(args: CpArgs, plan: Plan) -> int | None:
     try:
         asyncio.run(_copy_all(args, plan, hosts, tokens, report))
     except KeyboardInterrupt:
-        report.close()
-        return EXIT_INTERRUPTED
+        return report.interrupted()
     return report.close()
 
 

@@ -10,9 +10,18 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from rexec.cli.outcome import EXIT_TRANSFER_FAILED, UsageError, json_line, of_error, write_stdout
+from rexec.cli.outcome import (
+    EXIT_INTERRUPTED,
+    EXIT_TRANSFER_FAILED,
+    UsageError,
+    json_line,
+    of_error,
+    write_stdout,
+)
 from rexec.cli.progress import Progress
 from rexec.cli.run import RunArgs
+
+INTERRUPTED = "interrupted: closing the connection (partial files are kept for --resume)"
 
 if TYPE_CHECKING:
     from rexec.transfer import TransferProgress, TransferResult
@@ -206,9 +215,17 @@ class Report:
             self.progress.finish(host, ok=False)
         outcome = of_error(exc, started=started)
         message = outcome.message or outcome.kind or "failed"
+        if isinstance(exc, KeyboardInterrupt):
+            message = INTERRUPTED
         self._json(host_json(host, self.direction, outcome.kind or "internal", message))
         self._say([f"rexec cp: {host}: {message}"])
         self.status = max(self.status, outcome.exit_status)
+
+    def interrupted(self) -> int:
+        """Ctrl-C during a fan-out: every connection closes; returns the exit status."""
+        self._say([f"rexec cp: {INTERRUPTED}"])
+        self.close()
+        return EXIT_INTERRUPTED
 
     def close(self) -> int:
         """The final progress frame (left on the screen); returns the exit status."""

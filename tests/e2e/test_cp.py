@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ class Lab:
     config: Path
     homes: dict[str, Path]  # lab1..lab3 -> the HOME its server resolves relative paths in
     dead: str  # lab4's address
+    pids: dict[str, int]  # lab1..lab3 -> its server's pid
 
     def env(self) -> dict[str, str]:
         return {"REXEC_CONFIG": str(self.config)}
@@ -75,7 +77,8 @@ def lab(e2e: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         )
         config_path = base / "client.toml"
         config_path.write_text("".join(aliases) + '[groups]\nlab = "lab[1-3]"\n')
-        yield Lab(config_path, homes, dead)
+        pids = {f"lab{n}": srv.pid for n, srv in enumerate(servers, 1)}
+        yield Lab(config_path, homes, dead, pids)
     finally:
         for srv in servers:
             srv.stop()
@@ -229,6 +232,51 @@ def test_resume_skips_a_complete_file(e2e: Any, lab: Lab, tmp_path: Path) -> Non
     )
     assert (one["status"], one["sent"]) == ("ok", 300_000)
     assert (two["status"], two["sent"], two["sha256"]) == ("skipped", 0, sha(src))
+
+
+def test_ctrl_c_keeps_the_old_file_and_resume_sends_the_rest(
+    e2e: Any, lab: Lab, tmp_path: Path
+) -> None:
+    """The server is stopped (SIGSTOP) once the partial file exists, so that Ctrl-C lands
+    mid-file whatever the machine's speed; the old destination survives; --resume completes
+    the file sending less than all of it."""
+    src = tmp_path / "intr.bin"
+    src.write_bytes(os.urandom(32 * 1024 * 1024))
+    home = lab.homes["lab2"]
+    (home / "intr.bin").write_bytes(b"old\n")
+    part = home / ".intr.bin.rexec-part"
+    cli = subprocess.Popen(
+        [e2e.REXEC, "cp", str(src), "lab2:intr.bin"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=e2e.clean_env(lab.env()),
+    )
+    stopped = False
+    try:
+        assert e2e.wait_until(lambda: part.exists() and part.stat().st_size > 0, 20)
+        os.kill(lab.pids["lab2"], signal.SIGSTOP)
+        stopped = True
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=20)
+    finally:
+        if stopped:
+            os.kill(lab.pids["lab2"], signal.SIGCONT)
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(5)
+    assert (cli.returncode, out) == (130, b""), err
+    assert err == (
+        b"rexec cp: lab2: interrupted: closing the connection (partial files are kept for "
+        b"--resume)\n"
+    )
+    assert (home / "intr.bin").read_bytes() == b"old\n"
+    done = cp(e2e, lab, "--resume", "--json", str(src), "lab2:intr.bin")
+    assert done.returncode == 0, done.stderr
+    (obj,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert (obj["status"], obj["sha256"]) == ("ok", sha(src))
+    assert 0 < obj["sent"] < src.stat().st_size
+    assert sha(home / "intr.bin") == sha(src)
 
 
 def test_json_for_a_host_that_fails(e2e: Any, lab: Lab, tmp_path: Path) -> None:
