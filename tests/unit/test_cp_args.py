@@ -327,3 +327,14 @@ def test_one_host_stays_off_asyncio(tmp_path: Path) -> None:
 )
 def test_failed_files_are_named_by_their_remote_path(plan: Plan, wire: str, shown: str) -> None:
     assert plan.remote_path(wire) == shown
+
+
+def test_ctrl_c_is_130_with_its_line(capfd: pytest.CaptureFixture[str]) -> None:
+    args = parse_cp_args(["a", "h:"])
+    report = Report(args, make_plan(args.operands), ["h"], size=None)
+    report.failed("h", KeyboardInterrupt(), started=True)
+    assert report.close() == 130
+    many = Report(args, make_plan(args.operands), ["a", "b"], size=None)
+    assert many.interrupted() == 130
+    line = "interrupted: closing the connection (partial files are kept for --resume)"
+    assert capfd.readouterr().err == f"rexec cp: h: {line}\nrexec cp: {line}\n"
