@@ -35,7 +35,8 @@ from rexec.xferfs import (
     what_is,
 )
 
-Progress = Callable[[str, int, int], None]  # (path, bytes of it done, its size)
+# (path, bytes of it done, its size): per DATA record, and once more as each entry ends
+Progress = Callable[[str, int, int], None]
 
 
 class Outcome:
@@ -108,6 +109,8 @@ class Sender:
             return
         kind, size, nbytes = self._open.popleft()
         self.outcomes.append(Outcome(kind, size, nbytes, value))
+        if self.progress is not None:  # an entry is done (files_done moved)
+            self.progress(value.path, size, size)
 
     def close(self) -> None:
         self._gen.close()
@@ -277,6 +280,8 @@ class Receiver:
     def _reply(self, kind: str, size: int, result: x.Result, nbytes: int = 0) -> None:
         self.outcomes.append(Outcome(kind, size, nbytes, result))
         self.replies.append(x.result(result))
+        if self.progress is not None:  # an entry is done (files_done moved)
+            self.progress(result.path, size, size)
 
     def _on_entry(self, e: x.Entry) -> None:
         if self.error is not None:

@@ -302,8 +302,10 @@ class Incoming:
         already hold those bytes: see offer())."""
         if self.from_dest:
             return
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        if self.fd < 0:
+        if self.fd < 0:  # a fresh one: whatever had the name goes (a planted hard link too)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.part, dir_fd=self.dirfd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
         os.ftruncate(self.fd, offset)
         os.lseek(self.fd, offset, os.SEEK_SET)
@@ -321,7 +323,7 @@ class Incoming:
                 continue
             st = os.fstat(fd)
             usable = stat.S_ISREG(st.st_mode) and (
-                st.st_size == self.size if dest else st.st_size <= self.size
+                st.st_size == self.size if dest else st.st_size <= self.size and st.st_nlink == 1
             )
             if not usable:
                 os.close(fd)

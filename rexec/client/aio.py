@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rexec.address import Endpoint
 from rexec.client.blocking import jitter
@@ -44,9 +44,6 @@ from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transfer import ProgressCallback, TransferResult
-
-if TYPE_CHECKING:
-    from rexec.client.xfercore import Transfer
 from rexec.transport import FramedProtocol, LostHandler
 
 Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
@@ -454,11 +451,8 @@ class Connection:
         `preserve` keeps mode and mtime; `resume` continues partial files from their verified
         prefix. With `check`, raises TransferError when any file FAILED (after the rest ran).
         """
-        from rexec.client.xfercore import Transfer
-
         opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
-        xfer = Transfer.put(self._core, local, remote, **opts, progress=progress)
-        return await self._transfer(xfer, check)
+        return await self._transfer("put", local, remote, check=check, progress=progress, **opts)
 
     async def get(
         self,
@@ -475,18 +469,19 @@ class Connection:
 
         The same rules as put(), the other way round.
         """
-        from rexec.client.xfercore import Transfer, local_failure
-
         opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
-        try:
-            xfer = Transfer.get(self._core, remote, local, **opts, progress=progress)
-        except OSError as exc:
-            return local_failure(self._core, "get", local, exc, check=check)
-        return await self._transfer(xfer, check)
+        return await self._transfer("get", remote, local, check=check, progress=progress, **opts)
 
-    async def _transfer(self, xfer: Transfer, check: bool) -> TransferResult:
+    async def _transfer(
+        self, direction: str, source: object, dest: object, *, check: bool, **opts: Any
+    ) -> TransferResult:
         """Run a transfer to its end: the core decides, we wait and move bytes."""
+        from rexec.client.xfercore import begin  # (not on `rexec run`'s import path)
+
         core = self._core
+        xfer = begin(core, direction, source, dest, check=check, **opts)
+        if isinstance(xfer, TransferResult):
+            return xfer
         try:
             while not core.can_start():
                 await self._slots.wait()

@@ -25,6 +25,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 from rexec.address import Endpoint
 from rexec.client.core import (
@@ -53,10 +54,6 @@ from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transfer import ProgressCallback, TransferResult
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from rexec.client.xfercore import Transfer
 
 OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # unsent bytes we buffer before writers (and stdin) wait
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s (close sends a reset)
@@ -650,11 +647,8 @@ class Client:
         `preserve` keeps mode and mtime; `resume` continues partial files from their verified
         prefix. With `check`, raises TransferError when any file FAILED (after the rest ran).
         """
-        from rexec.client.xfercore import Transfer  # (not on `rexec run`'s import path)
-
-        core = self._driver.core
         opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
-        return self._transfer(Transfer.put(core, local, remote, **opts, progress=progress), check)
+        return self._transfer("put", local, remote, check=check, progress=progress, **opts)
 
     def get(
         self,
@@ -671,19 +665,19 @@ class Client:
 
         The same rules as put(), the other way round.
         """
-        from rexec.client.xfercore import Transfer, local_failure
-
-        core = self._driver.core
         opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
-        try:
-            xfer = Transfer.get(core, remote, local, **opts, progress=progress)
-        except OSError as exc:
-            return local_failure(core, "get", local, exc, check=check)
-        return self._transfer(xfer, check)
+        return self._transfer("get", remote, local, check=check, progress=progress, **opts)
 
-    def _transfer(self, xfer: Transfer, check: bool) -> TransferResult:
+    def _transfer(
+        self, direction: str, source: object, dest: object, *, check: bool, **opts: Any
+    ) -> TransferResult:
         """Run a transfer to its end: the core decides, we wait and move bytes."""
+        from rexec.client.xfercore import begin  # (not on `rexec run`'s import path)
+
         driver = self._driver
+        xfer = begin(driver.core, direction, source, dest, check=check, **opts)
+        if isinstance(xfer, TransferResult):
+            return xfer
         try:
             driver.wait(driver.core.can_start)
             xfer.start()

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from rexec.client.core import ClientCore, Command
-from rexec.errors import LocalProtocolError
+from rexec.errors import TruncatedError
 from rexec.heap import keep_heap
 from rexec.protocol import xfer as x
 from rexec.protocol.events import Stream
@@ -195,7 +196,7 @@ class Transfer:
         if cmd.error is not None:
             raise cmd.error
         if not engine.finished:
-            raise LocalProtocolError("the server ended the transfer before it was complete")
+            raise TruncatedError("the server ended the transfer before it was complete")
         result = TransferResult(
             target=self.core.target or "",
             direction=self.direction,
@@ -230,6 +231,29 @@ class Transfer:
         self._progress(
             TransferProgress(path, done, size, engine.bytes, total, len(engine.outcomes), files)
         )
+
+
+def begin(
+    core: ClientCore,
+    direction: str,
+    source: Any,  # (the public put/get signatures say what each may be)
+    dest: Any,
+    *,
+    check: bool,
+    recursive: bool,
+    preserve: bool,
+    resume: bool,
+    progress: ProgressCallback | None,
+) -> Transfer | TransferResult:
+    """A put or get set up (nothing sent yet), or already the result of a get whose local
+    destination cannot be opened. Both drivers start here."""
+    opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
+    if direction == "put":
+        return Transfer.put(core, source, dest, **opts, progress=progress)
+    try:
+        return Transfer.get(core, source, dest, **opts, progress=progress)
+    except OSError as exc:
+        return local_failure(core, "get", dest, exc, check=check)
 
 
 def local_failure(

@@ -308,6 +308,16 @@ class ServerConnection(Connection):
         dropped): queues a CREDIT once half the window is consumed."""
         self._consumed(channel, nbytes)
 
+    def grow_stdin_window(self, channel: int, size: int) -> None:
+        """Make the channel's stdin window `size` bytes (if it is smaller): a CREDIT for the
+        difference now, and later CREDITs batched to the bigger window."""
+        ch = self._open(channel, "CREDIT")
+        extra = min(size, m.MAX_WINDOW) - ch.recv_window
+        if extra > 0:
+            self._queue_frame(FrameType.CREDIT, channel, m.pack_credit(extra))
+            ch.recv_window += extra
+            ch.recv_room += extra
+
     def send_channel_error(self, channel: int, code: int, message: str) -> None:
         """ERROR about a command: after any output of that channel still queued."""
         ch = self._open(channel, "ERROR")

@@ -304,7 +304,7 @@ class Session:
 
     async def kill_commands(self) -> None:
         for transfer in self.transfers.values():
-            transfer.stop("server is shutting down")
+            transfer.stop("server is shutting down", ErrorCode.SHUTDOWN)
         kills = [run.execution.kill() for run in list(self.runs.values()) if run.execution]
         await asyncio.gather(*kills, return_exceptions=True)
 
@@ -329,7 +329,7 @@ class Session:
                 run.execution.signal(signal.SIGKILL)
                 self.ctx.spawn(run.execution.kill())
         for transfer in self.transfers.values():
-            transfer.stop(reason)
+            transfer.stop(reason, ErrorCode.AUTH)
         self._close_if_idle()
         asyncio.get_running_loop().call_later(END_WAIT, self._end_now)
 

@@ -69,6 +69,7 @@ class Session(Protocol):
 
 
 EXIT_REFUSED = 255
+PUT_WINDOW = 8 * 1024 * 1024  # a put's stdin window: the client's output window, for symmetry
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -121,6 +122,7 @@ class ServerTransfer:
         self.paths = paths
         self.inbox: deque[bytes | bytearray | None] = deque()
         self.ended: str | None = None  # why it was stopped (client CLOSE, token, shutdown)
+        self.ended_code: ErrorCode | None = None  # the ERROR the client gets for it, if any
         self.error: str | None = None
         self.engine: Sender | Receiver = self._sender() if req.op == "get" else self._receiver()
 
@@ -172,9 +174,10 @@ class ServerTransfer:
         self.inbox.append(data)
         self.run.wake()
 
-    def stop(self, why: str) -> None:
-        """End early (client CLOSE, shutdown, token gone): partial files stay for resume."""
-        self.ended = why
+    def stop(self, why: str, code: ErrorCode | None = None) -> None:
+        """End early (client CLOSE, shutdown, token gone): partial files stay for resume;
+        with `code`, the channel's EXIT follows an ERROR saying why."""
+        self.ended, self.ended_code = why, code
         self.run.wake()
 
     # ---- the task --------------------------------------------------------------------
@@ -284,17 +287,8 @@ def start(session: Session, run: ChannelRun, req: x.XferRequest) -> None:
         session.log.warning("transfer refused", channel=channel, code=code.name, reason=reason)
         session.conn.send_channel_error(channel, code, reason)
         session.conn.send_exit(channel, ExitStatus(EXIT_REFUSED))
-        _audit(
-            session,
-            channel,
-            req,
-            time.time(),
-            0.0,
-            EXIT_REFUSED,
-            decision,
-            None,
-            error=f"{code.name.lower()}: {reason}",
-        )
+        error = f"{code.name.lower()}: {reason}"
+        _audit(session, channel, req, time.time(), EXIT_REFUSED, decision, error=error)
         return
     run.decision = decision
     session.runs[channel] = run
@@ -306,6 +300,8 @@ def start(session: Session, run: ChannelRun, req: x.XferRequest) -> None:
         session.conn.send_exit(channel, ExitStatus(EXIT_REFUSED))
         return
     session.transfers[channel] = transfer
+    if req.op == "put":  # deeper pipelining for bulk data: the server buffers at most this
+        session.conn.grow_stdin_window(channel, PUT_WINDOW)
     run.task = ctx.spawn(_serve(session, transfer))
     if len(session.runs) == 1:
         session.arm_idle()
@@ -317,8 +313,11 @@ async def _serve(session: Session, transfer: ServerTransfer) -> None:
     status = 1
     try:
         status = await transfer.serve()
-        if transfer.error is not None and not session.lost and channel in session.conn.channels:
-            session.conn.send_channel_error(channel, ErrorCode.BAD_REQUEST, transfer.error)
+        if not session.lost and channel in session.conn.channels:
+            if transfer.error is not None:
+                session.conn.send_channel_error(channel, ErrorCode.BAD_REQUEST, transfer.error)
+            elif transfer.ended is not None and transfer.ended_code is not None:
+                session.conn.send_channel_error(channel, transfer.ended_code, transfer.ended)
         if not session.lost and channel in session.conn.channels:
             session.conn.send_exit(channel, ExitStatus(status, duration=time.time() - start_time))
             session.protocol.flush()
@@ -341,10 +340,10 @@ async def _serve(session: Session, transfer: ServerTransfer) -> None:
             channel,
             transfer.req,
             start_time,
-            time.time() - start_time,
             status,
             transfer.run.decision,
-            info,
+            info=info,
+            nbytes=transfer.engine.bytes,
             error=transfer.error or transfer.ended,
         )
         session.transfers.pop(channel, None)
@@ -356,13 +355,14 @@ def _audit(
     channel: int,
     req: x.XferRequest,
     start: float,
-    duration: float,
     status: int,
     decision: Decision | None,
-    info: dict[str, object] | None,
     *,
+    info: dict[str, object] | None = None,
+    nbytes: int = 0,
     error: str | None,
 ) -> None:
+    """One audit record per transfer: who, op, paths, root, files, bytes, result."""
     extra: dict[str, object] = {"transfer": info or {"op": req.op, "paths": list(req.paths)}}
     if decision is not None:
         extra["policy"] = decision.audit()
@@ -375,9 +375,9 @@ def _audit(
             channel=channel,
             command=f"rexec-transfer {req.op} {' '.join(req.paths)}",
             start=start,
-            duration=duration,
+            duration=time.time() - start,
             exit_code=status,
-            bytes_out=info.get("bytes", 0) if info and req.op == "get" else 0,  # type: ignore[arg-type]
+            bytes_out=nbytes if req.op == "get" else 0,
             error=error,
             extra=extra,
         )

@@ -172,7 +172,8 @@ def test_a_tree_round_trips_byte_exact_with_preserve(
     mid = next(f for f in up.files if f.path == "src/a/b/mid.bin")
     assert mid.sha256 == sha(src / "a" / "b" / "mid.bin") and mid.status is FileStatus.OK
     assert seen and seen[-1].total == total and seen[-1].files == len(up.files)
-    assert seen[-1].total_done == total
+    assert seen[-1].total_done == total and seen[-1].files_done == len(up.files)
+    assert {p.path for p in seen} == {f.path for f in up.files}  # every entry, as it ends
     down = side.get(str(remote / "src"), back, recursive=True, preserve=True)
     assert down.ok and down.direction == "get" and down.bytes == total
     assert snapshot(back / "src") == snapshot(src)
@@ -182,7 +183,9 @@ def test_a_tree_round_trips_byte_exact_with_preserve(
 @pytest.mark.parametrize(
     "size", [16 * 1024 * 1024 + 7, pytest.param(200 * 1024 * 1024, marks=pytest.mark.slow)]
 )
-def test_a_big_file_round_trips(connect: Callable[..., Side], tmp_path: Path, size: int) -> None:
+def test_a_big_file_round_trips(
+    connect: Callable[..., Side], server: Any, tmp_path: Path, size: int
+) -> None:
     src = tmp_path / "big"
     with open(src, "wb") as f:
         for n in range(0, size, 1 << 22):
@@ -192,6 +195,7 @@ def test_a_big_file_round_trips(connect: Callable[..., Side], tmp_path: Path, si
     assert up.bytes == size and up.files[0].sha256 == sha(src) == sha(tmp_path / "up")
     down = side.get(str(tmp_path / "up"), tmp_path / "down")
     assert down.bytes == size and sha(tmp_path / "down") == up.files[0].sha256
+    assert server.rss_kib() < 100 * 1024  # bounded by the windows, whatever the file size
 
 
 # ---- scp's rules -----------------------------------------------------------------------

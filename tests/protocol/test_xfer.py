@@ -289,3 +289,16 @@ def test_the_stream_table_in_the_document_is_the_codes() -> None:
             rs._file = x.Entry("a", "file", 5, 0, 0)
             with pytest.raises(RemoteProtocolError):
                 rs.feed(recs[0])
+
+
+def test_the_server_may_grow_a_channels_stdin_window(pair: Any) -> None:
+    from rexec.protocol.events import CreditReceived
+
+    ch = pair.client.send_xfer(x.XferRequest("put", ("d",), window=1024))
+    pair.c2s()
+    base = pair.client.stdin_room(ch)
+    pair.server.grow_stdin_window(ch, 8 << 20)
+    pair.server.grow_stdin_window(ch, 1 << 20)  # never shrinks, sends nothing
+    assert pair.s2c() == [CreditReceived(ch, 8 << 20)] and base < 8 << 20
+    pair.client.send_stdin(ch, bytes(8 << 20))  # the whole window may be used at once
+    assert len(pair.c2s()) == 32

@@ -103,3 +103,17 @@ def test_a_bad_record_is_a_typed_error(tmp_path: Path) -> None:
         receiver.on_record(b'\x02{"path":"../x","kind":"dir","mode":0,"mtime_ns":0}')
     receiver.close()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_planted_temporary_file_is_never_written_through(tmp_path: Path, resume: bool) -> None:
+    src, dst = tmp_path / "f", tmp_path / "dst"
+    src.write_bytes(b"payload")
+    dst.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.link(victim, dst / ".f.rexec-part")  # a hard link where the temporary file goes
+    os.symlink(victim, dst / ".g.rexec-part")
+    outcomes, _ = send(src, dst, resume=resume)
+    assert [o.result.status for o in outcomes] == ["ok"]
+    assert victim.read_bytes() == b"precious" and (dst / "f").read_bytes() == b"payload"
