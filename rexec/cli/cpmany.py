@@ -38,7 +38,10 @@ def copy_many(args: CpArgs, plan: Plan) -> int | None:
             make_dest_dir(plan.dest)
     except (UsageError, RexecError) as exc:
         return usage_failure(args, exc)
-    report = Report(args, plan, hosts)
+    dest_for = None
+    if plan.direction == "get":
+        dest_for = lambda host: host_dest(plan.dest, host)  # noqa: E731
+    report = Report(args, plan, hosts, dest_for=dest_for)
     try:
         asyncio.run(_copy_all(args, plan, hosts, tokens, report))
     except KeyboardInterrupt:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rexec.cli.outcome import (
@@ -60,21 +60,36 @@ class Plan(NamedTuple):
     sources: tuple[str, ...]
     dest: str
 
-    def remote_path(self, wire: str) -> str:
-        """The remote path a file's wire path (its first part the source's own name) stands
-        for, to name a failed file as the user wrote it: get, the remote source's directory
-        joined to it; put into a directory (several sources, DST/ or the home), DST joined
-        to it; put of one source, DST in place of its first part (DST read as the new name,
-        as it is unless DST is an existing directory)."""
-        first, slash, rest = wire.partition("/")
-        if self.direction == "get":
-            for source in self.sources:
-                if source.rstrip("/").rpartition("/")[2] == first:
-                    return _join(source.rstrip("/").rpartition("/")[0], wire, source)
-            return wire
-        if len(self.sources) > 1 or self.dest.endswith("/") or self.dest == ".":
-            return _join(self.dest.rstrip("/"), wire, self.dest)
-        return self.dest + slash + rest
+    def failed_name(self, host: str, f: Any, dest: str | None = None) -> str:
+        """How to name a failed file (f: a rexec.FileResult) as the user wrote it: the source
+        when it failed where it is read, else the destination; `HOST:` before a remote one.
+        `dest`: where this host's files land when not DST itself (DST/HOST/ in a fan-out)."""
+        if f.at_source:
+            path = self.source_path(f.path)
+        elif os.path.isabs(f.path):  # the local destination itself could not be opened
+            path = f.path
+        else:
+            path = self.dest_path(f.path, self.dest if dest is None else dest)
+        remote = (self.direction == "get") == bool(f.at_source)
+        return f"{host}:{path}" if remote else path
+
+    def source_path(self, wire: str) -> str:
+        """The source path a wire path (its first part the source's own name) stands for:
+        that source's directory joined to it."""
+        first = wire.partition("/")[0]
+        for source in self.sources:
+            if source.rstrip("/").rpartition("/")[2] == first:
+                return _join(source.rstrip("/").rpartition("/")[0], wire, source)
+        return wire
+
+    def dest_path(self, wire: str, dest: str) -> str:
+        """The destination path a wire path stands for: into a directory (several sources,
+        DST/, `.` or the home), DST joined to it; one source, DST in place of its first part
+        (DST read as the new name, as it is unless DST is an existing directory)."""
+        _, slash, rest = wire.partition("/")
+        if len(self.sources) > 1 or dest.endswith("/") or dest == ".":
+            return _join(dest.rstrip("/"), wire, dest)
+        return dest + slash + rest
 
 
 def _join(parent: str, wire: str, original: str) -> str:
@@ -141,9 +156,11 @@ class Report:
         hosts: Sequence[str],
         *,
         size: tuple[int, int] | None = None,
+        dest_for: Callable[[str], str] | None = None,
     ) -> None:
         self.json = args.json
         self.plan = plan
+        self.dest_for = dest_for  # a host's own destination (a fan-out's DST/HOST/)
         self.direction = plan.direction
         self.status = 0
         self.pipe_closed = False
@@ -200,8 +217,9 @@ class Report:
             self.progress.finish(host, ok=result.ok)
         for f in result.files:
             self._json(file_json(host, self.direction, f))
-        where = self.plan.remote_path
-        self._say([f"rexec cp: {host}:{where(f.path)}: {f.error}" for f in result.failed])
+        dest = None if self.dest_for is None else self.dest_for(host)
+        name = self.plan.failed_name
+        self._say([f"rexec cp: {name(host, f, dest)}: {f.error}" for f in result.failed])
         if not result.ok:
             self.status = max(self.status, EXIT_TRANSFER_FAILED)
 

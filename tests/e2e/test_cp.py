@@ -189,7 +189,8 @@ def test_a_directory_without_r_fails_that_file_exit_1(e2e: Any, lab: Lab, tmp_pa
     assert done.returncode == 1, done.stderr
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1, lines
-    assert lines == ["rexec cp: lab1:mixed/adir: is a directory (use -r)"]
+    # the local source is at fault, so it is named (as scp does), not the remote destination
+    assert lines == [f"rexec cp: {tmp_path / 'adir'}: is a directory (use -r)"]
     assert (lab.homes["lab1"] / "mixed" / "good.txt").read_bytes() == b"good\n"
 
 
@@ -198,6 +199,24 @@ def test_a_missing_remote_file_exit_1(e2e: Any, lab: Lab, tmp_path: Path) -> Non
     assert done.returncode == 1
     assert done.stderr == b"rexec cp: lab1:no-such-file: No such file or directory\n"
     assert not (tmp_path / "x").exists()
+
+
+def test_local_failures_name_the_local_path(e2e: Any, lab: Lab, tmp_path: Path) -> None:
+    """A missing local source (put) or an unwritable local destination (get) is named by
+    its local path, never as HOST:PATH."""
+    missing = tmp_path / "nonexist"
+    done = cp(e2e, lab, str(missing), "lab1:x")
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"rexec cp: {missing}: No such file or directory\n".encode(),
+    )
+    (lab.homes["lab1"] / "f").write_bytes(b"f\n")
+    nodir = tmp_path / "no" / "dir"
+    done = cp(e2e, lab, "lab1:f", f"{nodir}/")
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"rexec cp: {nodir}: No such file or directory\n".encode(),
+    )
 
 
 def test_json_one_object_per_file(e2e: Any, lab: Lab, tmp_path: Path) -> None:

@@ -311,6 +311,10 @@ def test_one_host_stays_off_asyncio(tmp_path: Path) -> None:
     assert "rexec cp: 127.0.0.1:1: cannot connect to 127.0.0.1:1" in out.stderr
 
 
+def _failed(path: str, *, at_source: bool) -> FileResult:
+    return FileResult(path, "file", 1, 0, None, FileStatus.FAILED, "boom", at_source)
+
+
 @pytest.mark.parametrize(
     ("plan", "wire", "shown"),
     [
@@ -326,7 +330,29 @@ def test_one_host_stays_off_asyncio(tmp_path: Path) -> None:
     ],
 )
 def test_failed_files_are_named_by_their_remote_path(plan: Plan, wire: str, shown: str) -> None:
-    assert plan.remote_path(wire) == shown
+    """A failure where the remote side reads (get) or writes (put) names HOST:PATH."""
+    f = _failed(wire, at_source=plan.direction == "get")
+    assert plan.failed_name("h", f) == f"h:{shown}"
+
+
+@pytest.mark.parametrize(
+    ("plan", "wire", "at_source", "dest", "shown"),
+    [
+        # put: the local source could not be read (missing, a directory without -r)
+        (Plan("put", "h", ("src/a.txt",), "x"), "a.txt", True, None, "src/a.txt"),
+        (Plan("put", "h", ("/abs/tree",), "x"), "tree/sub/f", True, None, "/abs/tree/sub/f"),
+        (Plan("put", "h", ("nonexist",), "/tmp/x"), "nonexist", True, None, "nonexist"),
+        # get: the local destination could not be written
+        (Plan("get", "h", ("/etc/f",), "back"), "f", False, None, "back"),
+        (Plan("get", "h", ("/src",), "out/"), "src/a", False, None, "out/src/a"),
+        (Plan("get", "h", ("/src",), "out"), "src/a", False, "out/h/", "out/h/src/a"),
+        (Plan("get", "h", ("/f",), "/no/dir/"), "/no/dir", False, None, "/no/dir"),
+    ],
+)
+def test_local_failures_are_named_by_their_local_path(
+    plan: Plan, wire: str, at_source: bool, dest: str | None, shown: str
+) -> None:
+    assert plan.failed_name("h", _failed(wire, at_source=at_source), dest) == shown
 
 
 def test_ctrl_c_is_130_with_its_line(capfd: pytest.CaptureFixture[str]) -> None:
