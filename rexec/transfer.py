@@ -49,7 +49,7 @@ def _plain(value: object) -> object:
 class FileResult(_Fields):
     """One file, directory or symlink of a transfer."""
 
-    __match_args__ = ("path", "kind", "size", "sent", "sha256", "status", "error")
+    __match_args__ = ("path", "kind", "size", "sent", "sha256", "status", "error", "at_source")
     __slots__ = __match_args__
     path: str  # relative to the transfer root, POSIX, as on the wire
     kind: str  # "file" | "dir" | "symlink"
@@ -58,6 +58,9 @@ class FileResult(_Fields):
     sha256: str | None  # hex of the whole file, verified at both ends (files only)
     status: FileStatus
     error: str | None  # one line, e.g. "No space left on device", when FAILED
+    # FAILED where the file is read (missing, unreadable, vanished mid-copy: name the source)
+    # rather than where it is written (disk full, permission denied: name the destination)
+    at_source: bool
 
     def __init__(
         self,
@@ -68,8 +71,9 @@ class FileResult(_Fields):
         sha256: str | None,
         status: FileStatus,
         error: str | None = None,
+        at_source: bool = False,
     ) -> None:
-        super().__init__(path, kind, size, sent, sha256, status, error)
+        super().__init__(path, kind, size, sent, sha256, status, error, at_source)
 
 
 class TransferResult(_Fields):

@@ -42,15 +42,18 @@ SMALL = 64 * 1024  # files below this go as one FILE record each (without resume
 
 class Outcome:
     """One entry's end, as either side saw it: what it was, the bytes that crossed, and the
-    receiver's RESULT."""
+    receiver's RESULT; `at_source`: the sender failed it (FAIL or ABORT), not the receiver."""
 
-    __slots__ = ("bytes", "kind", "result", "size")
+    __slots__ = ("at_source", "bytes", "kind", "result", "size")
 
-    def __init__(self, kind: str, size: int, nbytes: int, result: x.Result) -> None:
+    def __init__(
+        self, kind: str, size: int, nbytes: int, result: x.Result, at_source: bool = False
+    ) -> None:
         self.kind = kind
         self.size = size
         self.bytes = nbytes
         self.result = result
+        self.at_source = at_source
 
 
 _WAIT = bytearray()  # the generator's "nothing until the receiver's HAVE arrives"
@@ -72,7 +75,8 @@ class Sender:
         self._held: bytearray | None = None
         self._gen = self._records()
         self._have: tuple[int, bytes] | None = None
-        self._open: deque[tuple[str, int, int]] = deque()  # (kind, size, bytes) per RESULT due
+        # (kind, size, bytes, failed here) per RESULT due
+        self._open: deque[tuple[str, int, int, bool]] = deque()
         self._dirs = DirCache()
 
     @property
@@ -108,8 +112,8 @@ class Sender:
         if what == "have":
             self._have = value
             return
-        kind, size, nbytes = self._open.popleft()
-        self.outcomes.append(Outcome(kind, size, nbytes, value))
+        kind, size, nbytes, here = self._open.popleft()
+        self.outcomes.append(Outcome(kind, size, nbytes, value, here))
         if self.progress is not None:  # an entry is done (files_done moved)
             self.progress(value.path, size, size)
 
@@ -118,16 +122,23 @@ class Sender:
         self._dirs.close()
         self.listing.close()
 
-    def _announce(self, kind: str, size: int, path: str, *, have: bool = False) -> None:
+    def _announce(
+        self, kind: str, size: int, path: str, *, have: bool = False, failed: bool = False
+    ) -> None:
         self.stream.sent(path, want_have=have)
-        self._open.append((kind, size, 0))
+        self._open.append((kind, size, 0, failed))
+
+    def _aborted(self) -> None:
+        """The current file ended in ABORT: its failure is this side's."""
+        kind, size, sent, _ = self._open[-1]
+        self._open[-1] = (kind, size, sent, True)
 
     def _records(self) -> Generator[bytearray, None, None]:
         listing = self.listing
         yield x.tree(listing.files, listing.total)
         for item in listing.items:
             if item.error is not None:
-                self._announce(item.kind, 0, item.path)
+                self._announce(item.kind, 0, item.path, failed=True)
                 yield x.fail(item.path, item.kind, item.error)
             elif item.kind == "dir":
                 self._announce("dir", 0, item.path)
@@ -136,7 +147,7 @@ class Sender:
                 try:
                     target = read_link(item, self._dirs)
                 except OSError as exc:
-                    self._announce("symlink", 0, item.path)
+                    self._announce("symlink", 0, item.path, failed=True)
                     yield x.fail(item.path, "symlink", error_line(exc))
                     continue
                 self._announce("symlink", 0, item.path)
@@ -149,13 +160,13 @@ class Sender:
         try:
             fd = open_item(item, self._dirs)
         except OSError as exc:
-            self._announce("file", item.size, item.path)
+            self._announce("file", item.size, item.path, failed=True)
             yield x.fail(item.path, "file", error_line(exc))
             return
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                self._announce("file", 0, item.path)
+                self._announce("file", 0, item.path, failed=True)
                 yield x.fail(item.path, "file", what_is(st.st_mode))
                 return
             size = st.st_size
@@ -186,9 +197,11 @@ class Sender:
                 try:
                     got = read_into(fd, buf, x.DATA_AT)
                 except OSError as exc:
+                    self._aborted()
                     yield x.abort(error_line(exc))
                     return
                 if got < n:
+                    self._aborted()
                     yield x.abort("file shrank while it was being sent")
                     return
                 with memoryview(buf) as view:
@@ -226,8 +239,8 @@ class Sender:
 
     def _set_sent(self, sent: int) -> None:
         """The bytes sent so far for the file whose RESULT is due last (the current one)."""
-        kind, size, _ = self._open[-1]
-        self._open[-1] = (kind, size, sent)
+        kind, size, _, here = self._open[-1]
+        self._open[-1] = (kind, size, sent, here)
 
 
 class Receiver:
@@ -283,10 +296,10 @@ class Receiver:
         elif what == "end":
             self._end(value)
         elif what == "abort":
-            self._fail_file(value)
+            self._fail_file(value, at_source=True)
         elif what == "fail":
             path, kind, error = value
-            self._reply(kind, 0, x.Result(path, "failed", None, error))
+            self._reply(kind, 0, x.Result(path, "failed", None, error), at_source=True)
         elif what == "file":  # a small file whole: its ENTRY, DATA and END
             e, data, digest = value
             self._on_entry(e)
@@ -310,8 +323,10 @@ class Receiver:
     def _parts(self, path: str) -> list[str]:
         return x.placed(path, self.into, self.name)
 
-    def _reply(self, kind: str, size: int, result: x.Result, nbytes: int = 0) -> None:
-        self.outcomes.append(Outcome(kind, size, nbytes, result))
+    def _reply(
+        self, kind: str, size: int, result: x.Result, nbytes: int = 0, *, at_source: bool = False
+    ) -> None:
+        self.outcomes.append(Outcome(kind, size, nbytes, result, at_source))
         self.replies.append(x.result(result))
         if self.progress is not None:  # an entry is done (files_done moved)
             self.progress(result.path, size, size)
@@ -425,13 +440,14 @@ class Receiver:
         status = "skipped" if skipped else "ok"
         self._reply("file", e.size, x.Result(e.path, status, sha, None), self._got)
 
-    def _fail_file(self, error: str) -> None:
+    def _fail_file(self, error: str, *, at_source: bool = False) -> None:
         e = self._entry
         assert e is not None
         if self._inc is not None:
             self._inc.drop()
             self._inc = None
-        self._reply("file", e.size, x.Result(e.path, "failed", None, error), self._got)
+        result = x.Result(e.path, "failed", None, error)
+        self._reply("file", e.size, result, self._got, at_source=at_source)
 
     def _finish_dirs(self) -> None:
         """Directories' modes and mtimes last (their contents changed them), deepest first."""

@@ -17,7 +17,6 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
 
 PART_SUFFIX = ".rexec-part"
 READ_CHUNK = 256 * 1024  # how the resume prefix hash reads a file
@@ -450,10 +449,3 @@ def read_into(fd: int, buf: bytearray, at: int, size: int | None = None) -> int:
                 break
             total += n
     return total
-
-
-def chunks(total: int, size: int) -> Iterator[int]:
-    """Sizes of `size`-byte pieces of `total` bytes."""
-    while total > 0:
-        yield min(size, total)
-        total -= size

@@ -261,7 +261,8 @@ def local_failure(
 ) -> TransferResult:
     """The result of a transfer whose local destination cannot be opened (nothing was sent):
     one FAILED entry naming it; raised as TransferError with `check`."""
-    failed = FileResult(os.fspath(path), "dir", 0, 0, None, FileStatus.FAILED, error_line(exc))
+    where = os.path.abspath(path)  # not a wire path: the destination itself, named absolute
+    failed = FileResult(where, "dir", 0, 0, None, FileStatus.FAILED, error_line(exc))
     result = TransferResult(core.target or "", direction, (failed,), 0, 0.0)
     if check:
         raise TransferError(result)
@@ -278,4 +279,5 @@ def _file_result(o: Outcome) -> FileResult:
         sha256=r.sha256,
         status=FileStatus(r.status),
         error=r.error,
+        at_source=o.at_source,
     )
