@@ -1,22 +1,24 @@
 """Issue 14's measures: file transfer (`put`/`get`) against scp, asyncssh SFTP and rsync.
 
 - **xfer-big**: one file (1 GiB; 128 MiB with --quick) up and down. rexec: `conn.put` /
-  `conn.get` on the open connection (the end-to-end SHA-256 is always on). Peers: `scp` with
+  `conn.get` on the open connection (the end-to-end SHA-256 is always on); info rows:
+  `rexec.Client.put/get` in a process of its own and the `rexec cp` CLI. Peers: `scp` with
   aes128-gcm over the gcm ControlMaster of the private sshd (no handshake in the figure, as
-  in the stream measures), and asyncssh's SFTP client against the asyncssh server's SFTP
-  subsystem. Alongside: the rexec server's peak RSS during those transfers (VmHWM, reset
-  through /proc/PID/clear_refs before each one), and a client in a process of its own
-  (`rexec.Client.put/get`), which reports its own VmHWM: the in-process client shares this
-  process with asyncssh and paramiko, so its RSS says nothing.
+  in the stream measures; info: `scp -O`), and asyncssh's SFTP client against the asyncssh
+  server's SFTP subsystem. Alongside: the rexec server's peak RSS during those transfers
+  (VmHWM, reset through /proc/PID/clear_refs before each one), and the clients' in
+  processes of their own (the in-process client shares this process with asyncssh and
+  paramiko, so its RSS says nothing).
 - **xfer-tree**: 10,000 files of 1 KiB in 100 directories (1,000 with --quick), up and down.
-  rexec: `put/get(recursive=True)`. Peers: `scp -r` and `rsync -a -e ssh`, both over the
-  same ControlMaster (rsync is a Debian package, installed with apt-get when missing).
+  rexec: `put/get(recursive=True)`; info: `rexec cp -r`. Peers: `scp -r` and
+  `rsync -a -e ssh`, both over the same ControlMaster (rsync is a Debian package, installed
+  with apt-get when missing; unavailable with the reason when that fails).
 
-Every transfer lands in a fresh empty directory of a temp dir on one file system, which is
-removed after the sample. Each contender's first sample checks every received byte against
-the source (SHA-256 of the file, or of every file of the tree), later samples the sizes and
-the file count, so a broken contender is reported unavailable, never fast.
-"""
+Every transfer lands in a fresh empty directory of one work dir (on /dev/shm when it has
+room: see work_parent), removed after the sample. Each contender's first sample checks every
+received byte against the source (SHA-256 of the file, or of every file of the tree), later
+samples the sizes and the file count, so a broken contender is reported unavailable, never
+fast."""
 
 from __future__ import annotations
 
