@@ -314,6 +314,8 @@ class Execution:
         """Spawn the command in its own session and start pumping; raise ExecError if it can't."""
         if not spec.argv:
             raise ExecError("empty command")
+        contain = containment()
+        await contain.ready()  # from here to the fork, no await: the cgroup stays ours
         prepare_signals()
         t0 = time.monotonic()
         parent_fds: list[int] = []
@@ -322,7 +324,6 @@ class Execution:
         env = dict(spec.env)
         in_child = None  # a pty's preexec_fn
         outputs: list[tuple[Stream, int]] = []  # (stream, our end)
-        contain = containment()
         cgroup = contain.new_cgroup()  # None unless the server uses cgroups
         try:
             try:
