@@ -87,6 +87,19 @@ def _write(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def _read(path: str) -> bytes:
+    """A small kernel file, whole: cheaper than open() (no buffering or text layers), which
+    made the two membership checks of every command's end cost ~0.1 ms."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat (clock ticks after boot): a pid plus this names a process."""
     try:
@@ -143,6 +156,7 @@ class CommandCgroup:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._dir = str(path)
         # Set when the server forked the command from inside this cgroup: done once the
         # server has moved out (see the module docstring). Until then the server is listed.
         self.server_leaving: Future[None] | None = None
@@ -155,18 +169,17 @@ class CommandCgroup:
         """The processes in the cgroup, the server itself left out."""
         me = os.getpid()
         try:
-            with open(self.path / "cgroup.procs") as f:
-                return [pid for pid in map(int, f.read().split()) if pid != me]
+            listed = _read(f"{self._dir}/cgroup.procs")
         except OSError:
             return []
+        return [pid for pid in map(int, listed.split()) if pid != me]
 
     def populated(self) -> bool:
         """Does a live process remain? (A zombie leader does not count, nor the server.)"""
         if not self._server_out():
             return bool(self.pids())
         try:
-            with open(self.path / "cgroup.events") as f:
-                return "populated 1" in f.read()
+            return b"populated 1" in _read(f"{self._dir}/cgroup.events")
         except FileNotFoundError:
             return False
 
@@ -206,7 +219,7 @@ class CommandCgroup:
         if not self._server_out():
             return False
         try:
-            self.path.rmdir()
+            os.rmdir(self._dir)
         except FileNotFoundError:
             return True
         except OSError:

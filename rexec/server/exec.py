@@ -291,6 +291,7 @@ class Execution:
         self._t_reaped: float | None = None
         self._returncode: int | None = None
         self._group_gone = False  # observed empty: from now on never signal the pgid
+        self._cgroup_empty = False  # the cgroup observed empty after the reap: no need to kill
         self._exited: asyncio.Future[None] = self._loop.create_future()
         self._kill_req: asyncio.Future[None] = self._loop.create_future()
         self._pumps: list[_Pump] = []
@@ -686,7 +687,10 @@ class Execution:
     def _group_alive(self) -> bool:
         """After the reap: does a live (non-zombie) member of the group (or cgroup) remain?"""
         if self._cgroup is not None:
-            return self._cgroup.populated()
+            if self._cgroup_empty or not self._cgroup.populated():
+                self._cgroup_empty = True  # no process of the command can enter it again
+                return False
+            return True
         if self._group_gone:
             return False
         try:
@@ -807,6 +811,6 @@ class Execution:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
-        if self._cgroup is not None and self._cgroup.populated():
+        if self._cgroup is not None and not self._cgroup_empty and self._cgroup.populated():
             self._cgroup.kill()  # the channel ends: nothing in its cgroup lives on
         self._contain.finished(self._pid, self._cgroup)
