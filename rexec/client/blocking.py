@@ -203,6 +203,8 @@ class SocketDriver:
         waits there, so a SIGNAL or PONG queued later overtakes it.
         """
         core = self.core
+        if not self._out and not core.conn.has_queued:  # the common call: nothing to send
+            return
         while True:
             data = core.data_to_send(max(0, OUT_HIGH_WATER - len(self._out)))
             if data:

@@ -74,6 +74,10 @@ _KILL_BOUND = 2.0
 _PIPE_SIZE = 256 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PTY_READ = 64 * 1024  # the most a pty's output is read at once
+# A pump whose sink never suspends yields to the loop after this much output: often enough
+# for the deadline and the other pipe (~1 ms of work), rarely enough that a download does not
+# pay a loop turn (an epoll_wait and the loop's bookkeeping) for every 256 KiB frame.
+_YIELD_EVERY = 1024 * 1024
 
 
 # Left ignored if inherited so: see the module docstring.
@@ -513,6 +517,7 @@ class Execution:
         size = self._read_size
         head = self._spec.headroom
         sink = self._sink
+        unyielded = 0
         try:
             while True:
                 if p.error is not None:
@@ -550,9 +555,12 @@ class Execution:
                 await sink(p.stream, data)
                 p.nbytes += n
                 # A sink that never suspends would let a fast child starve the loop (deadline,
-                # the other pipe): yield once per full chunk, a negligible cost at 256 KiB.
+                # the other pipe): yield after every _YIELD_EVERY bytes of full chunks.
                 if n == size:
-                    await asyncio.sleep(0)
+                    unyielded += n
+                    if unyielded >= _YIELD_EVERY:
+                        unyielded = 0
+                        await asyncio.sleep(0)
         except Exception as exc:  # the sink failed: the output has nowhere to go
             if self._sink_error is None:
                 self._sink_error = exc
