@@ -252,6 +252,7 @@ class _Cgroups:
         self._moving: Future[None] | None = None
         self._mover: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting = 0  # spawns waiting in ready() for a move to end
 
     def create(self) -> None:
         """Make our subtree and prove we can move into it and back (else CgroupUnavailable)."""
@@ -318,6 +319,21 @@ class _Cgroups:
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._moved, f, path))
         return fut
 
+    def _advance_now(self) -> None:
+        """As _advance, on the loop: when forks queue up (a burst of commands), a move just
+        ended, so this one waits for no grace period (~50 us), and a thread hop per fork
+        would serialise the burst behind the helper thread."""
+        self._count += 1
+        path = self.root / f"c{self._count}"
+        try:
+            self._move_to(path)
+        except OSError:  # back home (or failed to): each command moves the server again
+            if self._mover is not None:
+                self._mover.shutdown(wait=False)
+                self._mover = None
+            return
+        self._staged = CommandCgroup(path)
+
     def _move_to(self, path: Path) -> None:
         """In the helper thread: mkdir and move in; on failure go home (and stop staging)."""
         try:
@@ -344,8 +360,12 @@ class _Cgroups:
     async def ready(self) -> None:
         """Wait for a move in progress: the next fork must happen in a fresh cgroup."""
         while self._moving is not None:
-            with contextlib.suppress(Exception):  # a failed move: new() creates one
-                await asyncio.wrap_future(self._moving)
+            self._waiting += 1
+            try:
+                with contextlib.suppress(Exception):  # a failed move: new() creates one
+                    await asyncio.wrap_future(self._moving)
+            finally:
+                self._waiting -= 1
 
     def new(self) -> CommandCgroup:
         if self._staged is not None and self._moving is None:
@@ -366,7 +386,10 @@ class _Cgroups:
             try:
                 yield
             finally:
-                cg.server_leaving = self._advance()
+                if self._waiting:
+                    self._advance_now()
+                else:
+                    cg.server_leaving = self._advance()
             return
         try:
             _write(cg.path / "cgroup.procs", "0")
