@@ -56,6 +56,9 @@ Mode = Literal["cgroup", "pdeathsig", "group"]
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _SWEEP_INTERVAL = 0.1  # seconds between two scans of /proc for inherited escapees
+# A cgroup move this soon after the last one finds the kernel's lock still warm (it cools
+# one RCU grace period after the last move, 5-20 ms here): it is made on the loop at once.
+_WARM_MOVE = 0.002
 _SUBTREE = re.compile(r"^rexec\.(\d+)\.(\d+)$")
 _WATCHDOG_NAME = "rexec-cgroup-watchdog"
 # Runs when the server's end of the pipe closes (exit, crash, SIGKILL): kill the subtree, then
@@ -253,6 +256,7 @@ class _Cgroups:
         self._mover: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting = 0  # spawns waiting in ready() for a move to end
+        self._last_move = -1.0  # loop time the last move ended
 
     def create(self) -> None:
         """Make our subtree and prove we can move into it and back (else CgroupUnavailable)."""
@@ -319,10 +323,15 @@ class _Cgroups:
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._moved, f, path))
         return fut
 
+    def _warm(self) -> bool:
+        """Did a move end so recently that the next one waits for no grace period?"""
+        assert self._loop is not None
+        return self._loop.time() - self._last_move < _WARM_MOVE
+
     def _advance_now(self) -> None:
-        """As _advance, on the loop: when forks queue up (a burst of commands), a move just
-        ended, so this one waits for no grace period (~50 us), and a thread hop per fork
-        would serialise the burst behind the helper thread."""
+        """As _advance, on the loop: when forks queue up (a burst of commands) or a move
+        just ended, this one waits for no grace period (~50 us), and a thread hop per fork
+        would serialise a burst behind the helper thread."""
         self._count += 1
         path = self.root / f"c{self._count}"
         try:
@@ -333,6 +342,8 @@ class _Cgroups:
                 self._mover = None
             return
         self._staged = CommandCgroup(path)
+        assert self._loop is not None
+        self._last_move = self._loop.time()
 
     def _move_to(self, path: Path) -> None:
         """In the helper thread: mkdir and move in; on failure go home (and stop staging)."""
@@ -352,6 +363,8 @@ class _Cgroups:
         self._moving = None
         if fut.exception() is None:
             self._staged = CommandCgroup(path)
+            assert self._loop is not None
+            self._last_move = self._loop.time()
         elif self._mover is not None:  # back home: each command moves the server again
             self._mover.shutdown(wait=False)
             self._mover = None
@@ -386,7 +399,7 @@ class _Cgroups:
             try:
                 yield
             finally:
-                if self._waiting:
+                if self._waiting or self._warm():
                     self._advance_now()
                 else:
                     cg.server_leaving = self._advance()
