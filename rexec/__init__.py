@@ -34,6 +34,8 @@ _EXPORTS = {
     "ErrorCode": "rexec.errors",
     "ExecError": "rexec.errors",
     "ExitStatus": "rexec.protocol.messages",
+    "FileResult": "rexec.transfer",
+    "FileStatus": "rexec.transfer",
     "FleetRun": "rexec.client.fleet",
     "FrameType": "rexec.protocol.frames",
     "HostResult": "rexec.client.fleet",
@@ -42,6 +44,7 @@ _EXPORTS = {
     "OutputStream": "rexec.client.aio",
     "PolicyError": "rexec.errors",
     "Process": "rexec.client.aio",
+    "ProgressCallback": "rexec.transfer",
     "ProtocolError": "rexec.errors",
     "PtyRequest": "rexec.protocol.pty",
     "RemoteError": "rexec.errors",
@@ -54,6 +57,9 @@ _EXPORTS = {
     "SyncOutputStream": "rexec.client.blocking",
     "SyncProcess": "rexec.client.blocking",
     "Token": "rexec.protocol.token",
+    "TransferError": "rexec.transfer",
+    "TransferProgress": "rexec.transfer",
+    "TransferResult": "rexec.transfer",
     "TruncatedError": "rexec.errors",
     "connect": "rexec.client.aio",
     "expand_hosts": "rexec.client.hosts",
@@ -107,6 +113,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export
     from rexec.result import CommandFailed as CommandFailed
     from rexec.result import CommandTimeout as CommandTimeout
     from rexec.result import Result as Result
+    from rexec.transfer import FileResult as FileResult
+    from rexec.transfer import FileStatus as FileStatus
+    from rexec.transfer import ProgressCallback as ProgressCallback
+    from rexec.transfer import TransferError as TransferError
+    from rexec.transfer import TransferProgress as TransferProgress
+    from rexec.transfer import TransferResult as TransferResult
 
 
 def __getattr__(name: str) -> Any:

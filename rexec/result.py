@@ -181,6 +181,7 @@ _KIND_BY_CLASS = {
     "RemoteError": "server",
     "ExecError": "exec",
     "ProtocolError": "protocol",
+    "TransferError": "transfer",  # rexec.transfer: some files of a put/get failed
 }
 _REFUSAL_CODES = frozenset({ErrorCode.LIMIT, ErrorCode.SHUTDOWN})
 

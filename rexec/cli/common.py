@@ -123,7 +123,7 @@ class Interrupts:
         os.close(self.write_fd)
 
 
-SUBCOMMANDS = ("run", "shell", "serve", "token", "demo", "help")
+SUBCOMMANDS = ("run", "cp", "shell", "serve", "token", "demo", "help")
 
 
 def _bare_word(word: str) -> bool:

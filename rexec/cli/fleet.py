@@ -74,7 +74,7 @@ SUMMARY_HOSTS = 160  # characters of folded host names per summary entry
 PROGRESS_EVERY = 0.2
 
 
-def _is_plain(args: RunArgs) -> bool:
+def is_plain(args: RunArgs) -> bool:
     """No group, file, exclusion or fleet-only option: a set of one host runs as one host."""
     return (
         args.hosts_from is None
@@ -128,7 +128,7 @@ def cmd_fleet(args: RunArgs) -> int | None:
         if args.hosts_from is not None and args.target is not None:
             raise usage("give HOSTS or --hosts-from FILE, not both")
         hosts = select_hosts(args)  # HostSetError: a usage error (its kind says so)
-        if len(hosts) == 1 and _is_plain(args):
+        if len(hosts) == 1 and is_plain(args):
             args.target = hosts[0]
             return None
         if not args.command:
@@ -158,7 +158,7 @@ def cmd_fleet(args: RunArgs) -> int | None:
     return asyncio.run(fleet.main())
 
 
-def _file_name(host: str) -> str:
+def host_file_name(host: str) -> str:
     """A host as a file name: `/` (unix:/path) and `%` escaped as %2F and %25."""
     return host.replace("%", "%25").replace("/", "%2F")
 
@@ -290,7 +290,7 @@ class Fleet:
             self._write_files(result)
 
     def _write_files(self, result: HostResult) -> None:
-        base = os.path.join(self.args.outdir or ".", _file_name(result.host))
+        base = os.path.join(self.args.outdir or ".", host_file_name(result.host))
         status = result.label + (f": {result.error}" if result.error else "") + "\n"
         try:
             for suffix, data in (

@@ -20,6 +20,8 @@ USAGE = """\
 usage: rexec run TARGET [options] CMD...    run one command (exit code = remote exit code)
        rexec shell [--repl] TARGET          your shell on TARGET on a pty (--repl: line REPL)
        rexec TARGET [CMD...]                as `shell` without CMD, as `run` with it
+       rexec cp [-r] [-p] [options] SRC... DST
+                                            copy files to or from hosts, as scp (HOST:PATH)
        rexec serve [options]                run the server
        rexec token new|list|revoke|rotate|edit|derive|import|learned [options]
                                             manage tokens, their policy, fleet tokens
@@ -46,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rexec.cli.run import cmd_run
 
         return _done(cmd_run(rest), argv)
+    if cmd == "cp":
+        from rexec.cli.cp import cmd_cp
+
+        return cmd_cp(rest)
     if cmd == "shell":
         from rexec.cli.shell import main as cmd_shell
 

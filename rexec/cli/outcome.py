@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + 2  # SIGINT
 EXIT_SIGPIPE = 128 + 13  # SIGPIPE: our stdout's reader went away
+EXIT_TRANSFER_FAILED = 1  # `rexec cp`: some file failed (its line on stderr), the rest copied
 INTERRUPTED = "interrupted: closing the connection (the server stops the command)"
 JUNIT_OUTPUT_MAX = 1024 * 1024  # bytes of each stream a JUnit testcase keeps (the last ones)
 
@@ -109,6 +110,8 @@ def of_error(exc: BaseException, *, started: bool = False) -> Outcome:
     kind = error_kind(exc, started=started)
     if kind == "usage":
         status = EXIT_USAGE
+    elif kind == "transfer":  # rexec.TransferError: some files failed, the rest were copied
+        status = EXIT_TRANSFER_FAILED
     elif isinstance(exc, ExecError):
         status = exc.exit_code or 127
     else:

@@ -110,6 +110,8 @@ when not a terminal, is read once (up to 64 MiB) and sent to every host:
     + EXIT_STATUS_HELP
 )
 
+Option = tuple[str, str, str]  # (long, short, attribute)
+
 # (long, short, attribute), in --help order. A hand-written parser, not argparse: `rexec run`
 # is a process per command and argparse (+gettext, shutil) costs it ~4-10 ms (DESIGN.md 2a).
 # Its rules and messages follow argparse's: unique prefixes of long options, `--opt=value`,
@@ -139,6 +141,7 @@ _RUN_OPTIONS = (
     ("--failed-to", "", "failed_to"),
 )
 _RUN_FLAGS = frozenset({"help", "no_stdin", "tty", "no_tty", "json", "trace", "gather"})
+RUN_FLAGS = _RUN_FLAGS  # the shared flags that other front ends' tables include
 _SUITES = ("aesgcm", "chachapoly")
 
 
@@ -178,15 +181,17 @@ def _is_negative_number(arg: str) -> bool:
     return whole.isdecimal()
 
 
-def _is_option(arg: str) -> bool:
+def is_option(arg: str) -> bool:
     return arg.startswith("-") and arg != "-" and not _is_negative_number(arg)
 
 
-def _long_option(arg: str, name: str) -> tuple[str, str, str]:
+def _long_option(
+    arg: str, name: str, options: Sequence[Option] = _RUN_OPTIONS
+) -> tuple[str, str, str]:
     """The option `name` (`--x` of `--x=v`) names: exact, else a unique prefix."""
-    matches = [opt for opt in _RUN_OPTIONS if opt[0] == name]
+    matches = [opt for opt in options if opt[0] == name]
     if not matches:
-        matches = [opt for opt in _RUN_OPTIONS if opt[0].startswith(name)]
+        matches = [opt for opt in options if opt[0].startswith(name)]
     if len(matches) > 1:
         names = ", ".join(opt[0] for opt in matches)
         raise UsageError(f"ambiguous option: {arg} could match {names}")
@@ -196,12 +201,16 @@ def _long_option(arg: str, name: str) -> tuple[str, str, str]:
 
 
 def _set_option(
-    args: RunArgs, opt: tuple[str, str, str], value: str | None, rest: list[str]
+    args: RunArgs,
+    opt: tuple[str, str, str],
+    value: str | None,
+    rest: list[str],
+    flags: frozenset[str] = _RUN_FLAGS,
 ) -> None:
     """Apply one option; `value` is its attached value, else it takes rest[0]."""
     long, short, attr = opt
     shown = f"{short}/{long}" if short else long
-    if attr in _RUN_FLAGS:
+    if attr in flags:
         if value is not None:
             raise UsageError(f"argument {shown}: ignored explicit argument {value!r}")
         if attr in ("tty", "no_tty"):
@@ -211,7 +220,7 @@ def _set_option(
         return
     if value is None:
         # as argparse: a following argument that looks like an option is not a value
-        if not rest or (_is_option(rest[0]) and " " not in rest[0]):
+        if not rest or (is_option(rest[0]) and " " not in rest[0]):
             raise UsageError(f"argument {shown}: expected one argument")
         value = rest.pop(0)
     if attr in ("env", "exclude"):
@@ -235,12 +244,18 @@ def _set_option(
         setattr(args, attr, value)
 
 
-def _short_options(args: RunArgs, arg: str, rest: list[str]) -> None:
+def _short_options(
+    args: RunArgs,
+    arg: str,
+    rest: list[str],
+    options: Sequence[Option] = _RUN_OPTIONS,
+    flags: frozenset[str] = _RUN_FLAGS,
+) -> None:
     """`-n`, `-C DIR`, `-CDIR`, `-C=DIR`, and clusters such as `-nC DIR`."""
-    by_short = {opt[1]: opt for opt in _RUN_OPTIONS if opt[1]}
+    by_short = {opt[1]: opt for opt in options if opt[1]}
     head, eq, value = arg.partition("=")
     if eq and head in by_short:
-        _set_option(args, by_short[head], value, rest)
+        _set_option(args, by_short[head], value, rest, flags)
         return
     pos = 1
     while pos < len(arg):
@@ -253,13 +268,36 @@ def _short_options(args: RunArgs, arg: str, rest: list[str]) -> None:
                 f"argument {prev[1]}/{prev[0]}: ignored explicit argument {arg[pos:]!r}"
             )
         pos += 1
-        if opt[2] in _RUN_FLAGS:
-            _set_option(args, opt, None, rest)
+        if opt[2] in flags:
+            _set_option(args, opt, None, rest, flags)
             if args.help:
                 return
         else:  # an option taking a value takes the rest of the cluster, if any
-            _set_option(args, opt, arg[pos:] or None, rest)
+            _set_option(args, opt, arg[pos:] or None, rest, flags)
             return
+
+
+def run_options(*attrs: str) -> tuple[Option, ...]:
+    """The entries of `rexec run`'s option table for these attributes, in that order: other
+    front ends (`rexec cp`) take the shared options from here, with their help and checks."""
+    by_attr = {opt[2]: opt for opt in _RUN_OPTIONS}
+    return tuple(by_attr[attr] for attr in attrs)
+
+
+def parse_option(
+    args: RunArgs,
+    arg: str,
+    rest: list[str],
+    options: Sequence[Option] = _RUN_OPTIONS,
+    flags: frozenset[str] = _RUN_FLAGS,
+) -> None:
+    """Apply the option argument `arg` (long, short or a cluster) from the table `options`
+    (`flags` take no value); a value it needs comes from rest. Raises UsageError."""
+    if arg.startswith("--"):
+        name, eq, value = arg.partition("=")
+        _set_option(args, _long_option(arg, name, options), value if eq else None, rest, flags)
+    else:
+        _short_options(args, arg, rest, options, flags)
 
 
 def parse_run_args(argv: Sequence[str]) -> RunArgs:
@@ -275,7 +313,7 @@ def parse_run_args(argv: Sequence[str]) -> RunArgs:
     first: UsageError | None = None
     while rest:
         arg = rest.pop(0)
-        if arg == "--" or not _is_option(arg):
+        if arg == "--" or not is_option(arg):
             positionals = rest if arg == "--" else [arg, *rest]
             if args.target is None and positionals and args.hosts_from is None:
                 args.target = positionals.pop(0)
@@ -285,11 +323,7 @@ def parse_run_args(argv: Sequence[str]) -> RunArgs:
             args.command = positionals
             break
         try:
-            if arg.startswith("--"):
-                name, eq, value = arg.partition("=")
-                _set_option(args, _long_option(arg, name), value if eq else None, rest)
-            else:
-                _short_options(args, arg, rest)
+            parse_option(args, arg, rest)
         except UsageError as exc:
             first = first or exc
         if args.help and first is None:

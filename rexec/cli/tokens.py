@@ -68,6 +68,26 @@ def _policy_options(p: argparse.ArgumentParser, *, edit: bool = False) -> None:
         help="run commands as usual and record each distinct argv (see `rexec token learned`)",
     )
     g.add_argument(
+        "--transfer-only",
+        action="store_const",
+        const=True,
+        dest="transfer_only",
+        help="file transfers only (rexec cp): every command is refused",
+    )
+    g.add_argument(
+        "--read-only",
+        action="store_const",
+        const=True,
+        dest="read_only",
+        help="transfers may only download (get); uploads are refused",
+    )
+    g.add_argument(
+        "--transfer-under",
+        metavar="DIR",
+        dest="transfer_under",
+        help="confine file transfers to DIR (paths relative to it; no symlink is followed)",
+    )
+    g.add_argument(
         "--expires",
         metavar="DURATION|DATE",
         help="refused from then on: 30d, 12h, 90m, or an ISO date 2030-01-31[T12:00:00Z]",
@@ -76,6 +96,10 @@ def _policy_options(p: argparse.ArgumentParser, *, edit: bool = False) -> None:
         g.add_argument("--no-allow-shell", action="store_const", const=False, dest="allow_shell")
         g.add_argument("--pty", action="store_const", const=False, dest="no_pty")
         g.add_argument("--no-learn", action="store_const", const=False, dest="learn")
+        g.add_argument(
+            "--no-transfer-only", action="store_const", const=False, dest="transfer_only"
+        )
+        g.add_argument("--no-read-only", action="store_const", const=False, dest="read_only")
         g.add_argument("--no-expires", action="store_true", help="never expires")
         g.add_argument(
             "--reset", action="store_true", help="start from an empty policy, then apply options"
@@ -219,7 +243,17 @@ def _policy(args: argparse.Namespace, base: Any) -> Any:
     for name in ("allow", "from_", "env"):
         if getattr(args, name) is not None:
             changes[name] = tuple(getattr(args, name))
-    for name in ("allow_shell", "no_pty", "learn", "max_timeout", "cwd_under", "run_as"):
+    for name in (
+        "allow_shell",
+        "no_pty",
+        "learn",
+        "max_timeout",
+        "cwd_under",
+        "run_as",
+        "transfer_only",
+        "read_only",
+        "transfer_under",
+    ):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     policy = (base or Policy()).replace(**changes)
@@ -313,7 +347,8 @@ def _new_fleet(args: argparse.Namespace) -> int:
     from rexec.errors import ConfigError
     from rexec.protocol.fleetkey import generate_fleet_token
 
-    options = ("allow", "allow_shell", "from_", "max_timeout", "no_pty", "env", "cwd_under")
+    options: tuple[str, ...] = ("allow", "allow_shell", "from_", "max_timeout", "no_pty", "env")
+    options += ("cwd_under", "transfer_only", "read_only", "transfer_under")
     given = [o for o in (*options, "run_as", "learn", "expires") if getattr(args, o) is not None]
     if given or args.store or args.config or args.state_dir:
         raise ConfigError(

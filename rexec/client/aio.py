@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
@@ -42,6 +43,7 @@ from rexec.protocol.noise import Suite
 from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
+from rexec.transfer import ProgressCallback, TransferResult
 from rexec.transport import FramedProtocol, LostHandler
 
 Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
@@ -385,11 +387,16 @@ class Connection:
         core = self._core
         while not core.can_start():
             await self._slots.wait()
-        cmd = core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
+        return self._opened(
+            core.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, pty=pty)
+        )
+
+    def _opened(self, cmd: Command) -> Process:
+        """A channel was queued (EXEC or XFER): send it, and route its events to a Process."""
         proc = Process(self, cmd)
         self._procs[cmd.channel] = proc
         self._flush()
-        if len(core.commands) == 1:  # the first running command starts the keepalive clock
+        if len(self._core.commands) == 1:  # the first channel starts the keepalive clock
             if self._timer is not None:
                 self._timer.cancel()
             self._tick()
@@ -424,6 +431,72 @@ class Connection:
                 with contextlib.suppress(asyncio.CancelledError, RexecError):
                     await feeder
         return result.check() if check else result
+
+    async def put(
+        self,
+        local: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        remote: str,
+        *,
+        recursive: bool = False,
+        preserve: bool = False,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+        check: bool = True,
+    ) -> TransferResult:
+        """Copy local files (directories with `recursive`) to `remote` on the server, as scp.
+
+        `remote` is relative to the remote user's home unless absolute; an existing directory
+        there (or several sources, or a trailing `/`) receives each source under its basename.
+        Every file is verified by SHA-256 at both ends and renamed into place only then.
+        `preserve` keeps mode and mtime; `resume` continues partial files from their verified
+        prefix. With `check`, raises TransferError when any file FAILED (after the rest ran).
+        """
+        opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
+        return await self._transfer("put", local, remote, check=check, progress=progress, **opts)
+
+    async def get(
+        self,
+        remote: str | Sequence[str],
+        local: str | os.PathLike[str],
+        *,
+        recursive: bool = False,
+        preserve: bool = False,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+        check: bool = True,
+    ) -> TransferResult:
+        """Copy remote files (directories with `recursive`) from the server to `local`, as scp.
+
+        The same rules as put(), the other way round.
+        """
+        opts = {"recursive": recursive, "preserve": preserve, "resume": resume}
+        return await self._transfer("get", remote, local, check=check, progress=progress, **opts)
+
+    async def _transfer(
+        self, direction: str, source: object, dest: object, *, check: bool, **opts: Any
+    ) -> TransferResult:
+        """Run a transfer to its end: the core decides, we wait and move bytes."""
+        from rexec.client.xfercore import begin  # (not on `rexec run`'s import path)
+
+        core = self._core
+        xfer = begin(core, direction, source, dest, check=check, **opts)
+        if isinstance(xfer, TransferResult):
+            return xfer
+        try:
+            while not core.can_start():
+                await self._slots.wait()
+            proc = self._opened(xfer.start())  # its waiters wake when the channel changes
+            while True:
+                xfer.pump()
+                self._flush()
+                if xfer.done:
+                    break
+                await self._drain()
+                await proc._until(xfer.ready)
+        finally:
+            xfer.close()
+            self._flush()
+        return xfer.result(check=check)
 
     async def close(self) -> None:
         """Say CLOSE, wait briefly for the server's (it ends what still runs), and disconnect."""

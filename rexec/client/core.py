@@ -75,6 +75,10 @@ from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from rexec.protocol.xfer import XferRequest
+
 KEEPALIVE_IDLE = 15.0  # seconds of server silence, while a command runs, before we PING
 KEEPALIVE_DEAD = 30.0  # seconds of server silence before we give up on it
 CLOSE_WAIT = 2.0  # how long a client waits for the server's CLOSE after its own
@@ -489,6 +493,32 @@ class ClientCore:
         cmd = Command(channel, name, stdin)
         self.commands[channel] = cmd
         return cmd
+
+    def start_transfer(self, request: XferRequest, name: str) -> Command:
+        """Queue XFER for a transfer channel (rexec.client.xfercore drives it): a Command
+        whose stdin and stdout carry the transfer's records (docs/PROTOCOL.md section 17)."""
+        if self.error is not None:
+            raise self.error
+        if self.info is None:
+            raise LocalProtocolError("a transfer before the handshake finished")
+        if self.conn.close_sent:
+            raise ConnectionLost("connection is closed")
+        self.exec_sent = True  # a put may have written files: never retried either
+        channel = self.conn.send_xfer(request)
+        if not self.commands:
+            self._last_rx = None
+        cmd = Command(channel, name, True)
+        self.commands[channel] = cmd
+        self.collect(cmd, Stream.STDERR)  # (a transfer has no stderr)
+        return cmd
+
+    def write_record(self, cmd: Command, buf: bytearray) -> None:
+        """Queue one record (a buffer behind frames.HEADROOM bytes, within stdin_room) as
+        one STDIN frame, framed in place."""
+        if cmd.lost and cmd.error is not None:
+            raise cmd.error
+        if not cmd.done:
+            self.conn.send_stdin_buffer(cmd.channel, buf)
 
     def stdin_room(self, cmd: Command) -> int:
         """Bytes of stdin the server takes now (0 while its window is shut, or at the end)."""

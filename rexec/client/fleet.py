@@ -14,8 +14,16 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from rexec._record import FrozenRecord, setfield
 from rexec.client.aio import connect
@@ -60,6 +68,7 @@ TokenFor = Callable[[str], "Token | str"]
 LineFn = Callable[[str, int, bytes], None]
 HostTraceFn = Callable[[str, str, Any, int, int], None]
 HostRetryFn = Callable[[str, RexecError, int, float], object]  # (host, error, retry n, wait)
+R = TypeVar("R")
 
 
 class HostResult(FrozenRecord):
@@ -271,6 +280,98 @@ def raise_nofile(wanted: int) -> int:
 # ---- the run -------------------------------------------------------------------------------
 
 
+async def each_host(
+    hosts: Sequence[str],
+    job: Callable[[str], Awaitable[R]],
+    *,
+    fanout: int,
+    crashed: Callable[[str, BaseException], R],
+    skip: Callable[[str], R | None] | None = None,
+) -> AsyncGenerator[R, None]:
+    """`job(host)` for every host, at most `fanout` at once (the open-files limit raised to
+    fit), each host's result yielded as its job ends: the fan-out of run_many and `rexec cp`.
+
+    `skip(host)`, asked as a host's turn comes, gives a result in place of starting it (the
+    run was stopped); `crashed(host, exc)` is the result of a job that raised (a bug: say so,
+    never hang). Leaving the iteration early cancels every job.
+    """
+    slots = min(fanout, len(hosts))
+    limit = raise_nofile(slots + FD_RESERVE)
+    slots = max(1, min(slots, limit - FD_RESERVE))
+    queue: asyncio.Queue[R] = asyncio.Queue()
+    tasks: set[asyncio.Task[None]] = set()
+    free = asyncio.Semaphore(slots)
+
+    async def run(host: str) -> None:
+        queue.put_nowait(await job(host))
+
+    def finished(host: str, task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        free.release()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            queue.put_nowait(crashed(host, exc))
+
+    async def launch() -> None:
+        for host in hosts:
+            await free.acquire()
+            instead = skip(host) if skip is not None else None
+            if instead is not None:
+                free.release()
+                queue.put_nowait(instead)
+                continue
+            task = asyncio.create_task(run(host))
+            tasks.add(task)
+            task.add_done_callback(functools.partial(finished, host))
+
+    launcher = asyncio.create_task(launch())
+    done = False
+    try:
+        for _ in hosts:
+            yield await queue.get()
+        done = True
+    finally:
+        if not done:
+            launcher.cancel()
+            for task in tasks:
+                task.cancel()
+        await asyncio.gather(launcher, *tasks, return_exceptions=True)
+
+
+async def connect_host(
+    host: str,
+    *,
+    token_for: TokenFor,
+    connect_timeout: float | None = None,
+    suite: Suite = Suite.AESGCM,
+    trace: HostTraceFn | None = None,
+    retry: int = 0,
+    retry_delay: float = DEFAULT_RETRY_DELAY,
+    on_retry: HostRetryFn | None = None,
+) -> Connection:
+    """One host's connection in a fan-out: its token from token_for, and trace and on_retry
+    told which host they hear of."""
+    return await connect(
+        host,
+        token=token_for(host),
+        connect_timeout=connect_timeout,
+        suite=suite,
+        trace=functools.partial(trace, host) if trace else None,
+        retry=retry,
+        retry_delay=retry_delay,
+        on_retry=functools.partial(on_retry, host) if on_retry else None,
+    )
+
+
+def connect_status(exc: RexecError) -> Status:
+    """A host that could not be connected: `auth_failed`, `unreachable` (refused, no route,
+    DNS, connect timeout) or `error` (a bad address, no token, a protocol error)."""
+    if isinstance(exc, AuthError):
+        return "auth_failed"
+    if isinstance(exc, ConnectionLost):
+        return "unreachable"
+    return "error"
+
+
 class FleetRun:
     """One command on many hosts (from `run_many`): iterate it once for the results.
 
@@ -345,86 +446,49 @@ class FleetRun:
         return self._results()
 
     async def _results(self) -> AsyncGenerator[HostResult, None]:
-        slots = min(self.fanout, len(self.hosts))
-        limit = raise_nofile(slots + FD_RESERVE)
-        slots = max(1, min(slots, limit - FD_RESERVE))
-        queue: asyncio.Queue[HostResult] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-        launcher = asyncio.create_task(self._launch(queue, tasks, slots))
+        def skip(host: str) -> HostResult | None:
+            return self._not_started(host) if self._stopped else None
+
+        def crashed(host: str, exc: BaseException) -> HostResult:
+            error = f"internal error: {exc!r}"
+            return HostResult(host, "error", self._name, error=error, error_kind="internal")
+
+        results = each_host(self.hosts, self._host, fanout=self.fanout, crashed=crashed, skip=skip)
         done = False
         try:
-            for _ in self.hosts:
-                yield await queue.get()
+            async for result in results:
+                yield result
             done = True
         finally:
             if not done:
                 self._stopped = True
-                launcher.cancel()
-                for task in tasks:
-                    task.cancel()
-            await asyncio.gather(launcher, *tasks, return_exceptions=True)
+            await results.aclose()
 
-    async def _launch(
-        self, queue: asyncio.Queue[HostResult], tasks: set[asyncio.Task[None]], slots: int
-    ) -> None:
-        free = asyncio.Semaphore(slots)
-
-        def finished(host: str, task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            free.release()
-            if not task.cancelled() and task.exception() is not None:  # a bug: say so, not hang
-                error = f"internal error: {task.exception()!r}"
-                queue.put_nowait(
-                    HostResult(host, "error", self._name, error=error, error_kind="internal")
-                )
-
-        for host in self.hosts:
-            await free.acquire()
-            if self._stopped:
-                free.release()
-                queue.put_nowait(self._not_started(host))
-                continue
-            task = asyncio.create_task(self._host(host, queue))
-            tasks.add(task)
-            task.add_done_callback(functools.partial(finished, host))
-
-    async def _host(self, host: str, queue: asyncio.Queue[HostResult]) -> None:
+    async def _host(self, host: str) -> HostResult:
         start = time.monotonic()
         conn: Connection | None = None
-
-        def failed(status: Status, exc: BaseException) -> HostResult:
-            return HostResult(
-                host,
-                status,
-                self._name,
-                duration=time.monotonic() - start,
-                error=str(exc),
-                error_kind=error_kind(exc),
-            )
-
         try:
             try:
-                trace = functools.partial(self._trace, host) if self._trace else None
-                on_retry = functools.partial(self._on_retry, host) if self._on_retry else None
-                conn = await connect(
+                conn = await connect_host(
                     host,
-                    token=self._token_for(host),
+                    token_for=self._token_for,
                     connect_timeout=self._connect_timeout,
                     suite=self._suite,
-                    trace=trace,
+                    trace=self._trace,
                     retry=self._retry,
                     retry_delay=self._retry_delay,
-                    on_retry=on_retry,
+                    on_retry=self._on_retry,
                 )
-            except AuthError as exc:
-                result = failed("auth_failed", exc)
-            except ConnectionLost as exc:  # refused, no route, DNS, connect timeout
-                result = failed("unreachable", exc)
-            except RexecError as exc:  # a bad address, no token, a protocol error
-                result = failed("error", exc)
-            else:
-                result = await self._run_on(host, conn, start)
-            queue.put_nowait(result)
+            except RexecError as exc:  # refused, no route, DNS, timeout, auth, a bad address
+                return HostResult(
+                    host,
+                    connect_status(exc),
+                    self._name,
+                    duration=time.monotonic() - start,
+                    error=str(exc),
+                    error_kind=error_kind(exc),
+                )
+            return await self._run_on(host, conn, start)
         finally:
             if conn is not None:
                 await conn.close()

@@ -39,6 +39,7 @@ from rexec.protocol.token import Token
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from rexec.protocol.pty import PtyRequest
+    from rexec.protocol.xfer import XferRequest
 
 
 class ClientConnection(Connection):
@@ -153,6 +154,22 @@ class ClientConnection(Connection):
         ch = Channel(channel, ChannelState.UNUSED, self.server_info.window, window)
         self._channels[channel] = ch
         self._channel_to(ch, ChannelEvent.EXEC_STDIN if stdin else ChannelEvent.EXEC)
+        return channel
+
+    def send_xfer(self, request: XferRequest) -> int:
+        """Open a transfer channel (docs/PROTOCOL.md section 17); returns its number. Its
+        stream goes out as STDIN (within the stdin window) and comes back as STDOUT (within
+        `request.window`)."""
+        if self.server_info is None:
+            raise LocalProtocolError("cannot send XFER before the handshake is done")
+        if self.last_channel >= MAX_CHANNEL:
+            raise LocalProtocolError("channel numbers exhausted: open a new connection")
+        channel = self.last_channel + 1
+        self._queue_frame(FrameType.XFER, channel, request.to_json())
+        self.last_channel = channel
+        ch = Channel(channel, ChannelState.UNUSED, self.server_info.window, request.window)
+        self._channels[channel] = ch
+        self._channel_to(ch, ChannelEvent.XFER)
         return channel
 
     def _open(self, channel: int, what: str) -> Channel:

@@ -132,7 +132,8 @@ class ChannelState(Enum):
 class ChannelEvent(Enum):
     EXEC = "EXEC"  # an EXEC without stdin
     EXEC_STDIN = "EXEC_STDIN"  # an EXEC with "stdin": true
-    EXEC_REJECTED = "EXEC_REJECTED"  # server: an EXEC whose body is invalid
+    EXEC_REJECTED = "EXEC_REJECTED"  # server: an EXEC (or XFER) whose body is invalid
+    XFER = "XFER"  # a valid XFER: a transfer channel (its stream rides in STDIN and STDOUT)
     STDIN_EOF = "STDIN_EOF"
     EXIT = "EXIT"
 
@@ -143,6 +144,7 @@ CHANNEL_TRANSITIONS: Mapping[tuple[ChannelState, ChannelEvent], ChannelState] = 
         (_C.UNUSED, _V.EXEC): _C.STDIN_CLOSED,
         (_C.UNUSED, _V.EXEC_STDIN): _C.STDIN_OPEN,
         (_C.UNUSED, _V.EXEC_REJECTED): _C.REJECTED,
+        (_C.UNUSED, _V.XFER): _C.STDIN_OPEN,
         (_C.STDIN_OPEN, _V.STDIN_EOF): _C.STDIN_CLOSED,
         (_C.REJECTED, _V.STDIN_EOF): _C.REJECTED,
         (_C.STDIN_OPEN, _V.EXIT): _C.CLOSED,

@@ -14,6 +14,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from rexec.protocol.messages import ExitStatus, ServerInfo
     from rexec.protocol.models import ExecRequest
+    from rexec.protocol.xfer import XferRequest
 
 
 class Stream(IntEnum):
@@ -115,6 +116,19 @@ class ExecReceived(Event):
     request: ExecRequest
 
     def __init__(self, channel: int, request: ExecRequest) -> None:
+        self.channel = channel
+        self.request = request
+
+
+class XferReceived(Event):
+    """A valid XFER: open a transfer channel (docs/PROTOCOL.md section 17)."""
+
+    __match_args__ = ("channel", "request")
+    __slots__ = __match_args__
+    channel: int
+    request: XferRequest
+
+    def __init__(self, channel: int, request: XferRequest) -> None:
         self.channel = channel
         self.request = request
 

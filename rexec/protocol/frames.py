@@ -52,6 +52,7 @@ class FrameType(IntEnum):
     PONG = 12
     CLOSE = 13
     CREDIT = 14
+    XFER = 15
 
 
 class Hello(FrozenRecord):

@@ -32,6 +32,7 @@ from rexec.protocol.events import (
     StdinClosed,
     StdinReceived,
     WindowChanged,
+    XferReceived,
 )
 from rexec.protocol.frames import (
     HELLO_LEN,
@@ -50,6 +51,7 @@ from rexec.protocol.frames import (
 from rexec.protocol.models import parse_exec_request
 from rexec.protocol.noise import NNpsk0Handshake, Suite
 from rexec.protocol.notice import HelloRefused, RefusalCode, encode_notice
+from rexec.protocol.xfer import XferRequest
 
 KeyLookup = Callable[[bytes], "bytes | None"]
 
@@ -218,6 +220,8 @@ class ServerConnection(Connection):
             self._channels[channel] = new
             self._channel_to(new, ChannelEvent.EXEC_STDIN if request.stdin else ChannelEvent.EXEC)
             events.append(ExecReceived(channel, request))
+        elif ftype is FrameType.XFER:
+            self._xfer(channel, payload, events)
         elif ftype is FrameType.STDIN or ftype is FrameType.STDIN_EOF:
             ch = self._known_channel(ftype, channel)
             if ch is None:
@@ -249,6 +253,25 @@ class ServerConnection(Connection):
             raise RemoteProtocolError("AUTH sent twice")
         else:
             raise RemoteProtocolError(f"a client may not send {ftype.name}")
+
+    def _xfer(self, channel: int, payload: bytes | bytearray, events: list[Event]) -> None:
+        """XFER opens a transfer channel: the rules of EXEC with `"stdin": true`."""
+        self._check_channel_number(channel)
+        if channel <= self.last_channel:
+            raise RemoteProtocolError(f"XFER reuses channel {channel}; numbers must increase")
+        self.last_channel = channel
+        try:
+            request = XferRequest.from_json(payload)
+        except RemoteProtocolError as exc:
+            rejected = Channel(channel, ChannelState.UNUSED, 0, self.window)
+            self._channels[channel] = rejected
+            self._channel_to(rejected, ChannelEvent.EXEC_REJECTED)
+            events.append(ExecRejected(channel, str(exc)))
+            return
+        new = Channel(channel, ChannelState.UNUSED, request.window, self.window)
+        self._channels[channel] = new
+        self._channel_to(new, ChannelEvent.XFER)
+        events.append(XferReceived(channel, request))
 
     # ---- sending ------------------------------------------------------------------
 
@@ -284,6 +307,16 @@ class ServerConnection(Connection):
         """The command has taken `nbytes` of the channel's stdin (written to its pipe, or
         dropped): queues a CREDIT once half the window is consumed."""
         self._consumed(channel, nbytes)
+
+    def grow_stdin_window(self, channel: int, size: int) -> None:
+        """Make the channel's stdin window `size` bytes (if it is smaller): a CREDIT for the
+        difference now, and later CREDITs batched to the bigger window."""
+        ch = self._open(channel, "CREDIT")
+        extra = min(size, m.MAX_WINDOW) - ch.recv_window
+        if extra > 0:
+            self._queue_frame(FrameType.CREDIT, channel, m.pack_credit(extra))
+            ch.recv_window += extra
+            ch.recv_room += extra
 
     def send_channel_error(self, channel: int, code: int, message: str) -> None:
         """ERROR about a command: after any output of that channel still queued."""

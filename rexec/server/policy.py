@@ -38,6 +38,7 @@ __all__ = [
     "Policy",
     "argv_matches",
     "evaluate",
+    "evaluate_transfer",
     "pattern_for_argv",
     "resolve_cwd",
     "resolve_identity",
@@ -57,6 +58,9 @@ _KEYS = (
     "cwd_under",
     "run_as",
     "learn",
+    "transfer_only",
+    "read_only",
+    "transfer_under",
 )
 
 
@@ -73,6 +77,9 @@ class Policy:
     cwd_under: str | None = None  # absolute, normalised
     run_as: str | None = None  # a user name from passwd
     learn: bool = False
+    transfer_only: bool = False  # file transfers only: every EXEC is refused
+    read_only: bool = False  # transfers may only download (get); put is refused
+    transfer_under: str | None = None  # transfers confined below this directory (absolute)
 
     @property
     def empty(self) -> bool:
@@ -114,6 +121,9 @@ class Policy:
                 cwd_under=raw.get("cwd_under"),
                 run_as=raw.get("run_as"),
                 learn=_bool(raw, "learn"),
+                transfer_only=_bool(raw, "transfer_only"),
+                read_only=_bool(raw, "read_only"),
+                transfer_under=raw.get("transfer_under"),
             )
         except ConfigError as exc:
             raise ConfigError(f"{label}: policy: {exc}") from None
@@ -131,6 +141,9 @@ class Policy:
         cwd_under: object = None,
         run_as: object = None,
         learn: bool = False,
+        transfer_only: bool = False,
+        read_only: bool = False,
+        transfer_under: object = None,
     ) -> Policy:
         """A validated Policy (the CLI and the store both come through here)."""
         return cls(
@@ -140,9 +153,12 @@ class Policy:
             max_timeout=_check_timeout(max_timeout),
             no_pty=no_pty,
             env=tuple(_check_env(e) for e in env),
-            cwd_under=_check_dir(cwd_under),
+            cwd_under=_check_dir(cwd_under, "cwd_under"),
             run_as=_check_user(run_as),
             learn=learn,
+            transfer_only=transfer_only,
+            read_only=read_only,
+            transfer_under=_check_dir(transfer_under, "transfer_under"),
         )
 
     def replace(self, **changes: Any) -> Policy:
@@ -168,6 +184,12 @@ class Policy:
             parts.append(f"run-as={self.run_as}")
         if self.learn:
             parts.append("learn")
+        if self.transfer_only:
+            parts.append("transfer-only")
+        if self.read_only:
+            parts.append("read-only")
+        if self.transfer_under is not None:
+            parts.append(f"transfer-under={shlex.quote(self.transfer_under)}")
         return " ".join(parts) or "-"
 
 
@@ -225,11 +247,11 @@ def _check_env(name: str) -> str:
     return name
 
 
-def _check_dir(value: object) -> str | None:
+def _check_dir(value: object, key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
-        raise ConfigError(f"cwd_under: must be an absolute path, got {value!r}")
+        raise ConfigError(f"{key}: must be an absolute path, got {value!r}")
     return os.path.normpath(value)
 
 
@@ -293,6 +315,7 @@ class Decision:
     spec: ExecSpec | None = None  # what to run, when allowed
     learn: bool = False  # record this request (the token is in learn mode)
     extra_env: tuple[str, ...] = ()  # env names this token may set beyond the server's list
+    root: str | None = None  # transfers: the directory they are confined to
 
     def audit(self) -> dict[str, str]:
         """The audit record's `policy` field."""
@@ -356,9 +379,10 @@ def evaluate(
 ) -> Decision:
     """Check `req` against `policy`; `spec` is what the server would run without one.
 
-    The order is fixed: from, no-pty, allow (argv or shell line, then the variables an allowed
-    argv must not be given), run-as, cwd-under; max-timeout clamps and never refuses. In
-    learn mode the allow rule records instead of refusing; every other rule still applies.
+    The order is fixed: from, transfer-only, no-pty, allow (argv or shell line, then the
+    variables an allowed argv must not be given), run-as, cwd-under; max-timeout clamps and
+    never refuses. In learn mode the allow rule records instead of refusing; every other rule
+    still applies.
     """
     if policy.empty:
         return Decision(True, "none", spec=spec)
@@ -367,6 +391,8 @@ def evaluate(
         if not _peer_allowed(policy, peer, peer_host):
             return _refuse("from", f"{peer_host} is not in this token's --from list")
         applied.append("from")
+    if policy.transfer_only:
+        return _refuse("transfer-only", "this token may only transfer files")
     if policy.no_pty and getattr(req, "pty", False):
         return _refuse("no-pty", "this token may not request a pty")
     learn = policy.learn
@@ -441,3 +467,41 @@ def _check_allow(policy: Policy, req: ExecRequest) -> Decision:
     if blocked:
         return _refuse("allow", f"a token with --allow patterns may not set {', '.join(blocked)}")
     return Decision(True, f"allow {matched}")
+
+
+def evaluate_transfer(
+    policy: Policy, op: str, paths: Sequence[str], peer: str, peer_host: str
+) -> Decision:
+    """Check one XFER against `policy` (docs/PROTOCOL.md 3.3). The order is fixed: from,
+    read-only (put), run-as and allow (a transfer would escape both: refused, for allow
+    unless transfer-under confines it), transfer-under (every path lexically inside the
+    directory, no `..`). An allowed Decision's `root` is the confining directory, if any:
+    the server walks every path below it without following symlinks."""
+    if policy.empty:
+        return Decision(True, "none")
+    applied: list[str] = []
+    if policy.from_:
+        if not _peer_allowed(policy, peer, peer_host):
+            return _refuse("from", f"{peer_host} is not in this token's --from list")
+        applied.append("from")
+    if policy.read_only and op == "put":
+        return _refuse("read-only", "this token may only download files (get)")
+    if policy.run_as is not None:
+        return _refuse("run-as", "file transfers cannot run as another user")
+    if policy.allow and not policy.learn and policy.transfer_under is None:
+        return _refuse(
+            "allow", "a token limited to --allow patterns may transfer only with --transfer-under"
+        )
+    root = policy.transfer_under
+    if root is not None:
+        for path in paths:
+            if ".." in path.split("/"):
+                return _refuse("transfer-under", f"{path}: '..' is not allowed")
+            if os.path.isabs(path) and not (
+                os.path.normpath(path) == root or os.path.normpath(path).startswith(root + "/")
+            ):
+                return _refuse("transfer-under", f"{path} is not under {root}")
+        applied.append("transfer-under")
+    if policy.read_only:
+        applied.append("read-only")
+    return Decision(True, "; ".join(applied) or "policy", root=root)

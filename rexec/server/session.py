@@ -33,6 +33,7 @@ from rexec.protocol.events import (
     StdinReceived,
     Stream,
     WindowChanged,
+    XferReceived,
 )
 from rexec.protocol.frames import HEADROOM
 from rexec.protocol.messages import ExitStatus
@@ -44,6 +45,8 @@ from rexec.server.config import env_allowed
 from rexec.server.context import ServerContext
 from rexec.server.exec import ExecOutcome, ExecSpec, Execution
 from rexec.server.policy import Decision, resolve_cwd
+from rexec.server.transfer import ServerTransfer
+from rexec.server.transfer import start as start_transfer
 from rexec.transport import FramedProtocol
 
 EXIT_NOT_STARTED = 255
@@ -132,6 +135,7 @@ class Session:
         self.conn = ServerConnection(ctx.store.lookup, ctx.info, suites=ctx.suites, trace=None)
         self.protocol = _Protocol(self)
         self.runs: dict[int, ChannelRun] = {}
+        self.transfers: dict[int, ServerTransfer] = {}  # the runs that are transfer channels
         self.log = ctx.log.bind(conn=self.id)
         self.key_id = ""
         self.key_name: str | None = None
@@ -299,6 +303,8 @@ class Session:
         return len(self.runs)
 
     async def kill_commands(self) -> None:
+        for transfer in self.transfers.values():
+            transfer.stop("server is shutting down", ErrorCode.SHUTDOWN)
         kills = [run.execution.kill() for run in list(self.runs.values()) if run.execution]
         await asyncio.gather(*kills, return_exceptions=True)
 
@@ -322,6 +328,8 @@ class Session:
             if run.execution is not None:
                 run.execution.signal(signal.SIGKILL)
                 self.ctx.spawn(run.execution.kill())
+        for transfer in self.transfers.values():
+            transfer.stop(reason, ErrorCode.AUTH)
         self._close_if_idle()
         asyncio.get_running_loop().call_later(END_WAIT, self._end_now)
 
@@ -349,9 +357,12 @@ class Session:
                     run.wake()
             elif isinstance(event, ExecReceived):
                 self._exec(event.channel, event.request)
+            elif isinstance(event, XferReceived):
+                start_transfer(self, ChannelRun(event.channel, None), event.request)
             elif isinstance(event, StdinClosed):
-                run = self.runs.get(event.channel)
-                if run is not None:
+                if (transfer := self.transfers.get(event.channel)) is not None:
+                    transfer.feed(None)
+                elif (run := self.runs.get(event.channel)) is not None:
                     run.stdin.put_nowait(None)
             elif isinstance(event, SignalReceived):
                 run = self.runs.get(event.channel)
@@ -385,6 +396,8 @@ class Session:
         for run in self.runs.values():
             if run.execution is not None:
                 self.ctx.spawn(run.execution.kill())
+        for transfer in self.transfers.values():
+            transfer.stop("the client closed the connection")
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
@@ -422,6 +435,9 @@ class Session:
 
     def _stdin(self, channel: int, data: bytes | bytearray) -> None:
         """Queue stdin for the command; the protocol bounds it by the channel's window."""
+        if (transfer := self.transfers.get(channel)) is not None:
+            transfer.feed(data)  # a transfer's record: its task takes it (and credits it)
+            return
         run = self.runs.get(channel)
         if run is None:
             return
@@ -606,13 +622,21 @@ class Session:
                 await asyncio.gather(run.stdin_task, return_exceptions=True)
             while not run.stdin.empty():  # stdin the command never took: free it now
                 run.stdin.get_nowait()
-            self.runs.pop(channel, None)
-            if not self.runs:
-                self._idle_since = asyncio.get_running_loop().time()
-                self._arm_idle()  # from the keepalive watch back to the idle timeout
-            self._close_if_idle()
-            self._maybe_done()
-            self.ctx.channel_finished()
+            self.channel_ended(channel)
+
+    def channel_ended(self, channel: int) -> None:
+        """A command's or transfer's channel has its EXIT (or never will): forget it."""
+        self.runs.pop(channel, None)
+        if not self.runs:
+            self._idle_since = asyncio.get_running_loop().time()
+            self._arm_idle()  # from the keepalive watch back to the idle timeout
+        self._close_if_idle()
+        self._maybe_done()
+        self.ctx.channel_finished()
+
+    def arm_idle(self) -> None:
+        """A first channel opened: from the idle timeout to the keepalive watch."""
+        self._arm_idle()
 
     async def _output(self, channel: int, stream: Stream, buf: bytearray) -> None:
         """Send one chunk of output (a buffer behind HEADROOM free bytes) as the client's

@@ -659,7 +659,7 @@ def test_frame_shorter_than_inner_header_and_tag() -> None:
 # ---- transport: inner header rules -------------------------------------------------------
 
 
-@pytest.mark.parametrize("ftype", [0, 15, 16, 128, 255])
+@pytest.mark.parametrize("ftype", [0, 16, 17, 128, 255])
 @pytest.mark.parametrize("side", ["server", "client"])
 def test_unknown_frame_type(ftype: int, side: str) -> None:
     p = ready()

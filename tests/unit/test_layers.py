@@ -23,7 +23,10 @@ LEAVES = {
     "rexec.secretfile",
     "rexec.statefile",
     "rexec.tomlfile",
+    "rexec.transfer",
     "rexec.transport",
+    "rexec.xferengine",
+    "rexec.xferfs",
 }
 ALLOWED = {
     "base": {"base"},

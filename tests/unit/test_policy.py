@@ -20,6 +20,7 @@ from rexec.server.policy import (
     argv_matches,
     check_run_as,
     evaluate,
+    evaluate_transfer,
     pattern_for_argv,
     resolve_cwd,
     resolve_identity,
@@ -256,3 +257,47 @@ def test_invalid_policies_are_named(raw: object, message: str) -> None:
         Policy.from_json("store: tokens[0] ('a')", raw)
     assert str(info.value).startswith("store: tokens[0] ('a'): policy: ")
     assert message in str(info.value)
+
+
+# ---- transfers (docs/PROTOCOL.md 3.3, 17) ---------------------------------------------
+
+
+def transfer(policy: Policy, op: str, *paths: str, peer: str = "127.0.0.1") -> Decision:
+    return evaluate_transfer(policy, op, paths, f"{peer}:5000", peer)
+
+
+def test_transfer_rules() -> None:
+    assert transfer(Policy(), "put", "/x") == Decision(True, "none")
+    boxed = Policy.build(transfer_under="/srv/box/")
+    ok = transfer(boxed, "put", "a/b", "/srv/box", "/srv/box/c")
+    assert ok.allowed and ok.root == "/srv/box" and ok.rule == "transfer-under"
+    for bad, why in (
+        ("../x", "../x: '..' is not allowed"),
+        ("a/../../x", "a/../../x: '..' is not allowed"),
+        ("/srv/boxed/x", "/srv/boxed/x is not under /srv/box"),
+        ("/etc/passwd", "/etc/passwd is not under /srv/box"),
+    ):
+        refused = transfer(boxed, "get", bad)
+        assert (refused.allowed, refused.reason) == (False, f"transfer-under: {why}")
+    reader = Policy.build(read_only=True)
+    assert transfer(reader, "get", "x").allowed
+    assert (
+        transfer(reader, "put", "x").reason == "read-only: this token may only download files (get)"
+    )
+    assert not transfer(Policy.build(from_=["10.0.0.0/8"]), "get", "x").allowed
+    assert transfer(Policy.build(run_as="root"), "get", "x").rule == "run-as"
+    patterns = Policy.build(allow=["ls ..."])
+    assert transfer(patterns, "get", "x").rule == "allow"
+    assert transfer(patterns.replace(transfer_under="/srv"), "get", "x").allowed
+    only = Policy.build(transfer_only=True)
+    assert check(only, req("true")).reason == "transfer-only: this token may only transfer files"
+    assert transfer(only, "put", "x").allowed
+
+
+def test_transfer_rules_in_the_store_form() -> None:
+    policy = Policy.build(transfer_only=True, read_only=True, transfer_under="/srv")
+    assert policy.to_json() == {"transfer_only": True, "read_only": True, "transfer_under": "/srv"}
+    assert Policy.from_json("t", policy.to_json()) == policy
+    assert policy.summary() == "transfer-only read-only transfer-under=/srv"
+    with pytest.raises(ConfigError, match="transfer_under: must be an absolute path"):
+        Policy.build(transfer_under="relative")
