@@ -14,7 +14,7 @@ The public API is loaded lazily (PEP 562) so that `rexec run` pays only for what
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # not typing's: typing (and re) stay off `rexec run`'s path
 
 __version__ = "0.1.0"
 
@@ -70,6 +70,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export)
+    from typing import Any
+
     from rexec.address import Endpoint as Endpoint
     from rexec.client.aio import Connecting as Connecting
     from rexec.client.aio import Connection as Connection

@@ -8,12 +8,13 @@ a Result, and rexec.errors sits below everything (it imports nothing).
 
 from __future__ import annotations
 
-import base64
-from typing import Any
-
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import CommandError, ErrorCode
 from rexec.protocol.messages import ExitStatus
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_TIMEOUT = 124  # as coreutils `timeout`
 EXIT_FAILURE = 255  # as ssh: connection, auth or protocol failure
@@ -151,6 +152,8 @@ class Result(FrozenRecord):
                 out[name] = data.decode("utf-8")
                 out[f"{name}_encoding"] = "utf-8"
             except UnicodeDecodeError:
+                import base64  # only here: it imports re
+
                 out[name] = base64.b64encode(data).decode("ascii")
                 out[f"{name}_encoding"] = "base64"
         return out

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any
 
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import RexecError
+
+TYPE_CHECKING = False  # not typing's: this module is on `rexec run`'s path (typing loads re)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class FileStatus(enum.StrEnum):

@@ -161,6 +161,10 @@ class FramedProtocol(asyncio.BufferedProtocol):
         if transport is None or self.closed:
             return
         conn = self.conn
+        if not conn.has_queued:  # the common call (after each chunk taken): nothing to do
+            if not self._paused and self._drain_waiters:
+                self._wake_drainers()
+            return
         while True:
             # data only up to the high-water mark (at least one frame, so that a buffer
             # exactly at the mark still gets paused): it never crowds out MAX_BACKLOG

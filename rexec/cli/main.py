@@ -10,6 +10,7 @@ alias, nor a host that resolves (the table: rexec.cli.outcome.EXIT_STATUS_HELP).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd == "run":
         from rexec.cli.run import cmd_run
 
-        return cmd_run(rest)
+        return _done(cmd_run(rest), argv)
     if cmd == "cp":
         from rexec.cli.cp import cmd_cp
 
@@ -71,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) > 1:
         from rexec.cli.run import cmd_run
 
-        return cmd_run(args, implicit=True)  # it checks TARGET once its options are read
+        # it checks TARGET once its options are read
+        return _done(cmd_run(args, implicit=True), argv)
     from rexec.cli.common import unknown_command
 
     unknown = unknown_command(cmd)
@@ -81,3 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rexec.cli.shell import main as cmd_shell
 
     return cmd_shell(args)
+
+
+def _done(code: int, argv: Sequence[str] | None) -> int:
+    """`rexec run` as a process (argv None: the console script) ends here, without the
+    interpreter's teardown: freeing every module and object costs ~5 ms of a ~50 ms run and
+    does nothing the kernel does not do at exit. stdout and stderr are flushed first; if
+    that fails, the normal way out reports it. In-process callers get the code back."""
+    if argv is not None:
+        return code
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except Exception:
+        return code
+    os._exit(code)

@@ -15,13 +15,21 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
 
 from rexec.errors import CommandError, ExecError
 from rexec.result import EXIT_FAILURE, Result, error_fields, error_kind, timeout_message
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Protocol
+
     from rexec.client.fleet import HostResult
+
+    class _Args(Protocol):
+        target: str | None
+        command: list[str]
+        json: bool
+
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + 2  # SIGINT
@@ -151,12 +159,6 @@ def json_line(obj: dict[str, Any]) -> bytes:
 
 
 # ---- one line on stderr, and --json, for a run that failed before it began ----------------
-
-
-class _Args(Protocol):
-    target: str | None
-    command: list[str]
-    json: bool
 
 
 def fail_early(args: _Args | None, exc: BaseException) -> int:

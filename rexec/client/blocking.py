@@ -25,7 +25,6 @@ import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
 
 from rexec.address import Endpoint
 from rexec.client.core import (
@@ -54,6 +53,10 @@ from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transfer import ProgressCallback, TransferResult
+
+TYPE_CHECKING = False  # not typing's: typing (and re) stay off `rexec run`'s path
+if TYPE_CHECKING:
+    from typing import Any
 
 OUT_HIGH_WATER = 4 * MAX_PAYLOAD  # unsent bytes we buffer before writers (and stdin) wait
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s (close sends a reset)
@@ -205,6 +208,8 @@ class SocketDriver:
         waits there, so a SIGNAL or PONG queued later overtakes it.
         """
         core = self.core
+        if not self._out and not core.conn.has_queued:  # the common call: nothing to send
+            return
         while True:
             data = core.data_to_send(max(0, OUT_HIGH_WATER - len(self._out)))
             if data:

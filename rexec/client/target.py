@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
 
 from rexec._record import FrozenRecord, setfield
 from rexec.address import Endpoint, is_alias, parse_address
@@ -24,6 +23,7 @@ from rexec.secretfile import read_secret_file
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
+    from typing import Any
 
     from rexec.protocol.fleetkey import FleetToken
 

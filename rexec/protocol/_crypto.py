@@ -10,9 +10,10 @@ when a future `cryptography` moves it. Type checkers see the public classes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # not typing's: typing (with re) is off `rexec run`'s path
 if TYPE_CHECKING:
+    from hashlib import sha256 as sha256_new
+
     from cryptography.hazmat.primitives.asymmetric.x25519 import (
         X25519PrivateKey,
         X25519PublicKey,
@@ -26,6 +27,15 @@ if TYPE_CHECKING:
     def x25519_public_from_bytes(data: bytes) -> X25519PublicKey: ...
 
 else:
+    # SHA-256 from the interpreter's own small module: hashlib sets up its own OpenSSL
+    # (~3 ms), and cryptography's Hash loads its Python layer (typing, re, enum, warnings).
+    try:
+        from _sha2 import sha256 as sha256_new  # Python 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256 as sha256_new  # Python 3.11
+        except ImportError:
+            from hashlib import sha256 as sha256_new
     try:
         from cryptography.hazmat.bindings._rust import openssl as _rust
 
@@ -51,6 +61,7 @@ __all__ = [
     "AESGCM",
     "FAST",
     "ChaCha20Poly1305",
+    "sha256_new",
     "x25519_from_private_bytes",
     "x25519_generate",
     "x25519_public_from_bytes",

@@ -273,6 +273,11 @@ class Connection:
         return self._pending_bytes
 
     @property
+    def has_queued(self) -> bool:
+        """Anything to send: frames sealed and not yet taken, or pending data frames."""
+        return bool(self._out) or bool(self._pending)
+
+    @property
     def has_pending(self) -> bool:
         """Frames wait in the pending queue (data, and what must follow it)."""
         return bool(self._pending)

@@ -8,20 +8,18 @@ strictly (unknown keys refused, every type checked), because the client receives
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.hashes import SHA256
-from cryptography.hazmat.primitives.hmac import HMAC
 
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import LocalProtocolError, RemoteProtocolError
+from rexec.protocol import jsonwire
+from rexec.protocol.noise import hmac_sha256
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from rexec.protocol.pty import PtyRequest
 
 PROTOCOL_NAME = "rexec/2"
@@ -47,20 +45,14 @@ OUTPUT_WINDOW = 8 * 1024 * 1024  # the client's, announced in each EXEC
 
 def auth_proof(secret: bytes, handshake_hash: bytes) -> bytes:
     """The AUTH payload: proves the client holds the token secret for this very handshake."""
-    mac = HMAC(secret, SHA256())  # cryptography's, not hmac: see rexec.protocol.noise
-    mac.update(AUTH_LABEL + handshake_hash)
-    return mac.finalize()
+    return hmac_sha256(secret, AUTH_LABEL + handshake_hash)  # not hmac's: see noise
 
 
 def verify_auth_proof(secret: bytes, handshake_hash: bytes, proof: bytes) -> bool:
-    """Constant-time check of an AUTH payload."""
-    mac = HMAC(secret, SHA256())
-    mac.update(AUTH_LABEL + handshake_hash)
-    try:
-        mac.verify(proof)
-    except InvalidSignature:
-        return False
-    return True
+    """Constant-time check of an AUTH payload (the server's: only it loads hmac)."""
+    from hmac import compare_digest
+
+    return compare_digest(auth_proof(secret, handshake_hash), proof)
 
 
 class ExitStatus(FrozenRecord):
@@ -210,7 +202,7 @@ def exec_request_json(
     body["window"] = window
     if pty is not None:
         body["pty"] = pty.to_json()
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return jsonwire.dumps(body).encode("utf-8")
 
 
 _INFO_FIELDS: dict[str, tuple[type, ...]] = {
@@ -279,12 +271,12 @@ class ServerInfo(FrozenRecord):
 
     def to_json(self) -> bytes:
         data = {name: getattr(self, name) for name in _INFO_FIELDS}
-        return json.dumps(data, separators=(",", ":")).encode("utf-8")
+        return jsonwire.dumps(data).encode("utf-8")
 
     @classmethod
     def from_json(cls, raw: bytes) -> ServerInfo:
         try:
-            data = json.loads(raw, parse_constant=_no_constant)
+            data = jsonwire.loads(raw, parse_constant=_no_constant)
         except (ValueError, RecursionError) as exc:  # deep nesting fits in 4 KiB
             raise RemoteProtocolError(f"server info is not valid JSON: {exc}") from None
         if not isinstance(data, dict):

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
-from typing import TYPE_CHECKING
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.hashes import SHA256, Hash
-from cryptography.hazmat.primitives.hmac import HMAC
 
 from rexec.errors import DecryptError, LocalProtocolError, RemoteProtocolError
 from rexec.protocol._crypto import (
     AESGCM,
     ChaCha20Poly1305,
+    sha256_new,
     x25519_from_private_bytes,
     x25519_generate,
     x25519_public_from_bytes,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -54,21 +51,32 @@ _AES_NONCE = struct.Struct(">4xQ")  # Noise AESGCM: 32 zero bits, then big-endia
 _CHACHA_NONCE = struct.Struct("<4xQ")  # Noise ChaChaPoly: 32 zero bits, little-endian counter
 
 
-# SHA-256 and HMAC from cryptography, not hashlib and hmac: cryptography is loaded anyway,
-# and the stdlib pair costs `rexec run` ~3 ms of start-up for its own OpenSSL (DESIGN.md 2a).
-_SHA256 = SHA256()
+# SHA-256 from rexec.protocol._crypto (not hashlib, nor cryptography's Python layer: both
+# cost `rexec run` milliseconds of start-up, DESIGN.md 2a), HMAC on top of it (RFC 2104).
+_BLOCK = 64
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
 def sha256(data: bytes) -> bytes:
-    h = Hash(_SHA256)
-    h.update(data)
-    return h.finalize()
+    return sha256_new(data).digest()
 
 
 def hmac_sha256(key: bytes, data: bytes) -> bytes:
-    h = HMAC(key, _SHA256)
-    h.update(data)
-    return h.finalize()
+    if len(key) > _BLOCK:
+        key = sha256(key)
+    key = key.ljust(_BLOCK, b"\0")
+    inner = sha256_new(key.translate(_IPAD))
+    inner.update(data)
+    return sha256_new(key.translate(_OPAD) + inner.digest()).digest()
+
+
+def _invalid_tag(exc: Exception) -> bool:
+    """Is exc cryptography's InvalidTag? Imported only when a decrypt fails: the module
+    loads typing (and re), which `rexec run` otherwise does without."""
+    from cryptography.exceptions import InvalidTag
+
+    return isinstance(exc, InvalidTag)
 
 
 def _hkdf(ck: bytes, ikm: bytes, n: int) -> list[bytes]:
@@ -132,7 +140,9 @@ class CipherState:
             raise DecryptError("encrypted frame shorter than its authentication tag")
         try:
             pt = self._aead.decrypt(self._pack(n), ciphertext, ad)
-        except InvalidTag:
+        except Exception as exc:
+            if not _invalid_tag(exc):
+                raise
             raise DecryptError(
                 "frame failed authentication (tampered, replayed, reordered or wrong key)"
             ) from None
@@ -153,7 +163,9 @@ class CipherState:
             raise DecryptError("encrypted frame shorter than its authentication tag")
         try:
             self._aead.decrypt_into(self._pack(n), ciphertext, ad, out)
-        except InvalidTag:
+        except Exception as exc:
+            if not _invalid_tag(exc):
+                raise
             raise DecryptError(
                 "frame failed authentication (tampered, replayed, reordered or wrong key)"
             ) from None

@@ -8,13 +8,15 @@ mode means the same thing on every system; the numeric positions come from `term
 
 from __future__ import annotations
 
-import re
 import termios
 from collections.abc import Mapping
-from typing import Any
 
 from rexec._record import FrozenRecord, setfield
 from rexec.errors import LocalProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # control characters: the byte that produces the effect (0 = disabled, as _POSIX_VDISABLE)
 CHAR_MODES: dict[str, int] = {
@@ -33,15 +35,21 @@ FLAG_MODES: dict[str, tuple[int, int]] = {
     "iutf8": (_IFLAG, getattr(termios, "IUTF8", 0x4000)),
 }
 MAX_TERM = 64
-_TERM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# [A-Za-z0-9][A-Za-z0-9._+-]*, checked without re (off `rexec run`'s path)
+_TERM_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_TERM_REST = _TERM_FIRST | frozenset("._+-")
 
 ModeValue = int | bool
 Modes = Mapping[str, ModeValue]
 
 
+def _term_ok(term: str) -> bool:
+    return term[0] in _TERM_FIRST and all(c in _TERM_REST for c in term)
+
+
 def term_problem(term: object) -> str | None:
     """Why `term` is not an acceptable terminal type, or None (it ends up in TERM=)."""
-    if not isinstance(term, str) or not 1 <= len(term) <= MAX_TERM or not _TERM.fullmatch(term):
+    if not isinstance(term, str) or not 1 <= len(term) <= MAX_TERM or not _term_ok(term):
         return f"terminal type must be 1..{MAX_TERM} of A-Z a-z 0-9 . _ + - (got {term!r:.80})"
     return None
 
@@ -105,7 +113,10 @@ class PtyRequest(FrozenRecord):
         return body
 
 
-Attrs = list[Any]  # what termios.tcgetattr returns: iflag, oflag, cflag, lflag, ..., cc
+if TYPE_CHECKING:
+    Attrs = list[Any]  # what termios.tcgetattr returns: iflag, oflag, cflag, lflag, ..., cc
+else:
+    Attrs = list
 
 
 def read_modes(attrs: Attrs) -> dict[str, ModeValue]:

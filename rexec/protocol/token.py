@@ -6,7 +6,6 @@ anything but the exact format is refused with a message naming what is wrong.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 
@@ -19,6 +18,8 @@ PREFIX = "rexec1"
 # str checks, not regular expressions: `rexec run` parses a token at start-up (DESIGN.md 2a)
 _HEX_DIGITS = frozenset("0123456789abcdef")
 _B64URL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 class Token(FrozenRecord):
@@ -61,7 +62,8 @@ def format_token(token: Token) -> str:
 
 def encode_secret(secret: bytes) -> str:
     """A 32-byte secret as 43 base64url characters, no padding (the canonical form)."""
-    return base64.urlsafe_b64encode(secret).decode("ascii").rstrip("=")
+    text = binascii.b2a_base64(secret, newline=False).translate(_TO_URLSAFE)  # not base64:
+    return text.decode("ascii").rstrip("=")  # it imports re, off `rexec run`'s path
 
 
 def decode_secret(secret_b64: str) -> bytes:
@@ -70,7 +72,7 @@ def decode_secret(secret_b64: str) -> bytes:
     if len(chars) != 43 or not _B64URL_CHARS.issuperset(chars):
         raise TokenError("malformed token: secret must be 43 base64url characters (32 bytes)")
     try:
-        secret = base64.urlsafe_b64decode(chars + "=")
+        secret = binascii.a2b_base64((chars + "=").encode("ascii").translate(_FROM_URLSAFE))
     except (binascii.Error, ValueError) as exc:  # pragma: no cover - checked above
         raise TokenError("malformed token: secret is not valid base64url") from exc
     if len(secret) != SECRET_LEN:  # pragma: no cover - checked above

@@ -5,8 +5,15 @@ the server. One choice per server process, made at start from `[exec]`:
   created where the server can write (as root, or in a subtree delegated to its user, as
   systemd's Delegate=yes gives). Ending a channel signals and then kills the whole cgroup
   (cgroup.kill), so nothing escapes: not `setsid`, not a double fork. The child is forked
-  inside its cgroup with no code run in it: the server moves itself into the new cgroup,
-  forks (vfork), and moves back (measured +0.4 ms a spawn). A small watchdog (`sh`, in its
+  inside its cgroup with no code run in it: the server stands in the next command's cgroup
+  before the command arrives and forks (vfork) there, so the child is born inside; a helper
+  thread then moves the server on into a fresh cgroup for the command after. Moving a process
+  between cgroups waits for an RCU grace period whenever no move happened in the last few
+  milliseconds (5-20 ms here: the kernel's cgroup_threadgroup_rwsem), which a move before
+  each fork put on every command's critical path; now no move waits in front of a command
+  unless commands arrive faster than the moves complete. Until the server has left, the
+  command's cgroup lists the server too: membership checks leave it out, and a kill waits for
+  it to leave (CommandCgroup.server_leaving). A small watchdog (`sh`, in its
   own session, reading a pipe only the server holds) kills the server's subtree when the
   server dies, even by SIGKILL; and a server that starts removes what a crashed predecessor
   left in the same parent cgroup (a `rexec.<pid>.<start>` directory whose process is gone).
@@ -36,6 +43,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +56,9 @@ Mode = Literal["cgroup", "pdeathsig", "group"]
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _SWEEP_INTERVAL = 0.1  # seconds between two scans of /proc for inherited escapees
+# A cgroup move this soon after the last one finds the kernel's lock still warm (it cools
+# one RCU grace period after the last move, 5-20 ms here): it is made on the loop at once.
+_WARM_MOVE = 0.002
 _SUBTREE = re.compile(r"^rexec\.(\d+)\.(\d+)$")
 _WATCHDOG_NAME = "rexec-cgroup-watchdog"
 # Runs when the server's end of the pipe closes (exit, crash, SIGKILL): kill the subtree, then
@@ -75,6 +86,19 @@ def _write(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> bytes:
+    """A small kernel file, whole: cheaper than open() (no buffering or text layers), which
+    made the two membership checks of every command's end cost ~0.1 ms."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 
@@ -135,33 +159,48 @@ class CommandCgroup:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._dir = str(path)
+        # Set when the server forked the command from inside this cgroup: done once the
+        # server has moved out (see the module docstring). Until then the server is listed.
+        self.server_leaving: Future[None] | None = None
+
+    def _server_out(self) -> bool:
+        f = self.server_leaving
+        return f is None or f.done()
 
     def pids(self) -> list[int]:
+        """The processes in the cgroup, the server itself left out."""
+        me = os.getpid()
         try:
-            with open(self.path / "cgroup.procs") as f:
-                return [int(p) for p in f.read().split()]
+            listed = _read(f"{self._dir}/cgroup.procs")
         except OSError:
             return []
+        return [pid for pid in map(int, listed.split()) if pid != me]
 
     def populated(self) -> bool:
-        """Does a live process remain? (A zombie leader does not count.)"""
+        """Does a live process remain? (A zombie leader does not count, nor the server.)"""
+        if not self._server_out():
+            return bool(self.pids())
         try:
-            with open(self.path / "cgroup.events") as f:
-                return "populated 1" in f.read()
+            return b"populated 1" in _read(f"{self._dir}/cgroup.events")
         except FileNotFoundError:
             return False
 
     def signal(self, signum: int) -> None:
         """Send signum to every process in the cgroup; SIGKILL is cgroup.kill (no fork race)."""
-        _check_not_inside(self.path)
         if signum == signal.SIGKILL:
             self.kill()
             return
+        if self._server_out():  # (else it is listed, as it leaves: pids() leaves it out)
+            _check_not_inside(self.path)
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
 
     def kill(self) -> None:
+        if self.server_leaving is not None:  # wait (one grace period at most) until it left
+            with contextlib.suppress(Exception):  # a failed move: the check below refuses
+                self.server_leaving.result()
         _check_not_inside(self.path)
         try:
             _write(self.path / "cgroup.kill", "1")
@@ -179,9 +218,11 @@ class CommandCgroup:
                     os.kill(pid, signal.SIGKILL)
 
     def remove(self) -> bool:
-        """rmdir; False while a process (or a D-state one) is still inside."""
+        """rmdir; False while a process (or a D-state one, or the server) is still inside."""
+        if not self._server_out():
+            return False
         try:
-            self.path.rmdir()
+            os.rmdir(self._dir)
         except FileNotFoundError:
             return True
         except OSError:
@@ -208,6 +249,14 @@ class _Cgroups:
         self._leftover: list[CommandCgroup] = []
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._watchdog_fd = -1
+        # staging (see the module docstring): the cgroup the server stands in, ready for the
+        # next command; the helper thread's move in progress; None/None: move per spawn
+        self._staged: CommandCgroup | None = None
+        self._moving: Future[None] | None = None
+        self._mover: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting = 0  # spawns waiting in ready() for a move to end
+        self._last_move = -1.0  # loop time the last move ended
 
     def create(self) -> None:
         """Make our subtree and prove we can move into it and back (else CgroupUnavailable)."""
@@ -257,7 +306,83 @@ class _Cgroups:
             trees += 1
         return trees, procs
 
+    def stage(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From now on, stand in the next command's cgroup (the first move starts now)."""
+        self._loop = loop
+        self._mover = ThreadPoolExecutor(1, thread_name_prefix="rexec-cgroup")
+        self._advance()
+
+    def _advance(self) -> Future[None]:
+        """Start moving the server into a fresh cgroup, in the helper thread."""
+        assert self._mover is not None and self._loop is not None
+        self._count += 1
+        path = self.root / f"c{self._count}"
+        loop = self._loop
+        fut = self._mover.submit(self._move_to, path)
+        self._moving = fut
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._moved, f, path))
+        return fut
+
+    def _warm(self) -> bool:
+        """Did a move end so recently that the next one waits for no grace period?"""
+        assert self._loop is not None
+        return self._loop.time() - self._last_move < _WARM_MOVE
+
+    def _advance_now(self) -> None:
+        """As _advance, on the loop: when forks queue up (a burst of commands) or a move
+        just ended, this one waits for no grace period (~50 us), and a thread hop per fork
+        would serialise a burst behind the helper thread."""
+        self._count += 1
+        path = self.root / f"c{self._count}"
+        try:
+            self._move_to(path)
+        except OSError:  # back home (or failed to): each command moves the server again
+            if self._mover is not None:
+                self._mover.shutdown(wait=False)
+                self._mover = None
+            return
+        self._staged = CommandCgroup(path)
+        assert self._loop is not None
+        self._last_move = self._loop.time()
+
+    def _move_to(self, path: Path) -> None:
+        """In the helper thread: mkdir and move in; on failure go home (and stop staging)."""
+        try:
+            path.mkdir()
+            _write(path / "cgroup.procs", "0")
+        except OSError:
+            _write(self.home / "cgroup.procs", "0")
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            raise
+
+    def _moved(self, fut: Future[None], path: Path) -> None:
+        """On the loop, once a move is over: the new staging cgroup; remove what finished."""
+        if fut is not self._moving:
+            return  # close() took over
+        self._moving = None
+        if fut.exception() is None:
+            self._staged = CommandCgroup(path)
+            assert self._loop is not None
+            self._last_move = self._loop.time()
+        elif self._mover is not None:  # back home: each command moves the server again
+            self._mover.shutdown(wait=False)
+            self._mover = None
+        self._remove_leftover()
+
+    async def ready(self) -> None:
+        """Wait for a move in progress: the next fork must happen in a fresh cgroup."""
+        while self._moving is not None:
+            self._waiting += 1
+            try:
+                with contextlib.suppress(Exception):  # a failed move: new() creates one
+                    await asyncio.wrap_future(self._moving)
+            finally:
+                self._waiting -= 1
+
     def new(self) -> CommandCgroup:
+        if self._staged is not None and self._moving is None:
+            return self._staged
         self._count += 1
         path = self.root / f"c{self._count}"
         try:
@@ -269,6 +394,16 @@ class _Cgroups:
     @contextlib.contextmanager
     def inside(self, cg: CommandCgroup) -> Iterator[None]:
         """The server stands in cg while it forks, so the child starts there."""
+        if cg is self._staged:  # already there: leave in the background, after the fork
+            self._staged = None
+            try:
+                yield
+            finally:
+                if self._waiting or self._warm():
+                    self._advance_now()
+                else:
+                    cg.server_leaving = self._advance()
+            return
         try:
             _write(cg.path / "cgroup.procs", "0")
         except OSError as exc:
@@ -280,10 +415,26 @@ class _Cgroups:
 
     def release(self, cg: CommandCgroup) -> None:
         """Remove a finished command's cgroup (later, if something is still dying in it)."""
-        pending = [c for c in (*self._leftover, cg) if not c.remove()]
-        self._leftover = pending
+        if cg is self._staged:
+            return  # nothing was forked in it (the spawn failed before): it stays staged
+        self._leftover.append(cg)
+        if self._moving is None:  # else after the move: rmdir would wait for it in the kernel
+            self._remove_leftover()
+
+    def _remove_leftover(self) -> None:
+        self._leftover = [c for c in self._leftover if not c.remove()]
 
     def close(self) -> None:
+        moving, self._moving = self._moving, None
+        if moving is not None:
+            with contextlib.suppress(Exception):
+                moving.result()
+        if self._mover is not None:
+            self._mover.shutdown(wait=True)
+            self._mover = None
+        self._staged = None
+        with contextlib.suppress(OSError):  # out of the subtree before it is killed
+            _write(self.home / "cgroup.procs", "0")
         _kill_tree(self.root, _child_cgroups(self.root))
         if self._watchdog_fd >= 0:
             os.close(self._watchdog_fd)  # the watchdog wakes, finds nothing, exits
@@ -364,6 +515,7 @@ class Containment:
                 self._cgroups = cgroups
                 self._ours.add(cgroups.start_watchdog())
                 self._reaped = cgroups.reap_predecessors()
+                cgroups.stage(asyncio.get_running_loop())
                 return self
         self = cls("pdeathsig")
         self.reason = reason
@@ -396,6 +548,11 @@ class Containment:
                      cgroup=str(self._cgroups.root))  # fmt: skip
 
     # -- spawning (called by the exec layer) --
+
+    async def ready(self) -> None:
+        """Before new_cgroup(): wait until the server may fork the next command."""
+        if self._cgroups is not None:
+            await self._cgroups.ready()
 
     def new_cgroup(self) -> CommandCgroup | None:
         return self._cgroups.new() if self._cgroups is not None else None

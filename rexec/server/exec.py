@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import importlib
 import os
 import signal as _signal
 import subprocess
@@ -52,7 +53,7 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from signal import SIGCONT, SIGKILL, SIGTERM
-from typing import Protocol
+from typing import Any, Protocol
 
 from rexec.errors import ExecError
 from rexec.protocol.events import Stream
@@ -73,10 +74,17 @@ _KILL_BOUND = 2.0
 _PIPE_SIZE = 256 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PTY_READ = 64 * 1024  # the most a pty's output is read at once
+# A pump whose sink never suspends yields to the loop after this much output: often enough
+# for the deadline and the other pipe (~1 ms of work), rarely enough that a download does not
+# pay a loop turn (an epoll_wait and the loop's bookkeeping) for every 256 KiB frame.
+_YIELD_EVERY = 1024 * 1024
 
 
 # Left ignored if inherited so: see the module docstring.
 _KEEP_IGNORED = frozenset({_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGTTOU})
+# signal's C core: the same calls without signal.py's IntEnum conversions, which made
+# prepare_signals() cost ~200 us a spawn (one enum lookup per signal and call); now ~10 us.
+_csignal: Any = importlib.import_module("_signal")
 
 
 def _ignore(_signum: int, _frame: types.FrameType | None) -> None:
@@ -90,17 +98,18 @@ def prepare_signals() -> None:
     at start and every spawn calls it again. Needs the main thread, where
     asyncio runs the server; elsewhere it does what it may.
     """
-    for signum in _signal.valid_signals():
+    ignored = _csignal.SIG_IGN
+    for signum in _csignal.valid_signals():
         if signum in _KEEP_IGNORED:
             continue
         try:
-            if _signal.getsignal(signum) == _signal.SIG_IGN:
-                _signal.signal(signum, _ignore)
+            if _csignal.getsignal(signum) == ignored:
+                _csignal.signal(signum, _ignore)
         except (OSError, ValueError):  # not settable, or not the main thread
             continue
-    blocked = _signal.pthread_sigmask(_signal.SIG_BLOCK, ())
+    blocked = _csignal.pthread_sigmask(_csignal.SIG_BLOCK, ())
     if blocked:
-        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
+        _csignal.pthread_sigmask(_csignal.SIG_UNBLOCK, blocked)
 
 
 @dataclass(frozen=True)
@@ -286,6 +295,7 @@ class Execution:
         self._t_reaped: float | None = None
         self._returncode: int | None = None
         self._group_gone = False  # observed empty: from now on never signal the pgid
+        self._cgroup_empty = False  # the cgroup observed empty after the reap: no need to kill
         self._exited: asyncio.Future[None] = self._loop.create_future()
         self._kill_req: asyncio.Future[None] = self._loop.create_future()
         self._pumps: list[_Pump] = []
@@ -309,6 +319,8 @@ class Execution:
         """Spawn the command in its own session and start pumping; raise ExecError if it can't."""
         if not spec.argv:
             raise ExecError("empty command")
+        contain = containment()
+        await contain.ready()  # from here to the fork, no await: the cgroup stays ours
         prepare_signals()
         t0 = time.monotonic()
         parent_fds: list[int] = []
@@ -317,7 +329,6 @@ class Execution:
         env = dict(spec.env)
         in_child = None  # a pty's preexec_fn
         outputs: list[tuple[Stream, int]] = []  # (stream, our end)
-        contain = containment()
         cgroup = contain.new_cgroup()  # None unless the server uses cgroups
         try:
             try:
@@ -506,6 +517,7 @@ class Execution:
         size = self._read_size
         head = self._spec.headroom
         sink = self._sink
+        unyielded = 0
         try:
             while True:
                 if p.error is not None:
@@ -543,9 +555,12 @@ class Execution:
                 await sink(p.stream, data)
                 p.nbytes += n
                 # A sink that never suspends would let a fast child starve the loop (deadline,
-                # the other pipe): yield once per full chunk, a negligible cost at 256 KiB.
+                # the other pipe): yield after every _YIELD_EVERY bytes of full chunks.
                 if n == size:
-                    await asyncio.sleep(0)
+                    unyielded += n
+                    if unyielded >= _YIELD_EVERY:
+                        unyielded = 0
+                        await asyncio.sleep(0)
         except Exception as exc:  # the sink failed: the output has nowhere to go
             if self._sink_error is None:
                 self._sink_error = exc
@@ -680,7 +695,10 @@ class Execution:
     def _group_alive(self) -> bool:
         """After the reap: does a live (non-zombie) member of the group (or cgroup) remain?"""
         if self._cgroup is not None:
-            return self._cgroup.populated()
+            if self._cgroup_empty or not self._cgroup.populated():
+                self._cgroup_empty = True  # no process of the command can enter it again
+                return False
+            return True
         if self._group_gone:
             return False
         try:
@@ -801,6 +819,6 @@ class Execution:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
-        if self._cgroup is not None and self._cgroup.populated():
+        if self._cgroup is not None and not self._cgroup_empty and self._cgroup.populated():
             self._cgroup.kill()  # the channel ends: nothing in its cgroup lives on
         self._contain.finished(self._pid, self._cgroup)

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,33 @@ def test_each_command_runs_in_its_own_cgroup(server_factory: Any, e2e: Any) -> N
     assert ma[2] != mb[2]
     srv.stop()
     assert not list(Path("/sys/fs/cgroup").glob(f"**/rexec.{srv.pid}.*"))  # removed at exit
+
+
+@needs_cgroup
+def test_commands_ending_at_once_while_the_server_leaves_their_cgroup(
+    server_factory: Any, e2e: Any, leftovers: list[str]
+) -> None:
+    """The server forks each command from inside the command's cgroup and moves out in the
+    background (rexec.server.contain); after an idle moment that move waits for an RCU grace
+    period, so a command that ends at once is checked while the server is still listed in
+    its cgroup. The server must not count (or signal) itself, and what the command left
+    behind must still die."""
+    srv = server_factory()
+    conn = srv.connect()
+    try:
+        for _ in range(3):
+            time.sleep(0.2)  # idle: the move after the next fork is a slow one
+            assert (conn.run(["true"]).exit_code, srv.proc.poll()) == (0, None)
+            time.sleep(0.2)
+            m = e2e.marker("1000")
+            leftovers.append(m)
+            r = conn.run(f"setsid sleep {m} >/dev/null 2>&1 & echo started")
+            assert (r.exit_code, r.stdout) == (0, b"started\n"), r.stderr
+            assert e2e.wait_until(lambda m=m: not _running(e2e, [m]), 5), _running(e2e, [m])
+        assert conn.run("echo alive").stdout == b"alive\n"
+    finally:
+        conn.close()
+    assert srv.proc.poll() is None
 
 
 def test_keep_orphans_lets_background_processes_live(
