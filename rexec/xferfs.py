@@ -308,6 +308,10 @@ class Incoming:
             except FileExistsError:
                 os.unlink(self.part, dir_fd=self.dirfd)
                 self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
+            if not offset:  # created empty and at 0: no truncate, no seek
+                self.hash = hashlib.sha256()
+                self.written = 0
+                return
         os.ftruncate(self.fd, offset)
         os.lseek(self.fd, offset, os.SEEK_SET)
         if not offset:

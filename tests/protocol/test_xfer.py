@@ -230,6 +230,40 @@ def test_records_are_built_behind_headroom_and_capped() -> None:
     assert len(x.one_line("é" * 2000).encode()) <= x.MAX_ERROR
 
 
+def compact(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("path", ["d/a", 'q"uo\\te/ü', "ctl\x01\n\u2028/x", "d/" + "é" * 2000])
+def test_entry_and_result_json_is_compact_json(path: str) -> None:
+    """ENTRY and RESULT bodies are written by hand (one per file): the very bytes of the
+    compact json.dumps the document shows, and they decode back to what was sent."""
+    e = x.Entry(path, "file", 5, 0o644, 1_700_000_000_000_000_000)
+    want = {"path": path, "kind": "file", "mode": 0o644, "mtime_ns": e.mtime_ns, "size": 5}
+    assert body(x.entry(e))[1:] == compact(want)
+    link = x.Entry(path, "symlink", 0, 0o777, 1, target='../t"\\')
+    want = {"path": path, "kind": "symlink", "mode": 0o777, "mtime_ns": 1, "target": link.target}
+    assert body(x.entry(link))[1:] == compact(want)
+    d = x.Entry(path, "dir", 0, 0o755, 2)
+    assert body(x.entry(d))[1:] == compact(
+        {"path": path, "kind": "dir", "mode": 493, "mtime_ns": 2}
+    )
+    stream = x.ReceiverStream(resume=False)
+    stream.feed(body(x.tree(3, 5)))
+    assert stream.feed(body(x.entry(d))) == ("entry", d)
+    assert stream.feed(body(x.entry(link))) == ("entry", link)
+    ok = x.Result(path, "ok", SHA.hex(), None)
+    bad = x.Result(path, "failed", None, "no\nroom")
+    assert body(x.result(ok))[1:] == compact({"path": path, "status": "ok", "sha256": SHA.hex()})
+    want_bad = {"path": path, "status": "failed", "error": "no room"}
+    assert body(x.result(bad))[1:] == compact(want_bad)
+    sender = x.SenderStream()
+    sender.sent(path)
+    sender.sent(path)
+    assert sender.feed(body(x.result(ok))) == ("result", ok)
+    assert sender.feed(body(x.result(bad))) == ("result", x.Result(path, "failed", None, "no room"))
+
+
 def test_scp_placement_rules() -> None:
     assert x.placed("src/a/b", True, "") == ["src", "a", "b"]
     assert x.placed("src/a/b", False, "dst") == ["dst", "a", "b"]
