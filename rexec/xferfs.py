@@ -222,14 +222,13 @@ class Listing:
 
 
 def open_item(item: Item, dirs: DirCache) -> int:
-    """Open a listed file for reading, without following a symlink below its source."""
+    """Open a listed file for reading, without following a symlink below its source. It
+    stays O_NONBLOCK (two fcntl calls a file saved): that flag does nothing to a regular
+    file, and the caller reads only after fstat said it is one."""
     if len(item.parts) == 1:
         flags = _READ_FLAGS & ~os.O_NOFOLLOW if item.follow else _READ_FLAGS
-        fd = os.open(item.parts[0], flags, dir_fd=item.base)
-    else:
-        fd = os.open(item.parts[-1], _READ_FLAGS, dir_fd=dirs.get(item.base, item.parts[:-1]))
-    os.set_blocking(fd, True)
-    return fd
+        return os.open(item.parts[0], flags, dir_fd=item.base)
+    return os.open(item.parts[-1], _READ_FLAGS, dir_fd=dirs.get(item.base, item.parts[:-1]))
 
 
 def read_link(item: Item, dirs: DirCache) -> str:
