@@ -86,6 +86,7 @@ class ConnEvent(Enum):
 
 
 _S, _E = ConnState, ConnEvent
+_FRAME_TYPES = {int(t): t for t in FrameType}
 CONN_TRANSITIONS: Mapping[tuple[ConnState, ConnEvent], ConnState] = MappingProxyType(
     {
         (_S.HANDSHAKE, _E.MSG1_OK): _S.AUTHENTICATING,
@@ -546,10 +547,9 @@ class Connection:
             ftype_raw, flags, reserved, channel = INNER.unpack_from(plain)
             if flags or reserved:
                 raise RemoteProtocolError("frame flags and reserved bits must be zero")
-            try:
-                ftype = FrameType(ftype_raw)
-            except ValueError:
-                raise RemoteProtocolError(f"unknown frame type {ftype_raw}") from None
+            ftype = _FRAME_TYPES.get(ftype_raw)  # (a dict: FrameType() costs ~1 us a frame)
+            if ftype is None:
+                raise RemoteProtocolError(f"unknown frame type {ftype_raw}")
             del plain[:INNER_LEN]
             if self._trace is not None:
                 self._trace("recv", ftype, channel, len(plain))
