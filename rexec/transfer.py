@@ -76,7 +76,14 @@ class FileResult(_Fields):
         error: str | None = None,
         at_source: bool = False,
     ) -> None:
-        super().__init__(path, kind, size, sent, sha256, status, error, at_source)
+        setfield(self, "path", path)  # (unrolled: one per file of a transfer)
+        setfield(self, "kind", kind)
+        setfield(self, "size", size)
+        setfield(self, "sent", sent)
+        setfield(self, "sha256", sha256)
+        setfield(self, "status", status)
+        setfield(self, "error", error)
+        setfield(self, "at_source", at_source)
 
 
 class TransferResult(_Fields):
