@@ -12,15 +12,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from rexec.cli.common import err, open_std_fds, trace_fn
+from rexec.cli.common import open_std_fds
 from rexec.cli.cpreport import CpArgs, Plan, Report, usage_failure
-from rexec.cli.outcome import UsageError, retry_notice
+from rexec.cli.outcome import UsageError
 from rexec.cli.run import (
     RUN_FLAGS,
     Option,
     check_args,
     is_option,
     names_many_hosts,
+    open_client,
     parse_option,
     run_options,
 )
@@ -234,28 +235,13 @@ def cmd_cp(argv: list[str]) -> int:
 
 def copy_one(args: CpArgs, plan: Plan, host: str) -> int:
     """The copy to or from one host, on the sync client."""
-    from rexec.client.core import DEFAULT_RETRY_DELAY
     from rexec.errors import RexecError
 
     report = Report(args, plan, [host])
     client = None
     started = False
     try:
-        from rexec import Client, Suite
-
-        def notice(exc: RexecError, n: int, wait: float) -> None:
-            err(retry_notice(exc, n, args.retry, wait))
-
-        client = Client(
-            host,
-            token_file=args.token_file,
-            connect_timeout=args.connect_timeout,
-            suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
-            trace=trace_fn() if args.trace else None,
-            retry=args.retry,
-            retry_delay=args.retry_delay or DEFAULT_RETRY_DELAY,
-            on_retry=notice,
-        )
+        client = open_client(args, host)
         report.start(host)
         started = True
         options = args.transfer_options(report.callback(host))

@@ -42,6 +42,11 @@ from rexec.cli.outcome import (
 )
 from rexec.result import Result
 
+TYPE_CHECKING = False  # not typing's: typing (and re) stay off `rexec run`'s path
+if TYPE_CHECKING:
+    from rexec import Client
+    from rexec.errors import RexecError
+
 # ---- run ---------------------------------------------------------------------------
 
 
@@ -416,11 +421,30 @@ def cmd_run(argv: list[str], *, implicit: bool = False) -> int:
     return run_one(args)
 
 
+def open_client(args: RunArgs, target: str) -> Client:
+    """The sync Client for a command line's connection options (run and cp share them)."""
+    from rexec import Client, Suite
+    from rexec.client.core import DEFAULT_RETRY_DELAY
+
+    def notice(exc: RexecError, n: int, wait: float) -> None:
+        err(retry_notice(exc, n, args.retry, wait))
+
+    return Client(
+        target,
+        token_file=args.token_file,
+        connect_timeout=args.connect_timeout,
+        suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
+        trace=trace_fn() if args.trace else None,
+        retry=args.retry,
+        retry_delay=args.retry_delay or DEFAULT_RETRY_DELAY,
+        on_retry=notice,
+    )
+
+
 def run_one(args: RunArgs) -> int:
     """One command on one host; its Outcome decides the exit status, --json and --junit."""
     assert args.target is not None  # --hosts-from always went to the fleet
     target, command = args.target, args.command
-    from rexec.client.core import DEFAULT_RETRY_DELAY
     from rexec.errors import RexecError
 
     env = parse_env(args.env)  # checked by check_args
@@ -430,21 +454,7 @@ def run_one(args: RunArgs) -> int:
     began, wall = time.monotonic(), time.time()
     tails = (Tail(), Tail()) if args.junit is not None and not args.json else None
     try:
-        from rexec import Client, Suite
-
-        def notice(exc: RexecError, n: int, wait: float) -> None:
-            err(retry_notice(exc, n, args.retry, wait))
-
-        client = Client(
-            target,
-            token_file=args.token_file,
-            connect_timeout=args.connect_timeout,
-            suite=Suite.AESGCM if args.suite == "aesgcm" else Suite.CHACHAPOLY,
-            trace=trace_fn() if args.trace else None,
-            retry=args.retry,
-            retry_delay=args.retry_delay or DEFAULT_RETRY_DELAY,
-            on_retry=notice,
-        )
+        client = open_client(args, target)
         if args.tty:  # on a pseudo-terminal: rexec.cli.ptyshell (a terminal's keys, escapes)
             from rexec.cli.ptyshell import run_on_pty
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection
+from typing import Protocol, TypeVar
 
 from rexec.errors import AuthFailed, DecryptError, LocalProtocolError, RemoteProtocolError
 from rexec.protocol import messages as m
@@ -56,6 +57,16 @@ from rexec.protocol.xfer import XferRequest
 KeyLookup = Callable[[bytes], "bytes | None"]
 
 _DUMMY_PSK = os.urandom(32)
+
+
+class _Opening(Protocol):
+    """What opens a channel (an EXEC or XFER body): it names the initial output window."""
+
+    @property
+    def window(self) -> int: ...
+
+
+_Req = TypeVar("_Req", bound=_Opening)
 
 
 class ServerConnection(Connection):
@@ -203,23 +214,13 @@ class ServerConnection(Connection):
         self, ftype: FrameType, channel: int, payload: bytes | bytearray, events: list[Event]
     ) -> None:
         if ftype is FrameType.EXEC:
-            self._check_channel_number(channel)
-            if channel <= self.last_channel:
-                raise RemoteProtocolError(f"EXEC reuses channel {channel}; numbers must increase")
-            self.last_channel = channel
-            try:
-                request = parse_exec_request(bytes(payload))
-            except RemoteProtocolError as exc:
-                # the client's in-flight STDIN (within the window) is dropped, not fatal
-                rejected = Channel(channel, ChannelState.UNUSED, 0, self.window)
-                self._channels[channel] = rejected
-                self._channel_to(rejected, ChannelEvent.EXEC_REJECTED)
-                events.append(ExecRejected(channel, str(exc)))
-                return
-            new = Channel(channel, ChannelState.UNUSED, request.window, self.window)
-            self._channels[channel] = new
-            self._channel_to(new, ChannelEvent.EXEC_STDIN if request.stdin else ChannelEvent.EXEC)
-            events.append(ExecReceived(channel, request))
+            request = self._open_channel(
+                ftype, channel, lambda: parse_exec_request(bytes(payload)), events
+            )
+            if request is not None:
+                event = ChannelEvent.EXEC_STDIN if request.stdin else ChannelEvent.EXEC
+                self._channel_to(self._channels[channel], event)
+                events.append(ExecReceived(channel, request))
         elif ftype is FrameType.XFER:
             self._xfer(channel, payload, events)
         elif ftype is FrameType.STDIN or ftype is FrameType.STDIN_EOF:
@@ -256,22 +257,36 @@ class ServerConnection(Connection):
 
     def _xfer(self, channel: int, payload: bytes | bytearray, events: list[Event]) -> None:
         """XFER opens a transfer channel: the rules of EXEC with `"stdin": true`."""
+        request = self._open_channel(
+            FrameType.XFER, channel, lambda: XferRequest.from_json(payload), events
+        )
+        if request is not None:
+            self._channel_to(self._channels[channel], ChannelEvent.XFER)
+            events.append(XferReceived(channel, request))
+
+    def _open_channel(
+        self, ftype: FrameType, channel: int, parse: Callable[[], _Req], events: list[Event]
+    ) -> _Req | None:
+        """The one rule for opening a channel (EXEC or XFER): a number above every used one,
+        then the body; an invalid body leaves the channel REJECTED (ERROR + EXIT follow, the
+        connection goes on) and gives None; else the channel, still UNUSED, is registered."""
         self._check_channel_number(channel)
         if channel <= self.last_channel:
-            raise RemoteProtocolError(f"XFER reuses channel {channel}; numbers must increase")
+            raise RemoteProtocolError(
+                f"{ftype.name} reuses channel {channel}; numbers must increase"
+            )
         self.last_channel = channel
         try:
-            request = XferRequest.from_json(payload)
+            request = parse()
         except RemoteProtocolError as exc:
+            # the client's in-flight STDIN (within the window) is dropped, not fatal
             rejected = Channel(channel, ChannelState.UNUSED, 0, self.window)
             self._channels[channel] = rejected
             self._channel_to(rejected, ChannelEvent.EXEC_REJECTED)
             events.append(ExecRejected(channel, str(exc)))
-            return
-        new = Channel(channel, ChannelState.UNUSED, request.window, self.window)
-        self._channels[channel] = new
-        self._channel_to(new, ChannelEvent.XFER)
-        events.append(XferReceived(channel, request))
+            return None
+        self._channels[channel] = Channel(channel, ChannelState.UNUSED, request.window, self.window)
+        return request
 
     # ---- sending ------------------------------------------------------------------
 
