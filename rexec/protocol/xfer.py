@@ -206,7 +206,7 @@ def entry(e: Entry) -> bytearray:
 def _entry_json(e: Entry) -> bytes:
     """ENTRY's JSON, written out by hand: the bytes json.dumps gives (compact, not ASCII-
     escaped), at a fraction of its cost per file."""
-    head = f'{{"path":{_jstr(e.path)},"kind":"{e.kind}","mode":{int(e.mode)},'
+    head = f'{{"path":{_jstr(e.path)},"kind":{_jstr(e.kind)},"mode":{int(e.mode)},'
     if e.kind == "file":
         tail = f'"mtime_ns":{int(e.mtime_ns)},"size":{int(e.size)}}}'
     elif e.kind == "symlink":
