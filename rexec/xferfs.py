@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import stat
@@ -303,10 +304,11 @@ class Incoming:
         if self.fd < 0:  # a fresh one: whatever had the name goes (a planted hard link too)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
+                self.fd = _locked(os.open(self.part, flags, 0o600, dir_fd=self.dirfd))
             except FileExistsError:
+                self._check_unused()
                 os.unlink(self.part, dir_fd=self.dirfd)
-                self.fd = os.open(self.part, flags, 0o600, dir_fd=self.dirfd)
+                self.fd = _locked(os.open(self.part, flags, 0o600, dir_fd=self.dirfd))
             if not offset:  # created empty and at 0: no truncate, no seek
                 self.hash = hashlib.sha256()
                 self.written = 0
@@ -334,6 +336,8 @@ class Incoming:
                 continue
             if dest:
                 self.from_dest = True
+            else:
+                _locked(fd)  # another transfer still writing it: EBUSY, not a torn prefix
             n, digest, self.hash = hash_prefix(fd, st.st_size)
             if dest:
                 os.close(fd)
@@ -341,6 +345,14 @@ class Incoming:
                 self.fd = fd
             return n, digest
         return 0, hashlib.sha256().digest()
+
+    def _check_unused(self) -> None:
+        """An existing temporary file may be replaced unless a live transfer writes it."""
+        try:
+            fd = os.open(self.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dirfd)
+        except OSError:
+            return  # a symlink, gone meanwhile...: replaced below all the same
+        os.close(_locked(fd))
 
     def write(self, data: memoryview) -> None:
         self.hash.update(data)
@@ -386,6 +398,18 @@ class Incoming:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _locked(fd: int) -> int:
+    """fd, with the lock every transfer holds on the temporary file it writes (released when
+    it closes): two transfers to one destination at once (a resume started while the
+    interrupted transfer is still winding down) would otherwise write one file together."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(errno.EBUSY, "another transfer is writing it; retry later") from None
+    return fd
 
 
 def _set_meta(fd: int, mode: int, mtime_ns: int | None) -> None:

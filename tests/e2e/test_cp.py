@@ -8,6 +8,7 @@ them, each with its server's token file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -290,12 +291,26 @@ def test_ctrl_c_keeps_the_old_file_and_resume_sends_the_rest(
         b"--resume)\n"
     )
     assert (home / "intr.bin").read_bytes() == b"old\n"
+    # the server's side of the interrupted transfer winds down after SIGCONT (it still reads
+    # what the client had sent); until then it holds the partial file's lock
+    assert e2e.wait_until(lambda: _unlocked(part), 20)
     done = cp(e2e, lab, "--resume", "--json", str(src), "lab2:intr.bin")
     assert done.returncode == 0, done.stderr
     (obj,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert (obj["status"], obj["sha256"]) == ("ok", sha(src))
     assert 0 < obj["sent"] < src.stat().st_size
     assert sha(home / "intr.bin") == sha(src)
+
+
+def _unlocked(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def test_json_for_a_host_that_fails(e2e: Any, lab: Lab, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from rexec.errors import RemoteProtocolError
 from rexec.protocol import xfer as x
 from rexec.protocol.frames import HEADROOM
 from rexec.xferengine import Outcome, Receiver, Sender
-from rexec.xferfs import Listing
+from rexec.xferfs import DirCache, Incoming, Listing
 
 DIR = os.O_RDONLY | os.O_DIRECTORY
 
@@ -117,3 +117,33 @@ def test_a_planted_temporary_file_is_never_written_through(tmp_path: Path, resum
     outcomes, _ = send(src, dst, resume=resume)
     assert [o.result.status for o in outcomes] == ["ok"]
     assert victim.read_bytes() == b"precious" and (dst / "f").read_bytes() == b"payload"
+
+
+def test_a_temporary_file_another_transfer_writes_is_not_shared(tmp_path: Path) -> None:
+    """Two transfers to one destination at once (a resume started while the interrupted
+    transfer still winds down): the second gets EBUSY, fresh or resuming, instead of
+    writing (or hashing a prefix of) the same temporary file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"new contents\n")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    dirfd = os.open(dst, DIR)
+    try:
+        first = Incoming(dirfd, "f", 13)
+        first.start()
+        first.write(memoryview(b"new "))
+        busy = "another transfer is writing it; retry later"
+        with pytest.raises(OSError, match=busy):
+            Incoming(dirfd, "f", 13).start()
+        with pytest.raises(OSError, match=busy):
+            Incoming(dirfd, "f", 13).offer()
+        with pytest.raises(OSError, match=busy):
+            Incoming.open(dirfd, ["f"], 13, DirCache()).start()
+        first.drop()  # the first one ended: its partial data is there to resume from
+        outcomes, _ = send(src / "f", dst, resume=True, into=False, name="f")
+        assert [(o.result.status, o.bytes) for o in outcomes] == [("ok", 9)]
+    finally:
+        os.close(dirfd)
+    assert (dst / "f").read_bytes() == b"new contents\n"
+    assert not (dst / ".f.rexec-part").exists()
