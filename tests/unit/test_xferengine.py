@@ -89,7 +89,7 @@ def test_resume_restarts_when_the_prefix_differs(tmp_path: Path) -> None:
     part.write_bytes(data[:1000])
     outcomes, sender = send(src / "f", dst, resume=True, into=False, name="f")
     assert [o.bytes for o in outcomes] == [len(data) - 1000] and sender.bytes == len(data) - 1000
-    part.write_bytes(b"X" + data[1:5000])  # a prefix that is not the source's
+    part.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:5000])  # not the source's prefix
     (dst / "f").unlink()
     outcomes, _ = send(src / "f", dst, resume=True, into=False, name="f")
     assert [o.bytes for o in outcomes] == [len(data)]
