@@ -3,7 +3,7 @@
 rexec.cli.cp hands over here when HOST names a host set (`lab[01-40]`, `a,b`, `@group`) or
 a fleet option is given; one plain host stays on the sync path. An upload sends the same
 sources to every host; a download from host H writes into DST/H/ (DST a directory, made
-if needed), so that names never clash. The hosts run under rexec.client.fleet.each_host
+if needed), so that names never clash. The hosts run under rexec.client.fanout.each_host
 (at most --fanout at once, the open-files limit raised to fit) and connect as run_many's do.
 """
 
@@ -17,7 +17,7 @@ from rexec.cli.cpreport import CpArgs, Plan, Report, usage_failure
 from rexec.cli.fleet import host_file_name, is_plain, select_hosts
 from rexec.cli.outcome import UsageError, retry_notice
 from rexec.client.core import DEFAULT_RETRY_DELAY
-from rexec.client.fleet import DEFAULT_FANOUT, config_tokens, connect_host, each_host
+from rexec.client.fanout import DEFAULT_FANOUT, config_tokens, connect_host, each_host
 from rexec.errors import RexecError
 from rexec.protocol.noise import Suite
 

@@ -32,7 +32,8 @@ from rexec.cli.outcome import (
     write_junit,
 )
 from rexec.client.core import DEFAULT_RETRY_DELAY
-from rexec.client.fleet import DEFAULT_FANOUT, STATUSES, HostResult, config_tokens, run_many
+from rexec.client.fanout import DEFAULT_FANOUT, STATUSES, config_tokens
+from rexec.client.fleet import HostResult, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
 from rexec.client.target import load_client_config
 from rexec.errors import ConfigError, RexecError

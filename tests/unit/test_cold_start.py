@@ -64,6 +64,7 @@ FORBIDDEN = (
     # many hosts: only a host set (lab[01-40], a,b, @group) loads the fleet front end
     "rexec.cli.fleet",
     "rexec.client.fleet",
+    "rexec.client.fanout",
     "rexec.client.hosts",
     "resource",
 )
