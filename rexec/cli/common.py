@@ -154,7 +154,7 @@ def unknown_command(word: str, resolve: Callable[..., object] | None = None) -> 
         return None  # a broken config: the run reports it
     not_found = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
     try:
-        # bytes: a str would load the IDNA codec (start-up time, as blocking.open_socket)
+        # bytes: a str would load the IDNA codec (start-up time, as sockdriver.open_socket)
         (resolve or socket.getaddrinfo)(word.encode("ascii"), None)
         return None
     except socket.gaierror as exc:

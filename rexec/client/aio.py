@@ -17,7 +17,6 @@ from types import TracebackType
 from typing import Any
 
 from rexec.address import Endpoint
-from rexec.client.blocking import jitter
 from rexec.client.core import (
     CLOSE_WAIT,
     DEFAULT_RETRY_DELAY,
@@ -32,6 +31,7 @@ from rexec.client.core import (
     connection_broke,
     is_reset,
 )
+from rexec.client.sockdriver import jitter
 from rexec.client.target import resolve_target
 from rexec.errors import ConnectionLost, RexecError, ServerRefused
 from rexec.heap import keep_heap

@@ -7,7 +7,7 @@ below was taken off that path on purpose; what each cost `rexec run` (`python -X
 on a loaded 2-core machine):
 
 - asyncio (~55-70 ms), pydantic (~80 ms, plus schema building), structlog: the server's.
-  The CLI drives the sans-I/O core with a blocking selector loop (rexec.client.blocking).
+  The CLI drives the sans-I/O core with a blocking selector loop (rexec.client.sockdriver).
 - dataclasses (+ inspect, dis, tokenize: ~7-15 ms, plus ~0.3 ms per class): the client's
   value classes are __slots__ classes (rexec._record).
 - argparse (+ gettext: ~4-10 ms): `rexec run` has a small option parser of its own.
@@ -52,7 +52,7 @@ FORBIDDEN = (
     "cryptography.hazmat.backends",
     "threading",
     "random",
-    # getaddrinfo with a str host loads the IDNA codec: blocking.open_socket passes bytes
+    # getaddrinfo with a str host loads the IDNA codec: sockdriver.open_socket passes bytes
     "encodings.idna",
     "unicodedata",
     "typing",

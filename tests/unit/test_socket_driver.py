@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-import rexec.client.blocking
+import rexec.client.sockdriver
 from rexec.address import parse_address
-from rexec.client.blocking import OUT_HIGH_WATER, SocketDriver
 from rexec.client.core import ClientCore
+from rexec.client.sockdriver import OUT_HIGH_WATER, SocketDriver
 from rexec.protocol.events import SignalReceived, StdinReceived
 from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import STDIN_WINDOW, ServerInfo
@@ -28,7 +28,7 @@ def test_a_signal_overtakes_the_stdin_the_driver_has_not_buffered(
 ) -> None:
     ours, theirs = socket.socketpair()
     theirs.settimeout(10)
-    monkeypatch.setattr(rexec.client.blocking, "open_socket", lambda *args: ours)
+    monkeypatch.setattr(rexec.client.sockdriver, "open_socket", lambda *args: ours)
     token = generate_token()
     server = ServerConnection({token.key_id: token.secret}.get, INFO)
 
