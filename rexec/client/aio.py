@@ -86,9 +86,13 @@ class _Waiters:
         self._futures.append(fut)
         try:
             await fut
-        finally:
+        except BaseException:
+            # Only a cancelled waiter is still queued: wake() pops what it resolves. (A
+            # deque.remove that misses builds the future's repr for its ValueError, ~10 us
+            # per wake-up on the streaming path.)
             with contextlib.suppress(ValueError):
                 self._futures.remove(fut)
+            raise
 
     def wake(self, one: bool = False) -> None:
         """Wake every waiter (or the longest-waiting live one)."""

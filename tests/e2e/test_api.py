@@ -110,6 +110,25 @@ def test_streaming_process_with_stdin_and_signal(server: Any) -> None:
     arun(go)
 
 
+def test_a_wait_given_up_by_its_caller_leaves_the_process_usable(server: Any) -> None:
+    """asyncio.wait_for cancels a wait() (and a read) mid-way: the cancelled waiter is
+    forgotten, and a later wait on the same process still gets the output and the status."""
+
+    async def go() -> None:
+        async with rexec.connect(server.address, token=server.token) as conn:
+            proc = await conn.start("sleep 0.5; printf done")
+            for _ in range(3):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.05)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(proc.stdout.read_chunk(), 0.05)
+            assert await proc.stdout.read() == b"done"
+            result = await proc.wait()
+            assert (result.exit_code, result.stdout) == (0, b"")
+
+    arun(go)
+
+
 def test_large_stream_iterated_in_chunks(server: Any) -> None:
     async def go() -> None:
         async with rexec.connect(server.address, token=server.token) as conn:
