@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -95,8 +96,11 @@ Chunk = tuple[Stream, Data]
 
 
 def connect_failed(endpoint: object, exc: OSError) -> ConnectionLost:
-    """The error for a connect() the OS refused (one wording for both drivers)."""
-    return ConnectionLost(f"cannot connect to {endpoint}: {exc.strerror or exc}")
+    """The error for a connect() the OS refused (one wording for both drivers: asyncio's
+    own "Connect call failed (...)" text is replaced by the errno's, as the socket says it)."""
+    code = exc.errno
+    reason = os.strerror(code) if isinstance(code, int) and code > 0 else exc.strerror
+    return ConnectionLost(f"cannot connect to {endpoint}: {reason or exc}")
 
 
 def connect_timed_out(

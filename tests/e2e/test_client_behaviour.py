@@ -396,6 +396,22 @@ def test_wrong_token_is_an_auth_error(drive: Drive, server_factory: Any) -> None
         drive.connect(srv.address, wrong)
 
 
+def test_nothing_listening_is_said_in_the_same_words(drive: Drive, tmp_path: Path) -> None:
+    """A refused connect reads as the socket says it, whichever driver made it (asyncio's
+    own wording, "Connect call failed (...)", never leaks through)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there now
+    token = generate_token()
+    for address, reason in (
+        (f"127.0.0.1:{port}", "Connection refused"),
+        (f"unix:{tmp_path / 'none.sock'}", "No such file or directory"),
+    ):
+        with pytest.raises(ConnectionLost) as info:
+            drive.connect(address, token)
+        assert str(info.value) == f"cannot connect to {address}: {reason}"
+
+
 def test_server_shutdown_ends_commands_then_the_connection(
     drive: Drive, server_factory: Any, e2e: Any
 ) -> None:
