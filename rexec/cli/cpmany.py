@@ -4,7 +4,8 @@ rexec.cli.cp hands over here when HOST names a host set (`lab[01-40]`, `a,b`, `@
 a fleet option is given; one plain host stays on the sync path. An upload sends the same
 sources to every host; a download from host H writes into DST/H/ (DST a directory, made
 if needed), so that names never clash. The hosts run under rexec.client.fanout.each_host
-(at most --fanout at once, the open-files limit raised to fit) and connect as run_many's do.
+(at most --fanout at once, the open-files limit raised to fit) and connect as run_many's do;
+the run ends with `rexec run`'s summary line (rexec.cli.summary), hosts counted as it counts.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 from rexec.cli.cpreport import CpArgs, Plan, Report, usage_failure
 from rexec.cli.fleet import host_file_name, is_plain, select_hosts
-from rexec.cli.outcome import UsageError, retry_notice
+from rexec.cli.outcome import EXIT_TRANSFER_FAILED, UsageError, retry_notice
+from rexec.cli.summary import Entry, host_entry, summary_line
 from rexec.client.core import DEFAULT_RETRY_DELAY
 from rexec.client.fanout import DEFAULT_FANOUT, config_tokens, connect_host, each_host
+from rexec.client.fleet import failed_host
 from rexec.errors import RexecError
 from rexec.protocol.noise import Suite
 
@@ -45,8 +48,26 @@ def copy_many(args: CpArgs, plan: Plan) -> int | None:
     try:
         asyncio.run(_copy_all(args, plan, hosts, tokens, report))
     except KeyboardInterrupt:
-        return report.interrupted()
-    return report.close()
+        return report.interrupted(summary(report, len(hosts)))
+    return report.close(summary(report, len(hosts)))
+
+
+def summary(report: Report, hosts: int) -> str:
+    """`rexec run`'s summary line, counting hosts: `ok`, `failed` (some files failed: their
+    lines are above), and a host that failed as a whole as `rexec run` names it
+    (`unreachable`, `auth_failed`, `refused`, `truncated`, ...)."""
+    entries: list[Entry] = []
+    for host, ended in report.ended.items():
+        if isinstance(ended, tuple):
+            exc, started = ended
+            if not isinstance(exc, RexecError):  # (only RexecError ends a host here)
+                exc = RexecError(str(exc))
+            entries.append(host_entry(failed_host(host, "", exc, started=started)))
+        elif ended.ok:
+            entries.append((host, "ok", 0, "ok"))
+        else:
+            entries.append((host, "exit", EXIT_TRANSFER_FAILED, "failed"))
+    return summary_line(entries, hosts - len(entries))
 
 
 def make_dest_dir(dest: str) -> None:

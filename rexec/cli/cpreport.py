@@ -164,6 +164,9 @@ class Report:
         self.direction = plan.direction
         self.status = 0
         self.pipe_closed = False
+        # how each host ended, for a host set's summary line (rexec.cli.cpmany): its
+        # TransferResult, or what it failed with and whether its transfer had started
+        self.ended: dict[str, TransferResult | tuple[BaseException, bool]] = {}
         if size is None and not args.quiet:
             size = terminal_size()
         self.progress = None if size is None else Progress(hosts, columns=size[0], rows=size[1])
@@ -213,6 +216,7 @@ class Report:
 
     def transferred(self, host: str, result: TransferResult) -> None:
         """host's transfer ran to its end: a line per failed file, its --json lines."""
+        self.ended[host] = result
         if self.progress is not None:
             self.progress.finish(host, ok=result.ok)
         for f in result.files:
@@ -229,6 +233,7 @@ class Report:
         if result is not None and hasattr(result, "files"):  # rexec.TransferError
             self.transferred(host, result)
             return
+        self.ended[host] = (exc, started)
         if self.progress is not None:
             self.progress.finish(host, ok=False)
         outcome = of_error(exc, started=started)
@@ -239,16 +244,19 @@ class Report:
         self._say([f"rexec cp: {host}: {message}"])
         self.status = max(self.status, outcome.exit_status)
 
-    def interrupted(self) -> int:
+    def interrupted(self, summary: str | None = None) -> int:
         """Ctrl-C during a fan-out: every connection closes; returns the exit status."""
         self._say([f"rexec cp: {INTERRUPTED}"])
-        self.close()
+        self.close(summary)
         return EXIT_INTERRUPTED
 
-    def close(self) -> int:
-        """The final progress frame (left on the screen); returns the exit status."""
+    def close(self, summary: str | None = None) -> int:
+        """The final progress frame (left on the screen), then a host set's `summary` line;
+        returns the exit status."""
         if self.progress is not None:
             self._stderr(self.progress.close())
+        if summary is not None:
+            self._stderr(summary + "\n")
         return self.status
 
 

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from rexec.cli.common import err, parse_env, writer
@@ -31,8 +31,9 @@ from rexec.cli.outcome import (
     retry_notice,
     write_junit,
 )
+from rexec.cli.summary import host_entry, summary_line
 from rexec.client.core import DEFAULT_RETRY_DELAY
-from rexec.client.fanout import DEFAULT_FANOUT, STATUSES, config_tokens
+from rexec.client.fanout import DEFAULT_FANOUT, config_tokens
 from rexec.client.fleet import HostResult, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
 from rexec.client.target import load_client_config
@@ -71,7 +72,6 @@ class RunArgs(Protocol):
 
 STDIN_LIMIT = 64 * 1024 * 1024  # the same stdin goes to every host: read once, in memory
 RULE = "-" * 16
-SUMMARY_HOSTS = 160  # characters of folded host names per summary entry
 PROGRESS_EVERY = 0.2
 
 
@@ -162,28 +162,6 @@ def cmd_fleet(args: RunArgs) -> int | None:
 def host_file_name(host: str) -> str:
     """A host as a file name: `/` (unix:/path) and `%` escaped as %2F and %25."""
     return host.replace("%", "%25").replace("/", "%2F")
-
-
-def _summary(results: Sequence[HostResult]) -> str:
-    """`40 hosts: 37 ok, 1 exit 2 (lab07), 1 timeout (lab12), 1 unreachable (lab40)`."""
-    order = {status: i for i, status in enumerate(STATUSES)}
-    by_label: dict[tuple[int, int, str], list[str]] = {}
-    for r in results:
-        rank = order[r.status]
-        number = r.exit_code if r.status == "exit" else r.signal if r.status == "signal" else 0
-        key = (rank, number or 0, "ok" if r.ok else r.label)
-        by_label.setdefault(key, []).append(r.host)
-    parts = []
-    for (_, _, label), hosts in sorted(by_label.items()):
-        if label == "ok":
-            parts.append(f"{len(hosts)} ok")
-            continue
-        folded = fold_hosts(hosts)
-        if len(folded) > SUMMARY_HOSTS:
-            folded = folded[: SUMMARY_HOSTS - 3] + "..."
-        parts.append(f"{len(hosts)} {label} ({folded})")
-    count = len(results)
-    return f"{count} host{'s' if count != 1 else ''}: {', '.join(parts)}"
 
 
 class Screen:
@@ -436,9 +414,7 @@ class Fleet:
             except OSError as exc:
                 err(f"--failed-to {self.args.failed_to}: {exc.strerror}")
         missing = len(self.hosts) - len(done)
-        line = _summary(self.results)
-        if missing:
-            line += f" ({missing} not finished: interrupted)"
+        line = summary_line(map(host_entry, self.results), missing)
         with contextlib.suppress(BrokenPipeError):
             sys.stderr.write(line + "\n")
             sys.stderr.flush()

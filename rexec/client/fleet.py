@@ -166,6 +166,31 @@ class HostResult(FrozenRecord):
         }
 
 
+def failed_host(
+    host: str,
+    command: str | tuple[str, ...],
+    exc: RexecError,
+    *,
+    started: bool,
+    duration: float = 0.0,
+    stdout: bytes = b"",
+    stderr: bytes = b"",
+) -> HostResult:
+    """The HostResult of a host that failed with `exc`: before it `started` (connecting,
+    authenticating) connect_status's `unreachable`, `auth_failed` or `error`; after, `error`;
+    error_kind's kind either way. `rexec cp` to a host set classifies its hosts with it too."""
+    return HostResult(
+        host,
+        "error" if started else connect_status(exc),
+        command,
+        duration=duration,
+        stdout=stdout,
+        stderr=stderr,
+        error=str(exc),
+        error_kind=error_kind(exc, started=started),
+    )
+
+
 def _finished(host: str, result: Result, duration: float) -> HostResult:
     """The HostResult of a command that ran to its exit."""
     status: Status
@@ -301,13 +326,8 @@ class FleetRun:
                     on_retry=self._on_retry,
                 )
             except RexecError as exc:  # refused, no route, DNS, timeout, auth, a bad address
-                return HostResult(
-                    host,
-                    connect_status(exc),
-                    self._name,
-                    duration=time.monotonic() - start,
-                    error=str(exc),
-                    error_kind=error_kind(exc),
+                return failed_host(
+                    host, self._name, exc, started=False, duration=time.monotonic() - start
                 )
             return await self._run_on(host, conn, start)
         finally:
@@ -368,15 +388,14 @@ class FleetRun:
                 error_kind="timeout",
             )
         except RexecError as exc:  # the connection broke, or the server refused the command
-            return HostResult(
+            return failed_host(
                 host,
-                "error",
                 self._name,
+                exc,
+                started=True,
                 duration=time.monotonic() - start,
                 stdout=bytes(out),
                 stderr=bytes(err),
-                error=str(exc),
-                error_kind=error_kind(exc, started=True),
             )
         finally:
             self._running.pop(host, None)

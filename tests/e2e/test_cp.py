@@ -2,8 +2,8 @@
 
 lab1..lab3 are three servers on 127.0.1.1-3, each with a HOME of its own (remote relative
 paths land there, so an upload to the set can be checked per host); lab4 is an address
-nobody listens on; usock is lab1's unix socket under an alias. Client-config aliases name
-them, each with its server's token file.
+nobody listens on; lab5 is lab1's address with lab2's token (authentication fails); usock
+is lab1's unix socket under an alias. Client-config aliases name them, each with a token file.
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ def lab(e2e: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         dead = _dead_address()
         lab1_token = base / "lab1.token"
         aliases.append(f'[hosts.lab4]\naddress = "{dead}"\ntoken_file = "{lab1_token}"\n')
+        lab2_token = base / "lab2.token"
+        lab1_address = servers[0].address
+        aliases.append(f'[hosts.lab5]\naddress = "{lab1_address}"\ntoken_file = "{lab2_token}"\n')
         aliases.append(
             f'[hosts.usock]\naddress = "unix:{base / "lab1.sock"}"\ntoken_file = "{lab1_token}"\n'
         )
@@ -346,7 +349,7 @@ def test_fan_out_upload_to_every_host(e2e: Any, lab: Lab, tmp_path: Path) -> Non
     src = tmp_path / "fan.txt"
     src.write_bytes(b"to every host\n")
     done = cp(e2e, lab, str(src), "lab[1-3]:")
-    assert (done.returncode, done.stderr) == (0, b"")
+    assert (done.returncode, done.stderr) == (0, b"3 hosts: 3 ok\n")  # as `rexec run`'s
     for host in ("lab1", "lab2", "lab3"):
         assert (lab.homes[host] / "fan.txt").read_bytes() == b"to every host\n"
 
@@ -358,7 +361,7 @@ def test_fan_out_download_into_dst_host(e2e: Any, lab: Lab, tmp_path: Path) -> N
         (tree / "d" / "syslog").write_bytes(f"log of {host}\n".encode() * (n + 1))
     out = tmp_path / "out"  # made as needed
     done = cp(e2e, lab, "-r", "@lab:logs", str(out))
-    assert (done.returncode, done.stderr) == (0, b"")
+    assert (done.returncode, done.stderr) == (0, b"3 hosts: 3 ok\n")
     for n, host in enumerate(("lab1", "lab2", "lab3")):
         got = (out / host / "logs" / "d" / "syslog").read_bytes()
         assert got == f"log of {host}\n".encode() * (n + 1)
@@ -381,8 +384,9 @@ def test_a_failing_host_255_the_others_copied(e2e: Any, lab: Lab, tmp_path: Path
         (lab.homes[host] / "some-dir").mkdir()
     done = cp(e2e, lab, str(src), "lab[1-4]:some-dir/")
     assert done.returncode == 255
-    (line,) = done.stderr.decode().splitlines()  # one line, for the failed host only
+    line, summary = done.stderr.decode().splitlines()  # one line, for the failed host only
     assert line.startswith(f"rexec cp: lab4: cannot connect to {lab.dead}: "), line
+    assert summary == "4 hosts: 3 ok, 1 unreachable (lab4)"
     for host in ("lab1", "lab2", "lab3"):
         assert (lab.homes[host] / "some-dir" / "some.txt").read_bytes() == b"some\n"
     with_json = cp(e2e, lab, "--json", str(src), "lab[1-4]:some-dir/")
@@ -393,6 +397,44 @@ def test_a_failing_host_255_the_others_copied(e2e: Any, lab: Lab, tmp_path: Path
         ("lab3", "ok"),
         ("lab4", "failed"),
     ]
+
+
+def test_a_host_set_ends_with_run_s_summary_line(e2e: Any, lab: Lab, tmp_path: Path) -> None:
+    """Per host, as `rexec run` counts and words it: ok, failed (some file: its line is
+    above), unreachable, auth_failed; --json changes stdout only; one host has no summary."""
+    for host in ("lab1", "lab3"):
+        (lab.homes[host] / "only-some.txt").write_bytes(f"{host}\n".encode())
+    out = tmp_path / "out"
+    done = cp(e2e, lab, "lab[1-5]:only-some.txt", str(out))
+    assert done.returncode == 255
+    *before, summary = done.stderr.decode().splitlines()
+    assert summary == "5 hosts: 2 ok, 1 failed (lab2), 1 unreachable (lab4), 1 auth_failed (lab5)"
+    assert sorted(before)[0] == "rexec cp: lab2:only-some.txt: No such file or directory"
+    assert sorted(before)[1].startswith(f"rexec cp: lab4: cannot connect to {lab.dead}: ")
+    assert sorted(before)[2].startswith("rexec cp: lab5: authentication failed")
+    assert len(before) == 3, before
+    assert (out / "lab3" / "only-some.txt").read_bytes() == b"lab3\n"
+    with_json = cp(e2e, lab, "--json", "lab[1-5]:only-some.txt", str(out))
+    assert with_json.returncode == 255
+    assert with_json.stderr.decode().splitlines()[-1] == summary  # as `rexec run --json`
+    objects = [json.loads(line) for line in with_json.stdout.splitlines()]
+    assert sorted((o["host"], o["status"]) for o in objects) == [
+        ("lab1", "ok"),
+        ("lab2", "failed"),
+        ("lab3", "ok"),
+        ("lab4", "failed"),
+        ("lab5", "failed"),
+    ]
+    # one plain host (lab[1] too) has no summary, as `rexec run`; a set of one with -x does
+    for n, (args, stderr) in enumerate(
+        (
+            (["lab1:only-some.txt"], b""),
+            (["lab[1]:only-some.txt"], b""),
+            (["-x", "lab2", "lab[1-2]:only-some.txt"], b"1 host: 1 ok\n"),
+        )
+    ):
+        one = cp(e2e, lab, *args, str(tmp_path / f"one{n}"))
+        assert (one.returncode, one.stderr) == (0, stderr), args
 
 
 # ---- progress ----------------------------------------------------------------------------------
@@ -441,8 +483,10 @@ def test_progress_bar_on_a_terminal_not_in_a_pipe(e2e: Any, lab: Lab, tmp_path: 
     # more hosts than rows on the screen: one aggregate line
     code, shown = _on_pty(e2e, lab, str(src), "lab[1-3]:bar4.bin", rows=3)
     assert code == 0, shown
-    assert pieces(shown)[-1].startswith("3/3 hosts, 0 failed 100% ["), shown
-    assert "12.0 MiB" in pieces(shown)[-1], shown
+    *_, bar, summary = pieces(shown)
+    assert bar.startswith("3/3 hosts, 0 failed 100% ["), shown
+    assert "12.0 MiB" in bar, shown
+    assert summary == "3 hosts: 3 ok", shown  # below the bar, which stays on the screen
     # a host that cannot be reached: its error line, no bar
     code, shown = _on_pty(e2e, lab, str(src), "lab4:x")
     assert code == 255, shown

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from rexec.cli.cp import check_cp_args, make_plan, parse_cp_args, split_operand
+from rexec.cli.cpmany import summary
 from rexec.cli.cpreport import CpArgs, Plan, Report, file_json, host_json
 from rexec.cli.main import main
 from rexec.cli.outcome import UsageError, of_error
-from rexec.errors import ConnectionLost
+from rexec.errors import AuthError, ConnectionLost, ErrorCode, PolicyError, ServerRefused
 from rexec.protocol.token import generate_token
 from rexec.result import error_kind
 from rexec.transfer import FileResult, FileStatus, TransferError, TransferResult
@@ -365,3 +366,30 @@ def test_ctrl_c_is_130_with_its_line(capfd: pytest.CaptureFixture[str]) -> None:
     assert many.interrupted() == 130
     line = "interrupted: closing the connection (partial files are kept for --resume)"
     assert capfd.readouterr().err == f"rexec cp: h: {line}\nrexec cp: {line}\n"
+
+
+def test_a_host_set_summary_counts_hosts_as_rexec_run_does(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """ok, failed (some file), then a host failed as a whole as `rexec run` words it: before
+    its transfer started (unreachable, auth_failed, refused) or after (truncated, policy)."""
+    args = parse_cp_args(["a", "h:"])
+    report = Report(args, make_plan(args.operands), ["h"], size=None)
+    good = (FileResult("a", "file", 1, 1, "00", FileStatus.OK),)
+    for host in ("h01", "h02"):
+        report.transferred(host, TransferResult(host, "put", good, 1, 0.0))
+    report.failed(
+        "h03", TransferError(TransferResult("h03", "put", (_failed("a", at_source=True),), 0, 0.0))
+    )
+    report.failed("h04", ConnectionLost("cannot connect to h04: Connection refused"))
+    report.failed("h05", AuthError("authentication failed"))
+    report.failed("h06", ServerRefused(1, 0, "server busy"))
+    report.failed("h07", ConnectionLost("connection lost"), started=True)
+    report.failed("h08", ConnectionLost("connection lost"), started=True)
+    report.failed("h09", PolicyError(ErrorCode.POLICY, "transfers are not allowed"), started=True)
+    assert summary(report, 11) == (
+        "9 hosts: 2 ok, 1 failed (h03), 1 unreachable (h04), 1 auth_failed (h05), "
+        "1 policy (h09), 1 refused (h06), 2 truncated (h[07-08]) (2 not finished: interrupted)"
+    )
+    assert report.close(summary(report, 9)) == 255
+    assert capfd.readouterr().err.endswith("2 truncated (h[07-08])\n")
