@@ -50,11 +50,18 @@ def _plain(value: object) -> object:
 
 
 class FileResult(_Fields):
-    """One file, directory or symlink of a transfer."""
+    """One file, directory or symlink of a transfer.
+
+    `path` is always the entry's wire path, whichever side failed: relative, POSIX, its
+    first part the source's own name (`tree/sub/f` for a source `/src/tree`), never
+    absolute. Where it lands is the destination's rule (scp's): under DST when DST is a
+    directory, else with that first part renamed to DST. One entry has path "": the
+    destination itself, when a local destination could not be opened (nothing was sent).
+    """
 
     __match_args__ = ("path", "kind", "size", "sent", "sha256", "status", "error", "at_source")
     __slots__ = __match_args__
-    path: str  # relative to the transfer root, POSIX, as on the wire
+    path: str  # the wire path (see above); "" for the destination itself
     kind: str  # "file" | "dir" | "symlink"
     size: int  # bytes of the file (0 for dir/symlink)
     sent: int  # payload bytes actually sent for it (less than size after --resume)
@@ -157,6 +164,6 @@ class TransferError(RexecError):
         failed = result.failed
         what = f"{len(failed)} of {len(result.files)} files failed"
         if failed:
-            what += f"; {failed[0].path or '.'}: {failed[0].error}"
+            what += f"; {failed[0].path or 'the destination'}: {failed[0].error}"
         super().__init__(f"{result.target}: {what}")
         self.result = result

@@ -150,6 +150,13 @@ def make_plan(operands: Sequence[str]) -> Plan:
             parse=False,
         )
     if dest_host is not None:
+        from rexec.client.xfercore import source_name  # (put()'s own check, before connecting)
+
+        try:
+            for source in operands[:-1]:
+                source_name(source)
+        except ValueError as exc:
+            raise UsageError(str(exc), parse=False) from None
         return Plan("put", dest_host, tuple(operands[:-1]), dest_path or ".")
     if not remote:
         raise UsageError(

@@ -66,8 +66,6 @@ class Plan(NamedTuple):
         `dest`: where this host's files land when not DST itself (DST/HOST/ in a fan-out)."""
         if f.at_source:
             path = self.source_path(f.path)
-        elif os.path.isabs(f.path):  # the local destination itself could not be opened
-            path = f.path
         else:
             path = self.dest_path(f.path, self.dest if dest is None else dest)
         remote = (self.direction == "get") == bool(f.at_source)
@@ -85,7 +83,10 @@ class Plan(NamedTuple):
     def dest_path(self, wire: str, dest: str) -> str:
         """The destination path a wire path stands for: into a directory (several sources,
         DST/, `.` or the home), DST joined to it; one source, DST in place of its first part
-        (DST read as the new name, as it is unless DST is an existing directory)."""
+        (DST read as the new name, as it is unless DST is an existing directory); DST itself
+        for "" (rexec.FileResult's rule: the destination could not be opened)."""
+        if not wire:
+            return dest.rstrip("/") or dest or "."
         _, slash, rest = wire.partition("/")
         if len(self.sources) > 1 or dest.endswith("/") or dest == ".":
             return _join(dest.rstrip("/"), wire, dest)

@@ -36,6 +36,15 @@ LocalPath = str | os.PathLike[str]
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
+def source_name(path: str) -> str:
+    """A local source's name: its last part, the first part of its entries' wire paths (as
+    scp names what it copies); ValueError for a source with none (`/`)."""
+    name = os.path.basename(os.path.abspath(path))
+    if not name:
+        raise ValueError(f"{path}: cannot copy the root directory itself (name what is in it)")
+    return name
+
+
 def _paths(value: LocalPath | Sequence[LocalPath] | str | Sequence[str]) -> list[str]:
     if isinstance(value, str | os.PathLike):
         return [os.fspath(value)]
@@ -82,15 +91,11 @@ class Transfer:
         progress: ProgressCallback | None,
     ) -> Transfer:
         sources = _paths(local)
+        names = [source_name(src) for src in sources]  # ValueError before anything opens
         listing = Listing()
-        for src in sources:
-            full = os.path.abspath(src)
-            name = os.path.basename(full)
-            if not name:
-                listing.add_error(src.strip("/") or "/", "dir", "cannot copy the root directory")
-                continue
+        for src, name in zip(sources, names, strict=True):
             try:
-                base = os.open(os.path.dirname(full), _DIR)
+                base = os.open(os.path.dirname(os.path.abspath(src)), _DIR)
             except OSError as exc:
                 listing.add_error(name, "file", error_line(exc))
                 continue
@@ -253,16 +258,14 @@ def begin(
     try:
         return Transfer.get(core, source, dest, **opts, progress=progress)
     except OSError as exc:
-        return local_failure(core, "get", dest, exc, check=check)
+        return local_failure(core, "get", exc, check=check)
 
 
-def local_failure(
-    core: ClientCore, direction: str, path: LocalPath, exc: OSError, *, check: bool
-) -> TransferResult:
-    """The result of a transfer whose local destination cannot be opened (nothing was sent):
-    one FAILED entry naming it; raised as TransferError with `check`."""
-    where = os.path.abspath(path)  # not a wire path: the destination itself, named absolute
-    failed = FileResult(where, "dir", 0, 0, None, FileStatus.FAILED, error_line(exc))
+def local_failure(core: ClientCore, direction: str, exc: OSError, *, check: bool) -> TransferResult:
+    """The result of a transfer whose local destination cannot be opened (nothing was
+    sent): one FAILED entry for the transfer as a whole (path "", the FileResult rule);
+    raised as TransferError with `check`."""
+    failed = FileResult("", "dir", 0, 0, None, FileStatus.FAILED, error_line(exc))
     result = TransferResult(core.target or "", direction, (failed,), 0, 0.0)
     if check:
         raise TransferError(result)

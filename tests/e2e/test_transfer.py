@@ -245,6 +245,40 @@ def test_a_fifo_is_refused_and_the_rest_goes_on(
     assert (tmp_path / "dst" / "ok").read_bytes() == b"fine"
 
 
+def test_file_result_paths_are_wire_paths_whichever_side_failed(
+    connect: Callable[..., Side], tmp_path: Path
+) -> None:
+    """FileResult.path: the entry's relative wire path (its first part the source's name)
+    for a failure at either end; "" for a local destination that cannot be opened."""
+    side = connect()
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    write(src / "sub" / "f", b"f")
+    os.mkfifo(src / "sub" / "pipe")  # the sender's failure (at_source)
+    (tmp_path / "down" / "src").mkdir(parents=True)
+    (tmp_path / "down" / "src" / "sub").write_bytes(b"in the way")  # the receiver's failure
+    for result in (
+        side.put(src, str(tmp_path / "down") + "/", recursive=True, check=False),
+        side.get(str(src), tmp_path / "down", recursive=True, check=False),
+    ):
+        failed = {f.path: f.at_source for f in result.failed}
+        assert failed["src/sub/pipe"] is True, result.files
+        assert failed["src/sub"] is False, result.files
+        assert all(not f.path.startswith("/") for f in result.files), result.files
+    nodir = str(tmp_path / "no" / "dir") + "/"
+    down = side.get(str(src / "sub" / "f"), nodir, check=False)
+    assert [(f.path, f.kind, f.status, f.error, f.at_source) for f in down.files] == [
+        ("", "dir", FileStatus.FAILED, "No such file or directory", False)
+    ]
+    with pytest.raises(TransferError, match="1 of 1 files failed; the destination: No such"):
+        side.get(str(src / "sub" / "f"), nodir)
+    # `/` has no name to land under: refused before anything is sent, the connection goes on
+    with pytest.raises(ValueError, match=r"^/: cannot copy the root directory itself"):
+        side.put(["/", src], str(tmp_path / "root"), recursive=True)
+    assert not (tmp_path / "root").exists()
+    assert side.run("echo on").stdout == b"on\n"
+
+
 # ---- interrupted, then resumed ---------------------------------------------------------
 
 

@@ -134,6 +134,11 @@ def test_make_plan(operands: list[str], plan: Plan) -> None:
             '[hosts.NAME] address = "unix:/path"), then NAME:PATH',
             False,
         ),
+        (  # a tree needs a name to land under (put()'s ValueError, said before connecting)
+            ["a", "/", "h:"],
+            "/: cannot copy the root directory itself (name what is in it)",
+            False,
+        ),
     ],
 )
 def test_make_plan_errors(operands: list[str], message: str, parse: bool) -> None:
@@ -348,7 +353,10 @@ def test_failed_files_are_named_by_their_remote_path(plan: Plan, wire: str, show
         (Plan("get", "h", ("/etc/f",), "back"), "f", False, None, "back"),
         (Plan("get", "h", ("/src",), "out/"), "src/a", False, None, "out/src/a"),
         (Plan("get", "h", ("/src",), "out"), "src/a", False, "out/h/", "out/h/src/a"),
-        (Plan("get", "h", ("/f",), "/no/dir/"), "/no/dir", False, None, "/no/dir"),
+        # get: the local destination itself could not be opened (FileResult.path "")
+        (Plan("get", "h", ("/f",), "/no/dir/"), "", False, None, "/no/dir"),
+        (Plan("get", "h", ("/f",), "no/new"), "", False, None, "no/new"),
+        (Plan("get", "h", ("/f",), "out"), "", False, "out/h/", "out/h"),
     ],
 )
 def test_local_failures_are_named_by_their_local_path(
