@@ -34,12 +34,20 @@ usage: rexec cp [-h] [-r] [-p] [--resume] [-q] [--json] [--token-file FILE]
                 [--suite {aesgcm,chachapoly}] [--fanout N] [-x HOSTS]
                 SRC... DST
 
-Copy files to or from hosts, as scp: a remote operand is HOST:PATH (PATH relative to the
-remote home unless absolute; HOST: alone is the home), any other operand is local (a `/`
+Copy files to or from hosts, as scp. A remote operand is HOST:PATH (PATH relative to the
+remote home unless absolute; HOST: alone is the home); any other operand is local (a `/`
 before the first `:` makes it local: ./a:b). Exactly one side is remote. HOST is an alias,
-host[:port]:PATH, [v6addr]:PATH, [v6addr]:port:PATH, or a host set (lab[01-40], @group):
-an upload goes to every host, a download from several writes DST/HOST/... Every file is
+a host, host:port (h:8300:PATH), [v6addr], [v6addr]:port, or a host set (lab[01-40], a,b,
+@group): an upload goes to every host, a download from several writes DST/HOST/..., and
+the copy ends with one summary line on stderr, as `rexec run` on a host set. Every file is
 verified by SHA-256 at both ends and renamed into place only then.
+
+examples:
+  rexec cp build.tar.gz lab1:/srv/app/      upload into /srv/app/ on lab1
+  rexec cp lab1:/var/log/syslog .           download into the current directory
+  rexec cp -r -p site/ 'lab[01-40]:www/'    a tree to every host, modes and mtimes kept
+  rexec cp -r @lab:/var/log/app logs/       from each host into logs/HOST/app/...
+  rexec cp --resume big.iso lab1:           finish an interrupted copy
 
 options:
   -h, --help            show this help message and exit
@@ -64,6 +72,7 @@ exit status:
   0         every file was copied to or from every host
   1         some file failed (its line on stderr); the others were copied
   255       a host could not be reached, authenticated or spoken to (its line on stderr)
+  130       interrupted (Ctrl-C): partial files are kept for --resume
   2         usage error
   many hosts: the highest status of a host
 """

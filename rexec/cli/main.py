@@ -28,7 +28,7 @@ usage: rexec run TARGET [options] CMD...    run one command (exit code = remote 
        rexec demo [truncation|sticky|empty|all] [--show-frames]
                                             why framing matters, with real bytes
 TARGET is host[:port], [v6addr]:port, unix:/path, or an alias from the client config;
-for run, also a host set: lab[01-40], a,b, @group (see `rexec run --help`).
+for run and cp, also a host set: lab[01-40], a,b, @group (see `rexec run --help`).
 Run `rexec SUBCOMMAND --help` for the options of each.
 """
 

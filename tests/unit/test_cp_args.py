@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from rexec.cli.cp import check_cp_args, make_plan, parse_cp_args, split_operand
+from rexec.cli.cp import (
+    _CP_OPTIONS,
+    CP_HELP,
+    check_cp_args,
+    make_plan,
+    parse_cp_args,
+    split_operand,
+)
 from rexec.cli.cpmany import summary
 from rexec.cli.cpreport import CpArgs, Plan, Report, file_json, host_json
 from rexec.cli.main import main
@@ -287,6 +295,18 @@ def test_usage_errors_through_main(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err == "rexec cp: error: unrecognized arguments: --bogus\n"
     assert main(["cp", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: rexec cp [-h] [-r] [-p] [--resume]")
+
+
+def test_help_names_every_option_and_its_examples_parse() -> None:
+    """--help cannot drift from the parser: each option is in it, each example parses."""
+    for long, short, _ in _CP_OPTIONS:
+        assert f"  {short or long}" in CP_HELP and f" {long}" in CP_HELP, long
+    examples = CP_HELP.split("\nexamples:\n")[1].split("\n\n")[0].splitlines()
+    assert len(examples) == 5
+    for line in examples:
+        argv = shlex.split(line.partition("   ")[0])
+        assert argv[:2] == ["rexec", "cp"], line
+        check_cp_args(parse_cp_args(argv[2:]))
 
 
 def test_one_host_stays_off_asyncio(tmp_path: Path) -> None:
