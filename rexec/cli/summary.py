@@ -32,9 +32,9 @@ def host_entry(r: HostResult) -> Entry:
 
 def summary_line(entries: Iterable[Entry], missing: int = 0) -> str:
     """`40 hosts: 37 ok, 1 exit 2 (lab07), ...`; `missing`: hosts that never finished (the
-    run was interrupted), said at the end."""
+    run was interrupted), counted in the total and said at the end."""
     by_label: dict[tuple[int, int, str], list[str]] = {}
-    count = 0
+    count = missing
     for host, status, number, label in entries:
         by_label.setdefault((_RANK[status], number, label), []).append(host)
         count += 1
@@ -47,5 +47,9 @@ def summary_line(entries: Iterable[Entry], missing: int = 0) -> str:
         if len(folded) > SUMMARY_HOSTS:
             folded = folded[: SUMMARY_HOSTS - 3] + "..."
         parts.append(f"{len(hosts)} {label} ({folded})")
-    line = f"{count} host{'s' if count != 1 else ''}: {', '.join(parts)}"
-    return line + (f" ({missing} not finished: interrupted)" if missing else "")
+    line = f"{count} host{'s' if count != 1 else ''}:"
+    if parts:
+        line += " " + ", ".join(parts)
+    if missing:
+        line += f" ({missing} not finished: interrupted)"
+    return line

@@ -416,8 +416,11 @@ def test_a_host_set_summary_counts_hosts_as_rexec_run_does(
     report.failed("h08", ConnectionLost("connection lost"), started=True)
     report.failed("h09", PolicyError(ErrorCode.POLICY, "transfers are not allowed"), started=True)
     assert summary(report, 11) == (
-        "9 hosts: 2 ok, 1 failed (h03), 1 unreachable (h04), 1 auth_failed (h05), "
+        "11 hosts: 2 ok, 1 failed (h03), 1 unreachable (h04), 1 auth_failed (h05), "
         "1 policy (h09), 1 refused (h06), 2 truncated (h[07-08]) (2 not finished: interrupted)"
     )
     assert report.close(summary(report, 9)) == 255
     assert capfd.readouterr().err.endswith("2 truncated (h[07-08])\n")
+    nothing = Report(args, make_plan(args.operands), ["a", "b"], size=None)
+    assert nothing.interrupted(summary(nothing, 2)) == 130  # Ctrl-C before any host ended
+    assert capfd.readouterr().err.endswith("\n2 hosts: (2 not finished: interrupted)\n")
