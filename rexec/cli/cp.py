@@ -78,7 +78,7 @@ exit status:
 """
 
 # scp's options, then `rexec run`'s shared ones (their names, values and checks come from it)
-_CP_OPTIONS: tuple[Option, ...] = (
+CP_OPTIONS: tuple[Option, ...] = (
     ("--recursive", "-r", "recursive"),
     ("--preserve", "-p", "preserve"),
     ("--resume", "", "resume"),
@@ -204,7 +204,7 @@ def parse_cp_args(argv: Sequence[str]) -> CpArgs:
             args.operands.append(arg)
             continue
         try:
-            parse_option(args, arg, rest, _CP_OPTIONS, _CP_FLAGS)
+            parse_option(args, arg, rest, CP_OPTIONS, _CP_FLAGS)
         except UsageError as exc:
             first = first or exc
         if args.help and first is None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from rexec.cli.cp import (
-    _CP_OPTIONS,
     CP_HELP,
+    CP_OPTIONS,
     check_cp_args,
     make_plan,
     parse_cp_args,
@@ -299,7 +299,7 @@ def test_usage_errors_through_main(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_help_names_every_option_and_its_examples_parse() -> None:
     """--help cannot drift from the parser: each option is in it, each example parses."""
-    for long, short, _ in _CP_OPTIONS:
+    for long, short, _ in CP_OPTIONS:
         assert f"  {short or long}" in CP_HELP and f" {long}" in CP_HELP, long
     examples = CP_HELP.split("\nexamples:\n")[1].split("\n\n")[0].splitlines()
     assert len(examples) == 5
