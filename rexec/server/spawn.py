@@ -178,7 +178,7 @@ def _spawn_error(spec: ExecSpec, exc: OSError) -> ExecError:
 
 @dataclass(frozen=True)
 class Spawned:
-    """A command just forked: what Execution takes over (its fds are ours to close)."""
+    """A command just forked: what Execution takes over (its fds, pidfd and cgroup with it)."""
 
     proc: subprocess.Popen[bytes]
     pidfd: int  # readable once the leader exited
