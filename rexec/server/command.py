@@ -16,7 +16,7 @@ import asyncio
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from rexec.errors import ErrorCode, ExecError, RexecError
 from rexec.log import AuditRecord
@@ -24,13 +24,11 @@ from rexec.protocol.events import Stream
 from rexec.protocol.frames import HEADROOM
 from rexec.protocol.messages import ExitStatus
 from rexec.protocol.models import ExecRequest
-from rexec.protocol.server import ServerConnection
 from rexec.server.config import env_allowed
-from rexec.server.context import ServerContext
+from rexec.server.context import ChannelHost
 from rexec.server.exec import ExecOutcome, Execution
 from rexec.server.policy import Decision, resolve_cwd
 from rexec.server.spawn import ExecSpec
-from rexec.transport import FramedProtocol
 
 EXIT_NOT_STARTED = 255
 
@@ -64,29 +62,10 @@ class ChannelRun:
     stdin_queued: int = 0  # stdin chunks queued or being written (0: may write directly)
 
 
-class Session(Protocol):
+class Session(ChannelHost, Protocol):
     """What a command channel uses of its Session (the session imports us, not we it)."""
 
-    log: Any
-    id: str
-    key_id: str
-    key_name: str | None
-    lost: bool
-    ending: str | None
     runs: dict[int, ChannelRun]
-
-    @property
-    def ctx(self) -> ServerContext: ...
-    @property
-    def conn(self) -> ServerConnection: ...
-    @property
-    def protocol(self) -> FramedProtocol: ...
-    @property
-    def peer(self) -> str: ...
-    @property
-    def peer_host(self) -> str: ...
-    def channel_ended(self, channel: int) -> None: ...
-    def arm_idle(self) -> None: ...
 
 
 class _ChannelSink:
