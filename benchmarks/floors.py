@@ -3,6 +3,9 @@
 - raw loopback TCP throughput, plain Python sockets, sender in its own process;
 - local pipe throughput: `head -c N /dev/zero` read by Python (default 64 KiB pipe, and a
   1 MiB pipe via F_SETPIPE_SZ);
+- the relay: `head -c N /dev/zero` read by one Python process and sent over loopback TCP to
+  another, with no framing, no encryption and no protocol: the streaming download's path
+  with nothing of rexec's on it, so what any remote runner on this machine can approach;
 - asyncio spawn of `true` (create_subprocess_exec + communicate/wait), one at a time;
 - asyncio spawn-and-wait of N concurrent `sh -c 'sleep 0.2; echo ok'`;
 - (info) the same two with subprocess.Popen and a pidfd watched by the event loop instead of
@@ -44,15 +47,36 @@ s.close()
 """
 
 
-def tcp_throughput(nbytes: int, timeout: float = 120.0) -> float:
-    """MB/s from accept() to EOF: one Python process sends, this one receives."""
+RELAY = """
+import os, socket, subprocess, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+head = subprocess.Popen(["head", "-c", str(n), "/dev/zero"], stdout=subprocess.PIPE)
+fd = head.stdout.fileno()
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+for _ in range(n + 1):
+    got = os.readv(fd, [buf])
+    if not got:
+        break
+    s.sendall(view[:got])
+s.shutdown(socket.SHUT_WR)
+s.close()
+sys.exit(head.wait())
+"""
+
+
+def tcp_throughput(nbytes: int, timeout: float = 120.0, sender: str = SENDER) -> float:
+    """MB/s from accept() to EOF: one Python process sends (`sender`: zeros from memory, or
+    RELAY: a command's pipe), this one receives."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lsock:
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKBUF)
         lsock.bind((LOOPBACK, 0))
         lsock.listen(1)
         lsock.settimeout(30)
         port = lsock.getsockname()[1]
-        sender = subprocess.Popen([PYTHON, "-c", SENDER, str(port), str(nbytes)])
+        proc = subprocess.Popen([PYTHON, "-c", sender, str(port), str(nbytes)])
         try:
             conn, _ = lsock.accept()
             with conn:
@@ -66,12 +90,12 @@ def tcp_throughput(nbytes: int, timeout: float = 120.0) -> float:
                         break
                     got += n
                 elapsed = time.perf_counter() - t0
-            if sender.wait(timeout=30) != 0 or got != nbytes:
+            if proc.wait(timeout=30) != 0 or got != nbytes:
                 raise RuntimeError(f"tcp floor: got {got} of {nbytes}")
         finally:
-            if sender.poll() is None:
-                sender.kill()
-                sender.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
     return nbytes / elapsed / 1e6
 
 

@@ -629,6 +629,19 @@ def stream_down(env: Env) -> Group:
         ),
         contender(
             row(
+                "floor.relay",
+                m,
+                "floor: head -c | Python -> TCP -> Python",
+                "MB/s",
+                "higher",
+                "floor",
+                "the same path with no framing, no crypto, no protocol: three processes",
+            ),
+            lambda: [floors.tcp_throughput(n, sender=floors.RELAY)],
+            None,
+        ),
+        contender(
+            row(
                 "floor.pipe",
                 m,
                 "floor: head -c | Python read, 64K pipe",
@@ -662,6 +675,9 @@ def stream_down(env: Env) -> Group:
         Comparison("down.rexec", "down.ssh_default"),
         Comparison("down.rexec", "down.asyncssh"),
         Comparison("down.rexec", "down.paramiko"),
+        Comparison("down.rexec", "floor.relay"),
+        Comparison("down.rexec_cli", "floor.relay"),
+        Comparison("floor.relay", "floor.tcp"),
         Comparison("down.rexec", "floor.pipe"),
         Comparison("down.rexec", "floor.pipe_1m"),
     ]

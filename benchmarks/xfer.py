@@ -358,6 +358,34 @@ class Big:
             seconds = time.perf_counter() - t0
         return [_mbps(self.size, seconds)]
 
+    def floor(self, side: str, key: str) -> list[float]:
+        """One side's file work alone, in 256 KiB pieces as rexec's frames: the sender's
+        read + SHA-256, or the receiver's SHA-256 + write. No network, no encryption: each
+        side of a transfer does at least this, on one of the machine's two cores."""
+        piece = 256 * 1024
+        if side == "send":
+            buf = bytearray(piece)
+            digest = hashlib.sha256()
+            t0 = time.perf_counter()
+            with self.src.open("rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    digest.update(memoryview(buf)[:n])
+            seconds = time.perf_counter() - t0
+            if digest.hexdigest() != self.data.big_sha:
+                raise RuntimeError(f"{key}: the hash of the source differs")
+            return [_mbps(self.size, seconds)]
+        with self.dest("floor", key) as dst:
+            pieces = [memoryview(BLOCK)[i : i + piece] for i in range(0, len(BLOCK), piece)]
+            digest = hashlib.sha256()
+            t0 = time.perf_counter()
+            with dst.open("wb", buffering=0) as f:
+                for _ in range(self.size // len(BLOCK)):
+                    for view in pieces:
+                        digest.update(view)
+                        f.write(view)
+            seconds = time.perf_counter() - t0
+        return [_mbps(self.size, seconds)]
+
     def sftp(self, op: str, key: str) -> list[float]:
         env = self.env
         with self.dest("sftp", key) as dst:
@@ -473,6 +501,35 @@ def big_group(env: Any) -> Group:
             Comparison(client.key, "", "<", 100.0, "< 100 MB"),
             Comparison(cp_rss.key, "", "<", 100.0, "< 100 MB"),
         ]
+    m = f"xfer {label}, no network"
+    send = Row(
+        "xfer.floor_send",
+        m,
+        "floor: read + SHA-256 (a sender's file work)",
+        "MB/s",
+        "higher",
+        "floor",
+        "256 KiB pieces, one core",
+    )
+    recv = Row(
+        "xfer.floor_recv",
+        m,
+        "floor: SHA-256 + write (a receiver's file work)",
+        "MB/s",
+        "higher",
+        "floor",
+        "256 KiB pieces, one core",
+    )
+    speed += [
+        _contender(send, partial(big.floor, "send", send.key), None),
+        _contender(recv, partial(big.floor, "recv", recv.key), None),
+    ]
+    comparisons += [
+        Comparison(recv.key, "xfer_up.scp"),
+        Comparison(recv.key, "xfer_down.scp"),
+        Comparison("xfer_up.rexec", recv.key),
+        Comparison("xfer_down.rexec", recv.key),
+    ]
     return Group(
         f"xfer: one {label} file up and down, on {big.data.fs} (MB = 10^6 bytes)",
         speed + rss,
@@ -511,6 +568,7 @@ class Tree:
         self.data = data(env.cfg.quick)
         self.src = self.data.make_tree(count)
         self.full = _Once()
+        self.contents: dict[str, bytes] = {}
 
     def timed(self, name: str, key: str, go: Callable[[Path], None]) -> list[float]:
         dst = self.data.fresh(name) / "tree"
@@ -570,6 +628,42 @@ class Tree:
 
         return self.timed("scp", key, go)
 
+    def floor(self, atomic: bool, key: str) -> list[float]:
+        """The receiving side's file system work alone, in a Python loop with the data in
+        memory: mkdir per directory, then per file open(O_CREAT|O_EXCL), write and close,
+        and with `atomic` under a temporary name renamed into place, as rexec must (the
+        issue's rule: no file appears before its hash matched). No network, no hashing, no
+        protocol: rexec's receiver does at least this, in one thread."""
+        if not self.contents:
+            self.contents = {rel: (self.src / rel).read_bytes() for rel in self.data.tree_manifest}
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+        def go(dst: Path) -> None:
+            dst.mkdir()
+            dirs: dict[str, int] = {}
+            try:
+                for rel, body in self.contents.items():
+                    top, name = rel.split("/")
+                    dfd = dirs.get(top)
+                    if dfd is None:
+                        os.mkdir(top, 0o755, dir_fd=_dirfd(dirs, dst))
+                        dfd = dirs[top] = os.open(top, os.O_RDONLY, dir_fd=dirs[""])
+                    if atomic:
+                        part = f".{name}.part"
+                        fd = os.open(part, flags, 0o600, dir_fd=dfd)
+                        os.write(fd, body)
+                        os.fchmod(fd, 0o644)
+                        os.rename(part, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                    else:
+                        fd = os.open(name, flags, 0o644, dir_fd=dfd)
+                        os.write(fd, body)
+                    os.close(fd)
+            finally:
+                for fd in dirs.values():
+                    os.close(fd)
+
+        return self.timed("floor", key, go)
+
     def rsync(self, op: str, key: str) -> list[float]:
         env = self.env
 
@@ -579,6 +673,13 @@ class Tree:
             _run(["rsync", "-a", "-e", ssh, *pair], "rsync -a")
 
         return self.timed("rsync", key, go)
+
+
+def _dirfd(dirs: dict[str, int], root: Path) -> int:
+    """The destination root's fd, opened once per sample (key "")."""
+    if "" not in dirs:
+        dirs[""] = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    return dirs[""]
 
 
 def tree_group(env: Any) -> Group:
@@ -623,6 +724,36 @@ def tree_group(env: Any) -> Group:
             Comparison(rexec.key, rsync.key, "<=", 1 / 3, "<= 0.33x (3x faster)"),
             Comparison(cli.key, rsync.key),
         ]
+    m = f"tree {count:,} x 1K, no network"
+    atomic = Row(
+        "tree.floor_atomic",
+        m,
+        "floor: Python loop writing the files, temp name + rename",
+        "s",
+        "lower",
+        "floor",
+        "the receiver's least work under rexec's atomic rule; data in memory, no hashing",
+    )
+    bare = Row(
+        "tree.floor_bare",
+        m,
+        "floor: Python loop writing the files in place",
+        "s",
+        "lower",
+        "floor",
+        "open O_EXCL, write, close: no temp name, nothing a crash could not leave half-done",
+    )
+    contenders += [
+        _contender(atomic, partial(tree.floor, True, atomic.key), None),
+        _contender(bare, partial(tree.floor, False, bare.key), None),
+    ]
+    comparisons += [
+        Comparison(atomic.key, "tree_up.rsync"),
+        Comparison(atomic.key, "tree_down.rsync"),
+        Comparison(bare.key, "tree_up.rsync"),
+        Comparison("tree_up.rexec", atomic.key),
+        Comparison("tree_down.rexec", atomic.key),
+    ]
     return Group(
         f"xfer: a tree of {count:,} files of 1 KiB up and down, on {tree.data.fs}",
         contenders,
