@@ -25,8 +25,8 @@ from rexec.protocol.notice import RefusalCode
 from rexec.server.admission import BUSY_RETRY_AFTER, Admission, Refusal
 from rexec.server.auth import REVOKED, AuthRateLimiter, TokenStore
 from rexec.server.config import ServerConfig
-from rexec.server.exec import ExecSpec
 from rexec.server.policy import Decision, evaluate
+from rexec.server.spawn import ExecSpec
 from rexec.server.usage import LastUsed, Learned
 
 TOKEN_CHECK = 0.5  # seconds between token checks: revocation and expiry act within ~1 s
