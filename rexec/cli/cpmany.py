@@ -16,7 +16,7 @@ from typing import Any
 from rexec.cli.cpreport import CpArgs, Plan, Report, usage_failure
 from rexec.cli.fleet import host_file_name, is_plain, select_hosts
 from rexec.cli.outcome import UsageError, retry_notice
-from rexec.client.core import DEFAULT_RETRY_DELAY
+from rexec.client.connecting import DEFAULT_RETRY_DELAY
 from rexec.client.fanout import DEFAULT_FANOUT, config_tokens, connect_host, each_host
 from rexec.errors import RexecError
 from rexec.protocol.noise import Suite

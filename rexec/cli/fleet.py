@@ -31,7 +31,7 @@ from rexec.cli.outcome import (
     retry_notice,
     write_junit,
 )
-from rexec.client.core import DEFAULT_RETRY_DELAY
+from rexec.client.connecting import DEFAULT_RETRY_DELAY
 from rexec.client.fanout import DEFAULT_FANOUT, STATUSES, config_tokens
 from rexec.client.fleet import HostResult, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
