@@ -26,7 +26,7 @@ _EXPORTS = {
     "CommandTimeout": "rexec.result",
     "ConfigError": "rexec.errors",
     "ConnectTimeout": "rexec.errors",
-    "Connecting": "rexec.client.aioconnect",
+    "Connecting": "rexec.client.aio",
     "Connection": "rexec.client.aio",
     "ConnectionLost": "rexec.errors",
     "Disconnected": "rexec.errors",
@@ -61,7 +61,7 @@ _EXPORTS = {
     "TransferProgress": "rexec.transfer",
     "TransferResult": "rexec.transfer",
     "TruncatedError": "rexec.errors",
-    "connect": "rexec.client.aioconnect",
+    "connect": "rexec.client.aio",
     "expand_hosts": "rexec.client.hosts",
     "fold_hosts": "rexec.client.hosts",
     "run_many": "rexec.client.fleet",
@@ -73,11 +73,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs (`X as X`: an explicit re-export
     from typing import Any
 
     from rexec.address import Endpoint as Endpoint
+    from rexec.client.aio import Connecting as Connecting
     from rexec.client.aio import Connection as Connection
     from rexec.client.aio import OutputStream as OutputStream
     from rexec.client.aio import Process as Process
-    from rexec.client.aioconnect import Connecting as Connecting
-    from rexec.client.aioconnect import connect as connect
+    from rexec.client.aio import connect as connect
     from rexec.client.blocking import Client as Client
     from rexec.client.blocking import SyncOutputStream as SyncOutputStream
     from rexec.client.blocking import SyncProcess as SyncProcess

@@ -1,10 +1,8 @@
 """The asyncio driver: the async API (`async with rexec.connect(target) as conn: ...`).
 
-rexec.client.aioconnect opens a Connection (connect(), retries); this module is the
-connection once open, and its Processes. It moves bytes between an asyncio transport and the
-sans-I/O client core and wakes whoever waits; what the bytes mean is the core's business
-(rexec.client.core), exactly as for the sync driver. Several commands may run at once on one
-connection (one channel each).
+It moves bytes between an asyncio transport and the sans-I/O client core and wakes whoever
+waits; what the bytes mean is the core's business (rexec.client.core), exactly as for the
+sync driver. Several commands may run at once on one connection (one channel each).
 """
 
 from __future__ import annotations
@@ -12,15 +10,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from rexec.address import Endpoint
-from rexec.client.connecting import connect_failed, connect_timed_out
-from rexec.client.core import CLOSE_WAIT, Chunk, ClientCore, Command, connection_broke, is_reset
-from rexec.errors import ConnectionLost, RexecError
+from rexec.client.connecting import (
+    DEFAULT_RETRY_DELAY,
+    ConnectAttempts,
+    Retry,
+    RetryFn,
+    connect_failed,
+    connect_timed_out,
+)
+from rexec.client.core import (
+    CLOSE_WAIT,
+    Chunk,
+    ClientCore,
+    Command,
+    connection_broke,
+    is_reset,
+)
+from rexec.client.sockdriver import jitter
+from rexec.client.target import resolve_target
+from rexec.errors import ConnectionLost, RexecError, ServerRefused
 from rexec.heap import keep_heap
 from rexec.protocol.connection import Connection as ProtocolConnection
 from rexec.protocol.connection import TraceFn
@@ -519,3 +534,104 @@ class Connection:
 async def _feed(proc: Process, data: bytes) -> None:
     await proc.write(data)
     await proc.close_stdin()
+
+
+class Connecting:
+    """What `connect()` returns: await it for a Connection, or use it as `async with`."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | Token | None,
+        token_file: str | None,
+        connect_timeout: float | None,
+        suite: Suite,
+        trace: TraceFn | None,
+        retry: int = 0,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        on_retry: RetryFn | None = None,
+    ) -> None:
+        Retry(retry, retry_delay, 0.0)  # bad values fail here, at the call
+        self._args = (target, token, token_file, connect_timeout, suite, trace)
+        self._retry = (retry, retry_delay, on_retry)
+        self._conn: Connection | None = None
+        self._core: ClientCore | None = None
+
+    async def _make(self) -> Connection:
+        target, token, token_file, connect_timeout = self._args[:4]
+        retry, retry_delay, on_retry = self._retry
+        retries = Retry(retry, retry_delay, time.monotonic())
+        resolved = resolve_target(target, token=token, token_file=token_file)
+        timeout = connect_timeout or resolved.connect_timeout
+        while True:  # --retry: only connecting is tried again, no command has been sent yet
+            try:
+                return await self._attempt(
+                    resolved.endpoint, resolved.token, resolved.name, timeout
+                )
+            except RexecError as exc:
+                assert self._core is not None
+                wait = retries.after(exc, self._core, time.monotonic(), jitter())
+                if wait is None:
+                    raise
+                if on_retry is not None:
+                    on_retry(exc, retries.done, wait)
+                await asyncio.sleep(wait)
+
+    async def _attempt(
+        self, endpoint: Endpoint, token: Token, name: str, timeout: float
+    ) -> Connection:
+        """One attempt (for --retry): connect and authenticate within `timeout` seconds."""
+        suite, trace = self._args[4], self._args[5]
+        loop = asyncio.get_running_loop()
+        attempts = ConnectAttempts(timeout, loop.time())
+        while True:  # a busy server is tried again (ConnectAttempts decides)
+            conn = Connection(endpoint, token, suite, trace, name)
+            self._core = conn._core  # the attempt's core: did it send anything? (Retry.after)
+            try:
+                await conn._open(attempts.timeout, attempts.remaining(loop.time()))
+                return conn
+            except ServerRefused as exc:
+                delay = attempts.retry_delay(exc, loop.time())
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> Connection:
+        self._conn = await self._make()
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+def connect(
+    target: str,
+    *,
+    token: str | Token | None = None,
+    token_file: str | None = None,
+    connect_timeout: float | None = None,
+    suite: Suite = Suite.AESGCM,
+    trace: TraceFn | None = None,
+    retry: int = 0,
+    retry_delay: float = DEFAULT_RETRY_DELAY,
+    on_retry: RetryFn | None = None,
+) -> Connecting:
+    """Connect and authenticate to TARGET (host[:port], unix:/path or a config alias).
+
+    `retry=N`: up to N more attempts when connecting fails before any command was sent
+    (refused, unreachable, timed out, busy; never a failed authentication), with backoff
+    from `retry_delay` seconds (rexec.client.connecting.Retry); `on_retry(error, n, wait)` hears
+    of each.
+    """
+    return Connecting(
+        target, token, token_file, connect_timeout, suite, trace, retry, retry_delay, on_retry
+    )

@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from rexec.client.aioconnect import connect
+from rexec.client.aio import connect
 from rexec.client.connecting import DEFAULT_RETRY_DELAY
 from rexec.client.hosts import expand_hosts
 from rexec.client.target import ClientConfig, load_client_config, resolve_host_token

@@ -238,7 +238,7 @@ def test_4000_preauth_connections_free_their_memory(server_factory: Any, e2e: An
 def test_closed_connections_are_freed_without_a_gc_pass(tmp_path: Path) -> None:
     """Every kind of ended connection is freed by reference counting alone: no cycle keeps
     a session, its protocol or its buffers waiting for the garbage collector."""
-    from rexec.client.aioconnect import connect
+    from rexec.client.aio import connect
     from rexec.protocol.token import Token
     from rexec.server import service
     from rexec.server.config import ServerConfig
