@@ -18,7 +18,7 @@ from rexec.cli.cpreport import CpArgs, Plan, Report, usage_failure
 from rexec.cli.fleet import host_file_name, is_plain, select_hosts
 from rexec.cli.outcome import EXIT_TRANSFER_FAILED, UsageError, retry_notice
 from rexec.cli.summary import Entry, host_entry, summary_line
-from rexec.client.core import DEFAULT_RETRY_DELAY
+from rexec.client.connecting import DEFAULT_RETRY_DELAY
 from rexec.client.fanout import DEFAULT_FANOUT, config_tokens, connect_host, each_host
 from rexec.client.fleet import failed_host
 from rexec.errors import RexecError

@@ -32,7 +32,7 @@ from rexec.cli.outcome import (
     write_junit,
 )
 from rexec.cli.summary import host_entry, summary_line
-from rexec.client.core import DEFAULT_RETRY_DELAY
+from rexec.client.connecting import DEFAULT_RETRY_DELAY
 from rexec.client.fanout import DEFAULT_FANOUT, config_tokens
 from rexec.client.fleet import HostResult, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts

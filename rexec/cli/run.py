@@ -424,7 +424,7 @@ def cmd_run(argv: list[str], *, implicit: bool = False) -> int:
 def open_client(args: RunArgs, target: str) -> Client:
     """The sync Client for a command line's connection options (run and cp share them)."""
     from rexec import Client, Suite
-    from rexec.client.core import DEFAULT_RETRY_DELAY
+    from rexec.client.connecting import DEFAULT_RETRY_DELAY
 
     def notice(exc: RexecError, n: int, wait: float) -> None:
         err(retry_notice(exc, n, args.retry, wait))

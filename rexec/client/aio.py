@@ -17,17 +17,19 @@ from types import TracebackType
 from typing import Any
 
 from rexec.address import Endpoint
-from rexec.client.core import (
-    CLOSE_WAIT,
+from rexec.client.connecting import (
     DEFAULT_RETRY_DELAY,
-    Chunk,
-    ClientCore,
-    Command,
     ConnectAttempts,
     Retry,
     RetryFn,
     connect_failed,
     connect_timed_out,
+)
+from rexec.client.core import (
+    CLOSE_WAIT,
+    Chunk,
+    ClientCore,
+    Command,
     connection_broke,
     is_reset,
 )
@@ -582,7 +584,7 @@ class Connecting:
         suite, trace = self._args[4], self._args[5]
         loop = asyncio.get_running_loop()
         attempts = ConnectAttempts(timeout, loop.time())
-        while True:  # a busy server is tried again (the core's ConnectAttempts decides)
+        while True:  # a busy server is tried again (ConnectAttempts decides)
             conn = Connection(endpoint, token, suite, trace, name)
             self._core = conn._core  # the attempt's core: did it send anything? (Retry.after)
             try:
@@ -627,7 +629,7 @@ def connect(
 
     `retry=N`: up to N more attempts when connecting fails before any command was sent
     (refused, unreachable, timed out, busy; never a failed authentication), with backoff
-    from `retry_delay` seconds (rexec.client.core.Retry); `on_retry(error, n, wait)` hears
+    from `retry_delay` seconds (rexec.client.connecting.Retry); `on_retry(error, n, wait)` hears
     of each.
     """
     return Connecting(

@@ -20,15 +20,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 
 from rexec.address import Endpoint
-from rexec.client.core import (
-    DEFAULT_RETRY_DELAY,
-    Chunk,
-    ClientCore,
-    Command,
-    ConnectAttempts,
-    Retry,
-    RetryFn,
-)
+from rexec.client.connecting import DEFAULT_RETRY_DELAY, ConnectAttempts, Retry, RetryFn
+from rexec.client.core import Chunk, ClientCore, Command
 from rexec.client.sockdriver import OUT_HIGH_WATER, SocketDriver, jitter
 from rexec.client.target import resolve_target
 from rexec.errors import RexecError, ServerRefused
@@ -176,7 +169,7 @@ class Client:
 
     One authenticated connection; commands run on it one after another, or several at once
     with `start()` (waiting on any of them serves them all). `retry=N` tries connecting up
-    to N more times when it fails before any command was sent (see rexec.client.core.Retry);
+    to N more times when it fails before any command was sent (see rexec.client.connecting.Retry);
     `on_retry(error, n, wait)` hears of each retry.
     """
 
@@ -217,7 +210,7 @@ class Client:
     def _connect(self, token: Token, suite: Suite, trace: TraceFn | None, timeout: float) -> None:
         """One attempt (for --retry): connect and authenticate within `timeout` seconds."""
         attempts = ConnectAttempts(timeout, time.monotonic())
-        while True:  # a busy server is tried again (the core's ConnectAttempts decides)
+        while True:  # a busy server is tried again (ConnectAttempts decides)
             core = ClientCore(token, suite, target=self.target, trace=trace)
             self._driver = SocketDriver(self.endpoint, core)
             try:

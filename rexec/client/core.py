@@ -13,9 +13,8 @@ Both client drivers only move bytes, wait, and tell this core the time: rexec.cl
 - the server's CLOSE is answered with ours; a command it leaves without an EXIT, or an EOF
   before CLOSE, is `TruncatedError`; the server closing during the handshake is `AuthError`;
 - in place of message 2, a refusal notice is `ServerRefused` and an SSH or HTTP reply is
-  `NotRexecServer` (found by rexec.protocol.notice, raised unchanged); a "busy" server is
-  tried again a few times within one connect deadline (`ConnectAttempts`); a handshake
-  write that fails is not the end until what the server sent has been read (a notice);
+  `NotRexecServer` (found by rexec.protocol.notice, raised unchanged); a handshake write
+  that fails is not the end until what the server sent has been read (a notice);
 - keepalive, while a command runs: a PING after `KEEPALIVE_IDLE` seconds of silence,
   `ConnectionLost` after `KEEPALIVE_DEAD` (the server reads at all times and its PONG
   overtakes its data, so stdin it has not taken yet is no excuse for silence); the server's
@@ -23,11 +22,10 @@ Both client drivers only move bytes, wait, and tell this core the time: rexec.cl
 - flow: never more stdin than the server's window (`ClientConnection.stdin_room`); output
   is reported consumed (`output_consumed`) once it is handed to the application: taken from
   a stream, written to a sink, or collected into a Result;
-- results: a `Result` from the EXIT and the output the application did not take;
-- retries (`Retry`): whether and when to connect again after a failed attempt. Only a
-  connection that never sent an EXEC is retried: the drivers wrap nothing but connect()
-  (socket and handshake) in the retry loop, and `Retry.after` refuses a core that started
-  a command, so a command never runs twice.
+- results: a `Result` from the EXIT and the output the application did not take.
+
+Connecting again (a busy server, `retry=N`) is rexec.client.connecting's: it asks a failed
+attempt's core whether it sent an EXEC.
 
 The core never raises for what the server did: it records the error on the commands (and on
 the connection), and the drivers raise it to whoever waits for them.
@@ -37,18 +35,15 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from rexec.errors import (
     AuthError,
     ConnectionLost,
-    ConnectTimeout,
     ErrorCode,
     ExecError,
     LocalProtocolError,
-    NotRexecServer,
     PolicyError,
     ProtocolError,
     RemoteError,
@@ -71,7 +66,6 @@ from rexec.protocol.events import (
 from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ExitStatus, ServerInfo
 from rexec.protocol.noise import Suite
-from rexec.protocol.notice import RefusalCode, busy_retry_delay, stalled_handshake
 from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
@@ -83,9 +77,6 @@ if TYPE_CHECKING:
 KEEPALIVE_IDLE = 15.0  # seconds of server silence, while a command runs, before we PING
 KEEPALIVE_DEAD = 30.0  # seconds of server silence before we give up on it
 CLOSE_WAIT = 2.0  # how long a client waits for the server's CLOSE after its own
-DEFAULT_RETRY_DELAY = 1.0  # seconds before the first retry; each next wait doubles
-RETRY_WAIT_MAX = 30.0  # no wait between two attempts is longer (a ServerRefused's too)
-RETRY_TOTAL = 300.0  # no attempt starts later than this after the first one
 HANDSHAKE_CLOSED = (
     "authentication failed: the server closed the connection during the handshake "
     "(wrong or unknown token; the server's log has the reason)"
@@ -95,48 +86,9 @@ Data = bytes | bytearray  # a data frame's payload may be the buffer it was decr
 Chunk = tuple[Stream, Data]
 
 
-def connect_failed(endpoint: object, exc: OSError) -> ConnectionLost:
-    """The error for a connect() the OS refused (one wording for both drivers: asyncio's
-    own "Connect call failed (...)" text is replaced by the errno's, as the socket says it)."""
-    code = exc.errno
-    reason = os.strerror(code) if isinstance(code, int) and code > 0 else exc.strerror
-    return ConnectionLost(f"cannot connect to {endpoint}: {reason or exc}")
-
-
-def connect_timed_out(
-    endpoint: object, timeout: float, *, connected: bool, received: int = 0
-) -> ConnectTimeout:
-    """The error for the client's connect deadline: in connect(), or in the handshake (then
-    `received`, the bytes of the server's reply in so far, says whether it answered at all)."""
-    if connected:
-        return ConnectTimeout(stalled_handshake(str(endpoint), timeout, received))
-    return ConnectTimeout(f"connecting to {endpoint} timed out after {timeout:g}s")
-
-
 def is_reset(exc: OSError) -> bool:
     """The peer reset the connection, or closed it under our write (both drivers' one rule)."""
     return exc.errno in (errno.ECONNRESET, errno.EPIPE)
-
-
-class ConnectAttempts:
-    """One connect deadline over every attempt: a server that says it is busy is tried again
-    (notice.busy_retry_delay: a few times, with jitter), never past the deadline. The drivers
-    sleep and reconnect, each attempt with a fresh ClientCore."""
-
-    def __init__(self, timeout: float, now: float) -> None:
-        self.timeout = timeout  # the figure a ConnectTimeout names
-        self.deadline = now + timeout
-        self.retries = 0
-
-    def remaining(self, now: float) -> float:
-        return self.deadline - now
-
-    def retry_delay(self, exc: ServerRefused, now: float) -> float | None:
-        """Seconds to wait before the next attempt after `exc`, or None: raise it."""
-        delay = busy_retry_delay(exc, self.retries, self.deadline - now)
-        if delay is not None:
-            self.retries += 1
-        return delay
 
 
 def connection_broke(endpoint: object, exc: OSError) -> ConnectionLost:
@@ -151,68 +103,6 @@ def command_error(code: int, message: str, status: ExitStatus) -> RexecError:
     if code == ErrorCode.POLICY:
         return PolicyError(code, message)
     return RemoteError(code, message)
-
-
-RetryFn = Callable[[RexecError, int, float], object]  # (error, retry number, wait) per retry
-_PASSING_REFUSALS = frozenset(
-    {RefusalCode.BUSY, RefusalCode.RATE_LIMITED, RefusalCode.SHUTTING_DOWN}
-)
-
-
-def retryable(exc: BaseException) -> bool:
-    """A failure to connect that another attempt may not meet: refused or unreachable, a
-    connect or handshake timeout, a busy, rate-limited or stopping server, a handshake broken
-    off.
-
-    Never an authentication failure (a wrong token stays wrong, and every attempt counts
-    against the server's failed-auth limit), a config or usage error, a non-rexec server, nor
-    a refusal that stays (a cipher suite or protocol version the server does not take).
-    """
-    if isinstance(exc, ServerRefused):
-        return exc.code in _PASSING_REFUSALS
-    if isinstance(exc, AuthError | LocalProtocolError | NotRexecServer):
-        return False
-    return isinstance(exc, ConnectionLost | ProtocolError)
-
-
-class Retry:
-    """When to connect again after a failed attempt: exponential backoff with jitter, bounded.
-
-    Sans-I/O, as the rest of this module: a driver asks `after()` and does the waiting. The
-    n-th retry waits `delay * 2**(n-1)`, plus up to half of that at random (clients that
-    failed together do not come back together), at most RETRY_WAIT_MAX, and no less than a
-    refusal's `retry_after`; none starts past RETRY_TOTAL seconds after the first attempt.
-    """
-
-    def __init__(self, retries: int, delay: float, now: float) -> None:
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retry must be a whole number >= 0, got {retries!r}")
-        if not (delay > 0 and math.isfinite(delay)):
-            raise ValueError(f"retry_delay must be a positive number of seconds, got {delay!r}")
-        self.retries = retries
-        self.delay = float(delay)
-        self.done = 0  # retries made so far
-        self._first = now
-
-    def after(
-        self, exc: BaseException, core: ClientCore, now: float, jitter: float
-    ) -> float | None:
-        """Seconds to wait before the next attempt, or None: give up and raise `exc`.
-
-        `core` is the failed attempt's: once it sent an EXEC, the command may have run, and
-        nothing is retried (the drivers only retry connect(), so this is a safety net).
-        `jitter` is a random number in [0, 1) (the driver's, as the time is).
-        """
-        if self.done >= self.retries or core.exec_sent or not retryable(exc):
-            return None
-        wait = min(self.delay * 2.0 ** min(self.done, 16) * (1 + jitter / 2), RETRY_WAIT_MAX)
-        retry_after: object = getattr(exc, "retry_after", None)
-        if isinstance(retry_after, int | float) and retry_after > wait:
-            wait = min(float(retry_after), RETRY_WAIT_MAX)
-        if now + wait - self._first > RETRY_TOTAL:
-            return None
-        self.done += 1
-        return wait
 
 
 class Command:

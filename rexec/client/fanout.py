@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from rexec.client.aio import connect
-from rexec.client.core import DEFAULT_RETRY_DELAY
+from rexec.client.connecting import DEFAULT_RETRY_DELAY
 from rexec.client.hosts import expand_hosts
 from rexec.client.target import ClientConfig, load_client_config, resolve_host_token
 from rexec.errors import AuthError, ConnectionLost, RexecError

@@ -23,7 +23,7 @@ from collections.abc import (
 from typing import TYPE_CHECKING, Any
 
 from rexec._record import FrozenRecord, setfield
-from rexec.client.core import DEFAULT_RETRY_DELAY, Retry
+from rexec.client.connecting import DEFAULT_RETRY_DELAY, Retry
 from rexec.client.fanout import (
     DEFAULT_FANOUT,
     HostRetryFn,

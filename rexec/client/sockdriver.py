@@ -19,15 +19,8 @@ import time
 from collections.abc import Callable
 
 from rexec.address import Endpoint
-from rexec.client.core import (
-    CLOSE_WAIT,
-    ClientCore,
-    Command,
-    connect_failed,
-    connect_timed_out,
-    connection_broke,
-    is_reset,
-)
+from rexec.client.connecting import connect_failed, connect_timed_out
+from rexec.client.core import CLOSE_WAIT, ClientCore, Command, connection_broke, is_reset
 from rexec.errors import ConnectionLost, LocalProtocolError
 from rexec.heap import BULK, keep_heap
 from rexec.protocol.frames import MAX_PAYLOAD

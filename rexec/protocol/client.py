@@ -12,14 +12,7 @@ from rexec.errors import (
     TruncatedError,
 )
 from rexec.protocol import messages as m
-from rexec.protocol.connection import (
-    Channel,
-    ChannelEvent,
-    ChannelState,
-    Connection,
-    ConnEvent,
-    TraceFn,
-)
+from rexec.protocol.connection import Channel, Connection, TraceFn
 from rexec.protocol.events import Event, ExitReceived, HandshakeComplete, OutputReceived, Stream
 from rexec.protocol.frames import (
     MAX_CHANNEL,
@@ -34,6 +27,7 @@ from rexec.protocol.frames import (
 )
 from rexec.protocol.noise import DHLEN, TAGLEN, NNpsk0Handshake, Suite
 from rexec.protocol.notice import NOTICE_LEN, inspect_reply
+from rexec.protocol.states import ChannelEvent, ChannelState, ConnEvent
 from rexec.protocol.token import Token
 
 TYPE_CHECKING = False

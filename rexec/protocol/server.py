@@ -15,15 +15,7 @@ from typing import Protocol, TypeVar
 
 from rexec.errors import AuthFailed, DecryptError, LocalProtocolError, RemoteProtocolError
 from rexec.protocol import messages as m
-from rexec.protocol.connection import (
-    Channel,
-    ChannelEvent,
-    ChannelState,
-    Connection,
-    ConnEvent,
-    ConnState,
-    TraceFn,
-)
+from rexec.protocol.connection import Channel, Connection, TraceFn
 from rexec.protocol.events import (
     Authenticated,
     Event,
@@ -52,6 +44,7 @@ from rexec.protocol.frames import (
 from rexec.protocol.models import parse_exec_request
 from rexec.protocol.noise import NNpsk0Handshake, Suite
 from rexec.protocol.notice import HelloRefused, RefusalCode, encode_notice
+from rexec.protocol.states import ChannelEvent, ChannelState, ConnEvent, ConnState
 from rexec.protocol.xfer import XferRequest
 
 KeyLookup = Callable[[bytes], "bytes | None"]

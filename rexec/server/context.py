@@ -22,12 +22,14 @@ from rexec.protocol.frames import MAX_PAYLOAD
 from rexec.protocol.messages import ServerInfo
 from rexec.protocol.models import ExecRequest
 from rexec.protocol.notice import RefusalCode
+from rexec.protocol.server import ServerConnection
 from rexec.server.admission import BUSY_RETRY_AFTER, Admission, Refusal
 from rexec.server.auth import REVOKED, AuthRateLimiter, TokenStore
 from rexec.server.config import ServerConfig
-from rexec.server.exec import ExecSpec
 from rexec.server.policy import Decision, evaluate
+from rexec.server.spawn import ExecSpec
 from rexec.server.usage import LastUsed, Learned
+from rexec.transport import FramedProtocol
 
 TOKEN_CHECK = 0.5  # seconds between token checks: revocation and expiry act within ~1 s
 
@@ -72,6 +74,31 @@ class Member(Protocol):
     def end_for_token(self, reason: str) -> None:
         """Its token stopped being valid (revoked, expired, rotated out): kill, say why, close."""
         ...
+
+
+class ChannelHost(Protocol):
+    """What a channel, command (server.command) or transfer (server.transfer), uses of its
+    session: the session imports those modules, so they see it through this."""
+
+    log: Any
+    id: str
+    key_id: str
+    key_name: str | None
+    lost: bool
+    ending: str | None
+
+    @property
+    def ctx(self) -> ServerContext: ...
+    @property
+    def conn(self) -> ServerConnection: ...
+    @property
+    def protocol(self) -> FramedProtocol: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def peer_host(self) -> str: ...
+    def channel_ended(self, channel: int) -> None: ...
+    def arm_idle(self) -> None: ...
 
 
 def _base_env(config: ServerConfig) -> dict[str, str]:

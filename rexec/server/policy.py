@@ -29,7 +29,7 @@ from typing import Any
 
 from rexec.errors import ConfigError
 from rexec.protocol.models import ExecRequest
-from rexec.server.exec import ExecSpec
+from rexec.server.spawn import ExecSpec
 
 __all__ = [
     "UNIX_PEER",

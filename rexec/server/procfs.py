@@ -25,3 +25,14 @@ def live_processes() -> Iterator[tuple[int, int]]:
             fields = stat[stat.rfind(b")") + 2 :].split(b" ", 5)
             if len(fields) >= 5 and fields[0] not in (b"Z", b"X"):
                 yield int(fields[2]), int(fields[3])
+
+
+def live_members(pgid: int) -> bool:
+    """Whether a non-zombie process is in group pgid.
+
+    kill(-pgid, 0) also succeeds for zombies, and orphans wait for their reaper (PID 1, which
+    can be slow in containers); a zombie runs nothing and holds no pipe, so it counts as gone.
+    """
+    if not os.path.isdir("/proc"):
+        return True
+    return any(pgrp == pgid for pgrp, _ in live_processes())

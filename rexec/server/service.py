@@ -22,9 +22,9 @@ from rexec.server.auth import TokenStore
 from rexec.server.config import ServerConfig, unix_gid
 from rexec.server.contain import Containment, use_containment
 from rexec.server.context import ServerContext
-from rexec.server.exec import prepare_signals
 from rexec.server.sdnotify import notify
 from rexec.server.session import Session
+from rexec.server.spawn import prepare_signals
 
 FINAL_WAIT = 5.0  # after the last SIGKILL, how long EXITs may take to go out
 

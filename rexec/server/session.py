@@ -1,13 +1,12 @@
 """One client connection on the server: its channel table, each channel bound to a process.
 
-The session turns protocol events into exec-layer calls and process output into frames.
-It owes every channel an EXIT (and the audit log a record) whatever happens: a command that
-cannot start gets ERROR + EXIT, a shutdown or a vanished client gets its processes killed.
+The session turns protocol events into calls on its channels: command channels
+(rexec.server.command) and transfer channels (rexec.server.transfer), which it routes frames
+to. It owes every channel an EXIT (and the audit log a record) whatever happens: a command
+that cannot start gets ERROR + EXIT, a shutdown or a vanished client gets its processes killed.
 
-Flow control, per channel: stdin waits here (at most the channel's window) until the pipe
-takes it, and only then is it credited back to the client; output leaves the pipe only when
-the client's window for that channel has room and the socket is draining. The socket is read
-at all times, so a client's FIN, SIGNAL or PONG is seen at once however stalled its commands.
+The socket is read at all times, so a client's FIN, SIGNAL or PONG is seen at once however
+stalled its commands (per-channel flow control: rexec.server.command).
 """
 
 from __future__ import annotations
@@ -16,10 +15,8 @@ import asyncio
 import itertools
 import signal
 import time
-from dataclasses import dataclass, field
 
-from rexec.errors import AuthError, ErrorCode, ExecError, ProtocolError, RexecError
-from rexec.log import AuditRecord
+from rexec.errors import AuthError, ErrorCode, ProtocolError, RexecError
 from rexec.protocol.events import (
     Authenticated,
     CloseReceived,
@@ -31,86 +28,20 @@ from rexec.protocol.events import (
     SignalReceived,
     StdinClosed,
     StdinReceived,
-    Stream,
     WindowChanged,
     XferReceived,
 )
-from rexec.protocol.frames import HEADROOM
-from rexec.protocol.messages import ExitStatus
-from rexec.protocol.models import ExecRequest
 from rexec.protocol.notice import RefusalCode
 from rexec.protocol.server import ServerConnection
 from rexec.server.admission import MAX_LINGERING, REFUSAL_LINGER, source_key
-from rexec.server.config import env_allowed
+from rexec.server.command import ChannelRun, refuse, start_command
 from rexec.server.context import ServerContext
-from rexec.server.exec import ExecOutcome, ExecSpec, Execution
-from rexec.server.policy import Decision, resolve_cwd
 from rexec.server.transfer import ServerTransfer
 from rexec.server.transfer import start as start_transfer
 from rexec.transport import FramedProtocol
 
-EXIT_NOT_STARTED = 255
 END_WAIT = 0.7  # a revoked/expired token's connection: how long its killed commands may take
 _conn_ids = itertools.count(1)
-
-
-@dataclass
-class ChannelRun:
-    """A command in flight: its request, its process once started, its stdin queue (at most
-    the channel's stdin window), and the output sink's wait for credit."""
-
-    channel: int
-    request: ExecRequest | None
-    execution: Execution | None = None
-    stdin: asyncio.Queue[bytes | bytearray | None] = field(default_factory=asyncio.Queue)
-    task: asyncio.Task[None] | None = None
-    stdin_task: asyncio.Task[None] | None = None
-    decision: Decision | None = None  # the token policy's verdict, with the spec to run
-    credit: asyncio.Future[None] | None = None
-
-    async def wait_credit(self) -> None:
-        """Until the client grants more output window (both output pumps may wait)."""
-        if self.credit is None:
-            self.credit = asyncio.get_running_loop().create_future()
-        await self.credit
-
-    def wake(self) -> None:
-        credit, self.credit = self.credit, None
-        if credit is not None and not credit.done():
-            credit.set_result(None)
-
-    window: tuple[int, int] | None = None  # a pty's size from WINDOW before it started
-    stdin_queued: int = 0  # stdin chunks queued or being written (0: may write directly)
-
-
-class _ChannelSink:
-    """Where a channel's output goes: to the client as its window and the socket allow."""
-
-    __slots__ = ("channel", "session")
-
-    def __init__(self, session: Session, channel: int) -> None:
-        self.session = session
-        self.channel = channel
-
-    async def __call__(self, stream: Stream, data: bytearray) -> None:
-        # by channel, not `run`: run -> execution -> sink -> run would be a cycle
-        await self.session._output(self.channel, stream, data)
-
-    def send_now(self, stream: Stream, data: bytearray) -> bool:
-        """Send at once (a keystroke's echo) if the window has room and nothing waits to be
-        written; else False. `data` is a buffer behind HEADROOM free bytes, as for _output."""
-        session, channel = self.session, self.channel
-        conn = session.conn
-        if session.lost or not conn.may_send or channel not in conn.channels:
-            return True  # nobody to send it to: dropped, as _output drops it
-        transport = session.protocol.transport
-        if conn.output_room(channel) < len(data) - HEADROOM or (
-            transport is None or transport.get_write_buffer_size()
-        ):
-            return False
-        conn.send_output_buffer(channel, stream, data)
-        session.protocol.flush()
-        return True
 
 
 class _Protocol(FramedProtocol):
@@ -356,7 +287,7 @@ class Session:
                 if run is not None:
                     run.wake()
             elif isinstance(event, ExecReceived):
-                self._exec(event.channel, event.request)
+                start_command(self, event.channel, event.request)
             elif isinstance(event, XferReceived):
                 start_transfer(self, ChannelRun(event.channel, None), event.request)
             elif isinstance(event, StdinClosed):
@@ -372,7 +303,7 @@ class Session:
             elif isinstance(event, WindowChanged):
                 self._window(event.channel, event.rows, event.cols)
             elif isinstance(event, ExecRejected):
-                self._refuse(event.channel, ErrorCode.BAD_REQUEST, event.reason, None)
+                refuse(self, event.channel, ErrorCode.BAD_REQUEST, event.reason, None)
             elif isinstance(event, Authenticated):
                 self._authenticated(event.key_id)
             elif isinstance(event, CloseReceived):
@@ -451,179 +382,6 @@ class Session:
         run.stdin_queued += 1
         run.stdin.put_nowait(data)
 
-    def _stdin_consumed(self, channel: int, n: int) -> None:
-        """The pipe took (or dropped) n bytes: credit them back to the client."""
-        if not self.lost and n:
-            self.conn.stdin_consumed(channel, n)
-            self.protocol.flush()
-
-    async def _feed_stdin(self, run: ChannelRun, execution: Execution) -> None:
-        while True:
-            data = await run.stdin.get()
-            if data is None:
-                break
-            try:
-                await execution.write_stdin(data)
-            finally:
-                run.stdin_queued -= 1
-                self._stdin_consumed(run.channel, len(data))
-        await execution.close_stdin()
-
-    # ---- exec ----------------------------------------------------------------------
-
-    def _refuse(
-        self,
-        channel: int,
-        code: ErrorCode,
-        reason: str,
-        req: ExecRequest | None,
-        decision: Decision | None = None,
-    ) -> None:
-        self.log.warning("command refused", channel=channel, code=code.name, reason=reason)
-        self.conn.send_channel_error(channel, code, reason)
-        self.conn.send_exit(channel, ExitStatus(EXIT_NOT_STARTED))
-        error = f"{code.name.lower()}: {reason}"
-        self._audit(channel, req, time.time(), None, error=error, decision=decision)
-
-    def _exec(self, channel: int, req: ExecRequest) -> None:
-        ctx = self.ctx
-        limits = ctx.config.limits
-        if ctx.shutting_down:
-            self._refuse(channel, ErrorCode.SHUTDOWN, "server is shutting down", req)
-            return
-        if self.ending is not None:
-            self._refuse(channel, ErrorCode.AUTH, self.ending, req)
-            return
-        if (refusal := ctx.exec_refusal()) is not None:  # audit_failure = "refuse"
-            return self._refuse(channel, *refusal, req)
-        if len(self.runs) >= limits.max_channels:
-            self._refuse(
-                channel,
-                ErrorCode.LIMIT,
-                f"too many commands on this connection (max_channels={limits.max_channels})",
-                req,
-            )
-            self.log.warning("limit hit: max_channels", max_channels=limits.max_channels)
-            return
-        assert self.conn.key_id is not None
-        try:
-            decision = ctx.check_policy(
-                self.conn.key_id, req, self.peer, self.peer_host, self._spec(req)
-            )
-        except Exception as exc:  # a bug must not cost the channel its EXIT
-            self.log.exception("policy check crashed", channel=channel)
-            self._refuse(channel, ErrorCode.INTERNAL, f"internal error: {exc!r}", req)
-            return
-        if not decision.allowed:
-            self._refuse(channel, ErrorCode.POLICY, decision.reason, req, decision)
-            return
-        allowlist = (*ctx.config.exec.env_allowlist, *decision.extra_env)
-        denied = sorted(k for k in req.env if not env_allowed(k, allowlist))
-        if denied:
-            self._refuse(
-                channel,
-                ErrorCode.BAD_REQUEST,
-                f"environment variable(s) not allowed by the server: {', '.join(denied)}",
-                req,
-                decision,
-            )
-            return
-        run = ChannelRun(channel, req, decision=decision)
-        self.runs[channel] = run
-        run.task = ctx.spawn(self._run(run))
-        if len(self.runs) == 1:
-            self._arm_idle()  # from the idle timeout to the keepalive watch
-
-    def _spec(self, req: ExecRequest) -> ExecSpec:
-        ctx = self.ctx
-        limits = ctx.config.limits
-        timeout = req.timeout or (limits.default_timeout or None)
-        if limits.max_timeout > 0:
-            timeout = min(timeout or limits.max_timeout, limits.max_timeout)
-        argv = (
-            req.argv if req.argv is not None else (ctx.config.exec.shell, "-c", req.command or "")
-        )
-        env = dict(ctx.base_env)
-        env.update(req.env)
-        cwd = resolve_cwd(req.cwd or None, env.get("HOME"))
-        return ExecSpec(
-            argv=tuple(argv),
-            env=env,
-            cwd=cwd,
-            stdin=req.stdin,
-            timeout=timeout,
-            kill_grace=limits.kill_grace,
-            headroom=HEADROOM,
-            pty=req.pty.request() if req.pty is not None else None,
-        )
-
-    async def _run(self, run: ChannelRun) -> None:
-        req = run.request
-        assert req is not None
-        channel = run.channel
-        start = time.time()
-        outcome: ExecOutcome | None = None
-        error: str | None = None
-        try:
-            spec = run.decision.spec if run.decision and run.decision.spec else self._spec(req)
-
-            try:
-                execution = await Execution.start(spec, _ChannelSink(self, channel))
-            except ExecError as exc:
-                error = str(exc)
-                code = 127 if "not found" in error else 126
-                if not self.lost:
-                    self.conn.send_channel_error(channel, ErrorCode.EXEC_FAILED, error)
-                    self.conn.send_exit(channel, ExitStatus(code))
-                    self.protocol.flush()
-                self.log.info("command failed to start", channel=channel, reason=error)
-                return
-            run.execution = execution
-            if run.window is not None:
-                execution.resize(*run.window)
-            self.log.info("command started", channel=channel, pid=execution.pid)
-            if self.lost or self.ending is not None:
-                execution.signal(signal.SIGKILL)
-                await execution.kill()
-            if req.stdin:
-                run.stdin_task = self.ctx.spawn(self._feed_stdin(run, execution))
-            outcome = await execution.wait()
-            if run.stdin_task is not None:
-                run.stdin.put_nowait(None)
-            status = ExitStatus(
-                outcome.exit_code, outcome.signal, outcome.timed_out, outcome.duration
-            )
-            if self.ending is not None:
-                error = f"killed: {self.ending}"
-            if not self.lost:
-                if self.ending is not None:
-                    self.conn.send_channel_error(channel, ErrorCode.AUTH, self.ending)
-                self.conn.send_exit(channel, status)
-                self.protocol.flush()
-            self.log.info(
-                "command finished",
-                channel=channel,
-                exit_code=outcome.exit_code,
-                signal=outcome.signal,
-                timed_out=outcome.timed_out,
-                duration=round(outcome.duration, 6),
-            )
-        except Exception as exc:  # never lose the EXIT we owe, even on a bug
-            error = f"internal error: {exc!r}"
-            self.log.exception("command crashed", channel=channel)
-            if not self.lost and channel in self.conn.channels:
-                self.conn.send_channel_error(channel, ErrorCode.INTERNAL, error)
-                self.conn.send_exit(channel, ExitStatus(EXIT_NOT_STARTED))
-                self.protocol.flush()
-        finally:
-            self._audit(channel, req, start, outcome, error=error, decision=run.decision)
-            if run.stdin_task is not None:
-                run.stdin.put_nowait(None)
-                await asyncio.gather(run.stdin_task, return_exceptions=True)
-            while not run.stdin.empty():  # stdin the command never took: free it now
-                run.stdin.get_nowait()
-            self.channel_ended(channel)
-
     def channel_ended(self, channel: int) -> None:
         """A command's or transfer's channel has its EXIT (or never will): forget it."""
         self.runs.pop(channel, None)
@@ -637,68 +395,3 @@ class Session:
     def arm_idle(self) -> None:
         """A first channel opened: from the idle timeout to the keepalive watch."""
         self._arm_idle()
-
-    async def _output(self, channel: int, stream: Stream, buf: bytearray) -> None:
-        """Send one chunk of output (a buffer behind HEADROOM free bytes) as the client's
-        window for the channel allows; returns once it is all queued and the socket drains.
-
-        The chunk goes out framed in place; only a part cut off by a short window is copied.
-        """
-        conn, run = self.conn, self.runs.get(channel)
-        if run is None:
-            return
-        while not self.lost and conn.may_send and len(buf) > HEADROOM:
-            room = conn.output_room(channel)
-            if room <= 0:
-                if channel not in conn.channels:
-                    return
-                await run.wait_credit()
-                continue
-            size = len(buf) - HEADROOM
-            if room >= size:
-                conn.send_output_buffer(channel, stream, buf)
-                buf = bytearray(HEADROOM)
-            else:
-                with memoryview(buf) as view:
-                    conn.send_output(channel, stream, view[HEADROOM : HEADROOM + room])
-                del buf[:room]  # the sent bytes' tail becomes the rest's headroom
-            self.protocol.flush()
-            try:
-                await self.protocol.drain()
-            except RexecError:
-                return
-
-    def _audit(
-        self,
-        channel: int,
-        req: ExecRequest | None,
-        start: float,
-        outcome: ExecOutcome | None,
-        *,
-        error: str | None = None,
-        decision: Decision | None = None,
-    ) -> None:
-        record = AuditRecord(
-            conn=self.id,
-            peer=self.peer,
-            key_id=self.key_id,
-            key_name=self.key_name,
-            channel=channel,
-            argv=req.argv if req is not None else None,
-            command=req.command if req is not None else None,
-            cwd=req.cwd if req is not None else None,
-            env=tuple(req.env) if req is not None else (),
-            start=start,
-            duration=outcome.duration if outcome else time.time() - start,
-            exit_code=outcome.exit_code if outcome else None,
-            signal=outcome.signal if outcome else None,
-            timed_out=outcome.timed_out if outcome else False,
-            bytes_out=outcome.stdout_bytes if outcome else 0,
-            bytes_err=outcome.stderr_bytes if outcome else 0,
-            error=error,
-            extra={
-                **({"policy": decision.audit()} if decision is not None else {}),
-                **({"pty": req.pty.term} if req is not None and req.pty is not None else {}),
-            },
-        )
-        self.ctx.audit_write(record)

@@ -23,10 +23,8 @@ from rexec.protocol import xfer as x
 from rexec.protocol.events import Stream
 from rexec.protocol.frames import HEADROOM
 from rexec.protocol.messages import ExitStatus
-from rexec.protocol.server import ServerConnection
-from rexec.server.context import ServerContext
+from rexec.server.context import ChannelHost
 from rexec.server.policy import Decision, evaluate_transfer
-from rexec.transport import FramedProtocol
 from rexec.xferengine import Receiver, Sender
 from rexec.xferfs import Listing, error_line, open_dir_at
 
@@ -42,30 +40,11 @@ class ChannelRun(Protocol):
     async def wait_credit(self) -> None: ...
 
 
-class Session(Protocol):
+class Session(ChannelHost, Protocol):
     """What a transfer uses of its Session."""
 
-    log: Any
-    id: str
-    key_id: str
-    key_name: str | None
-    lost: bool
-    ending: str | None
     runs: dict[int, Any]
     transfers: dict[int, ServerTransfer]
-
-    @property
-    def ctx(self) -> ServerContext: ...
-    @property
-    def conn(self) -> ServerConnection: ...
-    @property
-    def protocol(self) -> FramedProtocol: ...
-    @property
-    def peer(self) -> str: ...
-    @property
-    def peer_host(self) -> str: ...
-    def channel_ended(self, channel: int) -> None: ...
-    def arm_idle(self) -> None: ...
 
 
 EXIT_REFUSED = 255

@@ -244,7 +244,7 @@ def test_commands_ending_at_once_while_the_server_leaves_their_cgroup(
     server_factory: Any, e2e: Any, leftovers: list[str]
 ) -> None:
     """The server forks each command from inside the command's cgroup and moves out in the
-    background (rexec.server.contain); after an idle moment that move waits for an RCU grace
+    background (rexec.server.cgroup); after an idle moment that move waits for an RCU grace
     period, so a command that ends at once is checked while the server is still listed in
     its cgroup. The server must not count (or signal) itself, and what the command left
     behind must still die."""

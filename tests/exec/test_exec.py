@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import pytest
 
 from rexec.errors import ExecError
-from rexec.server.exec import ExecOutcome, ExecSpec, Execution
+from rexec.server.exec import ExecOutcome, Execution
+from rexec.server.spawn import ExecSpec
 
 T = TypeVar("T")
 ENV = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LC_ALL": "C"}

@@ -13,8 +13,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from rexec.protocol.pty import PtyRequest
-from rexec.server.exec import ExecOutcome, ExecSpec, Execution
+from rexec.server.exec import ExecOutcome, Execution
 from rexec.server.pty import session_groups
+from rexec.server.spawn import ExecSpec
 
 T = TypeVar("T")
 ENV = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LC_ALL": "C"}

@@ -24,7 +24,7 @@ from rexec.errors import (
     TruncatedError,
 )
 from rexec.protocol.client import ClientConnection
-from rexec.protocol.connection import Channel, ChannelState, Connection
+from rexec.protocol.connection import Channel, Connection
 from rexec.protocol.events import (
     Authenticated,
     CloseReceived,
@@ -57,6 +57,7 @@ from rexec.protocol.models import parse_exec_request
 from rexec.protocol.noise import MAX_NONCE, CipherState, Suite
 from rexec.protocol.notice import HelloRefused
 from rexec.protocol.server import ServerConnection
+from rexec.protocol.states import ChannelState
 from rexec.protocol.token import Token, generate_token
 
 INFO = ServerInfo(

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from rexec.errors import LocalProtocolError, RemoteProtocolError, TruncatedError
-from rexec.protocol.connection import (
+from rexec.protocol.messages import ExitStatus
+from rexec.protocol.states import (
     CHANNEL_TRANSITIONS,
     CONN_TRANSITIONS,
     ChannelEvent,
@@ -18,7 +19,6 @@ from rexec.protocol.connection import (
     ConnEvent,
     ConnState,
 )
-from rexec.protocol.messages import ExitStatus
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 

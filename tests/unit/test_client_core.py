@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import rexec.client.connecting
 import rexec.client.core
 from rexec import (
     AuthError,
@@ -23,7 +24,8 @@ from rexec import (
     Stream,
     TruncatedError,
 )
-from rexec.client.core import HANDSHAKE_CLOSED, ClientCore, Command, ConnectAttempts
+from rexec.client.connecting import ConnectAttempts
+from rexec.client.core import HANDSHAKE_CLOSED, ClientCore, Command
 from rexec.errors import LocalProtocolError, RemoteProtocolError
 from rexec.protocol.events import (
     CloseReceived,
@@ -88,6 +90,21 @@ def test_core_imports_no_io_and_no_clock() -> None:
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert names and not [n for n in names if n.split(".")[0] in banned]
+
+
+def test_connecting_imports_no_io_and_no_clock() -> None:
+    """Its other half (connect errors, retries) too; os only for an errno's words."""
+    banned = {"asyncio", "socket", "selectors", "subprocess", "threading", "time"}
+    tree = ast.parse(Path(rexec.client.connecting.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert names and not [n for n in names if n.split(".")[0] in banned]
+    uses = {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "os"
+    }
+    assert uses == {"strerror"}
 
 
 # ---- results and errors -------------------------------------------------------------------

@@ -40,7 +40,8 @@ from rexec.cli.outcome import (
     of_host,
     of_result,
 )
-from rexec.client.core import RETRY_TOTAL, RETRY_WAIT_MAX, ClientCore, Retry, retryable
+from rexec.client.connecting import RETRY_TOTAL, RETRY_WAIT_MAX, Retry, retryable
+from rexec.client.core import ClientCore
 from rexec.errors import LocalProtocolError, NotRexecServer, RemoteProtocolError, ServerRefused
 from rexec.protocol.notice import RefusalCode
 from rexec.protocol.token import generate_token

@@ -13,7 +13,6 @@ import pytest
 
 from rexec.errors import ConfigError
 from rexec.protocol.models import ExecRequest, parse_exec_request
-from rexec.server.exec import ExecSpec
 from rexec.server.policy import (
     Decision,
     Policy,
@@ -25,6 +24,7 @@ from rexec.server.policy import (
     resolve_cwd,
     resolve_identity,
 )
+from rexec.server.spawn import ExecSpec
 
 BASE = ExecSpec(argv=("x",), env={"HOME": "/root", "USER": "root", "PATH": "/bin"}, cwd="/root")
 
