@@ -11,12 +11,12 @@ import asyncio
 import contextlib
 import os
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from rexec.address import Endpoint
+from rexec.client.aiowait import ClientProtocol, Waiters
 from rexec.client.connecting import (
     DEFAULT_RETRY_DELAY,
     ConnectAttempts,
@@ -37,7 +37,6 @@ from rexec.client.sockdriver import jitter
 from rexec.client.target import resolve_target
 from rexec.errors import ConnectionLost, RexecError, ServerRefused
 from rexec.heap import keep_heap
-from rexec.protocol.connection import Connection as ProtocolConnection
 from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import Event, Stream
 from rexec.protocol.messages import ExitStatus, ServerInfo
@@ -46,64 +45,8 @@ from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 from rexec.transfer import ProgressCallback, TransferResult
-from rexec.transport import FramedProtocol, LostHandler
 
 Sink = Callable[[bytes | bytearray], None]  # chunks may be the buffers frames arrived in
-
-
-class ClientProtocol(FramedProtocol):
-    """FramedProtocol that remembers the OS error a connection died of (for the core)."""
-
-    def __init__(
-        self,
-        conn: ProtocolConnection,
-        on_events: Callable[[list[Event]], None],
-        on_lost: LostHandler,
-    ) -> None:
-        super().__init__(conn, on_events, on_lost)
-        self.os_error: OSError | None = None
-        self.on_bytes: Callable[[], None] | None = None
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.on_bytes is not None:
-            self.on_bytes()  # any byte is a sign of life, a whole frame or not
-        super().buffer_updated(nbytes)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if isinstance(exc, OSError):
-            self.os_error = exc
-        super().connection_lost(exc)
-
-
-class _Waiters:
-    """Futures woken together when something they wait on may have changed."""
-
-    __slots__ = ("_futures",)
-
-    def __init__(self) -> None:
-        self._futures: deque[asyncio.Future[None]] = deque()
-
-    async def wait(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._futures.append(fut)
-        try:
-            await fut
-        except BaseException:
-            # Only a cancelled waiter is still queued: wake() pops what it resolves. (A
-            # deque.remove that misses builds the future's repr for its ValueError, ~10 us
-            # per wake-up on the streaming path.)
-            with contextlib.suppress(ValueError):
-                self._futures.remove(fut)
-            raise
-
-    def wake(self, one: bool = False) -> None:
-        """Wake every waiter (or the longest-waiting live one)."""
-        while self._futures:
-            fut = self._futures.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                if one:
-                    return
 
 
 class OutputStream:
@@ -148,7 +91,7 @@ class Process:
         self._conn = conn
         self._core = conn._core
         self._cmd = cmd
-        self._changed = _Waiters()
+        self._changed = Waiters()
         self.channel = cmd.channel
         self.command = cmd.command
         self.stdout = OutputStream(self, Stream.STDOUT)
@@ -260,8 +203,8 @@ class Connection:
         self._procs: dict[int, Process] = {}
         self._ready: asyncio.Future[ServerInfo] = self._loop.create_future()
         self._lost: asyncio.Future[None] = self._loop.create_future()
-        self._slots = _Waiters()  # start()s waiting for the server's max_channels
-        self._closed = _Waiters()  # close() waiting for the server's CLOSE
+        self._slots = Waiters()  # start()s waiting for the server's max_channels
+        self._closed = Waiters()  # close() waiting for the server's CLOSE
         self._timer: asyncio.TimerHandle | None = None
         self.info: ServerInfo | None = None
 
