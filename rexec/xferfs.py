@@ -166,15 +166,11 @@ class Listing:
         wire path `wire`; with `follow`, a symlink there is followed (scp's rule for the
         sources a user names), never one inside a tree."""
         self._fds.append(base)
-        try:
-            st = os.stat(name, dir_fd=base, follow_symlinks=follow)
-        except OSError as exc:
-            self.add_error(wire, "file", error_line(exc))
+        found = self._stat(base, name, wire, follow)
+        if found is None:
             return
-        kind = kind_of(st.st_mode)
-        if kind is None:
-            self.add_error(wire, "file", what_is(st.st_mode))
-        elif kind == "dir" and not recursive:
+        kind, st = found
+        if kind == "dir" and not recursive:
             self.add_error(wire, "dir", "is a directory (use -r)")
         else:
             self.items.append(Item(wire, base, (name,), kind, st, follow=follow))
@@ -189,6 +185,22 @@ class Listing:
                 self._fds.append(top)
                 self._walk(top, (), wire)
 
+    def _stat(
+        self, fd: int, name: str, wire: str, follow: bool
+    ) -> tuple[str, os.stat_result] | None:
+        """`name` in directory `fd`: its kind and stat, or None once listed as an error
+        (it vanished or cannot be read, or it is something a transfer does not copy)."""
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=follow)
+        except OSError as exc:
+            self.add_error(wire, "file", error_line(exc))
+            return None
+        kind = kind_of(st.st_mode)
+        if kind is None:
+            self.add_error(wire, "file", what_is(st.st_mode))
+            return None
+        return kind, st
+
     def _walk(self, base: int, parts: tuple[str, ...], wire: str) -> None:
         """Add what is below directory `parts` of `base` (pre-order, sorted by name)."""
         try:
@@ -201,15 +213,10 @@ class Listing:
                 names = sorted(e.name for e in it)
             for name in names:
                 child, path = (*parts, name), f"{wire}/{name}"
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except OSError as exc:
-                    self.add_error(path, "file", error_line(exc))
+                found = self._stat(fd, name, path, False)
+                if found is None:
                     continue
-                kind = kind_of(st.st_mode)
-                if kind is None:
-                    self.add_error(path, "file", what_is(st.st_mode))
-                    continue
+                kind, st = found
                 self.items.append(Item(path, base, child, kind, st))
                 if kind == "dir":
                     self._walk(base, child, path)
