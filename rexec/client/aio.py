@@ -35,7 +35,7 @@ from rexec.client.core import (
 )
 from rexec.client.sockdriver import jitter
 from rexec.client.target import resolve_target
-from rexec.errors import ConnectionLost, RexecError, ServerRefused
+from rexec.errors import ConnectionLost, ConnectTimeout, RexecError, ServerRefused
 from rexec.heap import keep_heap
 from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import Event, Stream
@@ -533,6 +533,8 @@ class Connecting:
             try:
                 await conn._open(attempts.timeout, attempts.remaining(loop.time()))
                 return conn
+            except ConnectTimeout as exc:
+                raise attempts.timed_out(exc) from None
             except ServerRefused as exc:
                 delay = attempts.retry_delay(exc, loop.time())
                 if delay is None:

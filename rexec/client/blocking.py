@@ -24,7 +24,7 @@ from rexec.client.connecting import DEFAULT_RETRY_DELAY, ConnectAttempts, Retry,
 from rexec.client.core import Chunk, ClientCore, Command
 from rexec.client.sockdriver import OUT_HIGH_WATER, SocketDriver, jitter
 from rexec.client.target import resolve_target
-from rexec.errors import RexecError, ServerRefused
+from rexec.errors import ConnectTimeout, RexecError, ServerRefused
 from rexec.protocol.connection import TraceFn
 from rexec.protocol.events import Stream
 from rexec.protocol.messages import ExitStatus, ServerInfo
@@ -216,6 +216,8 @@ class Client:
             try:
                 self.info = self._driver.connect(attempts.timeout, attempts.deadline)
                 return
+            except ConnectTimeout as exc:
+                raise attempts.timed_out(exc) from None
             except ServerRefused as exc:
                 delay = attempts.retry_delay(exc, time.monotonic())
                 if delay is None:

@@ -66,6 +66,7 @@ class ConnectAttempts:
         self.timeout = timeout  # the figure a ConnectTimeout names
         self.deadline = now + timeout
         self.retries = 0
+        self.refused: ServerRefused | None = None  # the refusal that led to the retry
 
     def remaining(self, now: float) -> float:
         return self.deadline - now
@@ -75,7 +76,13 @@ class ConnectAttempts:
         delay = busy_retry_delay(exc, self.retries, self.deadline - now)
         if delay is not None:
             self.retries += 1
+            self.refused = exc
         return delay
+
+    def timed_out(self, exc: ConnectTimeout) -> RexecError:
+        """The error to raise when an attempt ran out of time: after a busy refusal, that
+        refusal (the server's own word, and why there was little time left), else `exc`."""
+        return self.refused if self.refused is not None else exc
 
 
 RetryFn = Callable[[RexecError, int, float], object]  # (error, retry number, wait) per retry

@@ -113,18 +113,21 @@ def stalled_handshake(what: str, timeout: float, received: int) -> str:
 
 BUSY_RETRIES = 3  # after the first try: at most 4 connections
 BUSY_WAIT = (0.2, 2.0)  # the server's retry hint, kept within these bounds (seconds)
+BUSY_ATTEMPT_MIN = 0.25  # seconds left for the next attempt itself: none starts with less
 
 
 def busy_retry_delay(exc: ServerRefused, retries: int, remaining: float) -> float | None:
     """Seconds a client waits before trying again after `exc`, or None to give up.
 
     Only BUSY is retried, at most BUSY_RETRIES times, and never past the connect deadline
-    (`remaining` seconds away). The wait is the server's hint within BUSY_WAIT, times a
-    random 0.5-1, so that clients refused together do not come back together.
+    (`remaining` seconds away): after the wait, BUSY_ATTEMPT_MIN must be left for the attempt
+    (one started a millisecond before the deadline could only time out). The wait is the
+    server's hint within BUSY_WAIT, times a random 0.5-1, so that clients refused together
+    do not come back together.
     """
     if exc.code != RefusalCode.BUSY or retries >= BUSY_RETRIES:
         return None
     low, high = BUSY_WAIT
     jitter = 0.5 + int.from_bytes(os.urandom(2), "big") / 0x20000
     delay = min(max(float(exc.retry_after), low), high) * jitter
-    return delay if delay < remaining else None
+    return delay if delay + BUSY_ATTEMPT_MIN <= remaining else None

@@ -26,7 +26,7 @@ from rexec import (
 )
 from rexec.client.connecting import ConnectAttempts
 from rexec.client.core import HANDSHAKE_CLOSED, ClientCore, Command
-from rexec.errors import LocalProtocolError, RemoteProtocolError
+from rexec.errors import ConnectTimeout, LocalProtocolError, RemoteProtocolError
 from rexec.protocol.events import (
     CloseReceived,
     CreditReceived,
@@ -37,7 +37,7 @@ from rexec.protocol.events import (
     StdinReceived,
 )
 from rexec.protocol.frames import VERSION
-from rexec.protocol.notice import BUSY_RETRIES, RefusalCode, encode_notice
+from rexec.protocol.notice import BUSY_ATTEMPT_MIN, BUSY_RETRIES, RefusalCode, encode_notice
 from rexec.protocol.server import ServerConnection
 from rexec.protocol.token import generate_token
 
@@ -283,6 +283,19 @@ def test_busy_is_retried_a_few_times_within_the_deadline() -> None:
     for code in (RefusalCode.RATE_LIMITED, RefusalCode.SHUTTING_DOWN):
         other = ServerRefused(code, 1, "no")
         assert ConnectAttempts(100.0, 0.0).retry_delay(other, 0.0) is None
+
+
+def test_a_busy_retry_leaves_the_attempt_time_and_a_late_timeout_names_the_refusal() -> None:
+    busy = ServerRefused(RefusalCode.BUSY, 1, "busy")
+    late = ConnectAttempts(1.5, 0.0)
+    # a wait of 0.5-1.0 s could start an attempt with a millisecond to go: none starts with
+    # less than BUSY_ATTEMPT_MIN left (a CI failure: 1 ms left of a 1.5 s connect deadline)
+    for _ in range(50):
+        assert ConnectAttempts(1.5, 0.0).retry_delay(busy, 1.0 - BUSY_ATTEMPT_MIN + 0.05) is None
+    timeout = ConnectTimeout("timed out")
+    assert late.timed_out(timeout) is timeout  # no refusal yet: the timeout itself
+    assert late.retry_delay(busy, 0.0) is not None
+    assert late.timed_out(timeout) is busy  # the retry ran out of time: the server's word
 
 
 def test_a_protocol_error_ends_everything(pair: Pair) -> None:
