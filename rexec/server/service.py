@@ -54,6 +54,26 @@ class Server:
         self.containment = Containment.start(exec_cfg.cgroup, exec_cfg.keep_orphans)
         use_containment(self.containment)
 
+        try:
+            await self._listen(ctx)
+        except BaseException:  # nothing started may outlive a server that never ran
+            for server in self._servers:
+                server.close()
+            self.containment.close()  # its cgroup mover may not call back into a closed loop
+            raise
+        self.containment.announce(ctx.log)
+        ctx.log.info(
+            "listening",
+            addresses=self.addresses,
+            token_count=len(self.store),
+            suites=[s.label for s in ctx.suites],
+        )
+        return self.addresses
+
+    async def _listen(self, ctx: ServerContext) -> None:
+        """Bind every endpoint; a failure names the address (`cannot listen on ...`)."""
+        loop = asyncio.get_running_loop()
+
         def factory() -> asyncio.BaseProtocol:
             return Session(ctx).protocol
 
@@ -71,21 +91,17 @@ class Server:
                 self.addresses.append(f"unix:{path}")
             else:
                 assert ep.port is not None
-                server = await loop.create_server(
-                    factory, ep.host, ep.port, backlog=256, reuse_address=True
-                )
+                try:
+                    server = await loop.create_server(
+                        factory, ep.host, ep.port, backlog=256, reuse_address=True
+                    )
+                except OSError as exc:
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise OSError(f"cannot listen on {ep}: {reason}") from None
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
                     self.addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             self._servers.append(server)
-        self.containment.announce(ctx.log)
-        ctx.log.info(
-            "listening",
-            addresses=self.addresses,
-            token_count=len(self.store),
-            suites=[s.label for s in ctx.suites],
-        )
-        return self.addresses
 
     def _socket_access(self, path: Path) -> None:
         """unix_group and unix_mode: who besides us may connect (connect needs write)."""
