@@ -52,7 +52,7 @@ with no stdin (it reads EOF), in the tracked directory and with the exported var
   export K=V ...    set variables for later commands (the server's allowlist applies)
   unset K ...       drop exported variables
   pwd               print the tracked remote directory
-  exit [N], Ctrl-D  leave
+  exit [N], Ctrl-D  leave (with N, else the last command's status)
   :timeout SECS|off server-enforced deadline for later commands (status 124)
   :env              list the exported variables
   :trace on|off     print frame headers to stderr
@@ -267,10 +267,10 @@ class Shell:
         while True:
             try:
                 line = read(self.prompt() if self.interactive else "")
-            except EOFError:
+            except EOFError:  # as a shell's end of input: leave with the last status
                 if self.interactive:
                     _write(1, b"\n")
-                return 0
+                return self.status
             except KeyboardInterrupt:
                 _write(1, b"^C\n")  # the line is dropped; readline starts a fresh one
                 continue
@@ -379,7 +379,7 @@ class Shell:
 
     def do_exit(self, args: list[str], line: str) -> None:
         if not args:
-            raise _Leave(0)
+            raise _Leave(self.status)  # as sh's exit: the last command's status
         if len(args) == 1 and args[0].isdigit():
             raise _Leave(int(args[0]) & 0xFF)
         self._fail("exit: usage: exit [N]")

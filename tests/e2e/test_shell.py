@@ -281,7 +281,25 @@ def test_reconnect_keeps_session_state(server_factory: Any, spawn: Spawn, e2e: A
 def test_piped_lines_run_without_prompt(server: Any, e2e: Any) -> None:
     script = b"cd /tmp\n\nexport REXEC_P=piped\npwd; echo $REXEC_P\nfalse\n"
     proc = e2e.run_cli(["shell", server.address], token=server.token, input=script, timeout=20)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"/tmp\npiped\n", b"")
+    # as `sh < script` and `ssh HOST < script`: the end of input leaves with the last status
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, b"/tmp\npiped\n", b"")
+
+
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        (b"sh -c 'exit 3'\nexit\n", 3),  # a bare exit: the last status, as sh's
+        (b"sh -c 'exit 3'\nexit 0\n", 0),
+        (b"false\ntrue\n", 0),
+        (b"echo x; exit 4\n", 4),  # the remote shell's exit ends that line only
+        (b":timeout bogus\n", 1),  # a built-in that failed
+    ],
+)
+def test_piped_script_exits_with_its_last_status(
+    server: Any, e2e: Any, script: bytes, status: int
+) -> None:
+    proc = e2e.run_cli(["shell", server.address], token=server.token, input=script, timeout=20)
+    assert proc.returncode == status, proc.stderr
 
 
 def test_unreachable_target_is_one_line_and_255(server: Any, e2e: Any) -> None:
