@@ -258,7 +258,10 @@ class ServerContext:
         if decision.learn:
             name = self.store.name_for(key_id) or key_id.hex()
             try:
-                self.learned.record(name, req.argv, req.command)
+                if decision.plain is not None:  # learned as the argv it ran as
+                    self.learned.record(name, decision.plain, None)
+                else:
+                    self.learned.record(name, req.argv, req.command)
             except OSError as exc:
                 self.log.error("learned file write failed", error=str(exc))
         return decision

@@ -10,7 +10,9 @@ databases for run-as.
 Argv patterns (`--allow`): split like a shell (shlex); each word is an fnmatch glob for one
 argv element (case-sensitive, `*` matches `/` too); a final `...` allows any further
 arguments. A shell command line cannot be checked word by word (`ls; touch x`), so a token
-with patterns refuses every `command` EXEC unless `allow_shell` is set.
+with patterns refuses every `command` EXEC unless `allow_shell` is set; but a plain line,
+words of characters no shell treats specially (`uptime`, `ls -d /tmp`: what `rexec run HOST
+uptime` sends), means its words to any shell, so it is checked as that argv and run as it.
 """
 
 from __future__ import annotations
@@ -40,12 +42,16 @@ __all__ = [
     "evaluate",
     "evaluate_transfer",
     "pattern_for_argv",
+    "plain_argv",
     "resolve_cwd",
     "resolve_identity",
 ]
 
 UNIX_PEER = "unix"  # the `--from` word that admits unix-socket peers (they have no address)
 ANY_MORE = "..."  # a pattern's final word: any further arguments
+# Characters no POSIX shell gives a meaning to (shlex.quote's safe set, without `=`: a first
+# word with one is an assignment); a line of only these and spaces is its words' argv.
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+,./:- ")
 # Variables that change what an allowed argv runs: a token with --allow may not set them.
 _LOADER_VARS = ("PATH", "LD_*", "BASH_ENV", "ENV", "IFS")
 _KEYS = (
@@ -316,6 +322,7 @@ class Decision:
     learn: bool = False  # record this request (the token is in learn mode)
     extra_env: tuple[str, ...] = ()  # env names this token may set beyond the server's list
     root: str | None = None  # transfers: the directory they are confined to
+    plain: tuple[str, ...] | None = None  # the argv a plain shell line was checked and run as
 
     def audit(self) -> dict[str, str]:
         """The audit record's `policy` field."""
@@ -342,6 +349,12 @@ def pattern_for_argv(argv: Sequence[str]) -> str:
     """The --allow pattern that matches exactly this argv (for `rexec token learned`)."""
     words = ["".join(f"[{c}]" if c in "*?[" else c for c in arg) for arg in argv]
     return shlex.join("[.].." if w == ANY_MORE else w for w in words)
+
+
+def plain_argv(line: str) -> tuple[str, ...] | None:
+    """The argv a shell line means when it is only plain words (`ls -d /tmp`), else None."""
+    words = tuple(line.split())
+    return words if words and _PLAIN.issuperset(line) else None
 
 
 def resolve_cwd(cwd: str | None, home: str | None) -> str | None:
@@ -396,6 +409,12 @@ def evaluate(
     if policy.no_pty and getattr(req, "pty", False):
         return _refuse("no-pty", "this token may not request a pty")
     learn = policy.learn
+    plain = None
+    if (policy.allow or learn) and not policy.allow_shell and req.command is not None:
+        plain = plain_argv(req.command)
+        if plain is not None:  # checked, recorded and run as the argv it means
+            req = req.model_copy(update={"argv": plain, "command": None})
+            spec = dataclasses.replace(spec, argv=plain)
     if policy.allow:
         verdict = _check_allow(policy, req)
         if verdict.allowed:
@@ -438,7 +457,7 @@ def evaluate(
         spec, env=env, cwd=cwd, timeout=timeout, uid=uid, gid=gid, groups=groups
     )
     rule = "; ".join(applied) or "policy"
-    return Decision(True, rule, spec=final, learn=learn, extra_env=policy.env)
+    return Decision(True, rule, spec=final, learn=learn, extra_env=policy.env, plain=plain)
 
 
 def _check_allow(policy: Policy, req: ExecRequest) -> Decision:

@@ -49,7 +49,6 @@ class Server:
         ctx = ServerContext(self.config, self.store, self.audit)
         self.ctx = ctx
         ctx.spawn(ctx.watch_tokens())
-        loop = asyncio.get_running_loop()
         exec_cfg = self.config.exec
         self.containment = Containment.start(exec_cfg.cgroup, exec_cfg.keep_orphans)
         use_containment(self.containment)

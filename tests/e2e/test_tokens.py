@@ -209,6 +209,27 @@ def test_list_shows_lifecycle_and_policy_never_secrets(server_factory: Any, e2e:
 # ---- policy --------------------------------------------------------------------------
 
 
+def test_allow_admits_what_rexec_run_sends_for_one_plain_word(
+    server_factory: Any, e2e: Any, tmp_path: Path
+) -> None:
+    """`rexec run HOST uptime` sends one argument (a shell line): a token allowed `uptime`
+    runs it, as the argv its pattern checked; shell syntax around it is still refused."""
+    srv = server_factory()
+    token = new_token(e2e, srv.store, "up", "--allow", "uname", "--allow", "ls -d /tmp")
+    ok = run(e2e, srv, token, "uname")
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, b"Linux\n", b"")
+    assert run(e2e, srv, token, "ls -d /tmp").stdout == b"/tmp\n"
+    audit = srv.audit_records()[-2:]
+    assert [r["policy"] for r in audit] == [
+        {"decision": "allowed", "rule": "allow uname"},
+        {"decision": "allowed", "rule": "allow ls -d /tmp"},
+    ]
+    for line in ("uname; id", "uname $X", "ls -d /tm*"):
+        refused = run(e2e, srv, token, line)
+        assert refused.returncode == 255, line
+        assert refused.stderr.startswith(b"rexec: server error (policy): allow: "), line
+
+
 def test_allow_accepts_matching_argv_and_refuses_shell_lines_and_others(
     server_factory: Any, e2e: Any, tmp_path: Path
 ) -> None:
@@ -341,17 +362,20 @@ def test_learn_then_learned_round_trip(server_factory: Any, e2e: Any) -> None:
         for command in (["echo", "a b", "*"], ["ls", "-d", "/tmp"], ["echo", "a b", "*"]):
             assert conn.run(command).exit_code == 0
         assert conn.run("true; false").exit_code == 1  # a shell line: recorded too
+        assert conn.run("uname -s").exit_code == 0  # plain words: recorded as their argv
     learned = token_cmd(e2e, srv.store, "learned", "probe").stdout.decode().splitlines()
     assert learned == [
         "echo 'a b' '[*]'",
         "ls -d /tmp",
         "# shell command line (needs --allow-shell): true; false",
+        "uname -s",
     ]
     allow = [arg for line in learned if not line.startswith("#") for arg in ("--allow", line)]
     token_cmd(e2e, srv.store, "edit", "probe", "--no-learn", *allow)
     with contextlib.closing(srv.connect(token=token)) as conn:
         assert conn.run(["echo", "a b", "*"]).stdout == b"a b *\n"
         assert conn.run(["ls", "-d", "/tmp"]).stdout == b"/tmp\n"
+        assert conn.run("uname -s").stdout == b"Linux\n"
         for refused in (["echo", "a b", "x"], ["ls", "-d", "/"], "true; false"):
             with pytest.raises(PolicyError) as info:
                 conn.run(refused)

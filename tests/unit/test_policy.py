@@ -77,6 +77,40 @@ def test_allow_refuses_shell_lines_unless_allow_shell() -> None:
     assert d.allowed and d.rule == "allow-shell"
 
 
+@pytest.mark.parametrize(
+    ("line", "argv"),
+    [
+        ("uptime", ("uptime",)),
+        ("  ls  -d /tmp ", ("ls", "-d", "/tmp")),
+        ("systemctl restart web@1.service", ("systemctl", "restart", "web@1.service")),
+    ],
+)
+def test_a_plain_shell_line_is_checked_and_run_as_its_argv(
+    line: str, argv: tuple[str, ...]
+) -> None:
+    """`rexec run HOST uptime` sends one argument, a shell line: with --allow 'uptime' it
+    must run (as ssh's user expects), and what runs is the argv the pattern checked."""
+    policy = Policy.build(allow=[shlex.join(argv)])
+    d = check(policy, req(command=line))
+    assert d.allowed and d.rule == f"allow {shlex.join(argv)}"
+    assert d.spec is not None and d.spec.argv == argv
+    assert d.plain == argv
+
+
+@pytest.mark.parametrize(
+    "line", ["ls; touch x", "ls *", "echo $HOME", "A=1 ls", "ls ~", "ls 'a'", "ls\tx", "ls|x"]
+)
+def test_a_line_with_any_shell_syntax_stays_a_shell_line(line: str) -> None:
+    d = check(Policy.build(allow=["ls ...", "A=1 ...", "echo ..."]), req(command=line))
+    assert not d.allowed and d.rule == "allow" and d.plain is None
+
+
+def test_allow_shell_and_no_policy_keep_a_plain_line_a_shell_line() -> None:
+    for policy in (Policy.build(allow=["ls"], allow_shell=True), Policy.build()):
+        d = check(policy, req(command="ls"))
+        assert d.allowed and d.plain is None and d.spec is not None and d.spec.argv == ("x",)
+
+
 def test_refusal_names_the_argv_and_the_rule() -> None:
     d = check(Policy.build(allow=["ls ..."]), req("rm", "-rf", "/"))
     assert not d.allowed
