@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from rexec.address import Endpoint
 from rexec.errors import AuditLogError, ConfigError
 from rexec.heap import keep_heap
 from rexec.log import AuditLog
@@ -84,6 +85,8 @@ class Server:
                 old_umask = os.umask(0o177)  # born 0600: no moment when others may connect
                 try:
                     server = await loop.create_unix_server(factory, str(path), backlog=256)
+                except OSError as exc:
+                    raise _listen_error(ep, exc) from None
                 finally:
                     os.umask(old_umask)
                 self._socket_access(path)
@@ -95,8 +98,7 @@ class Server:
                         factory, ep.host, ep.port, backlog=256, reuse_address=True
                     )
                 except OSError as exc:
-                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                    raise OSError(f"cannot listen on {ep}: {reason}") from None
+                    raise _listen_error(ep, exc) from None
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
                     self.addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
@@ -180,6 +182,12 @@ class Server:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _listen_error(ep: Endpoint, exc: OSError) -> OSError:
+    """`cannot listen on ADDRESS: reason`: asyncio's own text names no unix path."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return OSError(f"cannot listen on {ep}: {reason}")
 
 
 def _notify(ctx: ServerContext, message: str) -> None:

@@ -434,6 +434,27 @@ def _serve_on_busy_port(e2e: Any, tmp_path: Path, store: Path, port: int) -> Non
     ]
 
 
+def test_unix_socket_in_a_missing_directory_is_one_line(e2e: Any, tmp_path: Path) -> None:
+    store = tmp_path / "tokens.json"
+    e2e.new_token(store, "t")
+    path = tmp_path / "missing" / "s.sock"
+    proc = subprocess.run(
+        [e2e.REXEC, "serve", "--unix", str(path), "--tokens", str(store)]
+        + ["--state-dir", str(tmp_path / "state"), "--log-format", "json"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=e2e.clean_env(),
+        timeout=20,
+        check=False,
+    )
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith(b"{")]
+    assert lines == [
+        f"rexec: cannot start the server: cannot listen on unix:{path}: "
+        "No such file or directory".encode()
+    ]
+
+
 def test_new_token_works_without_restart(server_factory: Any, e2e: Any) -> None:
     srv = server_factory()
     second = e2e.new_token(srv.store, "second")
