@@ -43,7 +43,9 @@ RED, RESET = "\x1b[31m", "\x1b[0m"
 BUILTINS = (":help", ":timeout", ":env", ":trace", ":exit", "cd", "export", "unset", "pwd", "exit")
 BUILTIN_ARGS = {":trace": ("on", "off"), ":timeout": ("off",)}
 # codes an ERROR frame carries for one command; any other code ends the connection
-CHANNEL_CODES = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.EXEC_FAILED, ErrorCode.LIMIT})
+CHANNEL_CODES = frozenset(
+    {ErrorCode.BAD_REQUEST, ErrorCode.EXEC_FAILED, ErrorCode.LIMIT, ErrorCode.POLICY}
+)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 HELP = """\
 Each line runs as `/bin/sh -c LINE` on the server, on a new channel of one connection,
@@ -178,8 +180,8 @@ class Shell:
         info = conn.info
         self.conn, self.user, self.host = conn, info.user, info.host
         self.endpoint = str(conn.endpoint)
-        if self.home is None:
-            result = self.remote("pwd -P", capture=True)
+        if self.home is None:  # a token whose policy refuses this probe: no home, quietly
+            result = self.remote("pwd -P", capture=True, quiet=True)
             if result is not None and result.exit_code == 0:
                 self.home = self.cwd = _last_line(result.stdout)
 
@@ -202,9 +204,10 @@ class Shell:
         capture: bool = False,
         timeout: float | None = None,
         from_home: bool = False,
+        quiet: bool = False,
     ) -> Result | None:
         """Run one command with Ctrl-C forwarding. None when the server refused it (the reason
-        is printed and the status set); raises _Lost when the connection is gone.
+        is printed and the status set, unless quiet); raises _Lost when the connection is gone.
 
         capture: keep stdout in the Result (stderr still streams, so errors show live).
         """
@@ -227,14 +230,12 @@ class Shell:
                 stdout=None if capture else self.output.sink(1), stderr=self.output.sink(2)
             )
         except ExecError as exc:
-            _say(str(exc))
-            self.status, self.refused = exc.exit_code or 127, exc
+            self._refused(exc, exc.exit_code or 127, quiet)
             return None
         except RemoteError as exc:
             if exc.code not in CHANNEL_CODES:
                 raise _Lost(str(exc)) from None
-            _say(str(exc))
-            self.status, self.refused = 1, exc
+            self._refused(exc, 1, quiet)
             return None
         except (ConnectionLost, ProtocolError, OSError) as exc:
             raise _Lost(str(exc)) from None
@@ -248,6 +249,12 @@ class Shell:
         if result.timed_out:
             _say(f"command timed out after {result.duration:.1f}s (killed by the server)")
         return result
+
+    def _refused(self, exc: RexecError, status: int, quiet: bool) -> None:
+        self.refused = exc
+        if not quiet:
+            _say(str(exc))
+            self.status = status
 
     # ---- the loop ------------------------------------------------------------------
 

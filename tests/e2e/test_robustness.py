@@ -434,13 +434,16 @@ def _serve_on_busy_port(e2e: Any, tmp_path: Path, store: Path, port: int) -> Non
     ]
 
 
+def _state_json(tmp_path: Path) -> list[str]:
+    return ["--state-dir", str(tmp_path / "state"), "--log-format", "json"]
+
+
 def test_unix_socket_in_a_missing_directory_is_one_line(e2e: Any, tmp_path: Path) -> None:
     store = tmp_path / "tokens.json"
     e2e.new_token(store, "t")
     path = tmp_path / "missing" / "s.sock"
     proc = subprocess.run(
-        [e2e.REXEC, "serve", "--unix", str(path), "--tokens", str(store)]
-        + ["--state-dir", str(tmp_path / "state"), "--log-format", "json"],
+        [e2e.REXEC, "serve", "--unix", str(path), "--tokens", str(store), *_state_json(tmp_path)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         env=e2e.clean_env(),

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -307,3 +308,24 @@ def test_unreachable_target_is_one_line_and_255(server: Any, e2e: Any) -> None:
     assert proc.returncode == 255
     assert proc.stderr.startswith(b"rexec: cannot connect to 127.0.0.1:1")
     assert proc.stderr.count(b"\n") == 1
+
+
+def test_a_policy_refusal_ends_one_line_not_the_session(server: Any, e2e: Any) -> None:
+    """POLICY refuses one command (PROTOCOL.md 3.3; the connection goes on): the REPL says
+    so once per refused line, never "connection lost", and goes on to the next line."""
+    store = ("--store", str(server.store))
+    proc = subprocess.run(
+        [e2e.REXEC, "token", "new", "--id", "only-echo", "--allow", "echo ...", *store],
+        capture_output=True,
+        env=e2e.clean_env(),
+        timeout=20,
+        check=True,
+    )
+    token = proc.stdout.decode().strip()
+    time.sleep(1.2)  # the server polls its store twice a second
+    script = b"id\necho still here\n"
+    out = e2e.run_cli(["shell", server.address], token=token, input=script, timeout=20)
+    assert (out.returncode, out.stdout) == (0, b"still here\n")
+    assert out.stderr == (
+        b"rexec: server error (policy): allow: argv id matches no --allow pattern of this token\n"
+    )
