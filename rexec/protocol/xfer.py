@@ -495,7 +495,9 @@ class SenderStream:
             digest = _hex(obj["sha256"])
             self._have = None
             return "have", (_int(obj["offset"], "offset", 2**63 - 1), digest)
-        if kind == Rec.RESULT and self._due and self._have is None:
+        # A RESULT answers the oldest entry; while a HAVE is due, that may be an earlier file
+        # (its END crossed our next ENTRY), never the file awaiting the HAVE: the newest one.
+        if kind == Rec.RESULT and self._due and (self._have is None or len(self._due) > 1):
             obj = _object(body, "RESULT")
             if "path" not in obj or "status" not in obj or not _RESULT_MEMBERS.issuperset(obj):
                 _members(obj, "RESULT", {"path", "status"}, {"sha256", "error"})

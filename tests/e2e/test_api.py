@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import time
@@ -176,6 +177,20 @@ def test_sync_client(server: Any) -> None:
         assert client.run("exit 4").exit_code == 4
         with pytest.raises(CommandFailed):
             client.run("false", check=True)
+
+
+@pytest.mark.skipif(shutil.which("top") is None, reason="no top on this machine")
+def test_readme_top_on_a_pty_example_ends(server: Any) -> None:
+    """README's example as written: a key typed before top set its terminal up is flushed
+    by top (TCSAFLUSH), so the example waits for its first output before typing."""
+    with rexec.Client(server.address, token=server.token) as c:
+        pty = rexec.PtyRequest("xterm", 24, 80)
+        top = c.start("top", stdin=True, pty=pty, timeout=15)  # the deadline: never hang
+        next(iter(top.stdout))  # its first screen: it reads keys now
+        top.resize(50, 132)
+        top.write(b"q")
+        result = top.wait()
+    assert (result.timed_out, result.exit_code) == (False, 0)
 
 
 def test_unix_socket(server: Any) -> None:

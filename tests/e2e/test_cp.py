@@ -257,6 +257,21 @@ def test_resume_skips_a_complete_file(e2e: Any, lab: Lab, tmp_path: Path) -> Non
     assert (two["status"], two["sent"], two["sha256"]) == ("skipped", 0, sha(src))
 
 
+def test_resume_with_several_files_both_ways(e2e: Any, lab: Lab, tmp_path: Path) -> None:
+    """The receiver's RESULT for one file and its HAVE for the next cross on the wire; a
+    resumed copy of two files used to end in a protocol error ("kind 18 out of order")."""
+    a, b = tmp_path / "ra.bin", tmp_path / "rb.bin"
+    a.write_bytes(os.urandom(100_000))
+    b.write_bytes(os.urandom(70_000))
+    up = cp(e2e, lab, "--resume", str(a), str(b), "lab1:")
+    assert (up.returncode, up.stderr) == (0, b"")
+    down = tmp_path / "down"
+    down.mkdir()
+    back = cp(e2e, lab, "--resume", "lab1:ra.bin", "lab1:rb.bin", str(down))
+    assert (back.returncode, back.stderr) == (0, b"")
+    assert [sha(down / n) for n in ("ra.bin", "rb.bin")] == [sha(a), sha(b)]
+
+
 def test_ctrl_c_keeps_the_old_file_and_resume_sends_the_rest(
     e2e: Any, lab: Lab, tmp_path: Path
 ) -> None:

@@ -186,13 +186,29 @@ def test_results_must_come_in_order_and_haves_only_when_asked() -> None:
     ss.sent("a")
     ss.sent("b", want_have=True)
     with pytest.raises(RemoteProtocolError, match="out of order"):
-        ss.feed(body(x.result(x.Result("a", "ok", None, None))))  # b's HAVE is due first
+        ss.feed(body(x.result(x.Result("b", "ok", None, None))))  # a's RESULT comes first
     assert ss.feed(body(x.have(3, SHA))) == ("have", (3, SHA))
     with pytest.raises(RemoteProtocolError, match="out of order"):
         ss.feed(body(x.result(x.Result("b", "ok", None, None))))
     ok = ss.feed(body(x.result(x.Result("a", "ok", SHA.hex(), None))))
     assert ok == ("result", x.Result("a", "ok", SHA.hex(), None))
     assert ss.outstanding == 1
+
+
+def test_a_result_for_an_earlier_file_may_come_while_a_have_is_due() -> None:
+    """With resume the sender sends the next ENTRY right after a file's END: the receiver
+    answers that END (RESULT) before the new ENTRY (HAVE), as PROTOCOL.md 17.3 orders it."""
+    ss = x.SenderStream()
+    ss.sent("a", want_have=True)
+    assert ss.feed(body(x.have(0, SHA)))[0] == "have"
+    ss.sent("b", want_have=True)  # after a's OFFSET, DATA and END
+    assert ss.feed(body(x.result(x.Result("a", "ok", SHA.hex(), None))))[0] == "result"
+    assert ss.awaiting_have
+    with pytest.raises(RemoteProtocolError):  # b's own RESULT never before its HAVE
+        ss.feed(body(x.result(x.Result("b", "ok", SHA.hex(), None))))
+    assert ss.feed(body(x.have(0, SHA)))[0] == "have"
+    assert ss.feed(body(x.result(x.Result("b", "ok", SHA.hex(), None))))[0] == "result"
+    assert ss.outstanding == 0
 
 
 @pytest.mark.parametrize(
