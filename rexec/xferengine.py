@@ -269,7 +269,7 @@ class Receiver:
         self.stream = x.ReceiverStream(resume)
         self.replies: deque[bytearray] = deque()
         self.outcomes: list[Outcome] = []
-        self.tree: tuple[int, int] | None = None
+        self.tree: tuple[int, int] | None = None  # the TREE record: (files, bytes)
         self.bytes = 0  # DATA bytes received
         self.error: str | None = None  # set: the destination is unusable, every entry fails
         self._dir_meta: list[tuple[list[str], int, int | None]] = []

@@ -232,7 +232,7 @@ class Transfer:
             total: int | None = engine.listing.total
             files: int | None = engine.listing.files
         else:
-            total, files = engine.tree if engine.tree is not None else (None, None)
+            files, total = engine.tree if engine.tree is not None else (None, None)
         self._progress(
             TransferProgress(path, done, size, engine.bytes, total, len(engine.outcomes), files)
         )

@@ -174,8 +174,10 @@ def test_a_tree_round_trips_byte_exact_with_preserve(
     assert seen and seen[-1].total == total and seen[-1].files == len(up.files)
     assert seen[-1].total_done == total and seen[-1].files_done == len(up.files)
     assert {p.path for p in seen} == {f.path for f in up.files}  # every entry, as it ends
-    down = side.get(str(remote / "src"), back, recursive=True, preserve=True)
+    got: list[TransferProgress] = []
+    down = side.get(str(remote / "src"), back, recursive=True, preserve=True, progress=got.append)
     assert down.ok and down.direction == "get" and down.bytes == total
+    assert (got[-1].total, got[-1].files) == (total, len(down.files))  # the TREE's, unswapped
     assert snapshot(back / "src") == snapshot(src)
     assert not list(back.rglob("*.rexec-part")) and not list(remote.rglob("*.rexec-part"))
 
