@@ -540,9 +540,16 @@ def _parser() -> argparse.ArgumentParser:
         "pseudo-terminal, as `ssh TARGET` gives (~. disconnects, ~? lists the escapes). With "
         "--repl, or when stdin is not a terminal: a line REPL, each line a remote command.",
     )
-    p.add_argument("target", help="host[:port], unix:/path, or a client-config alias")
-    p.add_argument("--token-file", help="file holding the client token (mode 0600)")
-    p.add_argument("--connect-timeout", type=float, metavar="SECS", help="connect deadline")
+    p.add_argument(
+        "target", metavar="TARGET", help="host[:port], unix:/path, or a client-config alias"
+    )
+    p.add_argument("--token-file", metavar="FILE", help="file holding the client token (mode 0600)")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="SECS",
+        help="deadline for connecting and the handshake",
+    )
     p.add_argument("--trace", action="store_true", help="start with :trace on")
     p.add_argument("--suite", choices=("aesgcm", "chachapoly"), help="Noise cipher suite")
     p.add_argument(

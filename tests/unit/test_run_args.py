@@ -233,3 +233,12 @@ def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -
 def test_many_hosts_dispatch(argv: list[str], many: bool) -> None:
     """Only host sets and fleet options leave the single-host path (and its lean imports)."""
     assert names_many_hosts(parse_run_args(argv)) is many
+
+
+def test_shell_help_names_its_arguments_as_run_does() -> None:
+    """`rexec shell --help` spells TARGET and --token-file FILE as `rexec run --help` does."""
+    from rexec.cli.shell import _parser
+
+    text = _parser().format_help()
+    assert "[--token-file FILE]" in text and "TARGET" in text.split("\n")[2]
+    assert "token_file" not in text.lower().replace("--token-file", "")
