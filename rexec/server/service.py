@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,7 +83,9 @@ class Server:
             if ep.path is not None:
                 path = Path(ep.path)
                 if path.is_socket():
-                    path.unlink()
+                    if _answers(path):  # another server's: taking the path would orphan it
+                        raise _listen_error(ep, OSError(errno.EADDRINUSE, "in use"))
+                    path.unlink()  # stale: left by a server that died
                 old_umask = os.umask(0o177)  # born 0600: no moment when others may connect
                 try:
                     server = await loop.create_unix_server(factory, str(path), backlog=256)
@@ -182,6 +186,19 @@ class Server:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _answers(path: Path) -> bool:
+    """Does something listen on this unix socket? Refused or gone: a stale path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:  # a full backlog, no permission: someone is there
+            return True
+        return True
 
 
 def _listen_error(ep: Endpoint, exc: OSError) -> OSError:

@@ -458,6 +458,45 @@ def test_unix_socket_in_a_missing_directory_is_one_line(e2e: Any, tmp_path: Path
     ]
 
 
+def test_a_second_server_on_a_live_unix_socket_refuses_to_start(
+    server_factory: Any, e2e: Any, tmp_path: Path
+) -> None:
+    """A socket path a live server answers on is in use (only a stale one is replaced): the
+    second server used to unlink it and leave the first one unreachable."""
+    path = tmp_path / "shared.sock"
+    first = server_factory(unix=[str(path)])
+    store = tmp_path / "tokens2.json"
+    e2e.new_token(store, "t")
+    proc = subprocess.run(
+        [e2e.REXEC, "serve", "--unix", str(path), "--tokens", str(store), *_state_json(tmp_path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=e2e.clean_env(),
+        timeout=20,
+        check=False,
+    )
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith(b"{")]
+    assert lines == [
+        f"rexec: cannot start the server: cannot listen on unix:{path}: "
+        "Address already in use".encode()
+    ]
+    still = e2e.run_cli(["run", f"unix:{path}", "echo first"], token=first.token)
+    assert (still.returncode, still.stdout) == (0, b"first\n")
+
+
+def test_a_stale_unix_socket_is_replaced(e2e: Any, tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))  # bound, never listening, then closed: what a crash leaves
+    srv = e2e.start_server(tmp_path / "srv", unix=[str(path)])
+    try:
+        ok = e2e.run_cli(["run", f"unix:{path}", "echo up"], token=srv.token)
+        assert (ok.returncode, ok.stdout) == (0, b"up\n")
+    finally:
+        srv.stop()
+
+
 def test_new_token_works_without_restart(server_factory: Any, e2e: Any) -> None:
     srv = server_factory()
     second = e2e.new_token(srv.store, "second")
