@@ -230,9 +230,14 @@ def _store_action(args: argparse.Namespace) -> int:
 def _expires(args: argparse.Namespace) -> float | None:
     if args.expires is None:
         return None
-    from rexec.server.auth import parse_expiry
+    from rexec.server.auth import iso_time, parse_expiry
 
-    return parse_expiry(args.expires, time.time())
+    now = time.time()
+    when = parse_expiry(args.expires, now)
+    if when <= now:  # a mistyped year; or on purpose (edit: expire it now), so only a note
+        name = getattr(args, "id", None) or args.ident
+        err(f"note: token {name!r} expires {iso_time(when)}, already past: the server refuses it")
+    return when
 
 
 def _policy(args: argparse.Namespace, base: Any) -> Any:

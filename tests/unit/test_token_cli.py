@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,21 @@ def test_import_reads_a_token_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert entry(tmp_path / "t.json", "f")["key_id"] == "bf4f2d04daa7b368"
     rc, _, err = token(capsys, "import", "--id", "g", str(line), "--store", store)
     assert rc == 2 and "that key id is already in the store" in err
+
+
+@pytest.mark.parametrize("when", ["2000-01-01", "0d"])
+def test_an_expiry_already_past_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], when: str
+) -> None:
+    """A mistyped year makes a token the server refuses at once: say so (it is still made,
+    and `edit --expires` to a past date is how a token is expired now)."""
+    store = str(tmp_path / "t.json")
+    rc, out, err = token(capsys, "new", "--id", "a", "--store", store, "--expires", when)
+    assert rc == 0 and parse_token(out)
+    assert re.fullmatch(
+        r"rexec: note: token 'a' expires \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, already past: "
+        r"the server refuses it",
+        err.splitlines()[0],
+    )
+    rc, _, err = token(capsys, "edit", "a", "--store", store, "--expires", "30d")
+    assert rc == 0 and "already past" not in err
