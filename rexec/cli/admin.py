@@ -89,9 +89,13 @@ def cmd_serve(argv: list[str]) -> int:
                     token_count=0,
                 )
 
+        again = first is None and args.config is None and _client_copy_valid(store, state)
+
         def on_ready(addresses: list[str]) -> None:
             if first is not None:
                 _print_first_token(first, state, config.server.tokens, addresses[0])
+            elif again:
+                _print_paste_line(state, addresses[0])
 
         return asyncio.run(
             serve(
@@ -129,6 +133,28 @@ def _self_command() -> str:
     return "rexec" if found and os.path.samefile(found, here) else here
 
 
+def _paste(client_file: Any, address: str) -> str:
+    return f"    REXEC_TOKEN_FILE={client_file} {_self_command()} run {address} uname -a\n\n"
+
+
+def _client_copy_valid(store: Any, state: Any) -> bool:
+    """A restart (`make serve` again): is the first start's client copy still a token of
+    this store (not revoked nor rotated away)? Then what to paste is worth printing again."""
+    from rexec.client.target import read_token_file
+    from rexec.errors import RexecError
+
+    try:
+        return store.lookup(read_token_file(state / "client.token").key_id) is not None
+    except (OSError, RexecError, ValueError):
+        return False
+
+
+def _print_paste_line(state: Any, address: str) -> None:
+    paste = _paste(state / "client.token", address)
+    sys.stdout.write(f"rexec: run commands with the client's copy of token 'default':\n\n{paste}")
+    sys.stdout.flush()
+
+
 def _print_first_token(token: Any, state: Any, store_path: Any, address: str) -> None:
     """Print what to paste, with the address actually bound (port 0 resolved).
 
@@ -139,7 +165,7 @@ def _print_first_token(token: Any, state: Any, store_path: Any, address: str) ->
     text = (
         f"rexec: created the first token 'default' in {store_path}\n"
         f"rexec: the client's copy is in {client_file} (mode 0600); run commands with:\n\n"
-        f"    REXEC_TOKEN_FILE={client_file} {_self_command()} run {address} uname -a\n\n"
+        f"{_paste(client_file, address)}"
     )
     if sys.stdout.isatty():
         text += (

@@ -131,6 +131,33 @@ def test_first_start_prints_the_secret_on_a_terminal_only(e2e: Any, tmp_path: Pa
     assert f"\n    {token}\r\n".encode() in text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def test_a_restart_prints_the_client_command_again(e2e: Any, tmp_path: Path) -> None:
+    """`make serve` a second time: the token exists, and what to paste is printed again,
+    with the address bound now (the first start's port 0 gave another one)."""
+    state = tmp_path / "state"
+    for _ in range(2):
+        ready = tmp_path / "ready"
+        ready.unlink(missing_ok=True)
+        proc = _serve(
+            e2e,
+            ["--listen", "127.0.0.1:0", "--state-dir", str(state), "--ready-file", str(ready)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert e2e.wait_until(ready.exists, 20)
+        finally:
+            _stop(proc)
+        out = proc.stdout.read().decode()
+        address = ready.read_text().strip()
+        paste = (
+            f"    REXEC_TOKEN_FILE={state / 'client.token'} {e2e.REXEC} run {address} uname -a\n"
+        )
+        assert paste in out
+    assert "created the first token" not in out and "token line" not in out
+    assert out.startswith("rexec: run commands with the client's copy of token 'default':\n\n")
+
+
 def test_config_mistakes_are_explained_in_plain_words(e2e: Any, tmp_path: Path) -> None:
     cfg = tmp_path / "server.toml"
     cfg.write_text("[server]\nlisten = '127.0.0.1:0'\n[limits]\nkill_grace = '2'\n")
