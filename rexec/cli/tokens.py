@@ -186,6 +186,11 @@ def _store_action(args: argparse.Namespace) -> int:
         token = store.add(args.id, expires=_expires(args), policy=_policy(args, None))
         print(token.format())
         sys.stderr.write(f"rexec: added token {args.id!r} to {store.path}\n")
+        if not (args.store or args.config or args.state_dir) and _make_serve_store():
+            err(
+                "`make serve` keeps its tokens in ./.state, and this one is not there: "
+                f"rexec token new --id {args.id} --state-dir .state"
+            )
     elif action == "import":
         token = _read_token_line(args.file)
         store.add(args.id, token, expires=_expires(args), policy=_policy(args, None))
@@ -300,8 +305,13 @@ def _say_which_store(store: Any, *, explicit: bool) -> None:
     if explicit:
         return
     err("that is the default store; for another one pass --state-dir, --store or --config")
-    if os.path.isfile(os.path.join(".state", "tokens.json")):
+    if _make_serve_store():
         err("`make serve` keeps its tokens in ./.state: rexec token list --state-dir .state")
+
+
+def _make_serve_store() -> bool:
+    """Is this a checkout where `make serve` ran (its store is ./.state/tokens.json)?"""
+    return os.path.isfile(os.path.join(".state", "tokens.json"))
 
 
 def _learned(store: Any, ident: str) -> None:

@@ -92,6 +92,18 @@ def test_token_list_says_which_store_it_read(e2e: Any, tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert proc.stdout.decode().splitlines()[1].startswith("made\t")  # under the header
     assert proc.stderr.decode() == f"rexec: 1 token in {work / '.state' / 'tokens.json'}\n"
+    # README's `rexec token new --id laptop` typed there: the token goes to the default
+    # store, which the `make serve` server does not read: say so
+    new = subprocess.run(
+        [e2e.REXEC, "token", "new", "--id", "laptop"],
+        capture_output=True, env=env, cwd=work, timeout=30,
+    )  # fmt: skip
+    assert new.returncode == 0
+    assert new.stderr.decode().splitlines() == [
+        f"rexec: added token 'laptop' to {default}",
+        "rexec: `make serve` keeps its tokens in ./.state, and this one is not there: "
+        "rexec token new --id laptop --state-dir .state",
+    ]
 
 
 def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
