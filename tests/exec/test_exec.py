@@ -118,12 +118,13 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-async def fds_back_to(before: set[str], within: float = 2.0) -> str:
-    """Empty once this process's fds are `before` again, else what differs (fd -> file). A
-    transport's pipe may close in a loop callback just after the call that ended it (later
-    on a loaded machine): the loop runs meanwhile; a leaked fd stays, and fails the test."""
+async def fds_leaked(before: set[str], within: float = 2.0) -> list[str]:
+    """The fds open now that were not `before` (fd -> file), once none is or `within` has
+    passed. A transport's pipe may close in a loop callback just after the call that ended
+    it (later on a loaded machine), so the loop runs meanwhile; a leaked fd stays. An fd
+    closed meanwhile is not counted: garbage of earlier tests may close its own."""
     deadline = time.monotonic() + within
-    while (now := open_fds()) != before and time.monotonic() < deadline:
+    while (new := open_fds() - before) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
 
     def name(fd: str) -> str:
@@ -132,9 +133,7 @@ async def fds_back_to(before: set[str], within: float = 2.0) -> str:
         except OSError:
             return fd
 
-    if now == before:
-        return ""
-    return f"opened {sorted(map(name, now - before))}, closed {sorted(before - now)}"
+    return sorted(map(name, new))
 
 
 def my_children() -> list[int]:
@@ -565,7 +564,7 @@ def test_no_fd_or_task_leak(tmp_path: Path) -> None:
         await all_kinds()  # warm up: the loop's own fds (self-pipe, executor) appear here
         before, tasks = open_fds(), asyncio.all_tasks()
         await all_kinds()
-        assert await fds_back_to(before) == ""
+        assert await fds_leaked(before) == []
         assert asyncio.all_tasks() == tasks
         assert set(my_children()) - children == set()  # every leader reaped: no zombie
 
@@ -581,7 +580,7 @@ def test_many_concurrent_commands() -> None:
 
         before = open_fds()
         await asyncio.gather(*(one(i) for i in range(100)))
-        assert await fds_back_to(before) == ""
+        assert await fds_leaked(before) == []
 
     run(main(), timeout=120)
 
