@@ -235,10 +235,11 @@ def test_many_hosts_dispatch(argv: list[str], many: bool) -> None:
     assert names_many_hosts(parse_run_args(argv)) is many
 
 
-def test_shell_help_names_its_arguments_as_run_does() -> None:
+def test_shell_help_names_its_arguments_as_run_does(capsys: pytest.CaptureFixture[str]) -> None:
     """`rexec shell --help` spells TARGET and --token-file FILE as `rexec run --help` does."""
-    from rexec.cli.shell import _parser
-
-    text = _parser().format_help()
+    with pytest.raises(SystemExit) as done:  # argparse's own --help exit
+        main(["shell", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
     assert "[--token-file FILE]" in text and "TARGET" in text.split("\n")[2]
     assert "token_file" not in text.lower().replace("--token-file", "")
