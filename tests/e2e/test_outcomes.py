@@ -113,7 +113,7 @@ def test_json_policy(server_factory: Any, e2e: Any) -> None:
     made = e2e.run_cli(["token", "new", "--id", "ro", "--allow", "true", "--store", str(srv.store)])
     assert made.returncode == 0, made.stderr
     token = made.stdout.decode().strip()
-    proc = e2e.run_cli(["run", "--json", srv.address, "echo hi"], token=token)
+    proc = e2e.run_cli(["run", "--json", srv.address, "echo hi; true"], token=token)
     doc = json_error(proc, "policy", 255)
     assert doc["error"]["message"].startswith("server error (policy): allow: shell command lines")
 
