@@ -37,7 +37,7 @@ from rexec.client.fanout import DEFAULT_FANOUT, config_tokens
 from rexec.client.fleet import HostResult, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
 from rexec.client.target import load_client_config
-from rexec.errors import ConfigError, RexecError
+from rexec.errors import ConfigError, HostSetError, RexecError
 from rexec.protocol.noise import Suite
 from rexec.protocol.token import Token
 
@@ -86,17 +86,24 @@ def is_plain(args: RunArgs) -> bool:
 
 
 def select_hosts(args: RunArgs) -> list[str]:
-    """HOSTS (or --hosts-from FILE) minus every -x set; groups from the client config."""
+    """HOSTS (or --hosts-from FILE) minus every -x set; groups from the client config.
+    An empty result is a HostSetError that says what emptied it (`a&b`, -x, the file)."""
     config = load_client_config()
     groups = {name: entry.hosts for name, entry in config.groups.items()}
     where = str(config.path) if config.path else None
     if args.hosts_from is not None:
         hosts = read_hosts_file(args.hosts_from, groups=groups, where=where)
+        named = f"--hosts-from {args.hosts_from} names none"
     else:
         hosts = expand_hosts(args.target or "", groups=groups, where=where)
+        named = f"the host set '{args.target}' is empty"
+    if not hosts:
+        raise HostSetError(f"no hosts: {named}")
     for text in args.exclude:
         excluded = set(expand_hosts(text, groups=groups, where=where))
         hosts = [host for host in hosts if host not in excluded]
+    if not hosts:
+        raise HostSetError("no hosts: the set is empty once -x is applied")
     return hosts
 
 
@@ -134,8 +141,6 @@ def cmd_fleet(args: RunArgs) -> int | None:
             return None
         if not args.command:
             raise usage("no command given")
-        if not hosts:
-            raise usage("no hosts: the set is empty once -x is applied")
         resolve = config_tokens(token_file=args.token_file)
         tokens = {host: resolve(host) for host in hosts}
         if args.outdir is not None:

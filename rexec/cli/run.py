@@ -386,7 +386,7 @@ def names_many_hosts(args: RunArgs) -> bool:
     target = args.target or ""
     if target.startswith("unix:"):
         return False
-    if target.startswith("@") or "," in target:
+    if target.startswith("@") or any(op in target for op in ",!&^"):  # a list, or set algebra
         return True
     return "[" in target and not (target.startswith("[") and ":" in target.partition("]")[0])
 

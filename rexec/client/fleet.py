@@ -267,6 +267,7 @@ class FleetRun:
         self._retry_delay = retry_delay
         self._on_retry = on_retry
         self._running: dict[str, Process] = {}
+        self._connecting: dict[str, asyncio.Task[Connection]] = {}
         self._stopped = False
         self._iterated = False
 
@@ -282,8 +283,11 @@ class FleetRun:
         return list(self._running)
 
     def stop(self) -> None:
-        """Start no more hosts; those already running carry on."""
+        """Start no more hosts; those already running carry on. A host still connecting is
+        abandoned at once (not started), not waited for until its connect timeout."""
         self._stopped = True
+        for connecting in self._connecting.values():
+            connecting.cancel()
 
     def __aiter__(self) -> AsyncGenerator[HostResult, None]:
         if self._iterated:
@@ -314,8 +318,8 @@ class FleetRun:
         start = time.monotonic()
         conn: Connection | None = None
         try:
-            try:
-                conn = await connect_host(
+            connecting = asyncio.ensure_future(
+                connect_host(
                     host,
                     token_for=self._token_for,
                     connect_timeout=self._connect_timeout,
@@ -325,10 +329,21 @@ class FleetRun:
                     retry_delay=self._retry_delay,
                     on_retry=self._on_retry,
                 )
+            )
+            self._connecting[host] = connecting
+            try:
+                conn = await connecting
+            except asyncio.CancelledError:
+                this = asyncio.current_task()
+                if self._stopped and not (this is not None and this.cancelling()):
+                    return self._not_started(host)  # stop() abandoned the connect
+                raise
             except RexecError as exc:  # refused, no route, DNS, timeout, auth, a bad address
                 return failed_host(
                     host, self._name, exc, started=False, duration=time.monotonic() - start
                 )
+            finally:
+                self._connecting.pop(host, None)
             return await self._run_on(host, conn, start)
         finally:
             if conn is not None:
