@@ -40,11 +40,11 @@ from rexec.cli.outcome import (
     write_junit,
     write_stdout,
 )
-from rexec.result import Result
 
 TYPE_CHECKING = False  # not typing's: typing (and re) stay off `rexec run`'s path
 if TYPE_CHECKING:
     from rexec import Client
+    from rexec.client.blocking import Sink
     from rexec.errors import RexecError
 
 # ---- run ---------------------------------------------------------------------------
@@ -453,6 +453,7 @@ def run_one(args: RunArgs) -> int:
     started = False
     began, wall = time.monotonic(), time.time()
     tails = (Tail(), Tail()) if args.junit is not None and not args.json else None
+    kept = (bytearray(), bytearray())  # --json: the output, even of a command cut short
     try:
         client = open_client(args, target)
         if args.tty:  # on a pseudo-terminal: rexec.cli.ptyshell (a terminal's keys, escapes)
@@ -487,12 +488,17 @@ def run_one(args: RunArgs) -> int:
             if stdin is not None:
                 proc.feed(stdin)
             client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
-            out = err_out = None
-            if not args.json:
+            out: Sink
+            err_out: Sink
+            if args.json:
+                out, err_out = kept[0].extend, kept[1].extend
+            else:
                 out, err_out = writer(1), writer(2)
                 if tails is not None:
                     out, err_out = tails[0].tee(out), tails[1].tee(err_out)
             result = proc.wait(stdout=out, stderr=err_out)
+            if args.json:
+                result = result.with_output(bytes(kept[0]), bytes(kept[1]))
         client.close()
         outcome = of_result(result)
     except (RexecError, KeyboardInterrupt, BrokenPipeError) as exc:
@@ -514,7 +520,8 @@ def run_one(args: RunArgs) -> int:
     if args.junit is not None:
         write_junit(args.junit, command, [_case(target, outcome, duration, tails)], wall)
     if args.json and outcome.exit_status != EXIT_SIGPIPE:
-        line = json_line(json_object(target, command, outcome, duration))
+        output = (bytes(kept[0]), bytes(kept[1]))
+        line = json_line(json_object(target, command, outcome, duration, output))
         if not write_stdout(line):
             return EXIT_SIGPIPE  # the reader left: as SIGPIPE would end a local writer
     return outcome.exit_status
@@ -531,10 +538,7 @@ def _case(
         return JUnitCase(target, outcome, duration, out, errout)
     out, errout = bytes(tails[0].data), bytes(tails[1].data)
     if result is not None:
-        r = result
-        outcome = of_result(
-            Result(r.command, r.exit_code, r.signal, r.timed_out, r.duration, out, errout, r.target)
-        )
+        outcome = of_result(result.with_output(out, errout))
     return JUnitCase(target, outcome, duration, out, errout, (tails[0].dropped, tails[1].dropped))
 
 

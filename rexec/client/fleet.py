@@ -370,17 +370,20 @@ class FleetRun:
             if self._stdin is not None:
                 feeder = asyncio.create_task(self._feed(proc, self._stdin))
             async with asyncio.timeout(deadline):
-                if self._on_line is None:
-                    result = await proc.wait()
-                else:
-                    err_pump = asyncio.create_task(self._pump(host, 2, proc.stderr, err))
-                    try:
-                        await self._pump(host, 1, proc.stdout, out)
-                        await err_pump
-                    except BaseException:  # cancelled (the run was closed): no orphan pump
-                        err_pump.cancel()
-                        raise
-                    result = await proc.wait()
+                # pumped here, not by wait(): what came before a broken connection or a
+                # deadline is kept in out/err for the HostResult
+                pumps = (
+                    asyncio.create_task(self._pump(host, 1, proc.stdout, out)),
+                    asyncio.create_task(self._pump(host, 2, proc.stderr, err)),
+                )
+                try:
+                    await asyncio.wait(pumps)  # both drain their stream, even past an error
+                finally:  # cancelled (the run was closed, the deadline): no orphan pump
+                    for pump in pumps:
+                        pump.cancel()
+                for pump in pumps:
+                    pump.result()  # the connection's error, if it cut the command short
+                result = await proc.wait()
         except ExecError as exc:  # the server could not start it: as the shell's 126/127
             return HostResult(
                 host,
@@ -418,19 +421,7 @@ class FleetRun:
                 feeder.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await feeder
-        if self._on_line is not None:
-            result = Result(
-                result.command,
-                result.exit_code,
-                result.signal,
-                result.timed_out,
-                result.duration,
-                bytes(out) if self._keep else b"",
-                bytes(err) if self._keep else b"",
-            )
-        elif not self._keep:
-            result = Result(result.command, result.exit_code, result.signal, result.timed_out)
-        return _finished(host, result, time.monotonic() - start)
+        return _finished(host, result.with_output(bytes(out), bytes(err)), time.monotonic() - start)
 
     async def _feed(self, proc: Process, data: bytes) -> None:
         """The same stdin bytes to this host, in chunks, then EOF."""
@@ -441,13 +432,15 @@ class FleetRun:
             await proc.close_stdin()
 
     async def _pump(self, host: str, fd: int, stream: OutputStream, keep: bytearray) -> None:
-        """Hand every complete line to on_line (and a last partial one at the end)."""
-        assert self._on_line is not None
+        """Keep the stream's output (with keep_output); hand every complete line to on_line,
+        if any (and a last partial one at the end)."""
         on_line = self._on_line
         partial = b""
         async for chunk in stream:
             if self._keep:
                 keep += chunk
+            if on_line is None:
+                continue
             data = partial + chunk if partial else bytes(chunk)
             begin = 0
             while (end := data.find(b"\n", begin)) >= 0:
@@ -457,7 +450,7 @@ class FleetRun:
             while len(partial) >= MAX_LINE:
                 on_line(host, fd, partial[:MAX_LINE])
                 partial = partial[MAX_LINE:]
-        if partial:
+        if partial and on_line is not None:
             on_line(host, fd, partial)
 
 
