@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -148,20 +149,48 @@ def cmd_fleet(args: RunArgs) -> int | None:
                 os.makedirs(args.outdir, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"--outdir {args.outdir}: {exc.strerror}") from None
-        stdin: bytes | None = None
+        given = not args.no_stdin and not os.isatty(0)  # stdin to forward (read later)
         try:
-            if not args.no_stdin and not os.isatty(0):
-                stdin = read_stdin()
-        except ValueError as exc:
-            raise usage(str(exc)) from None
+            os.fstat(0)
         except OSError:
-            stdin = None  # no readable stdin (a closed or odd descriptor): as -n
+            given = False  # no readable stdin (a closed descriptor): as -n
     except (UsageError, RexecError) as exc:
         return fail_early(args, exc)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    fleet = Fleet(args, hosts, args.command, parse_env(args.env), stdin, tokens)
+    fleet = Fleet(args, hosts, args.command, parse_env(args.env), given, tokens)
     return asyncio.run(fleet.main())
+
+
+class StdinOnce:
+    """stdin read to its end once, in a thread, while the hosts start; every host's feeder
+    awaits the same bytes. A command that never reads stdin does not wait for its EOF: a pipe
+    that a CI runner or a parent leaves open must not hold the run back (ssh's way)."""
+
+    def __init__(self, too_large: Callable[[str], None]) -> None:
+        self._too_large = too_large
+        self._data: asyncio.Future[bytes] | None = None
+
+    async def __call__(self) -> bytes:
+        if self._data is None:
+            loop = asyncio.get_running_loop()
+            self._data = loop.create_future()
+            threading.Thread(target=self._read, args=(loop, self._data), daemon=True).start()
+        return await asyncio.shield(self._data)
+
+    def _read(self, loop: asyncio.AbstractEventLoop, data: asyncio.Future[bytes]) -> None:
+        got, error = b"", None
+        try:
+            got = read_stdin()
+        except ValueError as exc:  # past the bound: the run is stopped; nobody gets stdin
+            error = str(exc)
+        except OSError:
+            pass  # unreadable after all: EOF, as -n
+        with contextlib.suppress(RuntimeError):  # the run ended first: its loop is closed
+            if error is not None:
+                loop.call_soon_threadsafe(self._too_large, error)
+            else:
+                loop.call_soon_threadsafe(data.set_result, got)
 
 
 def host_file_name(host: str) -> str:
@@ -236,14 +265,16 @@ class Fleet:
         hosts: list[str],
         command: list[str],
         env: dict[str, str],
-        stdin: bytes | None,
+        stdin: bool,
         tokens: dict[str, Token | str],
     ) -> None:
         self.args = args
         self.hosts = hosts
         self.command = command
         self.env = env
-        self.stdin = stdin
+        self.stdin = StdinOnce(self.on_stdin_too_large) if stdin else None
+        self.stdin_error: str | None = None
+        self.main_task: asyncio.Task[int] | None = None
         self.tokens = tokens
         self.live = not (args.json or args.gather or args.outdir is not None)
         self.started = time.time()
@@ -329,6 +360,14 @@ class Fleet:
             f"(Ctrl-C again: {again})\n".encode()
         )
 
+    def on_stdin_too_large(self, message: str) -> None:
+        """stdin passed its bound: a usage error found late; stop everything (no host got any
+        stdin: feeders wait for all of it)."""
+        self.stdin_error = message
+        self.aborted = True
+        if self.main_task is not None and not self.finishing:
+            self.main_task.cancel()
+
     def on_broken_pipe(self, main: asyncio.Task[int]) -> None:
         """stdout's reader left: stop the run (closing the connections stops the commands)."""
         if not self.pipe_closed:
@@ -341,7 +380,7 @@ class Fleet:
     async def main(self) -> int:
         args = self.args
         loop = asyncio.get_running_loop()
-        main = asyncio.current_task()
+        main = self.main_task = asyncio.current_task()
         assert main is not None
         run = run_many(
             self.hosts,
@@ -400,6 +439,10 @@ class Fleet:
     def finish(self) -> int:
         """Gathered output, --failed-to, the summary line; returns the exit status."""
         self.finishing = True
+        if self.stdin_error is not None:
+            self.screen.flush()
+            self.screen.clear_progress()
+            return fail_early(self.args, UsageError(self.stdin_error, parse=False))
         if self.args.gather and not self.pipe_closed:
             self.gathered()
         self.screen.flush()

@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import (
     AsyncGenerator,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -56,6 +57,9 @@ MAX_LINE = 64 * 1024  # a longer line reaches the line callback in pieces
 NOT_STARTED = "not started: the run was stopped first"
 
 LineFn = Callable[[str, int, bytes], None]
+# stdin for every host: the bytes, or an async function giving them (awaited once the host's
+# command runs, so that a command that never reads stdin never waits for it)
+StdinSource = bytes | Callable[[], Awaitable[bytes]]
 
 
 class HostResult(FrozenRecord):
@@ -236,7 +240,7 @@ class FleetRun:
         connect_timeout: float | None,
         env: Mapping[str, str] | None,
         cwd: str | None,
-        stdin: bytes | None,
+        stdin: StdinSource | None,
         token_for: Callable[[str], Token | str],
         suite: Suite,
         on_line: LineFn | None,
@@ -423,8 +427,9 @@ class FleetRun:
                     await feeder
         return _finished(host, result.with_output(bytes(out), bytes(err)), time.monotonic() - start)
 
-    async def _feed(self, proc: Process, data: bytes) -> None:
+    async def _feed(self, proc: Process, source: StdinSource) -> None:
         """The same stdin bytes to this host, in chunks, then EOF."""
+        data = source if isinstance(source, bytes) else await source()
         with contextlib.suppress(RexecError):
             view = memoryview(data)
             for offset in range(0, len(data), STDIN_CHUNK):
@@ -463,7 +468,7 @@ def run_many(
     connect_timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
-    stdin: bytes | None = None,
+    stdin: StdinSource | None = None,
     token: str | Token | None = None,
     token_file: str | None = None,
     token_for: Callable[[str], Token | str] | None = None,
@@ -478,7 +483,8 @@ def run_many(
     """Run `command` on every host; `async for result in run_many(...)` as each finishes.
 
     `hosts` is a host set (`"lab[01-40],@gpu"`) or an iterable of hosts. `timeout` is the
-    server-enforced deadline per host; `stdin` bytes go to every host. `token_for(host)` gives
+    server-enforced deadline per host; `stdin` bytes (or an async function returning
+    them, awaited when a host's command has started) go to every host. `token_for(host)` gives
     each host's token (default: `config_tokens(token=..., token_file=...)`). `on_line(host,
     fd, line)` sees output live, line by line (fd 1 or 2; the last line may lack its "\\n");
     with `keep_output=False` the results carry no output. `retry=N`: each host's connect is

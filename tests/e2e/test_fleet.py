@@ -481,6 +481,32 @@ def test_stdin_goes_to_every_host(e2e: Any, fleet: Fleet) -> None:
     assert proc.stdout == b"---------------- lab[01-08] (8) exit 0\n0\n"
 
 
+def test_stdin_left_open_does_not_hold_back_the_run(e2e: Any, fleet: Fleet) -> None:
+    """stdin is a pipe nobody writes to or closes (a CI runner's, a parent's): commands that do
+    not read it run and the run ends, as `ssh HOST CMD` and one-host `rexec run` do."""
+    read_end, write_end = os.pipe()
+    try:
+        cli = subprocess.Popen(
+            [e2e.REXEC, "run", "lab[01-02]", "echo", "hi"],
+            stdin=read_end,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=e2e.clean_env(fleet.env()),
+        )
+        try:
+            out, err = cli.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            cli.kill()
+            cli.communicate()
+            raise
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert cli.returncode == 0, err
+    assert sorted(lines(out)) == [b"lab01: hi\n", b"lab02: hi\n"]
+    assert err == b"2 hosts: 2 ok\n"
+
+
 def test_stdin_over_the_bound_is_refused(e2e: Any, fleet: Fleet) -> None:
     proc = run(e2e, fleet, ["@good", "cat"], input=b"x" * (64 * 1024 * 1024 + 1))
     assert proc.returncode == 2
