@@ -21,6 +21,7 @@ from rexec.cli.common import (
     parse_env,
     trace_fn,
     unknown_command,
+    unwind_on_termination,
     writer,
 )
 from rexec.cli.outcome import (
@@ -454,6 +455,7 @@ def run_one(args: RunArgs) -> int:
     began, wall = time.monotonic(), time.time()
     tails = (Tail(), Tail()) if args.junit is not None and not args.json else None
     kept = (bytearray(), bytearray())  # --json: the output, even of a command cut short
+    restore = unwind_on_termination()
     try:
         client = open_client(args, target)
         if args.tty:  # on a pseudo-terminal: rexec.cli.ptyshell (a terminal's keys, escapes)
@@ -505,9 +507,10 @@ def run_one(args: RunArgs) -> int:
         # BrokenPipeError: our reader went away; end quietly, as a SIGPIPE death would
         # (closing the connection makes the server kill the command)
         outcome = of_error(exc, started=started)
-    except TerminalSignal as exc:  # -t: SIGTERM/SIGHUP/SIGQUIT; the terminal is restored
+    except TerminalSignal as exc:  # SIGTERM/SIGHUP (-t: SIGQUIT too; the terminal restored)
         outcome = Outcome(128 + exc.signum, "interrupted", f"ended by signal {exc.signum}")
     finally:
+        restore()
         if interrupts is not None:
             interrupts.close()
         if client is not None:
