@@ -274,6 +274,7 @@ class Fleet:
         self.env = env
         self.stdin = StdinOnce(self.on_stdin_too_large) if stdin else None
         self.stdin_error: str | None = None
+        self.terminated: int | None = None  # SIGTERM/SIGHUP ended the run
         self.main_task: asyncio.Task[int] | None = None
         self.tokens = tokens
         self.live = not (args.json or args.gather or args.outdir is not None)
@@ -360,6 +361,14 @@ class Fleet:
             f"(Ctrl-C again: {again})\n".encode()
         )
 
+    def on_termination(self, signum: int, main: asyncio.Task[int]) -> None:
+        """SIGTERM/SIGHUP (a CI job cancelled): close every connection (the servers end the
+        commands), still write the summary and --junit, exit 128 + signum."""
+        self.screen.stderr(f"rexec: ended by signal {signum}: closing every connection\n".encode())
+        self.terminated = signum
+        self.aborted = True
+        main.cancel()
+
     def on_stdin_too_large(self, message: str) -> None:
         """stdin passed its bound: a usage error found late; stop everything (no host got any
         stdin: feeders wait for all of it)."""
@@ -402,6 +411,8 @@ class Fleet:
         )
         self.screen.broken = lambda: self.on_broken_pipe(main)
         loop.add_signal_handler(signal.SIGINT, self.on_sigint, run, main)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.on_termination, signum, main)
         ticker = self._tick(run) if self.screen.progress else None
         try:
             async with contextlib.aclosing(run.__aiter__()) as results:
@@ -411,7 +422,8 @@ class Fleet:
             if not (self.aborted or self.pipe_closed):
                 raise
         finally:
-            loop.remove_signal_handler(signal.SIGINT)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
             if ticker is not None:
                 ticker.cancel()
         return self.finish()
@@ -466,6 +478,8 @@ class Fleet:
         with contextlib.suppress(BrokenPipeError):
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
+        if self.terminated is not None:
+            return 128 + self.terminated
         if self.aborted:
             return EXIT_INTERRUPTED
         return max((of_host(r).exit_status for r in self.results), default=0)

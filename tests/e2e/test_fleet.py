@@ -636,6 +636,34 @@ def test_ctrl_c_abandons_hosts_still_connecting(e2e: Any, fleet: Fleet) -> None:
     assert e2e.wait_until(lambda: not _sleepers(marker), 5), "a remote sleep survived"
 
 
+def test_sigterm_closes_every_connection_and_still_reports(
+    e2e: Any, fleet: Fleet, tmp_path: Path
+) -> None:
+    """A CI job cancelled (SIGTERM): every command is ended, and the summary and the --junit
+    report are still written; the exit status is 128 + 15."""
+    marker = e2e.marker("1000.")
+    report = tmp_path / "report.xml"
+    cli = _start(e2e, fleet, ["--junit", str(report), "lab[01-02]", f"echo hi; sleep {marker}"])
+    assert e2e.wait_until(lambda: len(_sleepers(marker)) == 2, 15), "the 2 sleeps never ran"
+    time.sleep(0.1)
+    try:
+        cli.send_signal(signal.SIGTERM)
+        out, err = cli.communicate(timeout=15)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(5)
+    assert cli.returncode == 143, err
+    assert sorted(lines(out)) == [b"lab01: hi\n", b"lab02: hi\n"]
+    assert err == (
+        b"rexec: ended by signal 15: closing every connection\n"
+        b"2 hosts: (2 not finished: interrupted)\n"
+    )
+    cases = ET.parse(report).getroot().iter("testcase")
+    assert [c.find("failure").get("type") for c in cases] == ["interrupted"] * 2  # type: ignore[union-attr]
+    assert e2e.wait_until(lambda: not _sleepers(marker), 5), "a remote sleep survived"
+
+
 def test_third_ctrl_c_closes_every_connection(e2e: Any, fleet: Fleet) -> None:
     marker = e2e.marker("1000.")
     cli = _start(e2e, fleet, ["lab[01-04]", f"trap '' INT TERM; sleep {marker} || sleep {marker}"])
