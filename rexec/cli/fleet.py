@@ -492,7 +492,8 @@ class Fleet:
         for host in sort_hosts(self.hosts):
             r = by_host.get(host)
             if r is None:
-                outcome = Outcome(EXIT_INTERRUPTED, "interrupted", "not finished: interrupted")
+                status = EXIT_INTERRUPTED if self.terminated is None else 128 + self.terminated
+                outcome = Outcome(status, "interrupted", "not finished: interrupted")
                 cases.append(JUnitCase(host, outcome, 0.0))
             else:
                 cases.append(JUnitCase(host, of_host(r), r.duration, r.stdout, r.stderr))

@@ -659,8 +659,10 @@ def test_sigterm_closes_every_connection_and_still_reports(
         b"rexec: ended by signal 15: closing every connection\n"
         b"2 hosts: (2 not finished: interrupted)\n"
     )
-    cases = ET.parse(report).getroot().iter("testcase")
-    assert [c.find("failure").get("type") for c in cases] == ["interrupted"] * 2  # type: ignore[union-attr]
+    failures = [c.find("failure") for c in ET.parse(report).getroot().iter("testcase")]
+    assert [(f.get("type"), f.get("message")) for f in failures if f is not None] == [
+        ("interrupted", "exit status 143, interrupted: not finished: interrupted")
+    ] * 2
     assert e2e.wait_until(lambda: not _sleepers(marker), 5), "a remote sleep survived"
 
 
