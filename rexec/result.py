@@ -88,6 +88,19 @@ class Result(FrozenRecord):
             target=target,
         )
 
+    def with_output(self, stdout: bytes, stderr: bytes) -> Result:
+        """The same outcome with this output (a caller that took the streams itself)."""
+        return Result(
+            self.command,
+            self.exit_code,
+            self.signal,
+            self.timed_out,
+            self.duration,
+            stdout,
+            stderr,
+            self.target,
+        )
+
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out

@@ -169,6 +169,24 @@ def unknown_command(word: str, resolve: Callable[..., object] | None = None) -> 
     return f"unknown command or host {word!r}{hint}"
 
 
+def unwind_on_termination() -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM and SIGHUP (a CI job cancelled, the
+    terminal gone) raise TerminalSignal: `rexec run` unwinds, closes the connection (the
+    server ends the command) and still reports (--json, --junit) before exiting 128 + N."""
+    import signal
+
+    def unwind(signum: int, frame: object) -> None:
+        raise TerminalSignal(signum)
+
+    old = {signum: signal.signal(signum, unwind) for signum in (signal.SIGTERM, signal.SIGHUP)}
+
+    def restore() -> None:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+    return restore
+
+
 class TerminalSignal(Exception):
     """SIGTERM, SIGHUP or SIGQUIT arrived while rexec.cli.terminal had the terminal in a mode
     of its own: unwind (the `finally` restores it), then exit 128 + signum."""

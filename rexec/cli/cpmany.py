@@ -33,8 +33,6 @@ def copy_many(args: CpArgs, plan: Plan) -> int | None:
         if len(hosts) == 1 and is_plain(args):
             args.target = hosts[0]
             return None
-        if not hosts:
-            raise UsageError("no hosts: the set is empty once -x is applied", parse=False)
         resolve = config_tokens(token_file=args.token_file)
         tokens = {host: resolve(host) for host in hosts}
         if plan.direction == "get":

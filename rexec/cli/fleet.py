@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -37,7 +38,7 @@ from rexec.client.fanout import DEFAULT_FANOUT, config_tokens
 from rexec.client.fleet import HostResult, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
 from rexec.client.target import load_client_config
-from rexec.errors import ConfigError, RexecError
+from rexec.errors import ConfigError, HostSetError, RexecError
 from rexec.protocol.noise import Suite
 from rexec.protocol.token import Token
 
@@ -86,17 +87,24 @@ def is_plain(args: RunArgs) -> bool:
 
 
 def select_hosts(args: RunArgs) -> list[str]:
-    """HOSTS (or --hosts-from FILE) minus every -x set; groups from the client config."""
+    """HOSTS (or --hosts-from FILE) minus every -x set; groups from the client config.
+    An empty result is a HostSetError that says what emptied it (`a&b`, -x, the file)."""
     config = load_client_config()
     groups = {name: entry.hosts for name, entry in config.groups.items()}
     where = str(config.path) if config.path else None
     if args.hosts_from is not None:
         hosts = read_hosts_file(args.hosts_from, groups=groups, where=where)
+        named = f"--hosts-from {args.hosts_from} names none"
     else:
         hosts = expand_hosts(args.target or "", groups=groups, where=where)
+        named = f"the host set '{args.target}' is empty"
+    if not hosts:
+        raise HostSetError(f"no hosts: {named}")
     for text in args.exclude:
         excluded = set(expand_hosts(text, groups=groups, where=where))
         hosts = [host for host in hosts if host not in excluded]
+    if not hosts:
+        raise HostSetError("no hosts: the set is empty once -x is applied")
     return hosts
 
 
@@ -134,8 +142,6 @@ def cmd_fleet(args: RunArgs) -> int | None:
             return None
         if not args.command:
             raise usage("no command given")
-        if not hosts:
-            raise usage("no hosts: the set is empty once -x is applied")
         resolve = config_tokens(token_file=args.token_file)
         tokens = {host: resolve(host) for host in hosts}
         if args.outdir is not None:
@@ -143,20 +149,48 @@ def cmd_fleet(args: RunArgs) -> int | None:
                 os.makedirs(args.outdir, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"--outdir {args.outdir}: {exc.strerror}") from None
-        stdin: bytes | None = None
+        given = not args.no_stdin and not os.isatty(0)  # stdin to forward (read later)
         try:
-            if not args.no_stdin and not os.isatty(0):
-                stdin = read_stdin()
-        except ValueError as exc:
-            raise usage(str(exc)) from None
+            os.fstat(0)
         except OSError:
-            stdin = None  # no readable stdin (a closed or odd descriptor): as -n
+            given = False  # no readable stdin (a closed descriptor): as -n
     except (UsageError, RexecError) as exc:
         return fail_early(args, exc)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    fleet = Fleet(args, hosts, args.command, parse_env(args.env), stdin, tokens)
+    fleet = Fleet(args, hosts, args.command, parse_env(args.env), given, tokens)
     return asyncio.run(fleet.main())
+
+
+class StdinOnce:
+    """stdin read to its end once, in a thread, while the hosts start; every host's feeder
+    awaits the same bytes. A command that never reads stdin does not wait for its EOF: a pipe
+    that a CI runner or a parent leaves open must not hold the run back (ssh's way)."""
+
+    def __init__(self, too_large: Callable[[str], None]) -> None:
+        self._too_large = too_large
+        self._data: asyncio.Future[bytes] | None = None
+
+    async def __call__(self) -> bytes:
+        if self._data is None:
+            loop = asyncio.get_running_loop()
+            self._data = loop.create_future()
+            threading.Thread(target=self._read, args=(loop, self._data), daemon=True).start()
+        return await asyncio.shield(self._data)
+
+    def _read(self, loop: asyncio.AbstractEventLoop, data: asyncio.Future[bytes]) -> None:
+        got, error = b"", None
+        try:
+            got = read_stdin()
+        except ValueError as exc:  # past the bound: the run is stopped; nobody gets stdin
+            error = str(exc)
+        except OSError:
+            pass  # unreadable after all: EOF, as -n
+        with contextlib.suppress(RuntimeError):  # the run ended first: its loop is closed
+            if error is not None:
+                loop.call_soon_threadsafe(self._too_large, error)
+            else:
+                loop.call_soon_threadsafe(data.set_result, got)
 
 
 def host_file_name(host: str) -> str:
@@ -231,14 +265,17 @@ class Fleet:
         hosts: list[str],
         command: list[str],
         env: dict[str, str],
-        stdin: bytes | None,
+        stdin: bool,
         tokens: dict[str, Token | str],
     ) -> None:
         self.args = args
         self.hosts = hosts
         self.command = command
         self.env = env
-        self.stdin = stdin
+        self.stdin = StdinOnce(self.on_stdin_too_large) if stdin else None
+        self.stdin_error: str | None = None
+        self.terminated: int | None = None  # SIGTERM/SIGHUP ended the run
+        self.main_task: asyncio.Task[int] | None = None
         self.tokens = tokens
         self.live = not (args.json or args.gather or args.outdir is not None)
         self.started = time.time()
@@ -324,6 +361,22 @@ class Fleet:
             f"(Ctrl-C again: {again})\n".encode()
         )
 
+    def on_termination(self, signum: int, main: asyncio.Task[int]) -> None:
+        """SIGTERM/SIGHUP (a CI job cancelled): close every connection (the servers end the
+        commands), still write the summary and --junit, exit 128 + signum."""
+        self.screen.stderr(f"rexec: ended by signal {signum}: closing every connection\n".encode())
+        self.terminated = signum
+        self.aborted = True
+        main.cancel()
+
+    def on_stdin_too_large(self, message: str) -> None:
+        """stdin passed its bound: a usage error found late; stop everything (no host got any
+        stdin: feeders wait for all of it)."""
+        self.stdin_error = message
+        self.aborted = True
+        if self.main_task is not None and not self.finishing:
+            self.main_task.cancel()
+
     def on_broken_pipe(self, main: asyncio.Task[int]) -> None:
         """stdout's reader left: stop the run (closing the connections stops the commands)."""
         if not self.pipe_closed:
@@ -336,7 +389,7 @@ class Fleet:
     async def main(self) -> int:
         args = self.args
         loop = asyncio.get_running_loop()
-        main = asyncio.current_task()
+        main = self.main_task = asyncio.current_task()
         assert main is not None
         run = run_many(
             self.hosts,
@@ -358,6 +411,8 @@ class Fleet:
         )
         self.screen.broken = lambda: self.on_broken_pipe(main)
         loop.add_signal_handler(signal.SIGINT, self.on_sigint, run, main)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.on_termination, signum, main)
         ticker = self._tick(run) if self.screen.progress else None
         try:
             async with contextlib.aclosing(run.__aiter__()) as results:
@@ -367,7 +422,8 @@ class Fleet:
             if not (self.aborted or self.pipe_closed):
                 raise
         finally:
-            loop.remove_signal_handler(signal.SIGINT)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
             if ticker is not None:
                 ticker.cancel()
         return self.finish()
@@ -395,6 +451,10 @@ class Fleet:
     def finish(self) -> int:
         """Gathered output, --failed-to, the summary line; returns the exit status."""
         self.finishing = True
+        if self.stdin_error is not None:
+            self.screen.flush()
+            self.screen.clear_progress()
+            return fail_early(self.args, UsageError(self.stdin_error, parse=False))
         if self.args.gather and not self.pipe_closed:
             self.gathered()
         self.screen.flush()
@@ -418,6 +478,8 @@ class Fleet:
         with contextlib.suppress(BrokenPipeError):
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
+        if self.terminated is not None:
+            return 128 + self.terminated
         if self.aborted:
             return EXIT_INTERRUPTED
         return max((of_host(r).exit_status for r in self.results), default=0)
@@ -430,7 +492,8 @@ class Fleet:
         for host in sort_hosts(self.hosts):
             r = by_host.get(host)
             if r is None:
-                outcome = Outcome(EXIT_INTERRUPTED, "interrupted", "not finished: interrupted")
+                status = EXIT_INTERRUPTED if self.terminated is None else 128 + self.terminated
+                outcome = Outcome(status, "interrupted", "not finished: interrupted")
                 cases.append(JUnitCase(host, outcome, 0.0))
             else:
                 cases.append(JUnitCase(host, of_host(r), r.duration, r.stdout, r.stderr))

@@ -138,14 +138,20 @@ def retry_notice(exc: BaseException, n: int, retries: int, wait: float) -> str:
 
 
 def json_object(
-    target: str | None, command: Sequence[str], outcome: Outcome, duration: float = 0.0
+    target: str | None,
+    command: Sequence[str],
+    outcome: Outcome,
+    duration: float = 0.0,
+    output: tuple[bytes, bytes] = (b"", b""),
 ) -> dict[str, Any]:
     """`rexec run --json`'s object for one target (or for a host set that failed as a whole):
-    Result.to_json_dict's fields, then `exit_status` and `error` ({kind, message} or null)."""
+    Result.to_json_dict's fields, then `exit_status` and `error` ({kind, message} or null).
+    `output`: what a command that has no Result printed before it was cut short."""
     result = outcome.result
     if result is None:  # nothing ran; a command that could not start has its 126/127
         code = outcome.exit_status if outcome.kind == "exec" else None
-        result = Result(command_name(command), code, duration=duration, target=target)
+        name = command_name(command)
+        result = Result(name, code, None, False, duration, output[0], output[1], target)
     return {
         **result.to_json_dict(target),
         **error_fields(outcome.exit_status, outcome.kind, outcome.message),

@@ -21,6 +21,7 @@ from rexec.cli.common import (
     parse_env,
     trace_fn,
     unknown_command,
+    unwind_on_termination,
     writer,
 )
 from rexec.cli.outcome import (
@@ -40,11 +41,11 @@ from rexec.cli.outcome import (
     write_junit,
     write_stdout,
 )
-from rexec.result import Result
 
 TYPE_CHECKING = False  # not typing's: typing (and re) stay off `rexec run`'s path
 if TYPE_CHECKING:
     from rexec import Client
+    from rexec.client.blocking import Sink
     from rexec.errors import RexecError
 
 # ---- run ---------------------------------------------------------------------------
@@ -386,7 +387,7 @@ def names_many_hosts(args: RunArgs) -> bool:
     target = args.target or ""
     if target.startswith("unix:"):
         return False
-    if target.startswith("@") or "," in target:
+    if target.startswith("@") or any(op in target for op in ",!&^"):  # a list, or set algebra
         return True
     return "[" in target and not (target.startswith("[") and ":" in target.partition("]")[0])
 
@@ -453,6 +454,8 @@ def run_one(args: RunArgs) -> int:
     started = False
     began, wall = time.monotonic(), time.time()
     tails = (Tail(), Tail()) if args.junit is not None and not args.json else None
+    kept = (bytearray(), bytearray())  # --json: the output, even of a command cut short
+    restore = unwind_on_termination()
     try:
         client = open_client(args, target)
         if args.tty:  # on a pseudo-terminal: rexec.cli.ptyshell (a terminal's keys, escapes)
@@ -487,21 +490,27 @@ def run_one(args: RunArgs) -> int:
             if stdin is not None:
                 proc.feed(stdin)
             client.watch(interrupts.read_fd, interrupts.forwarder(proc.signal))
-            out = err_out = None
-            if not args.json:
+            out: Sink
+            err_out: Sink
+            if args.json:
+                out, err_out = kept[0].extend, kept[1].extend
+            else:
                 out, err_out = writer(1), writer(2)
                 if tails is not None:
                     out, err_out = tails[0].tee(out), tails[1].tee(err_out)
             result = proc.wait(stdout=out, stderr=err_out)
+            if args.json:
+                result = result.with_output(bytes(kept[0]), bytes(kept[1]))
         client.close()
         outcome = of_result(result)
     except (RexecError, KeyboardInterrupt, BrokenPipeError) as exc:
         # BrokenPipeError: our reader went away; end quietly, as a SIGPIPE death would
         # (closing the connection makes the server kill the command)
         outcome = of_error(exc, started=started)
-    except TerminalSignal as exc:  # -t: SIGTERM/SIGHUP/SIGQUIT; the terminal is restored
+    except TerminalSignal as exc:  # SIGTERM/SIGHUP (-t: SIGQUIT too; the terminal restored)
         outcome = Outcome(128 + exc.signum, "interrupted", f"ended by signal {exc.signum}")
     finally:
+        restore()
         if interrupts is not None:
             interrupts.close()
         if client is not None:
@@ -514,7 +523,8 @@ def run_one(args: RunArgs) -> int:
     if args.junit is not None:
         write_junit(args.junit, command, [_case(target, outcome, duration, tails)], wall)
     if args.json and outcome.exit_status != EXIT_SIGPIPE:
-        line = json_line(json_object(target, command, outcome, duration))
+        output = (bytes(kept[0]), bytes(kept[1]))
+        line = json_line(json_object(target, command, outcome, duration, output))
         if not write_stdout(line):
             return EXIT_SIGPIPE  # the reader left: as SIGPIPE would end a local writer
     return outcome.exit_status
@@ -531,10 +541,7 @@ def _case(
         return JUnitCase(target, outcome, duration, out, errout)
     out, errout = bytes(tails[0].data), bytes(tails[1].data)
     if result is not None:
-        r = result
-        outcome = of_result(
-            Result(r.command, r.exit_code, r.signal, r.timed_out, r.duration, out, errout, r.target)
-        )
+        outcome = of_result(result.with_output(out, errout))
     return JUnitCase(target, outcome, duration, out, errout, (tails[0].dropped, tails[1].dropped))
 
 

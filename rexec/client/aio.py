@@ -132,6 +132,12 @@ class Process:
         self._core.resize(self._cmd, rows, cols)
         self._conn._flush()
 
+    def _abandon(self) -> None:
+        """run() gave up on it: the core kills it (ClientCore.abandon), sent as far as we can."""
+        self._core.abandon(self._cmd)
+        with contextlib.suppress(RexecError, OSError):
+            self._conn._flush()
+
     async def wait(self, *, stdout: Sink | None = None, stderr: Sink | None = None) -> Result:
         """Wait for the exit; returns the Result, or raises why there is none.
 
@@ -368,13 +374,14 @@ class Connection:
         Raises ExecError if it could not start, CommandFailed/CommandTimeout with check.
         """
         proc = await self.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin is not None)
-        if stdin is None:
+        feeder = None if stdin is None else asyncio.ensure_future(_feed(proc, stdin))
+        try:
             result = await proc.wait(stdout=stdout, stderr=stderr)
-        else:
-            feeder = asyncio.ensure_future(_feed(proc, stdin))
-            try:
-                result = await proc.wait(stdout=stdout, stderr=stderr)
-            finally:
+        except BaseException:  # cancelled, a sink's error: the command must not run on
+            proc._abandon()
+            raise
+        finally:
+            if feeder is not None:
                 if not feeder.done():
                     feeder.cancel()
                 with contextlib.suppress(asyncio.CancelledError, RexecError):

@@ -124,6 +124,12 @@ class SyncProcess:
         self._core.resize(self._cmd, rows, cols)
         self._driver.flush()
 
+    def _abandon(self) -> None:
+        """run() gave up on it: the core kills it (ClientCore.abandon), sent as far as we can."""
+        self._core.abandon(self._cmd)
+        with contextlib.suppress(RexecError, OSError):
+            self._driver.flush()
+
     def wait(self, *, stdout: Sink | None = None, stderr: Sink | None = None) -> Result:
         """Wait for the exit; returns the Result, or raises why there is none.
 
@@ -268,9 +274,13 @@ class Client:
         if isinstance(stdin, bool):
             raise TypeError("stdin must be bytes, a file descriptor or None")
         proc = self.start(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin is not None)
-        if stdin is not None:
-            proc.feed(stdin)
-        result = proc.wait(stdout=stdout, stderr=stderr)
+        try:
+            if stdin is not None:
+                proc.feed(stdin)
+            result = proc.wait(stdout=stdout, stderr=stderr)
+        except BaseException:  # Ctrl-C, a sink's error: the command must not run on
+            proc._abandon()
+            raise
         return result.check() if check else result
 
     def put(

@@ -70,6 +70,8 @@ from rexec.protocol.pty import PtyRequest
 from rexec.protocol.token import Token
 from rexec.result import Result
 
+SIGKILL = 9  # the same number on every POSIX system (PROTOCOL.md 10.8)
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from rexec.protocol.xfer import XferRequest
@@ -447,6 +449,16 @@ class ClientCore:
         """Deliver a signal to the command's process group, if it still runs."""
         if cmd.channel in self.commands and not self.conn.close_sent:
             self.conn.send_signal(cmd.channel, signum)
+
+    def abandon(self, cmd: Command) -> None:
+        """The caller gave up on a run() (an exception, Ctrl-C, a cancelled task): kill the
+        command now, as subprocess.run kills its child, rather than when the connection
+        closes; its output from here on counts as taken (nobody will read it)."""
+        if cmd.done:
+            return
+        self.signal(cmd, SIGKILL)
+        for stream in Stream:
+            self.collect(cmd, stream)
 
     def resize(self, cmd: Command, rows: int, cols: int) -> None:
         """A pty command's new window size (WINDOW), if it still runs."""

@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import (
     AsyncGenerator,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -56,6 +57,9 @@ MAX_LINE = 64 * 1024  # a longer line reaches the line callback in pieces
 NOT_STARTED = "not started: the run was stopped first"
 
 LineFn = Callable[[str, int, bytes], None]
+# stdin for every host: the bytes, or an async function giving them (awaited once the host's
+# command runs, so that a command that never reads stdin never waits for it)
+StdinSource = bytes | Callable[[], Awaitable[bytes]]
 
 
 class HostResult(FrozenRecord):
@@ -236,7 +240,7 @@ class FleetRun:
         connect_timeout: float | None,
         env: Mapping[str, str] | None,
         cwd: str | None,
-        stdin: bytes | None,
+        stdin: StdinSource | None,
         token_for: Callable[[str], Token | str],
         suite: Suite,
         on_line: LineFn | None,
@@ -267,6 +271,7 @@ class FleetRun:
         self._retry_delay = retry_delay
         self._on_retry = on_retry
         self._running: dict[str, Process] = {}
+        self._connecting: dict[str, asyncio.Task[Connection]] = {}
         self._stopped = False
         self._iterated = False
 
@@ -282,8 +287,11 @@ class FleetRun:
         return list(self._running)
 
     def stop(self) -> None:
-        """Start no more hosts; those already running carry on."""
+        """Start no more hosts; those already running carry on. A host still connecting is
+        abandoned at once (not started), not waited for until its connect timeout."""
         self._stopped = True
+        for connecting in self._connecting.values():
+            connecting.cancel()
 
     def __aiter__(self) -> AsyncGenerator[HostResult, None]:
         if self._iterated:
@@ -314,8 +322,8 @@ class FleetRun:
         start = time.monotonic()
         conn: Connection | None = None
         try:
-            try:
-                conn = await connect_host(
+            connecting = asyncio.ensure_future(
+                connect_host(
                     host,
                     token_for=self._token_for,
                     connect_timeout=self._connect_timeout,
@@ -325,10 +333,21 @@ class FleetRun:
                     retry_delay=self._retry_delay,
                     on_retry=self._on_retry,
                 )
+            )
+            self._connecting[host] = connecting
+            try:
+                conn = await connecting
+            except asyncio.CancelledError:
+                this = asyncio.current_task()
+                if self._stopped and not (this is not None and this.cancelling()):
+                    return self._not_started(host)  # stop() abandoned the connect
+                raise
             except RexecError as exc:  # refused, no route, DNS, timeout, auth, a bad address
                 return failed_host(
                     host, self._name, exc, started=False, duration=time.monotonic() - start
                 )
+            finally:
+                self._connecting.pop(host, None)
             return await self._run_on(host, conn, start)
         finally:
             if conn is not None:
@@ -355,17 +374,20 @@ class FleetRun:
             if self._stdin is not None:
                 feeder = asyncio.create_task(self._feed(proc, self._stdin))
             async with asyncio.timeout(deadline):
-                if self._on_line is None:
-                    result = await proc.wait()
-                else:
-                    err_pump = asyncio.create_task(self._pump(host, 2, proc.stderr, err))
-                    try:
-                        await self._pump(host, 1, proc.stdout, out)
-                        await err_pump
-                    except BaseException:  # cancelled (the run was closed): no orphan pump
-                        err_pump.cancel()
-                        raise
-                    result = await proc.wait()
+                # pumped here, not by wait(): what came before a broken connection or a
+                # deadline is kept in out/err for the HostResult
+                pumps = (
+                    asyncio.create_task(self._pump(host, 1, proc.stdout, out)),
+                    asyncio.create_task(self._pump(host, 2, proc.stderr, err)),
+                )
+                try:
+                    await asyncio.wait(pumps)  # both drain their stream, even past an error
+                finally:  # cancelled (the run was closed, the deadline): no orphan pump
+                    for pump in pumps:
+                        pump.cancel()
+                for pump in pumps:
+                    pump.result()  # the connection's error, if it cut the command short
+                result = await proc.wait()
         except ExecError as exc:  # the server could not start it: as the shell's 126/127
             return HostResult(
                 host,
@@ -403,22 +425,11 @@ class FleetRun:
                 feeder.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await feeder
-        if self._on_line is not None:
-            result = Result(
-                result.command,
-                result.exit_code,
-                result.signal,
-                result.timed_out,
-                result.duration,
-                bytes(out) if self._keep else b"",
-                bytes(err) if self._keep else b"",
-            )
-        elif not self._keep:
-            result = Result(result.command, result.exit_code, result.signal, result.timed_out)
-        return _finished(host, result, time.monotonic() - start)
+        return _finished(host, result.with_output(bytes(out), bytes(err)), time.monotonic() - start)
 
-    async def _feed(self, proc: Process, data: bytes) -> None:
+    async def _feed(self, proc: Process, source: StdinSource) -> None:
         """The same stdin bytes to this host, in chunks, then EOF."""
+        data = source if isinstance(source, bytes) else await source()
         with contextlib.suppress(RexecError):
             view = memoryview(data)
             for offset in range(0, len(data), STDIN_CHUNK):
@@ -426,13 +437,15 @@ class FleetRun:
             await proc.close_stdin()
 
     async def _pump(self, host: str, fd: int, stream: OutputStream, keep: bytearray) -> None:
-        """Hand every complete line to on_line (and a last partial one at the end)."""
-        assert self._on_line is not None
+        """Keep the stream's output (with keep_output); hand every complete line to on_line,
+        if any (and a last partial one at the end)."""
         on_line = self._on_line
         partial = b""
         async for chunk in stream:
             if self._keep:
                 keep += chunk
+            if on_line is None:
+                continue
             data = partial + chunk if partial else bytes(chunk)
             begin = 0
             while (end := data.find(b"\n", begin)) >= 0:
@@ -442,7 +455,7 @@ class FleetRun:
             while len(partial) >= MAX_LINE:
                 on_line(host, fd, partial[:MAX_LINE])
                 partial = partial[MAX_LINE:]
-        if partial:
+        if partial and on_line is not None:
             on_line(host, fd, partial)
 
 
@@ -455,7 +468,7 @@ def run_many(
     connect_timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
-    stdin: bytes | None = None,
+    stdin: StdinSource | None = None,
     token: str | Token | None = None,
     token_file: str | None = None,
     token_for: Callable[[str], Token | str] | None = None,
@@ -470,7 +483,8 @@ def run_many(
     """Run `command` on every host; `async for result in run_many(...)` as each finishes.
 
     `hosts` is a host set (`"lab[01-40],@gpu"`) or an iterable of hosts. `timeout` is the
-    server-enforced deadline per host; `stdin` bytes go to every host. `token_for(host)` gives
+    server-enforced deadline per host; `stdin` bytes (or an async function returning
+    them, awaited when a host's command has started) go to every host. `token_for(host)` gives
     each host's token (default: `config_tokens(token=..., token_file=...)`). `on_line(host,
     fd, line)` sees output live, line by line (fd 1 or 2; the last line may lack its "\\n");
     with `keep_output=False` the results carry no output. `retry=N`: each host's connect is

@@ -447,7 +447,7 @@ class Connection:
 
     def _truncation_message(self, what: str) -> str:
         open_ = len(self._channels)
-        extra = f" ({open_} command(s) still running)" if open_ else ""
+        extra = f" ({open_} command(s) had not ended)" if open_ else ""
         return f"connection closed by the peer {what}{extra}"
 
     def _process(self) -> list[Event]:

@@ -239,3 +239,49 @@ def test_typed_connection_errors(server_factory: Callable[..., Any]) -> None:
         with pytest.raises(ConnectTimeout):
             arun(stalled)
         assert time.monotonic() - t0 < 3
+
+
+# ---- a run() the caller gives up on: the command is killed, as subprocess.run kills ----------
+
+
+class GaveUp(Exception):
+    """The caller's own error, raised from an output sink in the middle of a run()."""
+
+
+def test_sync_run_abandoned_by_an_exception_kills_the_command(server: Any, e2e: Any) -> None:
+    """Ctrl-C (KeyboardInterrupt) or any exception inside Client.run ends the remote command
+    at once, as subprocess.run kills its child, not when the connection closes."""
+    marker = e2e.marker("1000.")
+
+    def sink(data: bytes | bytearray) -> None:
+        raise GaveUp
+
+    with rexec.Client(server.address, token=server.token) as client:
+        with pytest.raises(GaveUp):
+            client.run(f"echo started; exec sleep {marker}", stdout=sink)
+        assert e2e.wait_until(lambda: not e2e.cmdline_pids(marker), 5), "the sleep still runs"
+        assert client.run("echo still usable").stdout == b"still usable\n"
+
+
+def test_async_run_cancelled_kills_the_command(server: Any, e2e: Any) -> None:
+    """A task running Connection.run that is cancelled ends the remote command at once."""
+    marker = e2e.marker("1000.")
+
+    async def go() -> None:
+        async with rexec.connect(server.address, token=server.token) as conn:
+            task = asyncio.ensure_future(conn.run(f"exec sleep {marker}"))
+            for _ in range(500):
+                if e2e.cmdline_pids(marker):
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(500):
+                if not e2e.cmdline_pids(marker):
+                    break
+                await asyncio.sleep(0.01)
+            assert not e2e.cmdline_pids(marker), "the sleep still runs"
+            assert (await conn.run("echo still usable")).stdout == b"still usable\n"
+
+    arun(go)

@@ -455,9 +455,14 @@ def _one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
 
 
 def test_bad_target(server: Any, e2e: Any) -> None:
-    for target in ("bad host!", "::1", "127.0.0.1:99999", "[::1"):
+    for target in ("bad host", "::1", "127.0.0.1:99999", "[::1"):
         msg = _one_line_error(e2e.run_cli(["run", target, "true"], token=server.token))
         assert msg.startswith(f"rexec: invalid address {target!r}"), msg
+    proc = e2e.run_cli(["run", "bad host!", "true"], token=server.token)  # `!`: a host set
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        b"rexec: invalid host set 'bad host!': an empty name or a stray operator\n",
+    )
 
 
 def test_connection_refused(server: Any, e2e: Any) -> None:

@@ -391,6 +391,23 @@ def test_failed_to_then_hosts_from(e2e: Any, fleet: Fleet, tmp_path: Path) -> No
     assert ok.stderr == b"rexec: no hosts: the set is empty once -x is applied\n"
 
 
+def test_set_operators_without_brackets_name_a_host_set(e2e: Any, fleet: Fleet) -> None:
+    """`a^b`, `a!b` and `a&b` are host-set algebra as in `lab[1-3]!lab2`, not one address."""
+    xor = run(e2e, fleet, ["-b", "lab01^lab02", "echo hi"])
+    assert (xor.returncode, xor.stdout) == (0, b"---------------- lab[01-02] (2) exit 0\nhi\n")
+    minus = run(e2e, fleet, ["lab01,lab02!lab02", "echo", "hi"])
+    assert (minus.returncode, minus.stdout, minus.stderr) == (0, b"hi\n", b"")
+    both = run(e2e, fleet, ["lab01&lab02", "true"])
+    assert both.returncode == 2
+    assert both.stderr == b"rexec: no hosts: the host set 'lab01&lab02' is empty\n"
+    none = run(e2e, fleet, ["--json", "lab01!lab01", "true"])
+    assert none.returncode == 2
+    assert json.loads(none.stdout)["error"] == {
+        "kind": "usage",
+        "message": "no hosts: the host set 'lab01!lab01' is empty",
+    }
+
+
 def test_exclude_and_groups(e2e: Any, fleet: Fleet) -> None:
     proc = run(e2e, fleet, ["-b", "@lab", "-x", "lab[09-12]", "-x", "@good!lab[01-06]", "echo hi"])
     assert proc.returncode == 0, proc.stderr
@@ -462,6 +479,32 @@ def test_stdin_goes_to_every_host(e2e: Any, fleet: Fleet) -> None:
     assert proc.stdout == f"---------------- lab[01-08] (8) exit 0\n{digest}  -\n".encode()
     proc = run(e2e, fleet, ["-n", "-b", "@good", "wc -c"], input=data)  # -n: none at all
     assert proc.stdout == b"---------------- lab[01-08] (8) exit 0\n0\n"
+
+
+def test_stdin_left_open_does_not_hold_back_the_run(e2e: Any, fleet: Fleet) -> None:
+    """stdin is a pipe nobody writes to or closes (a CI runner's, a parent's): commands that do
+    not read it run and the run ends, as `ssh HOST CMD` and one-host `rexec run` do."""
+    read_end, write_end = os.pipe()
+    try:
+        cli = subprocess.Popen(
+            [e2e.REXEC, "run", "lab[01-02]", "echo", "hi"],
+            stdin=read_end,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=e2e.clean_env(fleet.env()),
+        )
+        try:
+            out, err = cli.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            cli.kill()
+            cli.communicate()
+            raise
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert cli.returncode == 0, err
+    assert sorted(lines(out)) == [b"lab01: hi\n", b"lab02: hi\n"]
+    assert err == b"2 hosts: 2 ok\n"
 
 
 def test_stdin_over_the_bound_is_refused(e2e: Any, fleet: Fleet) -> None:
@@ -562,6 +605,65 @@ def test_ctrl_c_starts_no_more_hosts(e2e: Any, fleet: Fleet) -> None:
         "message": "not started: the run was stopped first",
     }
     assert err.endswith(b"8 hosts: 2 signal 2 (lab[01-02]), 6 interrupted (lab[03-08])\n")
+
+
+def test_ctrl_c_abandons_hosts_still_connecting(e2e: Any, fleet: Fleet) -> None:
+    """A host whose server never answers the handshake is not waited for after Ctrl-C: it
+    ends at once as not started, rather than after its whole connect timeout."""
+    marker = e2e.marker("1000.")
+    with socket.socket() as silent:  # accepts (the kernel's backlog), never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        mute = f"127.0.0.1:{silent.getsockname()[1]}"
+        args = ["--connect-timeout", "60", f"lab01,{mute}", f"sleep {marker}"]
+        cli = _start(e2e, fleet, args)
+        assert e2e.wait_until(lambda: len(_sleepers(marker)) == 1, 15), "the sleep never ran"
+        time.sleep(0.2)
+        try:
+            cli.send_signal(signal.SIGINT)
+            out, err = cli.communicate(timeout=10)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait(5)
+    assert cli.returncode == 255, err
+    assert out == b""
+    assert err == (
+        b"rexec: SIGINT sent; 1 host(s) still running: lab01 (Ctrl-C again: SIGKILL)\n"
+        + f"{mute}: rexec: not started: the run was stopped first\n".encode()
+        + f"2 hosts: 1 signal 2 (lab01), 1 interrupted ({mute})\n".encode()
+    )
+    assert e2e.wait_until(lambda: not _sleepers(marker), 5), "a remote sleep survived"
+
+
+def test_sigterm_closes_every_connection_and_still_reports(
+    e2e: Any, fleet: Fleet, tmp_path: Path
+) -> None:
+    """A CI job cancelled (SIGTERM): every command is ended, and the summary and the --junit
+    report are still written; the exit status is 128 + 15."""
+    marker = e2e.marker("1000.")
+    report = tmp_path / "report.xml"
+    cli = _start(e2e, fleet, ["--junit", str(report), "lab[01-02]", f"echo hi; sleep {marker}"])
+    assert e2e.wait_until(lambda: len(_sleepers(marker)) == 2, 15), "the 2 sleeps never ran"
+    time.sleep(0.1)
+    try:
+        cli.send_signal(signal.SIGTERM)
+        out, err = cli.communicate(timeout=15)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(5)
+    assert cli.returncode == 143, err
+    assert sorted(lines(out)) == [b"lab01: hi\n", b"lab02: hi\n"]
+    assert err == (
+        b"rexec: ended by signal 15: closing every connection\n"
+        b"2 hosts: (2 not finished: interrupted)\n"
+    )
+    failures = [c.find("failure") for c in ET.parse(report).getroot().iter("testcase")]
+    assert [(f.get("type"), f.get("message")) for f in failures if f is not None] == [
+        ("interrupted", "exit status 143, interrupted: not finished: interrupted")
+    ] * 2
+    assert e2e.wait_until(lambda: not _sleepers(marker), 5), "a remote sleep survived"
 
 
 def test_third_ctrl_c_closes_every_connection(e2e: Any, fleet: Fleet) -> None:

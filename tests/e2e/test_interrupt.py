@@ -6,10 +6,12 @@ running. Here the remote process must be gone and the exit status must say how i
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -93,3 +95,34 @@ def test_killing_the_client_kills_the_remote_command(e2e: Any, server: Any) -> N
         if cli.poll() is None:
             cli.kill()
     assert e2e.wait_until(lambda: not _remote(marker), 2.0), "remote group survived"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_still_reports_and_ends_the_remote_command(
+    e2e: Any, server: Any, tmp_path: Path, signum: int
+) -> None:
+    """A CI job cancelled (SIGTERM) or a terminal closed (SIGHUP): the CLI still prints its
+    --json object and writes its --junit report, exits 128+N, and the command is ended."""
+    marker = f"sleep 1000.{os.getpid()}{signum}"
+    report = tmp_path / "report.xml"
+    cli = subprocess.Popen(
+        [e2e.REXEC, "run", "--json", "--junit", str(report), server.address, f"echo x; {marker}"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=e2e.clean_env({"REXEC_TOKEN": server.token}),
+    )
+    try:
+        _wait_running(e2e, marker)
+        cli.send_signal(signum)
+        out, err = cli.communicate(timeout=10)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 128 + signum, err
+    doc = json.loads(out)
+    assert (doc["exit_status"], doc["stdout"]) == (128 + signum, "x\n")
+    assert doc["error"] == {"kind": "interrupted", "message": f"ended by signal {signum}"}
+    assert err == f"rexec: ended by signal {signum}\n".encode()
+    assert b'type="interrupted"' in report.read_bytes()
+    assert e2e.wait_until(lambda: not _remote(marker), 5.0), "remote sleep survived"

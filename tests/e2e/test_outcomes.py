@@ -453,6 +453,60 @@ def test_a_started_command_never_runs_twice(server_factory: Any, e2e: Any, tmp_p
     assert accepted == 1
 
 
+@pytest.mark.parametrize(
+    "mode",
+    [["--json"], ["--json", "--fanout", "2"], ["-b"]],
+    ids=["json", "fleet-json", "gather"],
+)
+def test_output_before_a_cut_connection_is_kept(
+    server_factory: Any, e2e: Any, tmp_path: Path, mode: list[str]
+) -> None:
+    """The connection breaks mid-command: what the command printed before is still in the
+    --json object (one host, or a host set's line) and under -b's header, not dropped."""
+    srv = server_factory()
+    proxy = CuttingProxy(srv.address)
+    flag = tmp_path / "printed"
+    try:
+        cli = subprocess.Popen(
+            [
+                e2e.REXEC,
+                "run",
+                *mode,
+                proxy.address,
+                f"printf 'out\\377\\n'; printf warn >&2; touch {flag}; sleep 30",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=e2e.clean_env({"REXEC_TOKEN": srv.token}),
+        )
+        assert e2e.wait_until(flag.exists, 15), "never ran"
+        time.sleep(0.3)  # the output's frames reach the client
+        proxy.cut()
+        try:
+            out, err = cli.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            cli.kill()
+            cli.communicate()
+            raise
+    finally:
+        proxy.close()
+    assert cli.returncode == 255, err
+    if mode == ["-b"]:
+        header = f"---------------- {proxy.address} (1) truncated\n".encode()
+        assert out == header + b"out\xff\n"
+        assert err.splitlines(keepends=True)[1:] == [
+            header,
+            b"warn\n",
+            f"1 host: 1 truncated ({proxy.address})\n".encode(),
+        ]
+        return
+    doc = json.loads(out)
+    assert doc["error"]["kind"] == "truncated"
+    assert (doc["stdout"], doc["stdout_encoding"]) == ("b3V0/wo=", "base64")
+    assert (doc["stderr"], doc["stderr_encoding"]) == ("warn", "utf-8")
+
+
 # ---- --junit, one host ------------------------------------------------------------------------
 
 

@@ -1150,7 +1150,7 @@ def test_close_must_be_empty_on_channel_0() -> None:
 def test_eof_without_close_is_truncation() -> None:
     p = ready()
     p.exec_("sleep 5")
-    with pytest.raises(TruncatedError, match=r"without CLOSE \(1 command\(s\) still running\)"):
+    with pytest.raises(TruncatedError, match=r"without CLOSE \(1 command\(s\) had not ended\)"):
         p.client.receive_eof()
     with pytest.raises(TruncatedError, match="without CLOSE"):
         p.server.receive_eof()

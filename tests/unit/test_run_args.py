@@ -221,7 +221,10 @@ def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -
         (["[1-3]x", "t"], True),
         (["@lab", "t"], True),
         (["a[1-9]!a5", "t"], True),
-        (["bad host!", "t"], False),  # a bad address, reported as today
+        (["a!b", "t"], True),  # set algebra without brackets: a host set too
+        (["a&b", "t"], True),
+        (["a^b", "t"], True),
+        (["bad host!", "t"], True),  # a malformed host set (exit 2), not an address
         (["-x", "h", "h", "t"], True),
         (["--fanout", "1", "h", "t"], True),
         (["-b", "h", "t"], True),
