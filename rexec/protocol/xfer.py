@@ -110,6 +110,7 @@ class XferRequest(FrozenRecord):
         for p in paths:
             if "\0" in p or len(p.encode("utf-8", "surrogatepass")) > MAX_PATH:
                 raise RemoteProtocolError("invalid XFER request: a path has NUL or is too long")
+            wire_name(p)
         window = _int(obj["window"], "window", MAX_WINDOW)
         flags = {}
         for flag in _FLAGS:
@@ -191,8 +192,31 @@ DATA_AT = HEADROOM + 1  # where a DATA buffer's file bytes start
 _jstr: Callable[[str], str] = json.encoder.encode_basestring
 
 
+def _utf8(text: str) -> bytes:
+    """JSON text as UTF-8. A name that is not UTF-8 holds lone surrogates (PEP 383's
+    surrogateescape, as os gives it): each goes as a `\\udcXX` escape, so the record stays
+    UTF-8 and the peer's os.fsencode gets the very bytes back (section 17.2)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return "".join(
+            f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text
+        ).encode()
+
+
+def wire_name(name: str) -> str:
+    """A local or wire name as it must be to reach the file system: one os.fsencode can
+    encode (UTF-8, or surrogate-escaped bytes); RemoteProtocolError otherwise."""
+    if not name.isascii():
+        try:
+            name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise RemoteProtocolError(f"name {name[:100]!r} is neither UTF-8 nor bytes") from None
+    return name
+
+
 def _json(kind: Rec, obj: dict[str, Any]) -> bytearray:
-    return record(kind, json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+    return record(kind, _utf8(json.dumps(obj, separators=(",", ":"), ensure_ascii=False)))
 
 
 def tree(files: int, size: int) -> bytearray:
@@ -214,7 +238,7 @@ def _entry_json(e: Entry) -> bytes:
         tail = f'"mtime_ns":{int(e.mtime_ns)},"target":{_jstr(e.target)}}}'
     else:
         tail = f'"mtime_ns":{int(e.mtime_ns)}}}'
-    return (head + tail).encode()
+    return _utf8(head + tail)
 
 
 def small_file(e: Entry, size: int) -> tuple[bytearray, int] | None:
@@ -272,13 +296,14 @@ def result(r: Result) -> bytearray:
         body += f',"sha256":{_jstr(r.sha256)}'
     if r.error is not None:
         body += f',"error":{_jstr(one_line(r.error))}'
-    return record(Rec.RESULT, (body + "}").encode())
+    return record(Rec.RESULT, _utf8(body + "}"))
 
 
 def one_line(text: str) -> str:
-    """An error as one line of at most MAX_ERROR bytes."""
+    """An error as one line of at most MAX_ERROR bytes (a name in it that is not UTF-8
+    shown with backslash escapes)."""
     line = " ".join(text.split())
-    return line.encode()[:MAX_ERROR].decode("utf-8", "ignore")
+    return line.encode("utf-8", "backslashreplace")[:MAX_ERROR].decode("utf-8", "ignore")
 
 
 # ---- paths -----------------------------------------------------------------------------
@@ -295,7 +320,7 @@ def check_path(path: object) -> str:
         raise RemoteProtocolError(f"transfer path {path[:100]!r} is absolute or has NUL")
     if not _BAD_PARTS.isdisjoint(path.split("/")):
         raise RemoteProtocolError(f"transfer path {path[:100]!r} has an empty, . or .. part")
-    return path
+    return wire_name(path)
 
 
 _BAD_PARTS = frozenset(("", ".", ".."))
@@ -371,7 +396,8 @@ def _parse_entry(body: memoryview) -> Entry:
     target = None
     if kind == "symlink":
         target = _text(obj["target"], "a symlink target")
-        if not target or "\0" in target or len(target.encode()) > MAX_PATH:
+        size = len(wire_name(target).encode("utf-8", "surrogateescape"))
+        if not target or "\0" in target or size > MAX_PATH:
             raise RemoteProtocolError("a symlink target must be 1..4096 bytes without NUL")
     return Entry(
         check_path(obj["path"]),

@@ -366,3 +366,31 @@ def test_a_small_file_goes_as_one_record() -> None:
     rs.feed(file_entry())
     with pytest.raises(RemoteProtocolError, match="out of order"):
         rs.feed(rec)  # inside another file's data
+
+
+def test_names_that_are_not_utf8_go_as_surrogate_escapes() -> None:
+    """A name os gives with lone surrogates (its bytes are not UTF-8) crosses as `\\udcXX`
+    escapes in valid UTF-8 JSON and decodes to the same str (so to the same bytes); a
+    surrogate no byte maps to is a protocol error, not a crash."""
+    name = b"d/bad\xffname".decode("utf-8", "surrogateescape")
+    target = b"to\xfe".decode("utf-8", "surrogateescape")
+    e = x.Entry(name, "file", 5, 0o644, 1)
+    link = x.Entry(name + "l", "symlink", 0, 0o777, 1, target)
+    for rec in (x.entry(e), x.entry(link), x.fail(name, "file", f"{name}: gone")):
+        body(rec)[1:].decode("utf-8")  # valid UTF-8
+    assert b'"path":"d/bad\\udcffname"' in body(x.entry(e))
+    rs = start()
+    assert rs.feed(body(x.entry(link))) == ("entry", link)
+    assert rs.feed(body(x.fail(name, "file", "x"))) == ("fail", (name, "file", "x"))
+    assert x.one_line(name) == "d/bad\\udcffname"
+    sender = x.SenderStream()
+    sender.sent(name)
+    ok = x.Result(name, "ok", SHA.hex(), None)
+    assert sender.feed(body(x.result(ok))) == ("result", ok)
+    req = x.XferRequest("get", (name,), window=1)
+    assert x.XferRequest.from_json(req.to_json()) == req
+    for bad in ("a\ud800", "\udfff"):
+        with pytest.raises(RemoteProtocolError, match="neither UTF-8 nor bytes"):
+            start().feed(raw(0x02, {"path": bad, "kind": "dir", "mode": 0, "mtime_ns": 0}))
+        with pytest.raises(RemoteProtocolError, match="neither UTF-8 nor bytes"):
+            x.XferRequest.from_json(x.XferRequest("put", (bad,), window=1).to_json())

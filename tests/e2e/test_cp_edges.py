@@ -1,0 +1,84 @@
+"""`rexec cp` edge cases a scp/rsync user meets: odd file names, trees into the wrong kind of
+destination. The real CLI against one real server whose HOME is a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@dataclass
+class Box:
+    address: str
+    token: str
+    home: Path
+
+
+@pytest.fixture(scope="module")
+def box(e2e: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    base = tmp_path_factory.mktemp("cpedges")
+    home = base / "home"
+    home.mkdir()
+    config = f'[exec]\nbase_env = {{ PATH = "/usr/bin:/bin", HOME = "{home}" }}\n'
+    srv = e2e.start_server(base / "srv", config=config)
+    try:
+        yield Box(srv.address, srv.token, home)
+    finally:
+        srv.stop()
+
+
+def cp(e2e: Any, box: Box, *args: str | bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """`rexec cp ARGS...` (bytes arguments go as they are: names that are not UTF-8)."""
+    return subprocess.run(
+        [e2e.REXEC, "cp", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=e2e.clean_env({"REXEC_TOKEN": box.token}),
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_names_that_are_not_utf8_cross_byte_for_byte(e2e: Any, box: Box, tmp_path: Path) -> None:
+    """As scp and rsync: a file name is bytes, UTF-8 or not; a lone file, one in a tree and
+    a symlink's target all arrive under exactly their own bytes, both ways."""
+    bad = b"bad\xffname"
+    src = tmp_path / "src"
+    tree = src / "t\xe9"  # (U+00E9: valid UTF-8 in a tree beside the invalid names)
+    tree.mkdir(parents=True)
+    (src / os.fsdecode(bad)).write_bytes(b"lone\n")
+    (tree / os.fsdecode(bad)).write_bytes(b"in a tree\n")
+    os.symlink(os.fsdecode(b"to\xfe"), tree / os.fsdecode(b"link\xfd"))
+    (box.home / "nu").mkdir()
+    up = cp(e2e, box, bad, f"{box.address}:nu/".encode(), cwd=src)
+    assert (up.returncode, up.stdout, up.stderr) == (0, b"", b"")
+    up = cp(e2e, box, "-r", "t\xe9", f"{box.address}:nu/", cwd=src)
+    assert (up.returncode, up.stdout, up.stderr) == (0, b"", b"")
+    remote = os.fsencode(box.home / "nu")
+    assert sorted(os.listdir(remote)) == [bad, "t\xe9".encode()]
+    assert Path(os.fsdecode(os.path.join(remote, bad))).read_bytes() == b"lone\n"
+    rtree = os.path.join(remote, "t\xe9".encode())
+    assert sorted(os.listdir(rtree)) == [bad, b"link\xfd"]
+    assert Path(os.fsdecode(os.path.join(rtree, bad))).read_bytes() == b"in a tree\n"
+    assert os.readlink(os.path.join(rtree, b"link\xfd")) == b"to\xfe"
+
+    back = tmp_path / "back"
+    back.mkdir()
+    down = cp(e2e, box, "-r", f"{box.address}:nu".encode() + b"/" + bad, b".", cwd=back)
+    assert (down.returncode, down.stdout, down.stderr) == (0, b"", b"")
+    down = cp(e2e, box, "-r", f"{box.address}:nu/t\xe9", ".", cwd=back)
+    assert (down.returncode, down.stdout, down.stderr) == (0, b"", b"")
+    local = os.fsencode(back)
+    assert sorted(os.listdir(local)) == [bad, "t\xe9".encode()]
+    assert Path(os.fsdecode(os.path.join(local, bad))).read_bytes() == b"lone\n"
+    ltree = os.path.join(local, "t\xe9".encode())
+    assert Path(os.fsdecode(os.path.join(ltree, bad))).read_bytes() == b"in a tree\n"
+    assert os.readlink(os.path.join(ltree, b"link\xfd")) == b"to\xfe"
