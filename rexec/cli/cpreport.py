@@ -131,6 +131,24 @@ def host_json(host: str | None, direction: str | None, kind: str, message: str) 
     }
 
 
+def worth_a_line(failed: Sequence[Any]) -> list[Any]:
+    """The failed files (rexec.FileResult) that get a line on stderr: all but those below a
+    directory that failed at the same end, whose one line says it all (as scp's: a tree
+    sent onto a file is one error, not one per entry in it). --json still lists each."""
+    out: list[Any] = []
+    dirs: set[tuple[str, bool]] = set()
+    for f in failed:
+        parent = f.path
+        while (parent := parent.rpartition("/")[0]) and (parent, f.at_source) not in dirs:
+            pass
+        if parent:
+            continue
+        out.append(f)
+        if f.kind == "dir":
+            dirs.add((f.path, f.at_source))
+    return out
+
+
 def terminal_size() -> tuple[int, int] | None:
     """(columns, rows) of the terminal on stderr, None when stderr is no terminal."""
     try:
@@ -224,7 +242,8 @@ class Report:
             self._json(file_json(host, self.direction, f))
         dest = None if self.dest_for is None else self.dest_for(host)
         name = self.plan.failed_name
-        self._say([f"rexec cp: {name(host, f, dest)}: {f.error}" for f in result.failed])
+        lines = [f"rexec cp: {name(host, f, dest)}: {f.error}" for f in worth_a_line(result.failed)]
+        self._say(lines)
         if not result.ok:
             self.status = max(self.status, EXIT_TRANSFER_FAILED)
 

@@ -4,6 +4,7 @@ destination. The real CLI against one real server whose HOME is a temporary dire
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -82,3 +83,30 @@ def test_names_that_are_not_utf8_cross_byte_for_byte(e2e: Any, box: Box, tmp_pat
     ltree = os.path.join(local, "t\xe9".encode())
     assert Path(os.fsdecode(os.path.join(ltree, bad))).read_bytes() == b"in a tree\n"
     assert os.readlink(os.path.join(ltree, b"link\xfd")) == b"to\xfe"
+
+
+def test_a_tree_whose_directory_fails_is_one_line_not_one_per_entry(
+    e2e: Any, box: Box, tmp_path: Path
+) -> None:
+    """As scp: a tree sent onto a file (or into a directory that is not there) fails at its
+    top directory, and that is the one line; its entries below (each failed too, as
+    --json shows) add nothing but noise, the more the bigger the tree."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/c"):
+        (tree / name).write_bytes(b"x\n")
+    (box.home / "plain").write_bytes(b"old\n")
+    onto = cp(e2e, box, "-r", str(tree), f"{box.address}:plain", cwd=tmp_path)
+    assert (onto.returncode, onto.stdout, onto.stderr) == (
+        1,
+        b"",
+        f"rexec cp: {box.address}:plain: exists and is not a directory\n".encode(),
+    )
+    assert (box.home / "plain").read_bytes() == b"old\n"
+    into = cp(e2e, box, "-r", "--json", str(tree), f"{box.address}:nodir/", cwd=tmp_path)
+    assert (into.returncode, into.stderr) == (
+        1,
+        f"rexec cp: {box.address}:nodir/tree: No such file or directory\n".encode(),
+    )
+    assert [json.loads(line)["status"] for line in into.stdout.splitlines()] == ["failed"] * 5
+    assert not (box.home / "nodir").exists()
