@@ -427,7 +427,7 @@ class Receiver:
             self._fail_file(self._error or "not written")
             return
         skipped = inc.from_dest
-        mode = file_mode(e.mode, self.preserve)
+        mode = inc.mode_for(e.mode, self.preserve)
         try:
             ok = inc.finish(digest, mode, e.mtime_ns if self.preserve else None)
         except OSError as exc:

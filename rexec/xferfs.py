@@ -290,6 +290,7 @@ class Incoming:
         self.hash = hashlib.sha256()
         self.written = 0
         self.from_dest = False  # resume found the destination itself complete
+        self.kept: os.stat_result | None = None  # the regular file this one replaces
 
     @classmethod
     def open(cls, base: int, parts: list[str], size: int, dirs: DirCache) -> Incoming:
@@ -301,7 +302,18 @@ class Incoming:
             st = None
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory")
-        return cls(dirfd, name, size)
+        inc = cls(dirfd, name, size)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            inc.kept = st
+        return inc
+
+    def mode_for(self, mode: int, preserve: bool) -> int:
+        """The mode the file gets: the sender's `mode` (file_mode) with preserve or for a new
+        file; else the mode of the file it replaces, as scp and rsync keep it (a 0600 file
+        overwritten stays 0600, a script stays executable), never set-id."""
+        if preserve or self.kept is None:
+            return file_mode(mode, preserve)
+        return stat.S_IMODE(self.kept.st_mode) & 0o1777
 
     def start(self, offset: int = 0) -> None:
         """Open the temporary file: truncated, or kept up to `offset` (resume; the hash must
@@ -386,6 +398,8 @@ class Incoming:
                 finally:
                     os.close(fd)
                 return True
+            if self.kept is not None:
+                _keep_owner(self.fd, self.kept)
             _set_meta(self.fd, mode, mtime_ns)
             os.rename(self.part, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
             return True
@@ -417,6 +431,16 @@ def _locked(fd: int) -> int:
         os.close(fd)
         raise OSError(errno.EBUSY, "another transfer is writing it; retry later") from None
     return fd
+
+
+def _keep_owner(fd: int, old: os.stat_result) -> None:
+    """The replaced file's owner and group, as far as we may give them (root: both; a user:
+    a group of theirs); the file keeps ours otherwise."""
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.fchown(fd, -1, old.st_gid)
 
 
 def _set_meta(fd: int, mode: int, mtime_ns: int | None) -> None:

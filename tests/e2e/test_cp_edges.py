@@ -110,3 +110,36 @@ def test_a_tree_whose_directory_fails_is_one_line_not_one_per_entry(
     )
     assert [json.loads(line)["status"] for line in into.stdout.splitlines()] == ["failed"] * 5
     assert not (box.home / "nodir").exists()
+
+
+def test_overwriting_a_file_keeps_its_mode_and_group_unless_p(
+    e2e: Any, box: Box, tmp_path: Path
+) -> None:
+    """As scp and rsync: a file that replaces one keeps the old one's mode (a 0600 secret
+    stays 0600, a 0755 script stays executable) and group; a new file takes the source's
+    mode under the umask, and -p the source's mode even over an old file. Both ways."""
+    src = tmp_path / "new.conf"
+    src.write_bytes(b"new\n")
+    src.chmod(0o644)
+    group = os.getgroups()[-1] if os.geteuid() else 100
+    for name, mode in (("secret.conf", 0o600), ("run.sh", 0o750)):
+        old = box.home / name
+        old.write_bytes(b"old\n")
+        old.chmod(mode)
+        os.chown(old, -1, group)
+        done = cp(e2e, box, str(src), f"{box.address}:{name}", cwd=tmp_path)
+        assert (done.returncode, done.stderr) == (0, b"")
+        st = old.stat()
+        assert (old.read_bytes(), st.st_mode & 0o7777, st.st_gid) == (b"new\n", mode, group)
+    fresh = cp(e2e, box, str(src), f"{box.address}:fresh.conf", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    assert (box.home / "fresh.conf").stat().st_mode & 0o7777 == 0o644
+    forced = cp(e2e, box, "-p", str(src), f"{box.address}:secret.conf", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert (box.home / "secret.conf").stat().st_mode & 0o7777 == 0o644
+    local = tmp_path / "local.conf"
+    local.write_bytes(b"old\n")
+    local.chmod(0o600)
+    down = cp(e2e, box, f"{box.address}:fresh.conf", str(local), cwd=tmp_path)
+    assert (down.returncode, down.stderr) == (0, b"")
+    assert (local.read_bytes(), local.stat().st_mode & 0o7777) == (b"new\n", 0o600)
