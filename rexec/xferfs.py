@@ -20,6 +20,7 @@ import os
 import stat
 
 PART_SUFFIX = ".rexec-part"
+NAME_MAX = 255  # bytes of one name (Linux's file systems, and most others)
 READ_CHUNK = 256 * 1024  # how the resume prefix hash reads a file
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a fifo: no hang
@@ -264,7 +265,17 @@ def hash_prefix(fd: int, length: int) -> tuple[int, bytes, hashlib._Hash]:
 
 
 def part_name(name: str) -> str:
-    return f".{name}{PART_SUFFIX}"
+    """The temporary name beside `name`: `.NAME.rexec-part`, or for a name too long for
+    that (the file system takes NAME_MAX bytes), its first bytes, `~` and a hash of the
+    whole name: still in NAME_MAX, and the same each time (a resume finds it)."""
+    part = f".{name}{PART_SUFFIX}"
+    if len(part) * 4 <= NAME_MAX:  # (a character is at most 4 bytes)
+        return part
+    raw = os.fsencode(name)
+    if len(raw) + len(part) - len(name) <= NAME_MAX:
+        return part
+    tag = b"~" + hashlib.sha256(raw).hexdigest()[:16].encode() + PART_SUFFIX.encode()
+    return os.fsdecode(b"." + raw[: NAME_MAX - 1 - len(tag)] + tag)
 
 
 def file_mode(mode: int, preserve: bool) -> int:

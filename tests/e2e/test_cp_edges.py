@@ -143,3 +143,26 @@ def test_overwriting_a_file_keeps_its_mode_and_group_unless_p(
     down = cp(e2e, box, f"{box.address}:fresh.conf", str(local), cwd=tmp_path)
     assert (down.returncode, down.stderr) == (0, b"")
     assert (local.read_bytes(), local.stat().st_mode & 0o7777) == (b"new\n", 0o600)
+
+
+def test_names_up_to_the_longest_the_file_system_takes(e2e: Any, box: Box, tmp_path: Path) -> None:
+    """A name of 255 bytes (NAME_MAX) copies as with cp: its temporary name beside it must
+    fit in 255 bytes too, for a file and for a symlink, both ways."""
+    src = tmp_path / "long"
+    src.mkdir()
+    names = ["n" * 255, "é" * 127, "m" * 244]
+    for name in names:
+        (src / name).write_bytes(name.encode()[:9])
+    os.symlink("n" * 255, src / ("l" * 255))
+    up = cp(e2e, box, "-r", str(src), f"{box.address}:", cwd=tmp_path)
+    assert (up.returncode, up.stdout, up.stderr) == (0, b"", b"")
+    remote = box.home / "long"
+    assert sorted(os.listdir(remote)) == sorted([*names, "l" * 255])
+    for name in names:
+        assert (remote / name).read_bytes() == name.encode()[:9]
+    assert os.readlink(remote / ("l" * 255)) == "n" * 255
+    back = tmp_path / "back"
+    back.mkdir()
+    down = cp(e2e, box, f"{box.address}:long/{'n' * 255}", str(back), cwd=tmp_path)
+    assert (down.returncode, down.stderr) == (0, b"")
+    assert os.listdir(back) == ["n" * 255]
