@@ -489,7 +489,8 @@ class ReceiverStream:
 
 class SenderStream:
     """What a sender accepts from the receiver: a HAVE for each file ENTRY when resuming
-    (before its data), and one RESULT per ENTRY or FAIL, in the order they were sent."""
+    (before its data), and one RESULT per ENTRY or FAIL, in the order they were sent (a
+    file's RESULT after its HAVE; the earlier entries' RESULTs while it waits for it)."""
 
     def __init__(self) -> None:
         self._due: deque[str] = deque()  # paths awaiting their RESULT
@@ -521,7 +522,8 @@ class SenderStream:
             digest = _hex(obj["sha256"])
             self._have = None
             return "have", (_int(obj["offset"], "offset", 2**63 - 1), digest)
-        if kind == Rec.RESULT and self._due and self._have is None:
+        # (the file awaiting its HAVE is the last sent: the RESULTs before it may come)
+        if kind == Rec.RESULT and len(self._due) > (self._have is not None):
             obj = _object(body, "RESULT")
             if "path" not in obj or "status" not in obj or not _RESULT_MEMBERS.issuperset(obj):
                 _members(obj, "RESULT", {"path", "status"}, {"sha256", "error"})

@@ -166,3 +166,35 @@ def test_names_up_to_the_longest_the_file_system_takes(e2e: Any, box: Box, tmp_p
     down = cp(e2e, box, f"{box.address}:long/{'n' * 255}", str(back), cwd=tmp_path)
     assert (down.returncode, down.stderr) == (0, b"")
     assert os.listdir(back) == ["n" * 255]
+
+
+def test_resume_of_a_tree_and_of_several_files(e2e: Any, box: Box, tmp_path: Path) -> None:
+    """--resume with more than one entry: each file's RESULT may come back while the next
+    file waits for its HAVE (the sender pipelines). A tree copies, then is all skipped; a
+    partial file left by an earlier attempt continues; both ways."""
+    tree = tmp_path / "rtree"
+    (tree / "sub").mkdir(parents=True)
+    data = {"a": os.urandom(70_000), "b": b"bee\n", "sub/c": os.urandom(300_000)}
+    for name, content in data.items():
+        (tree / name).write_bytes(content)
+    first = cp(e2e, box, "-r", "--resume", "--json", str(tree), f"{box.address}:", cwd=tmp_path)
+    assert (first.returncode, first.stderr) == (0, b"")
+    statuses = [json.loads(line)["status"] for line in first.stdout.splitlines()]
+    assert statuses == ["ok"] * 5
+    for name, content in data.items():
+        assert (box.home / "rtree" / name).read_bytes() == content
+    (box.home / "rtree" / "sub" / "c").unlink()
+    (box.home / "rtree" / "sub" / ".c.rexec-part").write_bytes(data["sub/c"][:100_000])
+    again = cp(e2e, box, "-r", "--resume", "--json", str(tree), f"{box.address}:", cwd=tmp_path)
+    assert (again.returncode, again.stderr) == (0, b"")
+    by_path = {o["path"]: o for o in map(json.loads, again.stdout.splitlines())}
+    assert by_path["rtree/a"]["status"] == "skipped"
+    assert (by_path["rtree/sub/c"]["status"], by_path["rtree/sub/c"]["sent"]) == ("ok", 200_000)
+    assert (box.home / "rtree" / "sub" / "c").read_bytes() == data["sub/c"]
+    back = tmp_path / "back"
+    back.mkdir()
+    down = cp(
+        e2e, box, "--resume", f"{box.address}:rtree/a", f"{box.address}:rtree/b", ".", cwd=back
+    )
+    assert (down.returncode, down.stderr) == (0, b"")
+    assert sorted(os.listdir(back)) == ["a", "b"]

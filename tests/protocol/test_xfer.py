@@ -186,13 +186,15 @@ def test_results_must_come_in_order_and_haves_only_when_asked() -> None:
     ss.sent("a")
     ss.sent("b", want_have=True)
     with pytest.raises(RemoteProtocolError, match="out of order"):
-        ss.feed(body(x.result(x.Result("a", "ok", None, None))))  # b's HAVE is due first
-    assert ss.feed(body(x.have(3, SHA))) == ("have", (3, SHA))
-    with pytest.raises(RemoteProtocolError, match="out of order"):
-        ss.feed(body(x.result(x.Result("b", "ok", None, None))))
-    ok = ss.feed(body(x.result(x.Result("a", "ok", SHA.hex(), None))))
+        ss.feed(body(x.result(x.Result("b", "ok", None, None))))  # a's RESULT is due first
+    ok = ss.feed(body(x.result(x.Result("a", "ok", SHA.hex(), None))))  # (b awaits its HAVE)
     assert ok == ("result", x.Result("a", "ok", SHA.hex(), None))
+    with pytest.raises(RemoteProtocolError, match="out of order"):
+        ss.feed(body(x.result(x.Result("b", "ok", None, None))))  # b's HAVE is due first
+    assert ss.feed(body(x.have(3, SHA))) == ("have", (3, SHA))
     assert ss.outstanding == 1
+    assert ss.feed(body(x.result(x.Result("b", "ok", None, None))))[0] == "result"
+    assert ss.outstanding == 0
 
 
 @pytest.mark.parametrize(
