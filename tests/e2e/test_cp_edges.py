@@ -198,3 +198,24 @@ def test_resume_of_a_tree_and_of_several_files(e2e: Any, box: Box, tmp_path: Pat
     )
     assert (down.returncode, down.stderr) == (0, b"")
     assert sorted(os.listdir(back)) == ["a", "b"]
+
+
+def test_a_tilde_names_the_remote_home_as_in_scp(e2e: Any, box: Box, tmp_path: Path) -> None:
+    """`HOST:~/x` and `HOST:~` are the home, as scp and rsync users write them (not a
+    directory named `~`); `HOST:./~` is still a file named `~`."""
+    (box.home / "tsub").mkdir()
+    src = tmp_path / "tilde.txt"
+    src.write_bytes(b"t\n")
+    for dest in ("~/tsub/", "~", "~/tsub/renamed"):
+        done = cp(e2e, box, str(src), f"{box.address}:{dest}", cwd=tmp_path)
+        assert (done.returncode, done.stderr) == (0, b"")
+    assert (box.home / "tsub" / "tilde.txt").read_bytes() == b"t\n"
+    assert (box.home / "tilde.txt").read_bytes() == b"t\n"
+    assert (box.home / "tsub" / "renamed").read_bytes() == b"t\n"
+    assert not (box.home / "~").exists()
+    down = cp(e2e, box, f"{box.address}:~/tsub/renamed", "back.txt", cwd=tmp_path)
+    assert (down.returncode, down.stderr) == (0, b"")
+    assert (tmp_path / "back.txt").read_bytes() == b"t\n"
+    literal = cp(e2e, box, str(src), f"{box.address}:./~", cwd=tmp_path)
+    assert (literal.returncode, literal.stderr) == (0, b"")
+    assert (box.home / "~").read_bytes() == b"t\n"
