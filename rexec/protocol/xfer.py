@@ -229,15 +229,17 @@ def entry(e: Entry) -> bytearray:
 
 def _entry_json(e: Entry) -> bytes:
     """ENTRY's JSON, written out by hand: the bytes json.dumps gives (compact, not ASCII-
-    escaped), at a fraction of its cost per file."""
+    escaped), at a fraction of its cost per file. mtime_ns is unsigned on the wire: a time
+    before 1970 goes as the epoch (the file still copies; -p gives it 1970)."""
     head = f'{{"path":{_jstr(e.path)},"kind":{_jstr(e.kind)},"mode":{int(e.mode)},'
+    mtime = max(0, int(e.mtime_ns))
     if e.kind == "file":
-        tail = f'"mtime_ns":{int(e.mtime_ns)},"size":{int(e.size)}}}'
+        tail = f'"mtime_ns":{mtime},"size":{int(e.size)}}}'
     elif e.kind == "symlink":
         assert e.target is not None
-        tail = f'"mtime_ns":{int(e.mtime_ns)},"target":{_jstr(e.target)}}}'
+        tail = f'"mtime_ns":{mtime},"target":{_jstr(e.target)}}}'
     else:
-        tail = f'"mtime_ns":{int(e.mtime_ns)}}}'
+        tail = f'"mtime_ns":{mtime}}}'
     return _utf8(head + tail)
 
 

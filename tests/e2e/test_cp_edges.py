@@ -219,3 +219,22 @@ def test_a_tilde_names_the_remote_home_as_in_scp(e2e: Any, box: Box, tmp_path: P
     literal = cp(e2e, box, str(src), f"{box.address}:./~", cwd=tmp_path)
     assert (literal.returncode, literal.stderr) == (0, b"")
     assert (box.home / "~").read_bytes() == b"t\n"
+
+
+def test_a_file_older_than_1970_copies(e2e: Any, box: Box, tmp_path: Path) -> None:
+    """A modification time before the epoch (old archives have them) cannot go on the wire
+    (mtime_ns is unsigned): the file still copies, -p gives it the epoch, and the rest of
+    the transfer goes on rather than ending as a protocol error."""
+    tree = tmp_path / "old"
+    tree.mkdir()
+    (tree / "o").write_bytes(b"old\n")
+    (tree / "p").write_bytes(b"new\n")
+    os.utime(tree / "o", ns=(-315_619_200_000_000_000, -315_619_200_000_000_000))
+    os.utime(tree, ns=(-1, -1))
+    for flags, name in ((["-r"], "old1"), (["-r", "-p"], "old2")):
+        done = cp(e2e, box, *flags, str(tree), f"{box.address}:{name}", cwd=tmp_path)
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+        assert (box.home / name / "o").read_bytes() == b"old\n"
+        assert (box.home / name / "p").read_bytes() == b"new\n"
+    assert (box.home / "old2" / "o").stat().st_mtime_ns == 0
+    assert (box.home / "old2").stat().st_mtime_ns == 0

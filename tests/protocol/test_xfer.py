@@ -396,3 +396,11 @@ def test_names_that_are_not_utf8_go_as_surrogate_escapes() -> None:
             start().feed(raw(0x02, {"path": bad, "kind": "dir", "mode": 0, "mtime_ns": 0}))
         with pytest.raises(RemoteProtocolError, match="neither UTF-8 nor bytes"):
             x.XferRequest.from_json(x.XferRequest("put", (bad,), window=1).to_json())
+
+
+def test_a_time_before_the_epoch_goes_as_zero() -> None:
+    """mtime_ns is unsigned on the wire: the encoder clamps, so the peer never refuses it."""
+    for kind, target in (("file", None), ("dir", None), ("symlink", "t")):
+        e = x.Entry("a", kind, 0, 0o644, -315_619_200_000_000_000, target)
+        assert json.loads(body(x.entry(e))[1:])["mtime_ns"] == 0
+        assert start().feed(body(x.entry(e)))[1].mtime_ns == 0
