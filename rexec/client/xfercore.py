@@ -127,11 +127,18 @@ class Transfer:
         if not sources:
             raise ValueError("no source given")
         dest = os.fspath(local)
-        into = x.wants_into(dest, len(sources), os.path.isdir(dest))
+        into = x.wants_into(len(sources), os.path.isdir(dest))
         full = os.path.abspath(dest)
         where, name = (full, "") if into else os.path.split(full)
         base = os.open(where, _DIR)  # OSError: see local_failure()
-        engine = Receiver(base, into=into, name=name, preserve=preserve, resume=resume)
+        engine = Receiver(
+            base,
+            into=into,
+            name=name,
+            preserve=preserve,
+            resume=resume,
+            dir_named=dest.endswith("/"),
+        )
         request = x.XferRequest(
             "get",
             tuple(sources),

@@ -336,10 +336,12 @@ def placed(path: str, into: bool, name: str) -> list[str]:
     return parts if into else [name, *parts[1:]]
 
 
-def wants_into(dest: str, sources: int, is_dir: bool) -> bool:
-    """scp's rule: sources land inside `dest` (under their own names) when it is an existing
-    directory, when there are several, or when it ends in `/`."""
-    return is_dir or sources > 1 or dest.endswith("/")
+def wants_into(sources: int, is_dir: bool) -> bool:
+    """scp's rule: sources land inside the destination (under their own names) when it is
+    an existing directory or there are several. A single source to `DIR/` that is not
+    there becomes DIR if it is a directory, and fails otherwise (the receiver's
+    `dir_named`), as with scp and cp."""
+    return is_dir or sources > 1
 
 
 # ---- the two stream checkers -----------------------------------------------------------

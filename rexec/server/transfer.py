@@ -149,13 +149,20 @@ class ServerTransfer:
             is_dir = True
         except OSError:
             is_dir = False
-        into = x.wants_into(dest, 2 if req.into else 1, is_dir)
+        into = x.wants_into(2 if req.into else 1, is_dir)
         error = None
         try:
             base, name = (paths.open_dir(dest), "") if into else paths.parent(dest)
         except OSError as exc:
             base, name, error = -1, "", error_line(exc)
-        engine = Receiver(base, into=into, name=name, preserve=req.preserve, resume=req.resume)
+        engine = Receiver(
+            base,
+            into=into,
+            name=name,
+            preserve=req.preserve,
+            resume=req.resume,
+            dir_named=dest.endswith("/"),
+        )
         engine.error = error
         return engine
 

@@ -103,13 +103,55 @@ def test_a_tree_whose_directory_fails_is_one_line_not_one_per_entry(
         f"rexec cp: {box.address}:plain: exists and is not a directory\n".encode(),
     )
     assert (box.home / "plain").read_bytes() == b"old\n"
-    into = cp(e2e, box, "-r", "--json", str(tree), f"{box.address}:nodir/", cwd=tmp_path)
+    args = ["-r", "--json", str(tree), str(tree / "sub"), f"{box.address}:nodir/"]
+    into = cp(e2e, box, *args, cwd=tmp_path)
     assert (into.returncode, into.stderr) == (
         1,
-        f"rexec cp: {box.address}:nodir/tree: No such file or directory\n".encode(),
+        f"rexec cp: {box.address}:nodir/tree: No such file or directory\n"
+        f"rexec cp: {box.address}:nodir/sub: No such file or directory\n".encode(),
     )
-    assert [json.loads(line)["status"] for line in into.stdout.splitlines()] == ["failed"] * 5
+    assert [json.loads(line)["status"] for line in into.stdout.splitlines()] == ["failed"] * 7
     assert not (box.home / "nodir").exists()
+
+
+def test_one_directory_to_a_new_dir_slash_makes_it_as_scp_and_cp(
+    e2e: Any, box: Box, tmp_path: Path
+) -> None:
+    """`cp -r site/ HOST:www/` when www is not there yet: scp and cp make www a copy of
+    site (rsync makes it too); a single file to a missing `dir/` still fails, as theirs."""
+    site = tmp_path / "site"
+    (site / "css").mkdir(parents=True)
+    (site / "index.html").write_bytes(b"<p>\n")
+    (site / "css" / "a.css").write_bytes(b"p{}\n")
+    up = cp(e2e, box, "-r", f"{site}/", f"{box.address}:www/", cwd=tmp_path)
+    assert (up.returncode, up.stdout, up.stderr) == (0, b"", b"")
+    assert sorted(os.listdir(box.home / "www")) == ["css", "index.html"]
+    assert (box.home / "www" / "css" / "a.css").read_bytes() == b"p{}\n"
+    again = cp(e2e, box, "-r", f"{site}/", f"{box.address}:www/", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr  # it exists now: into it, as scp
+    assert (box.home / "www" / "site" / "index.html").read_bytes() == b"<p>\n"
+    down = cp(e2e, box, "-r", f"{box.address}:www/css", "got/", cwd=tmp_path)
+    assert (down.returncode, down.stdout, down.stderr) == (0, b"", b"")
+    assert os.listdir(tmp_path / "got") == ["a.css"]
+    one = cp(e2e, box, str(site / "index.html"), f"{box.address}:nowhere/", cwd=tmp_path)
+    assert (one.returncode, one.stderr) == (
+        1,
+        f"rexec cp: {box.address}:nowhere/index.html: No such file or directory\n".encode(),
+    )
+    assert not (box.home / "nowhere").exists()
+    back = cp(e2e, box, f"{box.address}:www/index.html", "nowhere/", cwd=tmp_path)
+    assert (back.returncode, back.stderr) == (
+        1,
+        b"rexec cp: nowhere/index.html: No such file or directory\n",
+    )
+    assert not (tmp_path / "nowhere").exists()
+    (box.home / "afile").write_bytes(b"a\n")
+    onto = cp(e2e, box, str(site / "index.html"), f"{box.address}:afile/", cwd=tmp_path)
+    assert (onto.returncode, onto.stderr) == (
+        1,
+        f"rexec cp: {box.address}:afile/index.html: Not a directory\n".encode(),
+    )
+    assert (box.home / "afile").read_bytes() == b"a\n"
 
 
 def test_overwriting_a_file_keeps_its_mode_and_group_unless_p(

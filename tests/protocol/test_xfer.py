@@ -269,8 +269,8 @@ def test_entry_and_result_json_is_compact_json(path: str) -> None:
 def test_scp_placement_rules() -> None:
     assert x.placed("src/a/b", True, "") == ["src", "a", "b"]
     assert x.placed("src/a/b", False, "dst") == ["dst", "a", "b"]
-    assert x.wants_into("d", 1, True) and x.wants_into("d/", 1, False)
-    assert x.wants_into("d", 2, False) and not x.wants_into("f", 1, False)
+    assert x.wants_into(1, True) and not x.wants_into(1, False)  # (`d/` missing: dir_named)
+    assert x.wants_into(2, False)
 
 
 # ---- section 17.3's stream table is the code's ------------------------------------------
