@@ -18,7 +18,7 @@ from rexec.cli.outcome import (
     of_error,
     write_stdout,
 )
-from rexec.cli.progress import Progress
+from rexec.cli.progress import Progress, shown
 from rexec.cli.run import RunArgs
 
 INTERRUPTED = "interrupted: closing the connection (partial files are kept for --resume)"
@@ -60,14 +60,17 @@ class Plan(NamedTuple):
     sources: tuple[str, ...]
     dest: str
 
-    def failed_name(self, host: str, f: Any, dest: str | None = None) -> str:
+    def failed_name(
+        self, host: str, f: Any, dest: str | None = None, into: bool | None = None
+    ) -> str:
         """How to name a failed file (f: a rexec.FileResult) as the user wrote it: the source
         when it failed where it is read, else the destination; `HOST:` before a remote one.
-        `dest`: where this host's files land when not DST itself (DST/HOST/ in a fan-out)."""
+        `dest`: where this host's files land when not DST itself (DST/HOST/ in a fan-out);
+        `into`: whether DST was a directory to copy into, when known (a local one)."""
         if f.at_source:
             path = self.source_path(f.path)
         else:
-            path = self.dest_path(f.path, self.dest if dest is None else dest)
+            path = self.dest_path(f.path, self.dest if dest is None else dest, into)
         remote = (self.direction == "get") == bool(f.at_source)
         return f"{host}:{path}" if remote else path
 
@@ -80,17 +83,20 @@ class Plan(NamedTuple):
                 return _join(source.rstrip("/").rpartition("/")[0], wire, source)
         return wire
 
-    def dest_path(self, wire: str, dest: str) -> str:
+    def dest_path(self, wire: str, dest: str, into: bool | None = None) -> str:
         """The destination path a wire path stands for: into a directory (several sources,
-        DST/, `.` or the home), DST joined to it; one source, DST in place of its first part
-        (DST read as the new name, as it is unless DST is an existing directory); DST itself
-        for "" (rexec.FileResult's rule: the destination could not be opened)."""
+        an existing directory: `into`; unknown for a remote one, so guessed from DST/, `.`
+        or the home), DST joined to it; one source, DST in place of its first part (DST
+        read as the new name); DST itself for "" (rexec.FileResult's rule: the destination
+        could not be opened)."""
         if not wire:
             return dest.rstrip("/") or dest or "."
         _, slash, rest = wire.partition("/")
-        if len(self.sources) > 1 or dest.endswith("/") or dest == ".":
+        if into is None:
+            into = dest.endswith("/") or dest == "."
+        if len(self.sources) > 1 or into:
             return _join(dest.rstrip("/"), wire, dest)
-        return dest + slash + rest
+        return dest.rstrip("/") + slash + rest if rest else dest
 
 
 def _join(parent: str, wire: str, original: str) -> str:
@@ -180,6 +186,10 @@ class Report:
         self.json = args.json
         self.plan = plan
         self.dest_for = dest_for  # a host's own destination (a fan-out's DST/HOST/)
+        # a download's DST is a directory to copy into iff it is one now, before any copy
+        self.local_into = (
+            os.path.isdir(plan.dest) if plan.direction == "get" and dest_for is None else None
+        )
         self.direction = plan.direction
         self.status = 0
         self.pipe_closed = False
@@ -242,8 +252,13 @@ class Report:
             self._json(file_json(host, self.direction, f))
         dest = None if self.dest_for is None else self.dest_for(host)
         name = self.plan.failed_name
-        lines = [f"rexec cp: {name(host, f, dest)}: {f.error}" for f in worth_a_line(result.failed)]
-        self._say(lines)
+        into = self.local_into
+        self._say(
+            [
+                shown(f"rexec cp: {name(host, f, dest, into)}: {f.error}")
+                for f in worth_a_line(result.failed)
+            ]
+        )
         if not result.ok:
             self.status = max(self.status, EXIT_TRANSFER_FAILED)
 
@@ -261,7 +276,7 @@ class Report:
         if isinstance(exc, KeyboardInterrupt):
             message = INTERRUPTED
         self._json(host_json(host, self.direction, outcome.kind or "internal", message))
-        self._say([f"rexec cp: {host}: {message}"])
+        self._say([shown(f"rexec cp: {host}: {message}")])
         self.status = max(self.status, outcome.exit_status)
 
     def interrupted(self, summary: str | None = None) -> int:

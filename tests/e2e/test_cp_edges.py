@@ -142,7 +142,7 @@ def test_one_directory_to_a_new_dir_slash_makes_it_as_scp_and_cp(
     back = cp(e2e, box, f"{box.address}:www/index.html", "nowhere/", cwd=tmp_path)
     assert (back.returncode, back.stderr) == (
         1,
-        b"rexec cp: nowhere/index.html: No such file or directory\n",
+        b"rexec cp: nowhere/: No such file or directory\n",
     )
     assert not (tmp_path / "nowhere").exists()
     (box.home / "afile").write_bytes(b"a\n")
@@ -280,3 +280,21 @@ def test_a_file_older_than_1970_copies(e2e: Any, box: Box, tmp_path: Path) -> No
         assert (box.home / name / "p").read_bytes() == b"new\n"
     assert (box.home / "old2" / "o").stat().st_mtime_ns == 0
     assert (box.home / "old2").stat().st_mtime_ns == 0
+
+
+def test_remote_names_cannot_drive_the_terminal(e2e: Any, box: Box, tmp_path: Path) -> None:
+    """A server's file names (and errors) are shown with control characters as `?`, as
+    `rexec run`'s error tails: an escape sequence in a name must not recolour, move the
+    cursor or fake a line (scp's CVE-2019-6109); --json carries the exact name."""
+    evil = "\x1b[31mred\x1b[0m\nrexec cp: fake\x07"
+    (box.home / "evil").mkdir()
+    (box.home / "evil" / evil).write_bytes(b"e\n")
+    got = tmp_path / "got"
+    (got / "evil" / evil).mkdir(parents=True)  # a directory where the file goes: it fails
+    done = cp(e2e, box, "-r", "--json", f"{box.address}:evil", "got", cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (
+        1,
+        b"rexec cp: got/evil/?[31mred?[0m?rexec cp: fake?: is a directory\n",
+    )
+    paths = [json.loads(line)["path"] for line in done.stdout.splitlines()]
+    assert paths == ["evil", f"evil/{evil}"]
