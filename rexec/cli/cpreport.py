@@ -193,6 +193,7 @@ class Report:
         self.direction = plan.direction
         self.status = 0
         self.pipe_closed = False
+        self._said: set[str] = set()  # the failed files' lines already on stderr
         # how each host ended, for a host set's summary line (rexec.cli.cpmany): its
         # TransferResult, or what it failed with and whether its transfer had started
         self.ended: dict[str, TransferResult | tuple[BaseException, bool]] = {}
@@ -253,12 +254,13 @@ class Report:
         dest = None if self.dest_for is None else self.dest_for(host)
         name = self.plan.failed_name
         into = self.local_into
-        self._say(
-            [
-                shown(f"rexec cp: {name(host, f, dest, into)}: {f.error}")
-                for f in worth_a_line(result.failed)
-            ]
-        )
+        lines = [
+            shown(f"rexec cp: {name(host, f, dest, into)}: {f.error}")
+            for f in worth_a_line(result.failed)
+        ]
+        # a local file's failure names no host: the same line for every host, said once
+        self._say([line for line in dict.fromkeys(lines) if line not in self._said])
+        self._said.update(lines)
         if not result.ok:
             self.status = max(self.status, EXIT_TRANSFER_FAILED)
 

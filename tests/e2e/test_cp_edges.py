@@ -298,3 +298,21 @@ def test_remote_names_cannot_drive_the_terminal(e2e: Any, box: Box, tmp_path: Pa
     )
     paths = [json.loads(line)["path"] for line in done.stdout.splitlines()]
     assert paths == ["evil", f"evil/{evil}"]
+
+
+def test_a_local_failure_is_one_line_for_a_whole_host_set(
+    e2e: Any, box: Box, tmp_path: Path
+) -> None:
+    """An upload to a host set whose local source is missing: that is one fact about this
+    machine, one line (not one identical line per host), then the summary."""
+    port = box.address.rpartition(":")[2]
+    (tmp_path / "ok.txt").write_bytes(b"ok\n")
+    (box.home / "set").mkdir()
+    hosts = f"127.0.0.1:{port},localhost:{port}"
+    done = cp(e2e, box, "ok.txt", "missing.txt", f"{hosts}:set/", cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (
+        1,
+        b"rexec cp: missing.txt: No such file or directory\n"
+        + f"2 hosts: 2 failed (127.0.0.1:{port},localhost:{port})\n".encode(),
+    )
+    assert (box.home / "set" / "ok.txt").read_bytes() == b"ok\n"
