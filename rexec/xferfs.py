@@ -21,6 +21,8 @@ import stat
 
 PART_SUFFIX = ".rexec-part"
 NAME_MAX = 255  # bytes of one name (Linux's file systems, and most others)
+# a source `/` (either end): it has no name for its entries' wire paths to start with
+ROOT_REFUSED = "cannot copy the root directory itself (name what is in it)"
 READ_CHUNK = 256 * 1024  # how the resume prefix hash reads a file
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a fifo: no hang

@@ -26,7 +26,7 @@ from rexec.protocol.messages import ExitStatus
 from rexec.server.context import ChannelHost
 from rexec.server.policy import Decision, evaluate_transfer
 from rexec.xferengine import Receiver, Sender
-from rexec.xferfs import Listing, error_line, open_dir_at
+from rexec.xferfs import ROOT_REFUSED, Listing, error_line, open_dir_at
 
 
 class ChannelRun(Protocol):
@@ -129,7 +129,11 @@ class ServerTransfer:
                     os.path.basename(path.rstrip("/")) or path, "file", error_line(exc)
                 )
                 continue
-            if not name:  # the home (or root) directory itself: by its own name
+            if not name and paths.root is None:  # `/`: no name to land under (nor `/` locally)
+                os.close(base)
+                listing.add_error("root", "dir", ROOT_REFUSED)
+                continue
+            if not name:  # a confined token's root directory itself: by its own name
                 os.close(base)
                 whole = os.path.realpath(paths.root or paths.home)
                 name = os.path.basename(whole) or "root"

@@ -316,3 +316,34 @@ def test_a_local_failure_is_one_line_for_a_whole_host_set(
         + f"2 hosts: 2 failed (127.0.0.1:{port},localhost:{port})\n".encode(),
     )
     assert (box.home / "set" / "ok.txt").read_bytes() == b"ok\n"
+
+
+def test_the_remote_root_is_refused_not_read_as_the_home(
+    e2e: Any, box: Box, tmp_path: Path
+) -> None:
+    """`HOST:/` is the server's root directory: refused as a local `/` is (it has no name
+    to land under), never silently the home instead (a whole home copied as DST)."""
+    for source in ("/", "//", "/tmp/.."):
+        done = cp(e2e, box, "-r", f"{box.address}:{source}", "x", cwd=tmp_path)
+        assert (done.returncode, done.stdout, done.stderr) == (
+            2,
+            b"",
+            f"rexec cp: {source}: cannot copy the root directory itself (name what is in it)\n".encode(),
+        )
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_server_refuses_its_root_to_any_client(
+    box: Box, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's own check, for clients that do not make it: the entry fails."""
+    from rexec import Client
+    from rexec.client import xfercore
+
+    monkeypatch.setattr(xfercore, "check_remote_source", lambda path: path)
+    with Client(box.address, token=box.token) as client:
+        got = client.get("/", tmp_path / "y", recursive=True, check=False)
+    assert [(f.path, f.error) for f in got.files] == [
+        ("root", "cannot copy the root directory itself (name what is in it)")
+    ]
+    assert not (tmp_path / "y").exists()
