@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import procs
+from benchmarks.common import Group
 from benchmarks.fleet import TIME, Measured, ensure_tools
-from benchmarks.measures import Group
 from benchmarks.model import Comparison, Contender, Row, reason
 from benchmarks.openssh import CURVE, GCM, LOOPBACK
 from benchmarks.runtime import PYTHON, REXEC_BIN, ROOT
