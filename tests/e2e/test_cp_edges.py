@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from rexec.xferfs import ROOT_REFUSED
+
 
 @dataclass
 class Box:
@@ -328,7 +330,7 @@ def test_the_remote_root_is_refused_not_read_as_the_home(
         assert (done.returncode, done.stdout, done.stderr) == (
             2,
             b"",
-            f"rexec cp: {source}: cannot copy the root directory itself (name what is in it)\n".encode(),
+            f"rexec cp: {source}: {ROOT_REFUSED}\n".encode(),
         )
         assert not (tmp_path / "x").exists()
 
