@@ -80,6 +80,8 @@ class Plan(NamedTuple):
         first = wire.partition("/")[0]
         for source in self.sources:
             if source.rstrip("/").rpartition("/")[2] == first:
+                if wire == first:
+                    return source  # the source itself: as it was typed
                 return _join(source.rstrip("/").rpartition("/")[0], wire, source)
         return wire
 

@@ -108,7 +108,9 @@ class Transfer:
             except OSError as exc:
                 listing.add_error(name, "file", error_line(exc))
                 continue
-            listing.add(base, name, name, recursive=recursive, follow=True)
+            # (`f/`: stat says "Not a directory" for a file, as scp's and cp's would)
+            named = name + "/" if src.endswith("/") else name
+            listing.add(base, named, name, recursive=recursive, follow=True)
         request = x.XferRequest(
             "put",
             (remote,),

@@ -139,9 +139,13 @@ class ServerTransfer:
                 name = os.path.basename(whole) or "root"
                 base = os.open(os.path.dirname(whole), _DIR)
                 follow = True
+                named = name
             else:
                 follow = paths.root is None  # a confined token's symlinks are copied as links
-            listing.add(base, name, name, recursive=self.req.recursive, follow=follow)
+                # `f/` is "Not a directory" for a file, as locally; (not when confined: a
+                # trailing slash would follow a symlink there)
+                named = name + "/" if follow and path.endswith("/") else name
+            listing.add(base, named, name, recursive=self.req.recursive, follow=follow)
         return Sender(listing, resume=self.req.resume)
 
     def _receiver(self) -> Receiver:

@@ -349,3 +349,26 @@ def test_a_server_refuses_its_root_to_any_client(
         ("root", "cannot copy the root directory itself (name what is in it)")
     ]
     assert not (tmp_path / "y").exists()
+
+
+def test_a_file_named_with_a_trailing_slash_is_not_a_directory(
+    e2e: Any, box: Box, tmp_path: Path
+) -> None:
+    """`f/` says f is a directory: for a file that is an error, as with scp and cp, at
+    either end (not a silent copy of f); `d/` is d."""
+    (tmp_path / "f").write_bytes(b"f\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "in").write_bytes(b"in\n")
+    up = cp(e2e, box, "f/", f"{box.address}:", cwd=tmp_path)
+    assert (up.returncode, up.stderr) == (1, b"rexec cp: f/: Not a directory\n")
+    assert not (box.home / "f").exists()
+    (box.home / "rf").write_bytes(b"rf\n")
+    down = cp(e2e, box, f"{box.address}:rf/", "got", cwd=tmp_path)
+    assert (down.returncode, down.stderr) == (
+        1,
+        f"rexec cp: {box.address}:rf/: Not a directory\n".encode(),
+    )
+    assert not (tmp_path / "got").exists()
+    tree = cp(e2e, box, "-r", "d/", f"{box.address}:dslash", cwd=tmp_path)
+    assert (tree.returncode, tree.stderr) == (0, b"")
+    assert (box.home / "dslash" / "in").read_bytes() == b"in\n"
