@@ -19,6 +19,8 @@ import hashlib
 import os
 import stat
 
+from rexec.protocol.xfer import MAX_PATH
+
 PART_SUFFIX = ".rexec-part"
 NAME_MAX = 255  # bytes of one name (Linux's file systems, and most others)
 # a source `/` (either end): it has no name for its entries' wire paths to start with
@@ -189,42 +191,65 @@ class Listing:
                 self._walk(top, (), wire)
 
     def _stat(
-        self, fd: int, name: str, wire: str, follow: bool
+        self, fd: int, name: str, wire: str, follow: bool, into: list[Item] | None = None
     ) -> tuple[str, os.stat_result] | None:
-        """`name` in directory `fd`: its kind and stat, or None once listed as an error
-        (it vanished or cannot be read, or it is something a transfer does not copy)."""
+        """`name` in directory `fd`: its kind and stat, or None once listed (in `into`, by
+        default the listing) as an error (it vanished or cannot be read, or it is something
+        a transfer does not copy)."""
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=follow)
         except OSError as exc:
-            self.add_error(wire, "file", error_line(exc))
-            return None
-        kind = kind_of(st.st_mode)
-        if kind is None:
-            self.add_error(wire, "file", what_is(st.st_mode))
-            return None
-        return kind, st
+            error = error_line(exc)
+        else:
+            kind = kind_of(st.st_mode)
+            if kind is not None:
+                return kind, st
+            error = what_is(st.st_mode)
+        (self.items if into is None else into).append(Item(wire, -1, (), "file", error=error))
+        return None
 
     def _walk(self, base: int, parts: tuple[str, ...], wire: str) -> None:
-        """Add what is below directory `parts` of `base` (pre-order, sorted by name)."""
+        """Add what is below directory `parts` of `base` (pre-order, sorted by name), with a
+        stack of its directories' entries, not recursion: a tree may be deeper than
+        Python's stack."""
+        todo = [iter(self._below(base, parts, wire))]
+        while todo:
+            item = next(todo[-1], None)
+            if item is None:
+                todo.pop()
+                continue
+            self.items.append(item)
+            if item.kind == "dir" and item.error is None:
+                todo.append(iter(self._below(base, item.parts, item.path)))
+
+    def _below(self, base: int, parts: tuple[str, ...], wire: str) -> list[Item]:
+        """The entries of directory `parts` (just listed: the last item), sorted by name.
+        Those whose wire path would exceed MAX_PATH are left out, and the directory gets
+        one error saying so (after what is in it that fits)."""
         try:
             fd = open_dir_at(base, parts)
         except OSError as exc:
             self.items[-1].error = error_line(exc)
-            return
+            return []
+        out: list[Item] = []
+        too_long = False
         try:
             with os.scandir(fd) as it:
                 names = sorted(e.name for e in it)
             for name in names:
                 child, path = (*parts, name), f"{wire}/{name}"
-                found = self._stat(fd, name, path, False)
-                if found is None:
+                if len(path) * 4 > MAX_PATH and len(os.fsencode(path)) > MAX_PATH:
+                    too_long = True
                     continue
-                kind, st = found
-                self.items.append(Item(path, base, child, kind, st))
-                if kind == "dir":
-                    self._walk(base, child, path)
+                found = self._stat(fd, name, path, False, out)
+                if found is not None:
+                    out.append(Item(path, base, child, *found))
         finally:
             os.close(fd)
+        if too_long:
+            error = f"entries below it not copied (their paths exceed {MAX_PATH} bytes)"
+            out.append(Item(wire, -1, (), "dir", error=error))
+        return out
 
     def close(self) -> None:
         for fd in self._fds:

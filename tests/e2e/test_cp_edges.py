@@ -372,3 +372,73 @@ def test_a_file_named_with_a_trailing_slash_is_not_a_directory(
     tree = cp(e2e, box, "-r", "d/", f"{box.address}:dslash", cwd=tmp_path)
     assert (tree.returncode, tree.stderr) == (0, b"")
     assert (box.home / "dslash" / "in").read_bytes() == b"in\n"
+
+
+def _chain(top: Path, name: str, depth: int) -> None:
+    """top/name/name/... depth times (by descriptor: the path may be too long for open())."""
+    fd = os.open(top, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            nxt = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
+
+
+def _unchain(top: Path, name: str) -> None:
+    """Remove top/name/name/... (shutil.rmtree recurses: Python 3.11's overflows here)."""
+    fds = [os.open(top, os.O_RDONLY)]
+    try:
+        while name in os.listdir(fds[-1]):
+            fds.append(os.open(name, os.O_RDONLY, dir_fd=fds[-1]))
+        while len(fds) > 1:
+            os.close(fds.pop())
+            os.rmdir(name, dir_fd=fds[-1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _depth(top: Path, name: str) -> int:
+    depth, fd = 0, os.open(top, os.O_RDONLY)
+    try:
+        while name in os.listdir(fd):
+            nxt = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd, depth = nxt, depth + 1
+    finally:
+        os.close(fd)
+    return depth
+
+
+def test_a_tree_deeper_than_python_s_stack_and_the_wire_s_paths(
+    e2e: Any, box: Box, tmp_path: Path
+) -> None:
+    """A tree 1100 directories deep copies (no RecursionError traceback). In one whose
+    paths outgrow a wire path (4096 bytes), what fits is copied and the directory whose
+    entries would not fit is one failed line; the rest of the transfer goes on."""
+    src = tmp_path / "src"
+    (src / "deep").mkdir(parents=True)
+    (src / "long").mkdir()
+    (src / "top.txt").write_bytes(b"top\n")
+    name = "n" * 200
+    try:
+        _chain(src / "deep", "a", 1100)
+        _chain(src / "long", name, 25)
+        done = cp(e2e, box, "-r", "src", f"{box.address}:", cwd=tmp_path)
+        depth = _depth(box.home / "src" / "deep", "a")
+    finally:
+        for top in (src, box.home / "src"):
+            if (top / "deep").exists():
+                _unchain(top / "deep", "a")
+    cut = "src/long" + f"/{name}" * 20  # 4028 bytes: one more part would be 4229
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1,
+        b"",
+        f"rexec cp: {cut}: entries below it not copied (their paths exceed 4096 bytes)\n".encode(),
+    )
+    assert (box.home / "src" / "top.txt").read_bytes() == b"top\n"
+    assert depth == 1100
+    assert _depth(box.home / "src" / "long", name) == 20
