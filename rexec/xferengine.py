@@ -260,10 +260,14 @@ class Receiver:
         preserve: bool,
         resume: bool,
         progress: Progress | None = None,
+        dir_named: bool = False,
     ) -> None:
         self.base = base
         self.into = into
         self.name = name
+        # the destination was written `NAME/` and is not there: the source may become it
+        # only if it is a directory (scp's, cp's rule); a file there fails
+        self.dir_named = dir_named and not into
         self.preserve = preserve
         self.progress = progress
         self.stream = x.ReceiverStream(resume)
@@ -332,19 +336,22 @@ class Receiver:
             self.progress(result.path, size, size)
 
     def _on_entry(self, e: x.Entry) -> None:
-        if self.error is not None:
+        error = self.error
+        if error is None and self.dir_named and e.kind != "dir" and "/" not in e.path:
+            error = self._no_dir()
+        if error is not None:
             if e.kind == "file":
                 self._entry, self._inc, self._error, self._got, self._start = (
                     e,
                     None,
-                    self.error,
+                    error,
                     0,
                     0,
                 )
                 if self.stream.resume:
                     self.replies.append(x.have(0, hashlib.sha256().digest()))
             else:
-                self._reply(e.kind, 0, x.Result(e.path, "failed", None, self.error))
+                self._reply(e.kind, 0, x.Result(e.path, "failed", None, error))
             return
         parts = self._parts(e.path)
         mtime = e.mtime_ns if self.preserve else None
@@ -378,6 +385,14 @@ class Receiver:
             self._reply(e.kind, 0, x.Result(e.path, "failed", None, error_line(exc)))
             return
         self._reply(e.kind, 0, x.Result(e.path, "ok", None, None))
+
+    def _no_dir(self) -> str:
+        """Why a file cannot go to `NAME/`: no such directory, or a non-directory has it."""
+        try:
+            os.stat(self.name, dir_fd=self.base, follow_symlinks=False)
+        except OSError:
+            return os.strerror(errno.ENOENT)
+        return os.strerror(errno.ENOTDIR)
 
     def _start_file(self, offset: int) -> None:
         inc = self._inc
@@ -427,7 +442,7 @@ class Receiver:
             self._fail_file(self._error or "not written")
             return
         skipped = inc.from_dest
-        mode = file_mode(e.mode, self.preserve)
+        mode = inc.mode_for(e.mode, self.preserve)
         try:
             ok = inc.finish(digest, mode, e.mtime_ns if self.preserve else None)
         except OSError as exc:

@@ -19,7 +19,12 @@ import hashlib
 import os
 import stat
 
+from rexec.protocol.xfer import MAX_PATH
+
 PART_SUFFIX = ".rexec-part"
+NAME_MAX = 255  # bytes of one name (Linux's file systems, and most others)
+# a source `/` (either end): it has no name for its entries' wire paths to start with
+ROOT_REFUSED = "cannot copy the root directory itself (name what is in it)"
 READ_CHUNK = 256 * 1024  # how the resume prefix hash reads a file
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a fifo: no hang
@@ -186,42 +191,65 @@ class Listing:
                 self._walk(top, (), wire)
 
     def _stat(
-        self, fd: int, name: str, wire: str, follow: bool
+        self, fd: int, name: str, wire: str, follow: bool, into: list[Item] | None = None
     ) -> tuple[str, os.stat_result] | None:
-        """`name` in directory `fd`: its kind and stat, or None once listed as an error
-        (it vanished or cannot be read, or it is something a transfer does not copy)."""
+        """`name` in directory `fd`: its kind and stat, or None once listed (in `into`, by
+        default the listing) as an error (it vanished or cannot be read, or it is something
+        a transfer does not copy)."""
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=follow)
         except OSError as exc:
-            self.add_error(wire, "file", error_line(exc))
-            return None
-        kind = kind_of(st.st_mode)
-        if kind is None:
-            self.add_error(wire, "file", what_is(st.st_mode))
-            return None
-        return kind, st
+            error = error_line(exc)
+        else:
+            kind = kind_of(st.st_mode)
+            if kind is not None:
+                return kind, st
+            error = what_is(st.st_mode)
+        (self.items if into is None else into).append(Item(wire, -1, (), "file", error=error))
+        return None
 
     def _walk(self, base: int, parts: tuple[str, ...], wire: str) -> None:
-        """Add what is below directory `parts` of `base` (pre-order, sorted by name)."""
+        """Add what is below directory `parts` of `base` (pre-order, sorted by name), with a
+        stack of its directories' entries, not recursion: a tree may be deeper than
+        Python's stack."""
+        todo = [iter(self._below(base, parts, wire))]
+        while todo:
+            item = next(todo[-1], None)
+            if item is None:
+                todo.pop()
+                continue
+            self.items.append(item)
+            if item.kind == "dir" and item.error is None:
+                todo.append(iter(self._below(base, item.parts, item.path)))
+
+    def _below(self, base: int, parts: tuple[str, ...], wire: str) -> list[Item]:
+        """The entries of directory `parts` (just listed: the last item), sorted by name.
+        Those whose wire path would exceed MAX_PATH are left out, and the directory gets
+        one error saying so (after what is in it that fits)."""
         try:
             fd = open_dir_at(base, parts)
         except OSError as exc:
             self.items[-1].error = error_line(exc)
-            return
+            return []
+        out: list[Item] = []
+        too_long = False
         try:
             with os.scandir(fd) as it:
                 names = sorted(e.name for e in it)
             for name in names:
                 child, path = (*parts, name), f"{wire}/{name}"
-                found = self._stat(fd, name, path, False)
-                if found is None:
+                if len(path) * 4 > MAX_PATH and len(os.fsencode(path)) > MAX_PATH:
+                    too_long = True
                     continue
-                kind, st = found
-                self.items.append(Item(path, base, child, kind, st))
-                if kind == "dir":
-                    self._walk(base, child, path)
+                found = self._stat(fd, name, path, False, out)
+                if found is not None:
+                    out.append(Item(path, base, child, *found))
         finally:
             os.close(fd)
+        if too_long:
+            error = f"entries below it not copied (their paths exceed {MAX_PATH} bytes)"
+            out.append(Item(wire, -1, (), "dir", error=error))
+        return out
 
     def close(self) -> None:
         for fd in self._fds:
@@ -264,7 +292,17 @@ def hash_prefix(fd: int, length: int) -> tuple[int, bytes, hashlib._Hash]:
 
 
 def part_name(name: str) -> str:
-    return f".{name}{PART_SUFFIX}"
+    """The temporary name beside `name`: `.NAME.rexec-part`, or for a name too long for
+    that (the file system takes NAME_MAX bytes), its first bytes, `~` and a hash of the
+    whole name: still in NAME_MAX, and the same each time (a resume finds it)."""
+    part = f".{name}{PART_SUFFIX}"
+    if len(part) * 4 <= NAME_MAX:  # (a character is at most 4 bytes)
+        return part
+    raw = os.fsencode(name)
+    if len(raw) + len(part) - len(name) <= NAME_MAX:
+        return part
+    tag = b"~" + hashlib.sha256(raw).hexdigest()[:16].encode() + PART_SUFFIX.encode()
+    return os.fsdecode(b"." + raw[: NAME_MAX - 1 - len(tag)] + tag)
 
 
 def file_mode(mode: int, preserve: bool) -> int:
@@ -290,6 +328,7 @@ class Incoming:
         self.hash = hashlib.sha256()
         self.written = 0
         self.from_dest = False  # resume found the destination itself complete
+        self.kept: os.stat_result | None = None  # the regular file this one replaces
 
     @classmethod
     def open(cls, base: int, parts: list[str], size: int, dirs: DirCache) -> Incoming:
@@ -301,7 +340,18 @@ class Incoming:
             st = None
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory")
-        return cls(dirfd, name, size)
+        inc = cls(dirfd, name, size)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            inc.kept = st
+        return inc
+
+    def mode_for(self, mode: int, preserve: bool) -> int:
+        """The mode the file gets: the sender's `mode` (file_mode) with preserve or for a new
+        file; else the mode of the file it replaces, as scp and rsync keep it (a 0600 file
+        overwritten stays 0600, a script stays executable), never set-id."""
+        if preserve or self.kept is None:
+            return file_mode(mode, preserve)
+        return stat.S_IMODE(self.kept.st_mode) & 0o1777
 
     def start(self, offset: int = 0) -> None:
         """Open the temporary file: truncated, or kept up to `offset` (resume; the hash must
@@ -386,6 +436,8 @@ class Incoming:
                 finally:
                     os.close(fd)
                 return True
+            if self.kept is not None:
+                _keep_owner(self.fd, self.kept)
             _set_meta(self.fd, mode, mtime_ns)
             os.rename(self.part, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
             return True
@@ -417,6 +469,16 @@ def _locked(fd: int) -> int:
         os.close(fd)
         raise OSError(errno.EBUSY, "another transfer is writing it; retry later") from None
     return fd
+
+
+def _keep_owner(fd: int, old: os.stat_result) -> None:
+    """The replaced file's owner and group, as far as we may give them (root: both; a user:
+    a group of theirs); the file keeps ours otherwise."""
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.fchown(fd, -1, old.st_gid)
 
 
 def _set_meta(fd: int, mode: int, mtime_ns: int | None) -> None:

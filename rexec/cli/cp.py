@@ -186,6 +186,13 @@ def make_plan(operands: Sequence[str]) -> Plan:
             "HOST (a host set copies from each of its hosts)",
             parse=False,
         )
+    from rexec.client.xfercore import check_remote_source  # (get()'s own check)
+
+    try:
+        for _, path in sources:
+            check_remote_source(path)
+    except ValueError as exc:
+        raise UsageError(str(exc), parse=False) from None
     return Plan("get", hosts[0], tuple(path or "." for _, path in sources), dest_path)
 
 

@@ -18,7 +18,7 @@ from rexec.cli.outcome import (
     of_error,
     write_stdout,
 )
-from rexec.cli.progress import Progress
+from rexec.cli.progress import Progress, shown
 from rexec.cli.run import RunArgs
 
 INTERRUPTED = "interrupted: closing the connection (partial files are kept for --resume)"
@@ -60,14 +60,17 @@ class Plan(NamedTuple):
     sources: tuple[str, ...]
     dest: str
 
-    def failed_name(self, host: str, f: Any, dest: str | None = None) -> str:
+    def failed_name(
+        self, host: str, f: Any, dest: str | None = None, into: bool | None = None
+    ) -> str:
         """How to name a failed file (f: a rexec.FileResult) as the user wrote it: the source
         when it failed where it is read, else the destination; `HOST:` before a remote one.
-        `dest`: where this host's files land when not DST itself (DST/HOST/ in a fan-out)."""
+        `dest`: where this host's files land when not DST itself (DST/HOST/ in a fan-out);
+        `into`: whether DST was a directory to copy into, when known (a local one)."""
         if f.at_source:
             path = self.source_path(f.path)
         else:
-            path = self.dest_path(f.path, self.dest if dest is None else dest)
+            path = self.dest_path(f.path, self.dest if dest is None else dest, into)
         remote = (self.direction == "get") == bool(f.at_source)
         return f"{host}:{path}" if remote else path
 
@@ -77,20 +80,25 @@ class Plan(NamedTuple):
         first = wire.partition("/")[0]
         for source in self.sources:
             if source.rstrip("/").rpartition("/")[2] == first:
+                if wire == first:
+                    return source  # the source itself: as it was typed
                 return _join(source.rstrip("/").rpartition("/")[0], wire, source)
         return wire
 
-    def dest_path(self, wire: str, dest: str) -> str:
+    def dest_path(self, wire: str, dest: str, into: bool | None = None) -> str:
         """The destination path a wire path stands for: into a directory (several sources,
-        DST/, `.` or the home), DST joined to it; one source, DST in place of its first part
-        (DST read as the new name, as it is unless DST is an existing directory); DST itself
-        for "" (rexec.FileResult's rule: the destination could not be opened)."""
+        an existing directory: `into`; unknown for a remote one, so guessed from DST/, `.`
+        or the home), DST joined to it; one source, DST in place of its first part (DST
+        read as the new name); DST itself for "" (rexec.FileResult's rule: the destination
+        could not be opened)."""
         if not wire:
             return dest.rstrip("/") or dest or "."
         _, slash, rest = wire.partition("/")
-        if len(self.sources) > 1 or dest.endswith("/") or dest == ".":
+        if into is None:
+            into = dest.endswith("/") or dest == "."
+        if len(self.sources) > 1 or into:
             return _join(dest.rstrip("/"), wire, dest)
-        return dest + slash + rest
+        return dest.rstrip("/") + slash + rest if rest else dest
 
 
 def _join(parent: str, wire: str, original: str) -> str:
@@ -131,6 +139,24 @@ def host_json(host: str | None, direction: str | None, kind: str, message: str) 
     }
 
 
+def worth_a_line(failed: Sequence[Any]) -> list[Any]:
+    """The failed files (rexec.FileResult) that get a line on stderr: all but those below a
+    directory that failed at the same end, whose one line says it all (as scp's: a tree
+    sent onto a file is one error, not one per entry in it). --json still lists each."""
+    out: list[Any] = []
+    dirs: set[tuple[str, bool]] = set()
+    for f in failed:
+        parent = f.path
+        while (parent := parent.rpartition("/")[0]) and (parent, f.at_source) not in dirs:
+            pass
+        if parent:
+            continue
+        out.append(f)
+        if f.kind == "dir":
+            dirs.add((f.path, f.at_source))
+    return out
+
+
 def terminal_size() -> tuple[int, int] | None:
     """(columns, rows) of the terminal on stderr, None when stderr is no terminal."""
     try:
@@ -162,9 +188,14 @@ class Report:
         self.json = args.json
         self.plan = plan
         self.dest_for = dest_for  # a host's own destination (a fan-out's DST/HOST/)
+        # a download's DST is a directory to copy into iff it is one now, before any copy
+        self.local_into = (
+            os.path.isdir(plan.dest) if plan.direction == "get" and dest_for is None else None
+        )
         self.direction = plan.direction
         self.status = 0
         self.pipe_closed = False
+        self._said: set[str] = set()  # the failed files' lines already on stderr
         # how each host ended, for a host set's summary line (rexec.cli.cpmany): its
         # TransferResult, or what it failed with and whether its transfer had started
         self.ended: dict[str, TransferResult | tuple[BaseException, bool]] = {}
@@ -224,7 +255,14 @@ class Report:
             self._json(file_json(host, self.direction, f))
         dest = None if self.dest_for is None else self.dest_for(host)
         name = self.plan.failed_name
-        self._say([f"rexec cp: {name(host, f, dest)}: {f.error}" for f in result.failed])
+        into = self.local_into
+        lines = [
+            shown(f"rexec cp: {name(host, f, dest, into)}: {f.error}")
+            for f in worth_a_line(result.failed)
+        ]
+        # a local file's failure names no host: the same line for every host, said once
+        self._say([line for line in dict.fromkeys(lines) if line not in self._said])
+        self._said.update(lines)
         if not result.ok:
             self.status = max(self.status, EXIT_TRANSFER_FAILED)
 
@@ -242,7 +280,7 @@ class Report:
         if isinstance(exc, KeyboardInterrupt):
             message = INTERRUPTED
         self._json(host_json(host, self.direction, outcome.kind or "internal", message))
-        self._say([f"rexec cp: {host}: {message}"])
+        self._say([shown(f"rexec cp: {host}: {message}")])
         self.status = max(self.status, outcome.exit_status)
 
     def interrupted(self, summary: str | None = None) -> int:

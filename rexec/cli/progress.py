@@ -99,7 +99,7 @@ class Progress:
         state.done = event.total_done
         state.total = event.total
         if self.single:
-            state.label = event.path
+            state.label = shown(event.path)
 
     def finish(self, host: str, *, ok: bool) -> None:
         state = self.hosts[host]
@@ -196,6 +196,15 @@ def _compose(label: str, done: int, total: int | None, rest: str, width: int) ->
     head = ">" if 0 < filled < bar_width else ""
     body = "=" * (filled - len(head)) + head
     return f"{label} {pct:3d}% [{body.ljust(bar_width)}] {rest}"[:width].rstrip()
+
+
+def shown(text: str) -> str:
+    """Text from a server (a file name, an error) as a terminal may show it: control
+    characters (an escape sequence, a newline) as `?`, as `rexec run` shows error tails,
+    so that remote bytes never drive the terminal; a name that is not UTF-8 escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or "\udc80" <= c <= "\udcff" else "?" for c in text)
 
 
 def _fit(text: str, width: int) -> str:

@@ -11,6 +11,7 @@ same code the server uses for the other direction.
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from rexec.transfer import (
     TransferResult,
 )
 from rexec.xferengine import Outcome, Receiver, Sender
-from rexec.xferfs import Listing, error_line
+from rexec.xferfs import ROOT_REFUSED, Listing, error_line
 
 LocalPath = str | os.PathLike[str]
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -41,8 +42,16 @@ def source_name(path: str) -> str:
     scp names what it copies); ValueError for a source with none (`/`)."""
     name = os.path.basename(os.path.abspath(path))
     if not name:
-        raise ValueError(f"{path}: cannot copy the root directory itself (name what is in it)")
+        raise ValueError(f"{path}: {ROOT_REFUSED}")
     return name
+
+
+def check_remote_source(path: str) -> str:
+    """A remote source for get: ValueError for the server's root directory (`/`, `/..`),
+    which has no name to land under, as a local `/` has none (the server refuses it too)."""
+    if path.startswith("/") and not posixpath.normpath(path).lstrip("/"):
+        raise ValueError(f"{path}: {ROOT_REFUSED}")
+    return path
 
 
 def _paths(value: LocalPath | Sequence[LocalPath] | str | Sequence[str]) -> list[str]:
@@ -99,7 +108,9 @@ class Transfer:
             except OSError as exc:
                 listing.add_error(name, "file", error_line(exc))
                 continue
-            listing.add(base, name, name, recursive=recursive, follow=True)
+            # (`f/`: stat says "Not a directory" for a file, as scp's and cp's would)
+            named = name + "/" if src.endswith("/") else name
+            listing.add(base, named, name, recursive=recursive, follow=True)
         request = x.XferRequest(
             "put",
             (remote,),
@@ -126,12 +137,21 @@ class Transfer:
         sources = [remote] if isinstance(remote, str) else list(remote)
         if not sources:
             raise ValueError("no source given")
+        for source in sources:
+            check_remote_source(source)
         dest = os.fspath(local)
-        into = x.wants_into(dest, len(sources), os.path.isdir(dest))
+        into = x.wants_into(len(sources), os.path.isdir(dest))
         full = os.path.abspath(dest)
         where, name = (full, "") if into else os.path.split(full)
         base = os.open(where, _DIR)  # OSError: see local_failure()
-        engine = Receiver(base, into=into, name=name, preserve=preserve, resume=resume)
+        engine = Receiver(
+            base,
+            into=into,
+            name=name,
+            preserve=preserve,
+            resume=resume,
+            dir_named=dest.endswith("/"),
+        )
         request = x.XferRequest(
             "get",
             tuple(sources),

@@ -110,6 +110,7 @@ class XferRequest(FrozenRecord):
         for p in paths:
             if "\0" in p or len(p.encode("utf-8", "surrogatepass")) > MAX_PATH:
                 raise RemoteProtocolError("invalid XFER request: a path has NUL or is too long")
+            wire_name(p)
         window = _int(obj["window"], "window", MAX_WINDOW)
         flags = {}
         for flag in _FLAGS:
@@ -191,8 +192,31 @@ DATA_AT = HEADROOM + 1  # where a DATA buffer's file bytes start
 _jstr: Callable[[str], str] = json.encoder.encode_basestring
 
 
+def _utf8(text: str) -> bytes:
+    """JSON text as UTF-8. A name that is not UTF-8 holds lone surrogates (PEP 383's
+    surrogateescape, as os gives it): each goes as a `\\udcXX` escape, so the record stays
+    UTF-8 and the peer's os.fsencode gets the very bytes back (section 17.2)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return "".join(
+            f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text
+        ).encode()
+
+
+def wire_name(name: str) -> str:
+    """A local or wire name as it must be to reach the file system: one os.fsencode can
+    encode (UTF-8, or surrogate-escaped bytes); RemoteProtocolError otherwise."""
+    if not name.isascii():
+        try:
+            name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise RemoteProtocolError(f"name {name[:100]!r} is neither UTF-8 nor bytes") from None
+    return name
+
+
 def _json(kind: Rec, obj: dict[str, Any]) -> bytearray:
-    return record(kind, json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+    return record(kind, _utf8(json.dumps(obj, separators=(",", ":"), ensure_ascii=False)))
 
 
 def tree(files: int, size: int) -> bytearray:
@@ -205,16 +229,18 @@ def entry(e: Entry) -> bytearray:
 
 def _entry_json(e: Entry) -> bytes:
     """ENTRY's JSON, written out by hand: the bytes json.dumps gives (compact, not ASCII-
-    escaped), at a fraction of its cost per file."""
+    escaped), at a fraction of its cost per file. mtime_ns is unsigned on the wire: a time
+    before 1970 goes as the epoch (the file still copies; -p gives it 1970)."""
     head = f'{{"path":{_jstr(e.path)},"kind":{_jstr(e.kind)},"mode":{int(e.mode)},'
+    mtime = max(0, int(e.mtime_ns))
     if e.kind == "file":
-        tail = f'"mtime_ns":{int(e.mtime_ns)},"size":{int(e.size)}}}'
+        tail = f'"mtime_ns":{mtime},"size":{int(e.size)}}}'
     elif e.kind == "symlink":
         assert e.target is not None
-        tail = f'"mtime_ns":{int(e.mtime_ns)},"target":{_jstr(e.target)}}}'
+        tail = f'"mtime_ns":{mtime},"target":{_jstr(e.target)}}}'
     else:
-        tail = f'"mtime_ns":{int(e.mtime_ns)}}}'
-    return (head + tail).encode()
+        tail = f'"mtime_ns":{mtime}}}'
+    return _utf8(head + tail)
 
 
 def small_file(e: Entry, size: int) -> tuple[bytearray, int] | None:
@@ -272,13 +298,14 @@ def result(r: Result) -> bytearray:
         body += f',"sha256":{_jstr(r.sha256)}'
     if r.error is not None:
         body += f',"error":{_jstr(one_line(r.error))}'
-    return record(Rec.RESULT, (body + "}").encode())
+    return record(Rec.RESULT, _utf8(body + "}"))
 
 
 def one_line(text: str) -> str:
-    """An error as one line of at most MAX_ERROR bytes."""
+    """An error as one line of at most MAX_ERROR bytes (a name in it that is not UTF-8
+    shown with backslash escapes)."""
     line = " ".join(text.split())
-    return line.encode()[:MAX_ERROR].decode("utf-8", "ignore")
+    return line.encode("utf-8", "backslashreplace")[:MAX_ERROR].decode("utf-8", "ignore")
 
 
 # ---- paths -----------------------------------------------------------------------------
@@ -295,7 +322,7 @@ def check_path(path: object) -> str:
         raise RemoteProtocolError(f"transfer path {path[:100]!r} is absolute or has NUL")
     if not _BAD_PARTS.isdisjoint(path.split("/")):
         raise RemoteProtocolError(f"transfer path {path[:100]!r} has an empty, . or .. part")
-    return path
+    return wire_name(path)
 
 
 _BAD_PARTS = frozenset(("", ".", ".."))
@@ -309,10 +336,12 @@ def placed(path: str, into: bool, name: str) -> list[str]:
     return parts if into else [name, *parts[1:]]
 
 
-def wants_into(dest: str, sources: int, is_dir: bool) -> bool:
-    """scp's rule: sources land inside `dest` (under their own names) when it is an existing
-    directory, when there are several, or when it ends in `/`."""
-    return is_dir or sources > 1 or dest.endswith("/")
+def wants_into(sources: int, is_dir: bool) -> bool:
+    """scp's rule: sources land inside the destination (under their own names) when it is
+    an existing directory or there are several. A single source to `DIR/` that is not
+    there becomes DIR if it is a directory, and fails otherwise (the receiver's
+    `dir_named`), as with scp and cp."""
+    return is_dir or sources > 1
 
 
 # ---- the two stream checkers -----------------------------------------------------------
@@ -371,7 +400,8 @@ def _parse_entry(body: memoryview) -> Entry:
     target = None
     if kind == "symlink":
         target = _text(obj["target"], "a symlink target")
-        if not target or "\0" in target or len(target.encode()) > MAX_PATH:
+        size = len(wire_name(target).encode("utf-8", "surrogateescape"))
+        if not target or "\0" in target or size > MAX_PATH:
             raise RemoteProtocolError("a symlink target must be 1..4096 bytes without NUL")
     return Entry(
         check_path(obj["path"]),
@@ -463,7 +493,8 @@ class ReceiverStream:
 
 class SenderStream:
     """What a sender accepts from the receiver: a HAVE for each file ENTRY when resuming
-    (before its data), and one RESULT per ENTRY or FAIL, in the order they were sent."""
+    (before its data), and one RESULT per ENTRY or FAIL, in the order they were sent (a
+    file's RESULT after its HAVE; the earlier entries' RESULTs while it waits for it)."""
 
     def __init__(self) -> None:
         self._due: deque[str] = deque()  # paths awaiting their RESULT

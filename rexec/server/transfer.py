@@ -26,7 +26,7 @@ from rexec.protocol.messages import ExitStatus
 from rexec.server.context import ChannelHost
 from rexec.server.policy import Decision, evaluate_transfer
 from rexec.xferengine import Receiver, Sender
-from rexec.xferfs import Listing, error_line, open_dir_at
+from rexec.xferfs import ROOT_REFUSED, Listing, error_line, open_dir_at
 
 
 class ChannelRun(Protocol):
@@ -52,6 +52,13 @@ PUT_WINDOW = 8 * 1024 * 1024  # a put's stdin window: the client's output window
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
+def from_home(path: str) -> str:
+    """scp's `~` and `~/...`: the home (or a confined token's root), as a relative path."""
+    if path == "~":
+        return ""
+    return path[2:] if path.startswith("~/") else path
+
+
 class Paths:
     """Where a transfer's paths lead: below `root` (confined: nothing followed) or anywhere
     (relative paths start at `home`; the user's own path is resolved as the system does)."""
@@ -63,6 +70,7 @@ class Paths:
     def _parts(self, path: str) -> list[str]:
         """A confined path's parts below the root (the policy already refused `..`)."""
         assert self.root is not None
+        path = from_home(path)
         if os.path.isabs(path):
             path = os.path.relpath(os.path.normpath(path), self.root)
         return [p for p in path.split("/") if p not in ("", ".")]
@@ -70,10 +78,15 @@ class Paths:
     def open_dir(self, path: str) -> int:
         """The directory `path` (OSError if it is none)."""
         if self.root is None:
+            path = from_home(path)
             return os.open(os.path.join(self.home, path) if path else self.home, _DIR)
+        return self._open_parts(self._parts(path))
+
+    def _open_parts(self, parts: list[str]) -> int:
+        assert self.root is not None
         root = os.open(self.root, _DIR)
         try:
-            return open_dir_at(root, self._parts(path))
+            return open_dir_at(root, parts)
         finally:
             os.close(root)
 
@@ -81,13 +94,13 @@ class Paths:
         """(the directory holding `path`, its last part); the last part is "" when `path` is
         the home or root directory itself."""
         if self.root is None:
-            full = os.path.abspath(os.path.join(self.home, path))
+            full = os.path.abspath(os.path.join(self.home, from_home(path)))
             head, name = os.path.split(full)
             return os.open(head, _DIR), name
         parts = self._parts(path)
         if not parts:
             return os.open(self.root, _DIR), ""
-        return self.open_dir("/".join(parts[:-1])), parts[-1]
+        return self._open_parts(parts[:-1]), parts[-1]
 
 
 class ServerTransfer:
@@ -116,15 +129,23 @@ class ServerTransfer:
                     os.path.basename(path.rstrip("/")) or path, "file", error_line(exc)
                 )
                 continue
-            if not name:  # the home (or root) directory itself: by its own name
+            if not name and paths.root is None:  # `/`: no name to land under (nor `/` locally)
+                os.close(base)
+                listing.add_error("root", "dir", ROOT_REFUSED)
+                continue
+            if not name:  # a confined token's root directory itself: by its own name
                 os.close(base)
                 whole = os.path.realpath(paths.root or paths.home)
                 name = os.path.basename(whole) or "root"
                 base = os.open(os.path.dirname(whole), _DIR)
                 follow = True
+                named = name
             else:
                 follow = paths.root is None  # a confined token's symlinks are copied as links
-            listing.add(base, name, name, recursive=self.req.recursive, follow=follow)
+                # `f/` is "Not a directory" for a file, as locally; (not when confined: a
+                # trailing slash would follow a symlink there)
+                named = name + "/" if follow and path.endswith("/") else name
+            listing.add(base, named, name, recursive=self.req.recursive, follow=follow)
         return Sender(listing, resume=self.req.resume)
 
     def _receiver(self) -> Receiver:
@@ -136,13 +157,20 @@ class ServerTransfer:
             is_dir = True
         except OSError:
             is_dir = False
-        into = x.wants_into(dest, 2 if req.into else 1, is_dir)
+        into = x.wants_into(2 if req.into else 1, is_dir)
         error = None
         try:
             base, name = (paths.open_dir(dest), "") if into else paths.parent(dest)
         except OSError as exc:
             base, name, error = -1, "", error_line(exc)
-        engine = Receiver(base, into=into, name=name, preserve=req.preserve, resume=req.resume)
+        engine = Receiver(
+            base,
+            into=into,
+            name=name,
+            preserve=req.preserve,
+            resume=req.resume,
+            dir_named=dest.endswith("/"),
+        )
         engine.error = error
         return engine
 

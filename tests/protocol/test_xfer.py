@@ -186,13 +186,15 @@ def test_results_must_come_in_order_and_haves_only_when_asked() -> None:
     ss.sent("a")
     ss.sent("b", want_have=True)
     with pytest.raises(RemoteProtocolError, match="out of order"):
-        ss.feed(body(x.result(x.Result("b", "ok", None, None))))  # a's RESULT comes first
-    assert ss.feed(body(x.have(3, SHA))) == ("have", (3, SHA))
-    with pytest.raises(RemoteProtocolError, match="out of order"):
-        ss.feed(body(x.result(x.Result("b", "ok", None, None))))
-    ok = ss.feed(body(x.result(x.Result("a", "ok", SHA.hex(), None))))
+        ss.feed(body(x.result(x.Result("b", "ok", None, None))))  # a's RESULT is due first
+    ok = ss.feed(body(x.result(x.Result("a", "ok", SHA.hex(), None))))  # (b awaits its HAVE)
     assert ok == ("result", x.Result("a", "ok", SHA.hex(), None))
+    with pytest.raises(RemoteProtocolError, match="out of order"):
+        ss.feed(body(x.result(x.Result("b", "ok", None, None))))  # b's HAVE is due first
+    assert ss.feed(body(x.have(3, SHA))) == ("have", (3, SHA))
     assert ss.outstanding == 1
+    assert ss.feed(body(x.result(x.Result("b", "ok", None, None))))[0] == "result"
+    assert ss.outstanding == 0
 
 
 def test_a_result_for_an_earlier_file_may_come_while_a_have_is_due() -> None:
@@ -283,8 +285,8 @@ def test_entry_and_result_json_is_compact_json(path: str) -> None:
 def test_scp_placement_rules() -> None:
     assert x.placed("src/a/b", True, "") == ["src", "a", "b"]
     assert x.placed("src/a/b", False, "dst") == ["dst", "a", "b"]
-    assert x.wants_into("d", 1, True) and x.wants_into("d/", 1, False)
-    assert x.wants_into("d", 2, False) and not x.wants_into("f", 1, False)
+    assert x.wants_into(1, True) and not x.wants_into(1, False)  # (`d/` missing: dir_named)
+    assert x.wants_into(2, False)
 
 
 # ---- section 17.3's stream table is the code's ------------------------------------------
@@ -382,3 +384,39 @@ def test_a_small_file_goes_as_one_record() -> None:
     rs.feed(file_entry())
     with pytest.raises(RemoteProtocolError, match="out of order"):
         rs.feed(rec)  # inside another file's data
+
+
+def test_names_that_are_not_utf8_go_as_surrogate_escapes() -> None:
+    """A name os gives with lone surrogates (its bytes are not UTF-8) crosses as `\\udcXX`
+    escapes in valid UTF-8 JSON and decodes to the same str (so to the same bytes); a
+    surrogate no byte maps to is a protocol error, not a crash."""
+    name = b"d/bad\xffname".decode("utf-8", "surrogateescape")
+    target = b"to\xfe".decode("utf-8", "surrogateescape")
+    e = x.Entry(name, "file", 5, 0o644, 1)
+    link = x.Entry(name + "l", "symlink", 0, 0o777, 1, target)
+    for rec in (x.entry(e), x.entry(link), x.fail(name, "file", f"{name}: gone")):
+        body(rec)[1:].decode("utf-8")  # valid UTF-8
+    assert b'"path":"d/bad\\udcffname"' in body(x.entry(e))
+    rs = start()
+    assert rs.feed(body(x.entry(link))) == ("entry", link)
+    assert rs.feed(body(x.fail(name, "file", "x"))) == ("fail", (name, "file", "x"))
+    assert x.one_line(name) == "d/bad\\udcffname"
+    sender = x.SenderStream()
+    sender.sent(name)
+    ok = x.Result(name, "ok", SHA.hex(), None)
+    assert sender.feed(body(x.result(ok))) == ("result", ok)
+    req = x.XferRequest("get", (name,), window=1)
+    assert x.XferRequest.from_json(req.to_json()) == req
+    for bad in ("a\ud800", "\udfff"):
+        with pytest.raises(RemoteProtocolError, match="neither UTF-8 nor bytes"):
+            start().feed(raw(0x02, {"path": bad, "kind": "dir", "mode": 0, "mtime_ns": 0}))
+        with pytest.raises(RemoteProtocolError, match="neither UTF-8 nor bytes"):
+            x.XferRequest.from_json(x.XferRequest("put", (bad,), window=1).to_json())
+
+
+def test_a_time_before_the_epoch_goes_as_zero() -> None:
+    """mtime_ns is unsigned on the wire: the encoder clamps, so the peer never refuses it."""
+    for kind, target in (("file", None), ("dir", None), ("symlink", "t")):
+        e = x.Entry("a", kind, 0, 0o644, -315_619_200_000_000_000, target)
+        assert json.loads(body(x.entry(e))[1:])["mtime_ns"] == 0
+        assert start().feed(body(x.entry(e)))[1].mtime_ns == 0

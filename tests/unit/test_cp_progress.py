@@ -145,3 +145,16 @@ def test_past_a_screenful_one_aggregate_line() -> None:
     )
     fits = Progress(hosts[:23], columns=80, rows=24, clock=clock)
     assert fits.frame().count("\n") == 22  # one line per host
+
+
+def test_a_remote_name_cannot_drive_the_terminal() -> None:
+    """The current file's name comes from the server on a download: its control characters
+    show as `?`, so the only escapes in a frame are the display's own."""
+    clock = Clock()
+    progress = Progress(["h"], columns=80, clock=clock)
+    progress.start("h")
+    progress.update("h", event("\x1b]0;pwned\x07\x1b[2J\nx", 10, 100))
+    clock.now += 1
+    frame = progress.frame()
+    assert "?]0;pwned??[2J?x" in frame
+    assert frame.replace(K, "").isprintable()

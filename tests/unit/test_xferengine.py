@@ -14,7 +14,7 @@ from rexec.errors import RemoteProtocolError
 from rexec.protocol import xfer as x
 from rexec.protocol.frames import HEADROOM
 from rexec.xferengine import Outcome, Receiver, Sender
-from rexec.xferfs import DirCache, Incoming, Listing
+from rexec.xferfs import NAME_MAX, DirCache, Incoming, Listing, part_name
 
 DIR = os.O_RDONLY | os.O_DIRECTORY
 
@@ -147,3 +147,18 @@ def test_a_temporary_file_another_transfer_writes_is_not_shared(tmp_path: Path) 
         os.close(dirfd)
     assert (dst / "f").read_bytes() == b"new contents\n"
     assert not (dst / ".f.rexec-part").exists()
+
+
+def test_a_temporary_name_fits_beside_the_longest_name() -> None:
+    """`.NAME.rexec-part` while it fits in NAME_MAX bytes; past that a shortened name that
+    still fits, is the same each time (resume finds it) and differs between long names
+    that share their first bytes."""
+    assert part_name("a.txt") == ".a.txt.rexec-part"
+    assert part_name("n" * 243) == "." + "n" * 243 + ".rexec-part"
+    bad = b"\xff" * 250
+    longs = ["n" * 244, "n" * 255, "n" * 254 + "m", "é" * 127, os.fsdecode(bad)]
+    parts = [part_name(name) for name in longs]
+    assert len(set(parts)) == len(longs)
+    for name, part in zip(longs, parts, strict=True):
+        assert len(os.fsencode(part)) <= NAME_MAX
+        assert part == part_name(name) and part.startswith(".") and part.endswith(".rexec-part")
