@@ -36,6 +36,7 @@ __all__ = [
     "check_owner",
     "check_parents",
     "check_state_dir",
+    "make_state_dir",
     "open_trusted",
     "write_secret",
 ]
@@ -121,6 +122,18 @@ def check_state_dir(path: str | os.PathLike[str], what: str = "state directory")
             f"fix it with: chmod go-w {real}"
         )
     return real
+
+
+def make_state_dir(path: str | os.PathLike[str], what: str = "state directory") -> Path:
+    """Create the directory (0700) if missing, then check_state_dir: a failure is one
+    ConfigError naming the directory, not a bare OSError that says only errno."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        pass  # something else is there: check_state_dir says what is wrong with it
+    except OSError as exc:
+        raise ConfigError(f"cannot create {what} {os.fspath(path)}: {exc.strerror}") from None
+    return check_state_dir(path, what)
 
 
 def check_file(path: str | os.PathLike[str], st: os.stat_result, what: str) -> None:

@@ -66,13 +66,11 @@ def cmd_serve(argv: list[str]) -> int:
         from rexec.server.auth import TokenStore
         from rexec.server.config import load_server_config
         from rexec.server.service import serve
-        from rexec.statefile import check_state_dir
+        from rexec.statefile import make_state_dir
 
         config = load_server_config(args.config, overrides or None)
         configure_logging(config.server.log_level, config.server.log_format)
-        state = Path(config.server.state_dir)
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        state = check_state_dir(state)
+        state = make_state_dir(config.server.state_dir)
         store = TokenStore.load(config.server.tokens)
         first = None
         if not len(store):

@@ -489,7 +489,9 @@ class TokenStore:
         try:
             parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create {parent}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot create directory {parent} for token store {self.path}: {exc.strerror}"
+            ) from None
         with _dir_lock(parent):
             entries, signature = self._read()  # another writer may have added a token
             self._set(entries, signature)

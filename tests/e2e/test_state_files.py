@@ -284,3 +284,36 @@ def test_audit_failure_log_runs_commands_and_logs(server_factory: Any, e2e: Any)
     first, second = srv.wait_audit(2)
     assert (first["event"], first["lost_records"]) == ("audit-log-recovered", 1)
     assert second["command"] == "echo back"
+
+
+@pytest.mark.parametrize("kind", ["uncreatable", "a file", "under a file"])
+def test_unusable_state_dir_is_one_config_error(e2e: Any, tmp_path: Path, kind: str) -> None:
+    """`serve` and `token new` say it is the state directory and why, exit 2, no traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    state, reason = {
+        "uncreatable": (Path("/proc/rexec-no-such"), "No such file or directory"),
+        "a file": (afile, "is not a directory"),
+        "under a file": (afile / "state", "Not a directory"),
+    }[kind]
+    rc, text = serve_outcome(e2e, tmp_path, "--state-dir", str(state))
+    assert rc == 2, text
+    assert one_refusal(text) == (
+        f"rexec: state directory {state} {reason}"
+        if kind == "a file"
+        else f"rexec: cannot create state directory {state}: {reason}"
+    )
+    assert "Traceback" not in text and "Errno" not in text
+    proc = e2e.run_cli(["token", "new", "--id", "x", "--state-dir", str(state)])
+    assert (proc.returncode, proc.stdout) == (2, b""), proc.stderr
+    text = proc.stderr.decode()
+    assert "Traceback" not in text and "Errno" not in text
+    store = state / "tokens.json"
+    assert (
+        one_refusal(text)
+        == {
+            "uncreatable": f"rexec: cannot create directory {state} for token store {store}: {reason}",
+            "a file": f"rexec: {afile} above token store {store} is not a directory",
+            "under a file": f"rexec: cannot check {state} above token store {store}: {reason}",
+        }[kind]
+    )
