@@ -37,7 +37,7 @@ from rexec.client.connecting import DEFAULT_RETRY_DELAY
 from rexec.client.fanout import DEFAULT_FANOUT, config_tokens
 from rexec.client.fleet import HostResult, run_many
 from rexec.client.hosts import expand_hosts, fold_hosts, read_hosts_file, sort_hosts
-from rexec.client.target import load_client_config
+from rexec.client.target import load_client_config, target_endpoint
 from rexec.errors import ConfigError, HostSetError, RexecError
 from rexec.protocol.noise import Suite
 from rexec.protocol.token import Token
@@ -105,6 +105,12 @@ def select_hosts(args: RunArgs) -> list[str]:
         hosts = [host for host in hosts if host not in excluded]
     if not hosts:
         raise HostSetError("no hosts: the set is empty once -x is applied")
+    shown = f"--hosts-from {args.hosts_from}" if args.hosts_from else f"host set '{args.target}'"
+    for host in hosts:  # a bad address is one usage error up front, not one per host
+        try:
+            target_endpoint(host, config)
+        except ConfigError as exc:
+            raise HostSetError(f"{shown}: {exc}") from None
     return hosts
 
 

@@ -379,14 +379,15 @@ def check_args(args: RunArgs) -> None:
 
 def names_many_hosts(args: RunArgs) -> bool:
     """A host set (`a,b`, `lab[1-3]`, `@group`) or a fleet option: rexec.cli.fleet's job.
-    `[v6addr]:port` and `unix:/path` name one host."""
+    `[v6addr]:port` names one host; so does `unix:/path` unless it holds `,` `!` `&` or `^`:
+    those separate hosts after a unix path too (rexec.client.hosts)."""
     if args.hosts_from is not None or args.exclude or args.fanout is not None:
         return True
     if args.gather or args.outdir is not None or args.failed_to is not None:
         return True
     target = args.target or ""
-    if target.startswith("unix:"):
-        return False
+    if target.startswith("unix:"):  # a path's brackets are no ranges (hosts.py keeps it whole)
+        return any(op in target for op in ",!&^")
     if target.startswith("@") or any(op in target for op in ",!&^"):  # a list, or set algebra
         return True
     return "[" in target and not (target.startswith("[") and ":" in target.partition("]")[0])

@@ -10,7 +10,8 @@ name with its numbers taken out, then numerically.
 Folding is the inverse: every run of digits in a name is one axis, names with the same text
 around their digits form one pattern, and the axes of a pattern merge greedily into ranges
 (trying both axis orders and keeping the shorter text). Zero padding survives both ways.
-`[v6addr]:port` and `unix:/path` names are kept as they are (their brackets are no ranges).
+`[v6addr]:port` and `unix:/path` names are kept as they are (their brackets are no ranges);
+an operator ends a `unix:/path` as any name, so such a path is reached through an alias.
 
 Standard library only and no asyncio: `rexec run` imports this for a host set.
 """

@@ -377,14 +377,7 @@ def resolve_target(
     env = os.environ if env is None else env
     config = load_client_config(config_path, env)
     host = config.hosts.get(target)
-    if host is not None:
-        endpoint = host.address
-    else:
-        try:
-            endpoint = parse_address(target)
-        except ConfigError as exc:
-            where = f" in {config.path}" if config.path else ""
-            raise ConfigError(f"{exc} (and no host alias {target!r}{where})") from None
+    endpoint = target_endpoint(target, config)
     cred: Token | FleetToken
     if isinstance(token, Token):
         cred, source = token, "the token argument"
@@ -400,6 +393,19 @@ def resolve_target(
     if host is not None and host.connect_timeout is not None:
         timeout = host.connect_timeout
     return ResolvedTarget(target, endpoint, tok, timeout, source)
+
+
+def target_endpoint(target: str, config: ClientConfig) -> Endpoint:
+    """Where `target` (an alias, else an address) is: no connection, so a host set can
+    check every host's address before it connects to any."""
+    host = config.hosts.get(target)
+    if host is not None:
+        return host.address
+    try:
+        return parse_address(target)
+    except ConfigError as exc:
+        where = f" in {config.path}" if config.path else ""
+        raise ConfigError(f"{exc} (and no host alias {target!r}{where})") from None
 
 
 def fleet_server_name(target: str, host: HostEntry | None, endpoint: Endpoint) -> str:

@@ -408,6 +408,22 @@ def test_set_operators_without_brackets_name_a_host_set(e2e: Any, fleet: Fleet) 
     }
 
 
+def test_a_unix_target_in_a_set_ends_at_the_comma(e2e: Any, fleet: Fleet, tmp_path: Path) -> None:
+    """`unix:/path,host` is two hosts, as hosts.py reads it: a comma outside brackets always
+    separates hosts (a socket path holding one needs an alias)."""
+    sock = tmp_path / "none.sock"
+    proc = run(e2e, fleet, [f"unix:{sock},lab01", "echo hi"])
+    assert proc.returncode == 255, proc.stderr
+    assert proc.stdout == b"lab01: hi\n"
+    assert (
+        proc.stderr
+        == (
+            f"unix:{sock}: rexec: cannot connect to unix:{sock}: No such file or directory\n"
+            f"2 hosts: 1 ok, 1 unreachable (unix:{sock})\n"
+        ).encode()
+    )
+
+
 def test_exclude_and_groups(e2e: Any, fleet: Fleet) -> None:
     proc = run(e2e, fleet, ["-b", "@lab", "-x", "lab[09-12]", "-x", "@good!lab[01-06]", "echo hi"])
     assert proc.returncode == 0, proc.stderr
@@ -454,12 +470,23 @@ def test_one_host_of_a_set_runs_as_a_single_host(e2e: Any, fleet: Fleet) -> None
             b"rexec: --hosts-from /no/such/file: No such file or directory\n",
         ),
         (["-e", "X", "lab[1-2]", "true"], b"rexec: -e expects K=V, got 'X'\n"),
+        (  # a bad address in a set: one usage error before connecting, not one per host
+            ["127.0.0.[1-2]:", "true"],
+            b"rexec: host set '127.0.0.[1-2]:': invalid address '127.0.0.1:': port '' is not "
+            b"a number (and no host alias '127.0.0.1:' in CONFIG)\n",
+        ),
+        (
+            ["--json", "lab01,h[1-2]:notaport", "true"],
+            b"rexec: host set 'lab01,h[1-2]:notaport': invalid address 'h1:notaport': port "
+            b"'notaport' is not a number (and no host alias 'h1:notaport' in CONFIG)\n",
+        ),
     ],
 )
 def test_usage_errors(e2e: Any, fleet: Fleet, args: list[str], message: bytes) -> None:
     proc = run(e2e, fleet, args)
     assert proc.returncode == 2
-    assert proc.stderr == message.replace(b"CONFIG", str(fleet.config).encode())
+    message = message.replace(b"CONFIG", str(fleet.config).encode())
+    assert proc.stderr == message
     if "--json" not in args:
         assert proc.stdout == b""
         return

@@ -309,11 +309,9 @@ def test_unusable_state_dir_is_one_config_error(e2e: Any, tmp_path: Path, kind: 
     text = proc.stderr.decode()
     assert "Traceback" not in text and "Errno" not in text
     store = state / "tokens.json"
-    assert (
-        one_refusal(text)
-        == {
-            "uncreatable": f"rexec: cannot create directory {state} for token store {store}: {reason}",
-            "a file": f"rexec: {afile} above token store {store} is not a directory",
-            "under a file": f"rexec: cannot check {state} above token store {store}: {reason}",
-        }[kind]
-    )
+    expected = {
+        "uncreatable": f"cannot create directory {state} for token store {store}: {reason}",
+        "a file": f"{afile} above token store {store} is not a directory",
+        "under a file": f"cannot check {state} above token store {store}: {reason}",
+    }
+    assert one_refusal(text) == f"rexec: {expected[kind]}"

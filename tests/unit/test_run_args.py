@@ -214,7 +214,9 @@ def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -
         (["10.0.0.7:8300", "t"], False),
         (["[::1]:8222", "t"], False),
         (["[fe80::1%eth0]", "t"], False),
-        (["unix:/run/a,b[1].sock", "t"], False),
+        (["unix:/run/b[1].sock", "t"], False),
+        (["unix:/run/a.sock,h", "t"], True),  # a comma separates hosts, as in hosts.py
+        (["unix:/run/a.sock!unix:/run/a.sock", "t"], True),
         (["a,b", "t"], True),
         (["lab[01-40]", "t"], True),
         (["lab[7]", "t"], True),  # a set (of one): the fleet code hands lab7 back
