@@ -59,7 +59,8 @@ class OutputStream:
         self.stream = stream
 
     async def read_chunk(self) -> bytes | bytearray:
-        """The next chunk, or b"" at the end of the stream."""
+        """The next chunk (a bytearray: the buffer its frame was decrypted into, not copied),
+        or b"" at the end of the stream."""
         return (await self._proc._next(self.stream))[1]
 
     async def read(self) -> bytes:
@@ -77,9 +78,9 @@ class OutputStream:
 class Process:
     """A running remote command (from `Connection.start`).
 
-    Iterate it (`async for stream, chunk in proc`) for output in arrival order, or read
-    `stdout`/`stderr`; read both (or iterate the process, or wait()): output not taken holds
-    the command back.
+    Iterate it (`async for stream, chunk in proc`, chunk a bytearray) for output in arrival
+    order, or read `stdout`/`stderr`; read both (or iterate the process, or wait()): output
+    not taken holds the command back.
     """
 
     channel: int

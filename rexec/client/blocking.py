@@ -51,7 +51,8 @@ class SyncOutputStream:
         self.stream = stream
 
     def read_chunk(self) -> bytes | bytearray:
-        """The next chunk, or b"" at the end of the stream (waits for it)."""
+        """The next chunk (a bytearray: the buffer its frame was decrypted into, not copied),
+        or b"" at the end of the stream (waits for it)."""
         return self._proc._next(self.stream)[1]
 
     def read(self) -> bytes:
@@ -66,8 +67,8 @@ class SyncOutputStream:
 class SyncProcess:
     """A remote command on a sync Client (from `Client.start`): the sync twin of `Process`.
 
-    Iterate it for `(Stream, bytes)` chunks in arrival order, or read `stdout`/`stderr`; read
-    both (or iterate the process, or wait()): output not taken holds the command back.
+    Iterate it for `(Stream, bytearray)` chunks in arrival order, or read `stdout`/`stderr`;
+    read both (or iterate the process, or wait()): output not taken holds the command back.
     """
 
     channel: int

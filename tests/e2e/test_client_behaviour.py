@@ -361,6 +361,19 @@ def test_iteration_tags_each_chunk_with_its_stream(conn: Session) -> None:
     assert proc.wait().ok
 
 
+def test_chunks_are_the_bytearrays_frames_were_decrypted_into(conn: Session) -> None:
+    """As the README says: a chunk is a bytearray (no copy on the streaming path), and the
+    end of a stream is b""."""
+    proc = conn.start("echo a; sleep 0.1; echo b >&2")
+    chunks = proc.chunks()
+    assert chunks == [(Stream.STDOUT, b"a\n"), (Stream.STDERR, b"b\n")]
+    assert [type(data) for _, data in chunks] == [bytearray, bytearray]
+    proc = conn.start(["echo", "c"])
+    first, end = proc.read_chunk(Stream.STDOUT), proc.read_chunk(Stream.STDOUT)
+    assert (type(first), first, type(end), end) == (bytearray, b"c\n", bytes, b"")
+    assert proc.wait().ok
+
+
 def test_signal_reaches_the_command(conn: Session) -> None:
     proc = conn.start(["sh", "-c", "echo up; exec sleep 1000.2469"])
     assert proc.read_chunk(Stream.STDOUT) == b"up\n"
