@@ -90,8 +90,20 @@ class Disconnected(ConnectionLost):
 class TruncatedError(ConnectionLost):
     """The peer's byte stream ended before the protocol said it was complete.
 
-    A TCP EOF before CLOSE, or before EXIT on an open channel, is never a success.
+    A TCP EOF before CLOSE, or before EXIT on an open channel, is never a success. Raised for
+    a command, it carries the output received before the cut that the Result would have held
+    (`stdout`, `stderr`: the collected streams, less what the caller took as chunks).
     """
+
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+    def with_output(self, stdout: bytes, stderr: bytes) -> TruncatedError:
+        """A copy carrying one command's partial output (the original is shared by every
+        command the cut ended)."""
+        copy = type(self)(*self.args)
+        copy.stdout, copy.stderr = stdout, stderr
+        return copy
 
 
 class RemoteError(RexecError):

@@ -498,14 +498,19 @@ class ClientCore:
             self._consumed(cmd, sum(len(data) for _, data in cmd._chunks[index]))
 
     def result(self, cmd: Command) -> Result:
-        """The Result of a command that has ended; raises its error if it has one."""
-        if cmd.error is not None:
-            raise cmd.error
-        if cmd.status is None:
+        """The Result of a command that has ended; raises its error if it has one (a
+        TruncatedError with the output the Result would have held)."""
+        error = cmd.error
+        if error is not None and not isinstance(error, TruncatedError):
+            raise error
+        if error is None and cmd.status is None:
             raise LocalProtocolError(f"{cmd.command!r} has not ended yet")
         out, err = (b"".join([data for _, data in queue]) for queue in cmd._chunks)
         for queue in cmd._chunks:
             queue.clear()
+        if isinstance(error, TruncatedError):
+            raise error.with_output(out, err)
+        assert cmd.status is not None
         return Result.from_status(cmd.command, cmd.status, out, err, target=self.target)
 
     def _consumed(self, cmd: Command, nbytes: int) -> None:

@@ -205,7 +205,8 @@ INFO = ServerInfo(server="fake", user="u", host="h", max_payload=262144, max_cha
 
 class FakeServer:
     """Accepts one client and runs the real server core, then on the first EXEC either says
-    goodbye with the command still open ("close") or goes silent for good ("stall")."""
+    goodbye with the command still open ("close"; "output-close": after some output) or goes
+    silent for good ("stall")."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -243,7 +244,11 @@ class FakeServer:
                 if not data:
                     return
                 for event in conn.receive_data(data):
-                    if isinstance(event, ExecReceived) and self.mode == "close":
+                    if isinstance(event, ExecReceived) and self.mode == "output-close":
+                        conn.send_output(event.channel, 1, b"partial\n")
+                        conn.send_output(event.channel, 2, b"err\n")
+                        conn.farewell(ErrorCode.SHUTDOWN, "going away now")
+                    elif isinstance(event, ExecReceived) and self.mode == "close":
                         conn.farewell(ErrorCode.SHUTDOWN, "going away now")
                     elif isinstance(event, ExecReceived):
                         sending = False  # silent from here on: not even a PONG
@@ -471,6 +476,24 @@ def test_close_with_a_command_open_is_truncation(
         conn.start(["true"])
     answered = e2e.wait_until(lambda: srv.frames[-1] == FrameType.CLOSE, 5)
     assert answered, srv.frames  # the client answered the server's CLOSE
+
+
+def test_truncated_error_carries_the_output_received(
+    drive: Drive, fake_server: Callable[[str], FakeServer]
+) -> None:
+    """As a Result would: the output collected before the cut, none of what was taken."""
+    srv = fake_server("output-close")
+    conn = drive.connect(srv.address, srv.token)
+    with pytest.raises(TruncatedError, match="before the command's exit status") as info:
+        conn.run(["sleep", "1"])
+    assert (info.value.stdout, info.value.stderr) == (b"partial\n", b"err\n")
+    assert type(info.value.stdout) is bytes
+    srv = fake_server("output-close")
+    proc = drive.connect(srv.address, srv.token).start(["sleep", "1"])
+    assert proc.read_chunk(Stream.STDOUT) == b"partial\n"  # taken: not in the error
+    with pytest.raises(TruncatedError) as info:
+        proc.wait()
+    assert (info.value.stdout, info.value.stderr) == (b"", b"err\n")
 
 
 def test_keepalive_gives_up_on_a_silent_server(
