@@ -247,7 +247,7 @@ def _expires(args: argparse.Namespace) -> float | None:
 
 def _policy(args: argparse.Namespace, base: Any) -> Any:
     """The policy the options describe, on top of `base` (None: an empty policy)."""
-    from rexec.server.policy import Policy, resolve_identity
+    from rexec.server.policy import Policy, check_allow_env, resolve_identity
 
     changes: dict[str, Any] = {}
     for name in ("allow", "from_", "env"):
@@ -267,6 +267,7 @@ def _policy(args: argparse.Namespace, base: Any) -> Any:
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     policy = (base or Policy()).replace(**changes)
+    check_allow_env(policy)
     if args.run_as is not None:
         resolve_identity(args.run_as)  # the user must exist here (where the server runs)
         if os.geteuid() != 0:

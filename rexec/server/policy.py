@@ -39,6 +39,7 @@ __all__ = [
     "Identity",
     "Policy",
     "argv_matches",
+    "check_allow_env",
     "evaluate",
     "evaluate_transfer",
     "pattern_for_argv",
@@ -308,6 +309,24 @@ def check_run_as(policy: Policy, euid: int) -> None:
     resolve_identity(policy.run_as)
 
 
+def loader_vars(names: Iterable[str]) -> list[str]:
+    """The names among these that change what an allowed argv runs (PATH, LD_*, ...)."""
+    return sorted(k for k in names if any(fnmatch.fnmatchcase(k, v) for v in _LOADER_VARS))
+
+
+def check_allow_env(policy: Policy) -> None:
+    """Edit-time rule (`rexec token new/edit`): --env naming a variable that evaluate()
+    refuses to a token with --allow makes a token that fails every command setting it.
+    Not a load-time rule: a store that has such a token still loads."""
+    blocked = loader_vars(policy.env) if policy.allow else []
+    if blocked:
+        names = ", ".join(blocked)
+        raise ConfigError(
+            f"--env {names} with --allow: a token with --allow patterns may not set {names} "
+            "(the server refuses it: it changes what an allowed argv runs)"
+        )
+
+
 # ---- evaluation ----------------------------------------------------------------------
 
 
@@ -482,7 +501,7 @@ def _check_allow(policy: Policy, req: ExecRequest) -> Decision:
         if len(shown) > 200:
             shown = shown[:200] + "..."
         return _refuse("allow", f"argv {shown} matches no --allow pattern of this token")
-    blocked = sorted(k for k in req.env if any(fnmatch.fnmatchcase(k, v) for v in _LOADER_VARS))
+    blocked = loader_vars(req.env)
     if blocked:
         return _refuse("allow", f"a token with --allow patterns may not set {', '.join(blocked)}")
     return Decision(True, f"allow {matched}")

@@ -86,6 +86,42 @@ def test_errors_exit_2_with_a_reason(
     assert err.startswith("rexec: ") and message in err
 
 
+LOADER_REFUSAL = (
+    "rexec: --env {names} with --allow: a token with --allow patterns may not set {names} "
+    "(the server refuses it: it changes what an allowed argv runs)\n"
+)
+
+
+def test_loader_env_with_allow_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server refuses PATH, LD_*, ... for a token with --allow: new/edit/import say so
+    up front instead of making a token that fails every such command."""
+    store = str(tmp_path / "t.json")
+    rc, out, err = token(
+        capsys, "new", "--id", "a", "--store", store, "--allow", "make", "--env", "CC",
+        "--env", "PATH", "--env", "LD_PRELOAD",
+    )  # fmt: skip
+    assert (rc, out, err) == (2, "", LOADER_REFUSAL.format(names="LD_PRELOAD, PATH"))
+    assert not (tmp_path / "t.json").exists()
+    rc, _, _ = token(capsys, "new", "--id", "a", "--store", store, "--allow", "make", "--env", "*")
+    assert rc == 0  # a pattern that admits other names too is no contradiction
+    rc, out, err = token(capsys, "edit", "a", "--store", store, "--env", "BASH_ENV")
+    assert (rc, out, err) == (2, "", LOADER_REFUSAL.format(names="BASH_ENV"))
+    assert entry(tmp_path / "t.json", "a")["policy"] == {"allow": ["make"], "env": ["*"]}
+    rc, _, _ = token(capsys, "new", "--id", "b", "--store", store, "--env", "PATH")
+    assert rc == 0  # no --allow: PATH is the token's to set
+    rc, out, err = token(capsys, "edit", "b", "--store", store, "--allow", "ls")
+    assert (rc, out, err) == (2, "", LOADER_REFUSAL.format(names="PATH"))
+    line = tmp_path / "line"
+    line.write_text("rexec1:bf4f2d04daa7b368:tkFCo56tDilFBjKJHOBNpxSI80ZvuS6qsKFAy8GTKhs\n")
+    line.chmod(0o600)
+    rc, out, err = token(
+        capsys, "import", "--id", "c", str(line), "--store", store, "--allow", "ls", "--env", "IFS"
+    )
+    assert (rc, out, err) == (2, "", LOADER_REFUSAL.format(names="IFS"))
+
+
 def test_fleet_new_refuses_store_and_policy_options(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = token(capsys, "new", "--fleet", "lab")
     assert rc == 0 and parse_fleet_token(out).name == "lab"
