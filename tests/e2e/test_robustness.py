@@ -434,25 +434,26 @@ def _serve_on_busy_port(e2e: Any, tmp_path: Path, store: Path, port: int) -> Non
     ]
 
 
-def _state_json(tmp_path: Path) -> list[str]:
-    return ["--state-dir", str(tmp_path / "state"), "--log-format", "json"]
-
-
-def test_unix_socket_in_a_missing_directory_is_one_line(e2e: Any, tmp_path: Path) -> None:
-    store = tmp_path / "tokens.json"
-    e2e.new_token(store, "t")
-    path = tmp_path / "missing" / "s.sock"
+def _serve_unix_fails(e2e: Any, tmp_path: Path, path: Path, store: Path) -> list[bytes]:
+    """`rexec serve --unix PATH` that must not start: its stderr lines but the JSON log's."""
+    state = ["--state-dir", str(tmp_path / "state"), "--log-format", "json"]
     proc = subprocess.run(
-        [e2e.REXEC, "serve", "--unix", str(path), "--tokens", str(store), *_state_json(tmp_path)],
+        [e2e.REXEC, "serve", "--unix", str(path), "--tokens", str(store), *state],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         env=e2e.clean_env(),
         timeout=20,
         check=False,
     )
-    assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith(b"{")]
-    assert lines == [
+    assert proc.returncode == 1, proc.stderr
+    return [line for line in proc.stderr.splitlines() if not line.startswith(b"{")]
+
+
+def test_unix_socket_in_a_missing_directory_is_one_line(e2e: Any, tmp_path: Path) -> None:
+    store = tmp_path / "tokens.json"
+    e2e.new_token(store, "t")
+    path = tmp_path / "missing" / "s.sock"
+    assert _serve_unix_fails(e2e, tmp_path, path, store) == [
         f"rexec: cannot start the server: cannot listen on unix:{path}: "
         "No such file or directory".encode()
     ]
@@ -467,17 +468,7 @@ def test_a_second_server_on_a_live_unix_socket_refuses_to_start(
     first = server_factory(unix=[str(path)])
     store = tmp_path / "tokens2.json"
     e2e.new_token(store, "t")
-    proc = subprocess.run(
-        [e2e.REXEC, "serve", "--unix", str(path), "--tokens", str(store), *_state_json(tmp_path)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=e2e.clean_env(),
-        timeout=20,
-        check=False,
-    )
-    assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith(b"{")]
-    assert lines == [
+    assert _serve_unix_fails(e2e, tmp_path, path, store) == [
         f"rexec: cannot start the server: cannot listen on unix:{path}: "
         "Address already in use".encode()
     ]
