@@ -20,6 +20,8 @@ EXIT_TIMEOUT = 124  # as coreutils `timeout`
 EXIT_FAILURE = 255  # as ssh: connection, auth or protocol failure
 STDERR_TAIL_LINES = 5  # how much of stderr a CommandFailed message quotes
 STDERR_TAIL_BYTES = 2048
+# kept output (run_many, `rexec run --json/-b/--outdir`), per host and stream: the first bytes
+MAX_OUTPUT = 64 * 1024 * 1024
 
 
 class Result(FrozenRecord):
@@ -222,6 +224,41 @@ def error_fields(exit_status: int, kind: str | None, message: str | None) -> dic
     """The end of every `--json` object: `exit_status`, and `error` ({kind, message} or null)."""
     error = None if kind is None else {"kind": kind, "message": message or ""}
     return {"exit_status": exit_status, "error": error}
+
+
+def dropped_fields(stdout_dropped: int, stderr_dropped: int) -> dict[str, int]:
+    """`--json`'s `stdout_dropped`/`stderr_dropped`: only when output past the cap was dropped,
+    so that every other object stays as it was."""
+    fields = {}
+    if stdout_dropped:
+        fields["stdout_dropped"] = stdout_dropped
+    if stderr_dropped:
+        fields["stderr_dropped"] = stderr_dropped
+    return fields
+
+
+class Head:
+    """The first `limit` bytes of a stream (None: all of it), and how many past them were
+    dropped: kept output is bounded (a chatty command on many hosts must not exhaust memory),
+    what streams live is not. The stream is read to its end either way (flow keeps flowing)."""
+
+    __slots__ = ("data", "dropped", "limit")
+
+    def __init__(self, limit: int | None = MAX_OUTPUT) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes | bytearray | memoryview) -> None:
+        if self.limit is None:
+            self.data += data
+            return
+        room = max(self.limit - len(self.data), 0)
+        if len(data) <= room:
+            self.data += data
+        else:
+            self.data += data[:room]
+            self.dropped += len(data) - room
 
 
 class _ResultError(CommandError):

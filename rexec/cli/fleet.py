@@ -69,6 +69,7 @@ class RunArgs(Protocol):
     gather: bool
     outdir: str | None
     failed_to: str | None
+    max_output: int
 
 
 STDIN_LIMIT = 64 * 1024 * 1024  # the same stdin goes to every host: read once, in memory
@@ -199,6 +200,14 @@ class StdinOnce:
                 loop.call_soon_threadsafe(data.set_result, got)
 
 
+def size_text(n: int) -> str:
+    """`64 MiB`, `8 KiB`, `1000 bytes`: --max-output as given (whole binary units)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
 def host_file_name(host: str) -> str:
     """A host as a file name: `/` (unix:/path) and `%` escaped as %2F and %25."""
     return host.replace("%", "%25").replace("/", "%2F")
@@ -310,6 +319,20 @@ class Fleet:
             self.screen.stderr(f"{result.host}: rexec: {result.error}\n".encode())
         if self.args.outdir is not None:
             self._write_files(result)
+            if not self.args.gather:
+                self._dropped_note(result)
+
+    def _dropped_note(self, result: HostResult) -> None:
+        """After a host's kept output (-b, --outdir): what was dropped past --max-output."""
+        counts = [
+            f"{n} bytes of {name}"
+            for n, name in ((result.stdout_dropped, "stdout"), (result.stderr_dropped, "stderr"))
+            if n
+        ]
+        if counts:
+            size = size_text(self.args.max_output)
+            note = f"{result.host}: rexec: output past {size} dropped ({', '.join(counts)})\n"
+            self.screen.stderr(note.encode())
 
     def _write_files(self, result: HostResult) -> None:
         base = os.path.join(self.args.outdir or ".", host_file_name(result.host))
@@ -329,6 +352,7 @@ class Fleet:
         """Hosts with the same status and output, folded under one header each."""
         rank = {host: i for i, host in enumerate(sort_hosts(r.host for r in self.results))}
         groups: dict[tuple[str, bytes, bytes], list[str]] = {}
+        by_host = {r.host: r for r in self.results}
         for r in self.results:
             groups.setdefault((r.label, r.stdout, r.stderr), []).append(r.host)
         for (label, out, errout), hosts in sorted(
@@ -339,6 +363,8 @@ class Fleet:
             if errout:
                 end = b"\n" if not errout.endswith(b"\n") else b""
                 self.screen.stderr(header + errout + end)
+            for host in sort_hosts(hosts):
+                self._dropped_note(by_host[host])
 
     def progress_text(self, run: FleetRun) -> str:
         failed = sum(1 for r in self.results if not r.ok)
@@ -414,6 +440,7 @@ class Fleet:
             retry=args.retry,
             retry_delay=args.retry_delay or DEFAULT_RETRY_DELAY,
             on_retry=self._on_retry if args.retry else None,
+            max_output=args.max_output or None,
         )
         self.screen.broken = lambda: self.on_broken_pipe(main)
         loop.add_signal_handler(signal.SIGINT, self.on_sigint, run, main)

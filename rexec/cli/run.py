@@ -41,6 +41,7 @@ from rexec.cli.outcome import (
     write_junit,
     write_stdout,
 )
+from rexec.result import MAX_OUTPUT, Head, dropped_fields
 
 TYPE_CHECKING = False  # not typing's: typing (and re) stay off `rexec run`'s path
 if TYPE_CHECKING:
@@ -55,7 +56,8 @@ RUN_HELP = (
     """\
 usage: rexec run [-h] [--token-file FILE] [-e K=V] [-C DIR] [--timeout SECS]
                  [--connect-timeout SECS] [--retry N] [--retry-delay SECS] [-n] [-t | -T]
-                 [--json] [--junit FILE] [--trace] [--suite {aesgcm,chachapoly}]
+                 [--json] [--max-output SIZE] [--junit FILE] [--trace]
+                 [--suite {aesgcm,chachapoly}]
                  [--fanout N] [-x HOSTS] [-b] [--outdir DIR] [--failed-to FILE]
                  TARGET [options] CMD...
        rexec run --hosts-from FILE [options] CMD...
@@ -92,6 +94,10 @@ options:
   --json                print one JSON object instead of streaming output, whatever the
                         outcome: the result, `exit_status`, and `error` ({kind, message},
                         null when the command ran to its exit); see README
+  --max-output SIZE     output kept per host and stream for --json, -b and --outdir (bytes,
+                        or with K, M, G: KiB, MiB, GiB; default 64M; 0: no limit): the
+                        first SIZE bytes; the rest is read and dropped, and the command runs
+                        on (--json counts it in stdout_dropped/stderr_dropped)
   --junit FILE          write a JUnit XML report: one testcase per host (a failure for a
                         host that did not succeed: its status and the end of its stderr)
   --trace               print every frame's type, channel and length to stderr
@@ -135,6 +141,7 @@ _RUN_OPTIONS = (
     ("--tty", "-t", "tty"),
     ("", "-T", "no_tty"),  # no long name: `--no` stays short for --no-stdin
     ("--json", "", "json"),
+    ("--max-output", "", "max_output"),
     ("--junit", "", "junit"),
     ("--trace", "", "trace"),
     ("--suite", "", "suite"),
@@ -167,6 +174,7 @@ class RunArgs:
         self.no_stdin = False
         self.tty = False  # -t and -T: the last one given wins
         self.json = False
+        self.max_output = MAX_OUTPUT  # 0: no limit
         self.junit: str | None = None
         self.trace = False
         self.suite = "aesgcm"
@@ -241,6 +249,11 @@ def _set_option(
             setattr(args, attr, float(value))
         except ValueError:
             raise UsageError(f"argument {shown}: invalid float value: {value!r}") from None
+    elif attr == "max_output":
+        size = parse_size(value)
+        if size is None:
+            raise UsageError(f"argument {shown}: invalid size: {value!r} (bytes, or 64K, 8M, 1G)")
+        args.max_output = size
     elif attr == "suite":
         if value not in _SUITES:
             choices = ", ".join(repr(s) for s in _SUITES)
@@ -248,6 +261,21 @@ def _set_option(
         args.suite = value
     else:
         setattr(args, attr, value)
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_size(text: str) -> int | None:
+    """`1000`, `64K`, `8M`, `1G` (binary units; `KiB`/`kb` too) as bytes; None when not one."""
+    number = text.strip().upper().removesuffix("B")
+    if number[-2:] in ("KI", "MI", "GI"):
+        number = number[:-1]
+    unit = number[-1:] if number[-1:] in ("K", "M", "G") else ""
+    digits = number[: len(number) - len(unit)]
+    if not digits.isdigit() or not digits.isascii():
+        return None
+    return int(digits) * _SIZE_UNITS[unit]
 
 
 def _short_options(
@@ -455,7 +483,8 @@ def run_one(args: RunArgs) -> int:
     started = False
     began, wall = time.monotonic(), time.time()
     tails = (Tail(), Tail()) if args.junit is not None and not args.json else None
-    kept = (bytearray(), bytearray())  # --json: the output, even of a command cut short
+    # --json: the output (its first --max-output bytes), even of a command cut short
+    kept = (Head(args.max_output or None), Head(args.max_output or None))
     restore = unwind_on_termination()
     try:
         client = open_client(args, target)
@@ -494,14 +523,14 @@ def run_one(args: RunArgs) -> int:
             out: Sink
             err_out: Sink
             if args.json:
-                out, err_out = kept[0].extend, kept[1].extend
+                out, err_out = kept[0].add, kept[1].add
             else:
                 out, err_out = writer(1), writer(2)
                 if tails is not None:
                     out, err_out = tails[0].tee(out), tails[1].tee(err_out)
             result = proc.wait(stdout=out, stderr=err_out)
             if args.json:
-                result = result.with_output(bytes(kept[0]), bytes(kept[1]))
+                result = result.with_output(bytes(kept[0].data), bytes(kept[1].data))
         client.close()
         outcome = of_result(result)
     except (RexecError, KeyboardInterrupt, BrokenPipeError) as exc:
@@ -524,8 +553,10 @@ def run_one(args: RunArgs) -> int:
     if args.junit is not None:
         write_junit(args.junit, command, [_case(target, outcome, duration, tails)], wall)
     if args.json and outcome.exit_status != EXIT_SIGPIPE:
-        output = (bytes(kept[0]), bytes(kept[1]))
-        line = json_line(json_object(target, command, outcome, duration, output))
+        output = (bytes(kept[0].data), bytes(kept[1].data))
+        obj = json_object(target, command, outcome, duration, output)
+        obj.update(dropped_fields(kept[0].dropped, kept[1].dropped))
+        line = json_line(obj)
         if not write_stdout(line):
             return EXIT_SIGPIPE  # the reader left: as SIGPIPE would end a local writer
     return outcome.exit_status

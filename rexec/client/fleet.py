@@ -42,7 +42,10 @@ from rexec.protocol.token import Token
 from rexec.result import (
     EXIT_FAILURE,
     EXIT_TIMEOUT,
+    MAX_OUTPUT,
+    Head,
     Result,
+    dropped_fields,
     error_fields,
     error_kind,
     timeout_message,
@@ -70,6 +73,8 @@ class HostResult(FrozenRecord):
     `error_kind` names the error's kind (`connect`, `auth`, `policy`, `truncated`, `timeout`,
     `exec`, ...: rexec.result.error_kind), None when there is none.
     `duration` is the client's: from starting to connect to the command's exit.
+    `stdout_dropped`/`stderr_dropped`: the bytes read past run_many's `max_output` and not
+    kept (stdout/stderr hold the first max_output bytes).
     """
 
     __match_args__ = (
@@ -83,6 +88,8 @@ class HostResult(FrozenRecord):
         "stderr",
         "error",
         "error_kind",
+        "stdout_dropped",
+        "stderr_dropped",
     )
     __slots__ = __match_args__
     host: str
@@ -95,6 +102,8 @@ class HostResult(FrozenRecord):
     stderr: bytes
     error: str | None
     error_kind: str | None
+    stdout_dropped: int
+    stderr_dropped: int
 
     def __init__(
         self,
@@ -108,6 +117,8 @@ class HostResult(FrozenRecord):
         stderr: bytes = b"",
         error: str | None = None,
         error_kind: str | None = None,
+        stdout_dropped: int = 0,
+        stderr_dropped: int = 0,
     ) -> None:
         setfield(self, "host", host)
         setfield(self, "status", status)
@@ -119,6 +130,8 @@ class HostResult(FrozenRecord):
         setfield(self, "stderr", stderr)
         setfield(self, "error", error)
         setfield(self, "error_kind", error_kind)
+        setfield(self, "stdout_dropped", stdout_dropped)
+        setfield(self, "stderr_dropped", stderr_dropped)
 
     @property
     def ok(self) -> bool:
@@ -161,12 +174,14 @@ class HostResult(FrozenRecord):
 
     def to_json_dict(self) -> dict[str, Any]:
         """Result.to_json_dict (output as UTF-8 text or base64) with host and status, then
-        `exit_status` and `error` ({kind, message} or null), as `rexec run --json` has them."""
+        `exit_status` and `error` ({kind, message} or null), as `rexec run --json` has them;
+        `stdout_dropped`/`stderr_dropped` only when output was dropped."""
         return {
             "host": self.host,
             "status": self.status,
             **self.to_result().to_json_dict(),
             **error_fields(self.shell_status, self.error_kind, self.error),
+            **dropped_fields(self.stdout_dropped, self.stderr_dropped),
         }
 
 
@@ -179,6 +194,7 @@ def failed_host(
     duration: float = 0.0,
     stdout: bytes = b"",
     stderr: bytes = b"",
+    dropped: tuple[int, int] = (0, 0),
 ) -> HostResult:
     """The HostResult of a host that failed with `exc`: before it `started` (connecting,
     authenticating) connect_status's `unreachable`, `auth_failed` or `error`; after, `error`;
@@ -192,10 +208,14 @@ def failed_host(
         stderr=stderr,
         error=str(exc),
         error_kind=error_kind(exc, started=started),
+        stdout_dropped=dropped[0],
+        stderr_dropped=dropped[1],
     )
 
 
-def _finished(host: str, result: Result, duration: float) -> HostResult:
+def _finished(
+    host: str, result: Result, duration: float, dropped: tuple[int, int] = (0, 0)
+) -> HostResult:
     """The HostResult of a command that ran to its exit."""
     status: Status
     error = kind = None
@@ -219,6 +239,7 @@ def _finished(host: str, result: Result, duration: float) -> HostResult:
         result.stderr,
         error,
         kind,
+        *dropped,
     )
 
 
@@ -249,10 +270,13 @@ class FleetRun:
         retry: int = 0,
         retry_delay: float = DEFAULT_RETRY_DELAY,
         on_retry: HostRetryFn | None = None,
+        max_output: int | None = MAX_OUTPUT,
     ) -> None:
         if fanout < 1:
             raise ValueError(f"fanout must be at least 1, got {fanout}")
         Retry(retry, retry_delay, 0.0)  # bad values fail here, not once per host
+        if max_output is not None and max_output < 0:
+            raise ValueError(f"max_output must be 0 or more, got {max_output}")
         self.hosts = hosts
         self.command = command
         self._name: str | tuple[str, ...] = command if isinstance(command, str) else tuple(command)
@@ -266,6 +290,7 @@ class FleetRun:
         self._suite = suite
         self._on_line = on_line
         self._keep = keep_output
+        self._max_output = max_output or None  # 0: unlimited, as `rexec run --max-output 0`
         self._trace = trace
         self._retry = retry
         self._retry_delay = retry_delay
@@ -359,7 +384,7 @@ class FleetRun:
     async def _run_on(self, host: str, conn: Connection, start: float) -> HostResult:
         if self._stopped:
             return self._not_started(host)
-        out, err = bytearray(), bytearray()
+        out, err = Head(self._max_output), Head(self._max_output)
         feeder: asyncio.Task[None] | None = None
         deadline = self._timeout + EXIT_GRACE if self._timeout else None
         try:
@@ -404,10 +429,12 @@ class FleetRun:
                 "timeout",
                 self._name,
                 duration=time.monotonic() - start,
-                stdout=bytes(out),
-                stderr=bytes(err),
+                stdout=bytes(out.data),
+                stderr=bytes(err.data),
                 error=f"no exit status from the server within {deadline or 0:g}s",
                 error_kind="timeout",
+                stdout_dropped=out.dropped,
+                stderr_dropped=err.dropped,
             )
         except RexecError as exc:  # the connection broke, or the server refused the command
             return failed_host(
@@ -416,8 +443,9 @@ class FleetRun:
                 exc,
                 started=True,
                 duration=time.monotonic() - start,
-                stdout=bytes(out),
-                stderr=bytes(err),
+                stdout=bytes(out.data),
+                stderr=bytes(err.data),
+                dropped=(out.dropped, err.dropped),
             )
         finally:
             self._running.pop(host, None)
@@ -425,7 +453,8 @@ class FleetRun:
                 feeder.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await feeder
-        return _finished(host, result.with_output(bytes(out), bytes(err)), time.monotonic() - start)
+        output = result.with_output(bytes(out.data), bytes(err.data))
+        return _finished(host, output, time.monotonic() - start, (out.dropped, err.dropped))
 
     async def _feed(self, proc: Process, source: StdinSource) -> None:
         """The same stdin bytes to this host, in chunks, then EOF."""
@@ -436,14 +465,15 @@ class FleetRun:
                 await proc.write(bytes(view[offset : offset + STDIN_CHUNK]))
             await proc.close_stdin()
 
-    async def _pump(self, host: str, fd: int, stream: OutputStream, keep: bytearray) -> None:
-        """Keep the stream's output (with keep_output); hand every complete line to on_line,
-        if any (and a last partial one at the end)."""
+    async def _pump(self, host: str, fd: int, stream: OutputStream, keep: Head) -> None:
+        """Keep the stream's output (with keep_output, up to max_output); hand every complete
+        line to on_line, if any (and a last partial one at the end). Read to the end either
+        way: the server's flow-control window keeps opening."""
         on_line = self._on_line
         partial = b""
         async for chunk in stream:
             if self._keep:
-                keep += chunk
+                keep.add(chunk)
             if on_line is None:
                 continue
             data = partial + chunk if partial else bytes(chunk)
@@ -479,6 +509,7 @@ def run_many(
     retry: int = 0,
     retry_delay: float = DEFAULT_RETRY_DELAY,
     on_retry: HostRetryFn | None = None,
+    max_output: int | None = MAX_OUTPUT,
 ) -> FleetRun:
     """Run `command` on every host; `async for result in run_many(...)` as each finishes.
 
@@ -489,7 +520,10 @@ def run_many(
     fd, line)` sees output live, line by line (fd 1 or 2; the last line may lack its "\\n");
     with `keep_output=False` the results carry no output. `retry=N`: each host's connect is
     tried up to N more times when it fails before the command was sent (as `rexec.connect`);
-    `on_retry(host, error, n, wait)` hears of each retry.
+    `on_retry(host, error, n, wait)` hears of each retry. `max_output`: the bytes of each
+    host's stdout and of its stderr kept in its result (the first ones; default 64 MiB, None
+    or 0 for no limit); the rest is read and dropped, counted in `stdout_dropped` and
+    `stderr_dropped`, and the command runs on.
     """
     names = expand_hosts(hosts) if isinstance(hosts, str) else list(dict.fromkeys(hosts))
     return FleetRun(
@@ -509,6 +543,7 @@ def run_many(
         retry=retry,
         retry_delay=retry_delay,
         on_retry=on_retry,
+        max_output=max_output,
     )
 
 

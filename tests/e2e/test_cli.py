@@ -285,6 +285,33 @@ def test_json_exact_fields(server: Any, e2e: Any) -> None:
     assert json.loads(proc.stdout)["command"] == ["echo", "a b"]
 
 
+def test_json_max_output_keeps_the_head_and_counts_the_rest(server: Any, e2e: Any) -> None:
+    line = "yes | head -c 5000; yes e | head -c 3000 >&2; exit 4"
+    argv = ["run", "--json", "--max-output", "1000", server.address, line]
+    proc = e2e.run_cli(argv, token=server.token)
+    assert proc.returncode == 4  # the command's status: dropping is no failure
+    assert proc.stderr == b""
+    doc = json.loads(proc.stdout)
+    assert (doc["stdout"], doc["stderr"]) == ("y\n" * 500, "e\n" * 500)
+    assert list(doc)[-4:] == ["exit_status", "error", "stdout_dropped", "stderr_dropped"]
+    assert (doc["stdout_dropped"], doc["stderr_dropped"]) == (4000, 2000)
+    # under the cap: the object has no *_dropped members; 0 is no limit
+    for argv in (["--max-output", "5000"], ["--max-output", "0"], []):
+        proc = e2e.run_cli(["run", "--json", *argv, server.address, line], token=server.token)
+        doc = json.loads(proc.stdout)
+        assert (len(doc["stdout"]), len(doc["stderr"])) == (5000, 3000)
+        assert "stdout_dropped" not in doc and "stderr_dropped" not in doc
+
+
+def test_json_max_output_far_past_the_cap_does_not_stall(server: Any, e2e: Any) -> None:
+    line = "head -c 20000000 /dev/zero"
+    argv = ["run", "--json", "--max-output", "1000", server.address, line]
+    proc = e2e.run_cli(argv, token=server.token)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert (doc["stdout"], doc["stdout_dropped"]) == ("\0" * 1000, 19999000)
+
+
 def test_json_binary_output_is_base64(server: Any, e2e: Any) -> None:
     proc = e2e.run_cli(
         ["run", "--json", server.address, "printf", "\\377\\376\\000abc"], token=server.token

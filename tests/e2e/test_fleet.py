@@ -287,6 +287,76 @@ def test_outdir_writes_out_err_and_status_per_host(e2e: Any, fleet: Fleet, tmp_p
     assert summary == b"4 hosts: 2 ok, 1 exit 2 (lab09), 1 unreachable (lab12)\n"
 
 
+# ---- --max-output: kept output is bounded, live output is not ------------------------------
+
+CHATTY = "yes | head -c 5000; echo err >&2"  # 5000 bytes of "y\n", then 4 on stderr
+KEPT = b"y\n" * 500  # the first 1000
+
+
+def test_max_output_json_keeps_the_head_and_counts_the_rest(e2e: Any, fleet: Fleet) -> None:
+    proc = run(e2e, fleet, ["--json", "--max-output", "1000", "lab[01-02]", CHATTY + "; exit 3"])
+    assert proc.returncode == 3, proc.stderr  # the command's status: dropping is no failure
+    objects = sorted((json.loads(line) for line in lines(proc.stdout)), key=lambda o: o["host"])
+    assert [o["host"] for o in objects] == ["lab01", "lab02"]
+    for o in objects:
+        assert o["stdout"] == KEPT.decode()
+        assert o["stderr"] == "err\n"
+        assert (o["stdout_dropped"], "stderr_dropped" in o) == (4000, False)
+        assert (o["exit_status"], o["error"]) == (3, None)
+        assert list(o)[-3:] == ["exit_status", "error", "stdout_dropped"]
+    before, _ = split_stderr(proc.stderr)
+    assert before == []  # --json says it in the objects
+    proc = run(e2e, fleet, ["--json", "--max-output", "1000", "lab[01-02]", "echo hi"])
+    assert all("stdout_dropped" not in json.loads(line) for line in lines(proc.stdout))
+
+
+def test_max_output_gather_notes_what_was_dropped(e2e: Any, fleet: Fleet) -> None:
+    cmd = "yes | head -c 5000; yes e | head -c 3000 >&2"
+    proc = run(e2e, fleet, ["-b", "--max-output=1000", "lab[01-02]", cmd])
+    assert proc.returncode == 0, proc.stderr
+    header = b"---------------- lab[01-02] (2) exit 0\n"
+    assert proc.stdout == header + KEPT
+    before, summary = split_stderr(proc.stderr)
+    assert before == [
+        header,
+        *lines(b"e\n" * 500),
+        b"lab01: rexec: output past 1000 bytes dropped "
+        b"(4000 bytes of stdout, 2000 bytes of stderr)\n",
+        b"lab02: rexec: output past 1000 bytes dropped "
+        b"(4000 bytes of stdout, 2000 bytes of stderr)\n",
+    ]
+    assert summary == b"2 hosts: 2 ok\n"
+
+
+def test_max_output_outdir_files_get_the_kept_bytes(e2e: Any, fleet: Fleet, tmp_path: Path) -> None:
+    outdir = tmp_path / "out"
+    proc = run(e2e, fleet, ["--outdir", str(outdir), "--max-output", "1K", "lab01,lab09", CHATTY])
+    assert proc.returncode == 0, proc.stderr
+    assert (outdir / "lab01.out").read_bytes() == b"y\n" * 512
+    assert (outdir / "lab01.err").read_bytes() == b"err\n"
+    assert (outdir / "lab01.status").read_bytes() == b"exit 0\n"
+    before, _ = split_stderr(proc.stderr)
+    assert sorted(before) == [
+        b"lab01: rexec: output past 1 KiB dropped (3976 bytes of stdout)\n",
+        b"lab09: rexec: output past 1 KiB dropped (3976 bytes of stdout)\n",
+    ]
+
+
+def test_max_output_far_past_the_cap_does_not_stall(e2e: Any, fleet: Fleet) -> None:
+    """20 MB against a 1000-byte cap: the dropped output is still read (the server's window
+    keeps opening), so the command runs to its end."""
+    proc = run(
+        e2e, fleet, ["-b", "--max-output", "1000", "lab[01-02]", "head -c 20000000 /dev/zero"]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"---------------- lab[01-02] (2) exit 0\n" + b"\0" * 1000 + b"\n"
+    before, _ = split_stderr(proc.stderr)
+    assert before == [
+        f"lab0{i}: rexec: output past 1000 bytes dropped (19999000 bytes of stdout)\n".encode()
+        for i in (1, 2)
+    ]
+
+
 def test_json_lines_use_the_single_host_error_kinds(e2e: Any, fleet: Fleet) -> None:
     """A command that cannot start (an argv), and an unreachable host: as `rexec run` on one."""
     proc = run(e2e, fleet, ["--json", "lab01,lab12", "no-such-cmd-e2e", "x"])
@@ -886,3 +956,21 @@ def test_a_reader_that_leaves_ends_the_run_quietly(e2e: Any, fleet: Fleet) -> No
     assert re.fullmatch(rb"lab0[1-8]: started\n", proc.stdout), proc.stdout
     assert proc.stderr == b"141\n"
     assert e2e.wait_until(lambda: not _sleepers(marker), 5), "a remote loop survived"
+
+
+def test_run_many_max_output(fleet_env: Fleet) -> None:
+    import rexec
+
+    results = sorted(
+        rexec.run_many_sync("lab[01-02]", CHATTY, max_output=1000), key=lambda r: r.host
+    )
+    assert [(r.host, r.status, r.stdout, r.stderr) for r in results] == [
+        (host, "ok", KEPT, b"err\n") for host in ("lab01", "lab02")
+    ]
+    assert [(r.stdout_dropped, r.stderr_dropped) for r in results] == [(4000, 0), (4000, 0)]
+    (whole,) = rexec.run_many_sync(["lab01"], CHATTY, max_output=None)
+    assert (len(whole.stdout), whole.stdout_dropped) == (5000, 0)
+    (default,) = rexec.run_many_sync(["lab01"], CHATTY)
+    assert (len(default.stdout), default.stdout_dropped) == (5000, 0)
+    with pytest.raises(ValueError, match="max_output must be 0 or more, got -1"):
+        rexec.run_many("lab01", "true", max_output=-1)

@@ -248,3 +248,32 @@ def test_shell_help_names_its_arguments_as_run_does(capsys: pytest.CaptureFixtur
     text = capsys.readouterr().out
     assert "[--token-file FILE]" in text and "TARGET" in text.split("\n")[2]
     assert "token_file" not in text.lower().replace("--token-file", "")
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("1000", 1000),
+        ("0", 0),
+        ("64K", 64 * 1024),
+        ("8m", 8 * 1024**2),
+        ("8MiB", 8 * 1024**2),
+        ("1G", 1024**3),
+        ("2kb", 2048),
+    ],
+)
+def test_max_output_sizes(value: str, size: int) -> None:
+    assert parse_run_args(["--max-output", value, "h", "t"]).max_output == size
+    assert parse_run_args(["h", f"--max-output={value}", "t"]).max_output == size
+
+
+def test_max_output_default_and_bad_values() -> None:
+    from rexec.result import MAX_OUTPUT
+
+    assert parse_run_args(["h", "t"]).max_output == MAX_OUTPUT == 64 * 1024 * 1024
+    for bad in ("", "-1", "1.5M", "M", "12T", "1 0", "١٢"):
+        with pytest.raises(UsageError) as info:
+            parse_run_args([f"--max-output={bad}", "h", "t"])
+        assert str(info.value) == (
+            f"argument --max-output: invalid size: {bad!r} (bytes, or 64K, 8M, 1G)"
+        )
