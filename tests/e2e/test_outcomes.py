@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +408,32 @@ class CuttingProxy:
         self.listener.close()
         self.cut()
 
+    def run_cut(
+        self, e2e: Any, argv: list[str], token: str, started: Callable[[], object], settle: float
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run the CLI through this proxy, cut the connection once started() (and `settle`
+        seconds more), and return how the CLI ended."""
+        try:
+            cli = subprocess.Popen(
+                [e2e.REXEC, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=e2e.clean_env({"REXEC_TOKEN": token}),
+            )
+            assert e2e.wait_until(started, 15), "never ran"
+            time.sleep(settle)
+            self.cut()
+            try:
+                out, err = cli.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                cli.kill()
+                cli.communicate()
+                raise
+        finally:
+            self.close()
+        return subprocess.CompletedProcess(cli.args, cli.returncode, out, err)
+
 
 def test_a_started_command_never_runs_twice(server_factory: Any, e2e: Any, tmp_path: Path) -> None:
     """The connection dies mid-command: --retry does not run it again (one line in the file,
@@ -415,42 +441,19 @@ def test_a_started_command_never_runs_twice(server_factory: Any, e2e: Any, tmp_p
     srv = server_factory()
     proxy = CuttingProxy(srv.address)
     runs = tmp_path / "runs"
-    try:
-        cli = subprocess.Popen(
-            [
-                e2e.REXEC,
-                "run",
-                "--json",
-                "--retry",
-                "3",
-                "--retry-delay",
-                "0.1",
-                proxy.address,
-                f"echo run >> {runs}; sleep 30",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=e2e.clean_env({"REXEC_TOKEN": srv.token}),
-        )
-        assert e2e.wait_until(lambda: runs.exists() and runs.read_bytes(), 15), "never ran"
-        proxy.cut()
-        try:
-            out, err = cli.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            cli.kill()
-            cli.communicate()
-            raise
-        accepted = proxy.accepted
-    finally:
-        proxy.close()
-    doc = json_error(
-        subprocess.CompletedProcess(cli.args, cli.returncode, out, err), "truncated", 255
+    argv = ["run", "--json", "--retry", "3", "--retry-delay", "0.1", proxy.address]
+    proc = proxy.run_cut(
+        e2e,
+        [*argv, f"echo run >> {runs}; sleep 30"],
+        srv.token,
+        lambda: runs.exists() and runs.read_bytes(),
+        0.0,
     )
+    doc = json_error(proc, "truncated", 255)
     assert doc["exit_code"] is None
-    assert b"retry" not in err
+    assert b"retry" not in proc.stderr
     assert runs.read_text() == "run\n"
-    assert accepted == 1
+    assert proxy.accepted == 1
 
 
 @pytest.mark.parametrize(
@@ -466,32 +469,11 @@ def test_output_before_a_cut_connection_is_kept(
     srv = server_factory()
     proxy = CuttingProxy(srv.address)
     flag = tmp_path / "printed"
-    try:
-        cli = subprocess.Popen(
-            [
-                e2e.REXEC,
-                "run",
-                *mode,
-                proxy.address,
-                f"printf 'out\\377\\n'; printf warn >&2; touch {flag}; sleep 30",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=e2e.clean_env({"REXEC_TOKEN": srv.token}),
-        )
-        assert e2e.wait_until(flag.exists, 15), "never ran"
-        time.sleep(0.3)  # the output's frames reach the client
-        proxy.cut()
-        try:
-            out, err = cli.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            cli.kill()
-            cli.communicate()
-            raise
-    finally:
-        proxy.close()
-    assert cli.returncode == 255, err
+    line = f"printf 'out\\377\\n'; printf warn >&2; touch {flag}; sleep 30"
+    # (0.3 s: the output's frames reach the client)
+    proc = proxy.run_cut(e2e, ["run", *mode, proxy.address, line], srv.token, flag.exists, 0.3)
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 255, err
     if mode == ["-b"]:
         header = f"---------------- {proxy.address} (1) truncated\n".encode()
         assert out == header + b"out\xff\n"
