@@ -241,12 +241,16 @@ class Connection:
             return
         total = sum(len(b) for b in self._out) if limit is not None else 0
         while pending and (limit is None or total < limit):
-            ftype, ch, plain = pending.popleft()
+            # sealed before it leaves the queue: an exception between the steps (Ctrl-C's
+            # KeyboardInterrupt can land on any line) costs the peer a nonce, which it
+            # refuses; a frame popped and never sealed would leave a silent hole in the stream
+            ftype, ch, plain = pending[0]
+            frame = self._seal(ftype, 0 if ch is None else ch.number, plain)
+            pending.popleft()
             if ftype in DATA_FRAMES:
                 self._pending_bytes -= len(plain) - HEADROOM
             if ch is not None:
                 ch.pending -= 1
-            frame = self._seal(ftype, 0 if ch is None else ch.number, plain)
             self._out.append(frame)
             total += len(frame)
 

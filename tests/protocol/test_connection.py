@@ -1380,3 +1380,44 @@ def test_large_stdin_split_points() -> None:
     for size in (1000, 4093, 65537, 262172):
         pieces = [c2s[i : i + size] for i in range(0, len(c2s), size)]
         assert _replay_server(suite, pieces) == (whole, out), size
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_interrupt_while_sealing_never_leaves_a_silent_hole(
+    when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C's KeyboardInterrupt can land on any line of data_to_send: before a queued frame
+    is sealed, it stays queued (everything still arrives, in order, once); after, the peer
+    sees a skipped nonce and refuses the stream. A frame taken off the queue and never sent
+    while later ones were (a hole in a file being copied) must not happen."""
+    p = ready()
+    ch = p.exec_("cat", stdin=True)
+    for data in (b"A" * 10, b"B" * 10, b"C" * 10):
+        p.client.send_stdin(ch, data)
+    real = p.client._seal
+    calls = 0
+
+    def interrupted(*args: Any) -> bytearray:
+        nonlocal calls
+        calls += 1
+        if calls == 1 and when == "before":
+            raise KeyboardInterrupt
+        frame = real(*args)
+        if calls == 1:
+            raise KeyboardInterrupt
+        return frame
+
+    monkeypatch.setattr(p.client, "_seal", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        p.client.data_to_send()
+    wire = p.client.data_to_send()  # what a `finally: flush()` sends after the interrupt
+    if when == "before":
+        events = p.server.receive_data(wire)
+        assert [e.data for e in events if isinstance(e, StdinReceived)] == [
+            b"A" * 10,
+            b"B" * 10,
+            b"C" * 10,
+        ]
+    else:
+        with pytest.raises(ProtocolError):
+            p.server.receive_data(wire)
