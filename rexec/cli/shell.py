@@ -17,7 +17,6 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rexec import (
@@ -32,13 +31,13 @@ from rexec import (
     Suite,
 )
 from rexec.cli.common import TerminalSignal
+from rexec.cli.lineedit import LineEditor, history_path
 from rexec.cli.terminal import RawTerminal
 from rexec.result import EXIT_FAILURE
 
 if TYPE_CHECKING:
     from rexec import FrameType
 
-HISTORY_KEEP = 5000  # lines kept in the history file (trimmed at start-up)
 RED, RESET = "\x1b[31m", "\x1b[0m"
 BUILTINS = (":help", ":timeout", ":env", ":trace", ":exit", "cd", "export", "unset", "pwd", "exit")
 BUILTIN_ARGS = {":trace": ("on", "off"), ":timeout": ("off",)}
@@ -86,14 +85,6 @@ def _write(fd: int, data: bytes) -> None:
 def _say(message: str) -> None:
     """One line of our own on stderr, as the CLI writes them."""
     _write(2, f"rexec: {message}\n".encode(errors="replace"))
-
-
-def history_path(env: Mapping[str, str] | None = None) -> Path:
-    """$XDG_STATE_HOME/rexec/history, else ~/.local/state/rexec/history (XDG ignores relative)."""
-    env = os.environ if env is None else env
-    base = env.get("XDG_STATE_HOME", "")
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state"
-    return root / "rexec" / "history"
 
 
 class Output:
@@ -475,61 +466,6 @@ def _simple_words(line: str) -> list[str] | None:
 # ---- line editing --------------------------------------------------------------------
 
 
-class LineEditor:
-    """stdlib readline: editing, tab-completion of built-ins, history appended line by line
-    (a killed shell loses nothing; concurrent shells interleave instead of overwriting)."""
-
-    def __init__(self, path: Path) -> None:
-        import readline
-
-        self.rl = readline
-        self.path: Path | None = path
-        readline.set_auto_history(False)
-        readline.set_completer(self.complete)
-        readline.set_completer_delims(" \t\n")
-        if "libedit" in (readline.__doc__ or ""):
-            readline.parse_and_bind("bind ^I rl_complete")
-        else:
-            readline.parse_and_bind("tab: complete")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-            os.chmod(path, 0o600)
-            readline.read_history_file(path)
-            if readline.get_current_history_length() > 2 * HISTORY_KEEP:
-                readline.set_history_length(HISTORY_KEEP)
-                readline.write_history_file(path)
-                readline.set_history_length(-1)
-        except OSError as exc:
-            _say(f"history disabled: {path}: {exc.strerror or exc}")
-            self.path = None
-
-    def read(self, prompt: str) -> str:
-        line = input(prompt)
-        rl = self.rl
-        n = rl.get_current_history_length()
-        if line.strip() and (n == 0 or rl.get_history_item(n) != line):
-            rl.add_history(line)
-            if self.path is not None:
-                try:
-                    rl.append_history_file(1, self.path)
-                except OSError:
-                    self.path = None
-        return line
-
-    def complete(self, text: str, state: int) -> str | None:
-        rl = self.rl
-        before = rl.get_line_buffer()[: rl.get_begidx()].split()
-        if not before:
-            options = [b for b in BUILTINS if b.startswith(text)]
-        elif len(before) == 1 and before[0] in BUILTIN_ARGS:
-            options = [a for a in BUILTIN_ARGS[before[0]] if a.startswith(text)]
-        else:
-            options = []
-        # Python's readline appends nothing to a completion, so add the space ourselves
-        return options[state] + " " if state < len(options) else None
-
-
 # ---- entry point ---------------------------------------------------------------------
 
 
@@ -587,7 +523,7 @@ def main(argv: Sequence[str]) -> int:
             _say(f"connected to {where}; :help for built-ins, Ctrl-D to leave")
         if not interactive:
             return shell.loop(input)
-        read = LineEditor(history_path()).read
+        read = LineEditor(history_path(), BUILTINS, BUILTIN_ARGS, _say).read
         with RawTerminal(0, cbreak=True):  # keys typed ahead (an early Ctrl-D) stay keys
             return shell.loop(read)
     except _Lost as lost:
