@@ -642,13 +642,15 @@ def _sleepers(marker: str) -> list[int]:
     return found
 
 
-def _interrupt(cli: subprocess.Popen[bytes], times: int, pause: float = 0.5) -> tuple[bytes, bytes]:
+def _interrupt(
+    cli: subprocess.Popen[bytes], times: int, pause: float = 0.5, signum: int = signal.SIGINT
+) -> tuple[bytes, bytes]:
     try:
         for i in range(times):
             if i:
                 with pytest.raises(subprocess.TimeoutExpired):
                     cli.wait(pause)  # still running: the first Ctrl-C was ignored remotely
-            cli.send_signal(signal.SIGINT)
+            cli.send_signal(signum)
         return cli.communicate(timeout=15)
     finally:
         if cli.poll() is None:
@@ -716,13 +718,7 @@ def test_ctrl_c_abandons_hosts_still_connecting(e2e: Any, fleet: Fleet) -> None:
         cli = _start(e2e, fleet, args)
         assert e2e.wait_until(lambda: len(_sleepers(marker)) == 1, 15), "the sleep never ran"
         time.sleep(0.2)
-        try:
-            cli.send_signal(signal.SIGINT)
-            out, err = cli.communicate(timeout=10)
-        finally:
-            if cli.poll() is None:
-                cli.kill()
-                cli.wait(5)
+        out, err = _interrupt(cli, 1)
     assert cli.returncode == 255, err
     assert out == b""
     assert err == (
@@ -743,13 +739,7 @@ def test_sigterm_closes_every_connection_and_still_reports(
     cli = _start(e2e, fleet, ["--junit", str(report), "lab[01-02]", f"echo hi; sleep {marker}"])
     assert e2e.wait_until(lambda: len(_sleepers(marker)) == 2, 15), "the 2 sleeps never ran"
     time.sleep(0.1)
-    try:
-        cli.send_signal(signal.SIGTERM)
-        out, err = cli.communicate(timeout=15)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait(5)
+    out, err = _interrupt(cli, 1, signum=signal.SIGTERM)
     assert cli.returncode == 143, err
     assert sorted(lines(out)) == [b"lab01: hi\n", b"lab02: hi\n"]
     assert err == (
